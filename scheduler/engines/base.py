@@ -1,0 +1,166 @@
+"""The engine interface every model backend implements (llama.cpp, simulated, upstream, vLLM).
+
+An engine turns one GenerationRequest into a stream of EngineEvents. It knows nothing of HTTP,
+routing or energy: the replica that hosts it forwards the events' work counts to the node agent
+for attribution and the text to the gateway. Token counts and per-token timing come from the
+engine because only it knows them exactly.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Literal
+
+
+class ModelKind(str, Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+class EngineError(Exception):
+    """A failure inside the engine that is not the caller's fault (maps to 503 / retry)."""
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus max_tokens does not fit the model's context (maps to 400)."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context_length: int):
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context_length = context_length
+        super().__init__(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+            f"{max_tokens} for the completion). Shorten the prompt or lower max_tokens."
+        )
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    #: replay and simulation force an exact output length (ignore EOS); never set by clients
+    force_output_tokens: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    kind: ModelKind
+    #: chat: list of {"role", "content"}; completion: None
+    messages: list[dict[str, str]] | None = None
+    #: completion: the prompt text; chat: None
+    prompt: str | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    #: a prompt given as a token count only (trace replay); engines that need text may refuse it
+    prompt_tokens_hint: int | None = None
+
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass
+class EngineEvent:
+    """One step of a generation.
+
+    `text` is the new text since the previous event (may be empty). Token counts are cumulative,
+    so a consumer that drops events still knows the total work done.
+    """
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    #: wall-clock time (time.time()) the event was produced
+    time_s: float
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    #: mean log-probability of the completion tokens so far, when the engine can report it
+    mean_logprob: float | None = None
+
+
+@dataclass
+class GenerationStats:
+    """Timing of a finished generation, computed from its events."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    started_s: float
+    first_token_s: float | None
+    finished_s: float
+
+    @property
+    def ttft_seconds(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.started_s
+
+    @property
+    def tpot_seconds(self) -> float | None:
+        """Mean time per output token after the first (None for fewer than two tokens)."""
+        if self.first_token_s is None or self.completion_tokens < 2:
+            return None
+        return (self.finished_s - self.first_token_s) / (self.completion_tokens - 1)
+
+    @property
+    def latency_seconds(self) -> float:
+        return self.finished_s - self.started_s
+
+
+class StatsRecorder:
+    """Folds a stream of EngineEvents into GenerationStats."""
+
+    def __init__(self, started_s: float | None = None):
+        self.started_s = time.time() if started_s is None else started_s
+        self.first_token_s: float | None = None
+        self.last: EngineEvent | None = None
+
+    def observe(self, event: EngineEvent) -> None:
+        if self.first_token_s is None and event.completion_tokens > 0:
+            self.first_token_s = event.time_s
+        self.last = event
+
+    def stats(self) -> GenerationStats:
+        last = self.last
+        return GenerationStats(
+            prompt_tokens=last.prompt_tokens if last else 0,
+            completion_tokens=last.completion_tokens if last else 0,
+            started_s=self.started_s,
+            first_token_s=self.first_token_s,
+            finished_s=last.time_s if last else self.started_s,
+        )
+
+
+class Engine(abc.ABC):
+    """A loaded model that generates text. One instance per replica."""
+
+    model_id: str
+    kind: ModelKind
+    context_length: int
+
+    @abc.abstractmethod
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        """Tokens the prompt occupies after templating (used for context checks and routing)."""
+
+    def check_fits(self, request: GenerationRequest) -> int:
+        """Raise ContextLengthError if prompt + max_tokens exceeds the context; return prompt tokens."""
+        n = self.count_prompt_tokens(request)
+        if n + request.params.max_tokens > self.context_length:
+            raise ContextLengthError(n, request.params.max_tokens, self.context_length)
+        return n
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        """Yield events; the last has finished=True. Cancel by closing the iterator."""
+
+    def stats(self) -> dict[str, float]:
+        """Live load figures for placement: running, waiting, and anything engine-specific."""
+        return {"running": 0.0, "waiting": 0.0}
+
+    async def close(self) -> None:
+        """Free the model."""
