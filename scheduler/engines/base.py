@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Literal, TypedDict
 
 
 class ModelKind(str, Enum):
@@ -136,6 +136,34 @@ class StatsRecorder:
         )
 
 
+class ReplicaStats(TypedDict, total=False):
+    """What a replica publishes about itself for placement (router) and control (governor).
+
+    Plain numbers only: it crosses process boundaries (Ray Serve routing stats, node agent).
+    Every key is optional; consumers treat a missing key as unknown, not zero.
+    """
+
+    model_id: str
+    replica_id: str
+    device_ids: list[str]
+    node: str
+    running: int  # requests generating now
+    waiting: int  # requests admitted but not yet running
+    kv_cache_free_fraction: float
+    # live predictions for one more request at the current load
+    prefill_tokens_per_second: float
+    decode_seconds_per_token: float  # TPOT at the current batch size
+    # energy figures at the current operating point (device power split by work)
+    power_watts: float  # current draw of the replica's devices together
+    idle_power_watts: float
+    joules_per_prefill_token: float
+    joules_per_decode_token: float
+    # recent measured service levels (sliding window), for the governor's slack
+    ttft_p99_seconds: float
+    tpot_p99_seconds: float
+    requests_completed: int
+
+
 class Engine(abc.ABC):
     """A loaded model that generates text. One instance per replica."""
 
@@ -158,9 +186,9 @@ class Engine(abc.ABC):
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         """Yield events; the last has finished=True. Cancel by closing the iterator."""
 
-    def stats(self) -> dict[str, float]:
-        """Live load figures for placement: running, waiting, and anything engine-specific."""
-        return {"running": 0.0, "waiting": 0.0}
+    def stats(self) -> ReplicaStats:
+        """Live load and energy figures for placement and the governor (see ReplicaStats)."""
+        return ReplicaStats(running=0, waiting=0)
 
     async def close(self) -> None:
         """Free the model."""
