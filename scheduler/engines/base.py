@@ -41,7 +41,8 @@ class ContextLengthError(ValueError):
 
 @dataclass
 class SamplingParams:
-    max_tokens: int = 256
+    #: None: the engine picks a default capped at the remaining context
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
@@ -178,8 +179,9 @@ class Engine(abc.ABC):
     def check_fits(self, request: GenerationRequest) -> int:
         """Raise ContextLengthError if prompt + max_tokens exceeds the context; return prompt tokens."""
         n = self.count_prompt_tokens(request)
-        if n + request.params.max_tokens > self.context_length:
-            raise ContextLengthError(n, request.params.max_tokens, self.context_length)
+        wanted = request.params.max_tokens or 1
+        if n + wanted > self.context_length:
+            raise ContextLengthError(n, wanted, self.context_length)
         return n
 
     @abc.abstractmethod

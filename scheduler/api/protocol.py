@@ -1,0 +1,150 @@
+"""OpenAI-compatible request and response models, plus Wattlane's extension fields.
+
+Kept apart from serving logic (as vLLM does): this module only describes shapes. Unknown request
+fields are ignored, as OpenAI-compatible servers do, so newer clients keep working; fields we know
+but cannot honour (n > 1, image content) are rejected with a clear 400 by the routes.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Slo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttft_ms: Annotated[float, Field(gt=0)] | None = None
+    tpot_ms: Annotated[float, Field(gt=0)] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.type != "text" or p.text is None:
+                raise ValueError(f"content part type '{p.type}' is not supported; only text parts are")
+            parts.append(p.text)
+        return "".join(parts)
+
+
+class WattlaneControls(_Request):
+    """Extension fields (sent by OpenAI clients through extra_body)."""
+
+    min_quality: Annotated[float, Field(ge=0, le=1)] | None = None
+    slo: Slo | None = None
+    priority: Literal["interactive", "batch"] | None = None
+    max_energy_joules: Annotated[float, Field(gt=0)] | None = None
+
+
+class _SamplingFields(WattlaneControls):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        items = [v] if isinstance(v, str) else v
+        if len(items) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        if any(not s for s in items):
+            raise ValueError("stop sequences must not be empty")
+        return items
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("exactly one prompt per request is supported")
+        return v
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def effective_max_tokens(self) -> int | None:
+        # OpenAI's legacy completions default to 16 tokens
+        return self.max_tokens if self.max_tokens is not None else 16
+
+
+class RouteExplainRequest(WattlaneControls):
+    model: str = "auto"
+    messages: list[ChatMessage] | None = None
+    prompt: str | list[str] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+# --- response pieces -----------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage_block(
+    prompt_tokens: int, completion_tokens: int, energy: dict[str, Any] | None, carbon: dict[str, Any] | None
+) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if energy is not None:
+        usage["energy"] = energy
+    if carbon is not None:
+        usage["carbon"] = carbon
+    return usage

@@ -1,0 +1,281 @@
+"""llama.cpp engine (llama-cpp-python): runs a GGUF model on the CPU, one generation at a time.
+
+We drive Llama.generate() token by token instead of create_completion() so that token counts,
+per-token timestamps and stop-sequence handling are exact: the energy attribution and the TTFT/TPOT
+figures depend on them. One llama.cpp context cannot run two generations at once, so requests
+queue on a lock; `waiting` in stats() counts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from scheduler.engines.base import (
+    ContextLengthError,
+    Engine,
+    EngineError,
+    EngineEvent,
+    GenerationRequest,
+    ModelKind,
+    ReplicaStats,
+)
+
+log = logging.getLogger(__name__)
+
+#: when a client gives no max_tokens, generate at most this many (a small CPU model would
+#: otherwise babble until the context is full)
+DEFAULT_MAX_TOKENS = 256
+
+
+class LlamaCppEngine(Engine):
+    def __init__(
+        self,
+        model_id: str,
+        kind: ModelKind,
+        weights_path: Path,
+        context_length: int,
+        n_threads: int | None = None,
+        n_batch: int = 256,
+    ):
+        from llama_cpp import Llama  # imported here: the package is optional (extra "local")
+
+        self.model_id = model_id
+        self.kind = kind
+        self.context_length = context_length
+        self._llm = Llama(
+            model_path=str(weights_path),
+            n_ctx=context_length,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=n_batch,
+            verbose=False,
+        )
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._running = 0
+        self._completed = 0
+        self._recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=200)
+        self._formatter = self._chat_formatter() if kind == ModelKind.CHAT else None
+        if kind == ModelKind.CHAT and self._formatter is None:
+            raise EngineError(f"model {model_id}: the GGUF file has no chat template; configure it as kind: completion")
+
+    # --- prompt handling ----------------------------------------------------------------------
+    def _chat_formatter(self) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        vocab = self._llm
+        bos = vocab.detokenize([vocab.token_bos()], special=True).decode("utf-8", "ignore") if vocab.token_bos() >= 0 else ""
+        eos = vocab.detokenize([vocab.token_eos()], special=True).decode("utf-8", "ignore") if vocab.token_eos() >= 0 else ""
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos, add_generation_prompt=True)
+
+    def _prompt_tokens(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """Tokenise the prompt; for chat, apply the model's own chat template first."""
+        if request.kind == ModelKind.CHAT:
+            if self._formatter is None:
+                raise EngineError(f"model {self.model_id} has no chat template")
+            result = self._formatter(messages=request.messages or [])
+            text = result.prompt
+            extra_stop = list(result.stop or []) if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
+            add_bos = not getattr(result, "added_special", False)
+            return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True), extra_stop
+        return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False), []
+
+    def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return len(self._prompt_tokens(request)[0])
+
+    def resolve_max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        """Client's max_tokens, or the default capped at the remaining context."""
+        if request.params.max_tokens is not None and request.params.max_tokens > 0:
+            return request.params.max_tokens
+        return max(1, min(DEFAULT_MAX_TOKENS, self.context_length - prompt_tokens))
+
+    # --- generation ---------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        prompt_ids, template_stops = self._prompt_tokens(request)
+        n_prompt = len(prompt_ids)
+        if request.params.max_tokens is None:
+            if n_prompt >= self.context_length:
+                raise ContextLengthError(n_prompt, 1, self.context_length)
+            request.params.max_tokens = self.resolve_max_tokens(request, n_prompt)
+        elif n_prompt + request.params.max_tokens > self.context_length:
+            raise ContextLengthError(n_prompt, request.params.max_tokens, self.context_length)
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: EngineEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._run(request, prompt_ids, template_stops, emit, cancel)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                emit(exc)
+
+        self._waiting += 1
+        thread = threading.Thread(target=work, name=f"llama-{request.request_id}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            cancel.set()
+
+    def _run(self, request, prompt_ids, template_stops, emit, cancel: threading.Event) -> None:
+        params = request.params
+        stops = [s for s in (params.stop or []) + template_stops if s]
+        with self._lock:
+            self._waiting -= 1
+            self._running += 1
+            started = time.time()
+            try:
+                self._generate_locked(request, prompt_ids, stops, emit, cancel, started)
+            finally:
+                self._running -= 1
+
+    def _generate_locked(self, request, prompt_ids, stops, emit, cancel, started: float) -> None:
+        import llama_cpp
+
+        llm = self._llm
+        params = request.params
+        n_prompt = len(prompt_ids)
+        if params.seed is not None:
+            llm.set_seed(params.seed)
+        # the start event carries the prompt tokens, so attribution sees prefill work at once
+        emit(EngineEvent(text="", prompt_tokens=n_prompt, completion_tokens=0, time_s=started))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        completion_ids: list[int] = []
+        text_out = ""  # text already emitted
+        pending = ""  # decoded text held back because it may start a stop sequence
+        finish_reason = "length"
+        logprob_sum = 0.0
+        vocab = llm._model.vocab
+        forced = params.force_output_tokens
+        limit = forced if forced is not None else params.max_tokens
+        gen = llm.generate(
+            prompt_ids,
+            temp=params.temperature,
+            top_p=params.top_p,
+            top_k=40 if params.temperature > 0 else 1,
+            min_p=0.05,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        try:
+            for token in gen:
+                if cancel.is_set():
+                    finish_reason = "stop"
+                    break
+                now = time.time()
+                if forced is None and llama_cpp.llama_token_is_eog(vocab, token):
+                    finish_reason = "stop"
+                    break
+                piece = llm.detokenize([token], prev_tokens=prompt_ids + completion_ids)
+                completion_ids.append(token)
+                if params.logprobs:
+                    logprob_sum += self._token_logprob(token)
+                pending += decoder.decode(piece)
+                emit_text, pending, hit_stop = _split_on_stops(pending, stops)
+                text_out += emit_text
+                done = hit_stop or len(completion_ids) >= limit
+                if hit_stop:
+                    finish_reason = "stop"
+                emit(
+                    EngineEvent(
+                        text=emit_text,
+                        prompt_tokens=n_prompt,
+                        completion_tokens=len(completion_ids),
+                        time_s=now,
+                        mean_logprob=(logprob_sum / len(completion_ids)) if params.logprobs else None,
+                    )
+                )
+                if done:
+                    break
+        finally:
+            gen.close()
+        if finish_reason != "stop" or not stops:
+            tail = pending + decoder.decode(b"", final=True)
+        else:
+            tail = ""
+        finished = time.time()
+        self._completed += 1
+        self._recent.append((finished - started, len(completion_ids), n_prompt))
+        emit(
+            EngineEvent(
+                text=tail,
+                prompt_tokens=n_prompt,
+                completion_tokens=len(completion_ids),
+                time_s=finished,
+                finished=True,
+                finish_reason=finish_reason,  # type: ignore[arg-type]
+                mean_logprob=(logprob_sum / len(completion_ids)) if (params.logprobs and completion_ids) else None,
+            )
+        )
+
+    def _token_logprob(self, token: int) -> float:
+        """Log-probability of the sampled token from the last logits (needs no logits_all)."""
+        import numpy as np
+
+        logits = self._llm._scores[self._llm.n_tokens - 1] if self._llm.n_tokens > 0 else None
+        if logits is None:
+            return 0.0
+        m = float(np.max(logits))
+        lse = m + math.log(float(np.sum(np.exp(logits - m))))
+        return float(logits[token]) - lse
+
+    def stats(self) -> ReplicaStats:
+        # a crude live speed figure: seconds per generated token over recent requests, prompt
+        # processing included (the CPU models are small enough that decode dominates)
+        recent = list(self._recent)
+        total_tokens = sum(r[1] for r in recent)
+        decode_s_per_token = sum(r[0] for r in recent) / total_tokens if total_tokens else 0.0
+        return ReplicaStats(
+            model_id=self.model_id,
+            running=self._running,
+            waiting=self._waiting,
+            decode_seconds_per_token=decode_s_per_token,
+            requests_completed=self._completed,
+        )
+
+    async def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+
+
+def _split_on_stops(pending: str, stops: list[str]) -> tuple[str, str, bool]:
+    """Return (text safe to emit, text to hold back, whether a stop sequence was hit).
+
+    Text is held back while its tail could still grow into a stop sequence, so a client never
+    sees part of a stop string.
+    """
+    if not stops:
+        return pending, "", False
+    cut = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return pending[:cut], "", True
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(pending)), 0, -1):
+            if pending.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return pending[: len(pending) - hold], pending[len(pending) - hold :], False
