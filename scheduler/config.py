@@ -117,6 +117,8 @@ class DevicesConfig(_Section):
     nvml: bool = True
     #: meter the CPU package (RAPL where readable, else a labelled estimate)
     cpu: bool = True
+    #: add codecarbon's fixed RAM figure to the CPU estimate (scope cpu+dram); off: scope cpu
+    cpu_estimate_include_ram: bool = False
     simulated: list[SimulatedGpuConfig] = Field(default_factory=list)
 
 

@@ -1,0 +1,61 @@
+"""Find the devices of this node that the config asks for: NVML GPUs, the CPU package, simulated GPUs.
+
+Absent hardware is normal: no NVIDIA driver gives no GPUs, unreadable RAPL gives a labelled CPU
+estimate. Only a configuration that cannot be honoured (a simulated GPU without the simulator, two
+devices with one id) is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from scheduler.config import ConfigError, DevicesConfig
+from scheduler.devices.base import Device
+
+log = logging.getLogger(__name__)
+
+
+def _simulated_gpu_class():
+    try:
+        from scheduler.devices.simulated import SimulatedGpu
+    except ImportError as exc:
+        raise ConfigError(
+            f"simulated GPUs are configured but scheduler.devices.simulated.SimulatedGpu cannot be imported ({exc})",
+            key="devices.simulated",
+            fix="remove devices.simulated, or install a Wattlane version with the GPU simulator",
+        ) from exc
+    return SimulatedGpu
+
+
+def discover_devices(devices_config: DevicesConfig, node: str, *, include_simulated: bool = True) -> list[Device]:
+    """The devices this node meters, GPUs first ("gpu0"...), then "cpu0", then simulated GPUs.
+
+    Simulated GPUs are not hardware of any node: each keeps the node named in its config, and in a
+    cluster only one node agent should create them (include_simulated=False on the others).
+    """
+    devices: list[Device] = []
+    if devices_config.nvml:
+        from scheduler.devices.nvml import discover_nvml_gpus
+
+        devices.extend(discover_nvml_gpus(node))
+    if devices_config.cpu:
+        from scheduler.devices.cpu import make_cpu_device
+
+        devices.append(make_cpu_device(node, include_ram=devices_config.cpu_estimate_include_ram))
+    if devices_config.simulated and include_simulated:
+        simulated_gpu = _simulated_gpu_class()
+        for sim in devices_config.simulated:
+            devices.append(simulated_gpu(device_id=sim.id, profile=sim.profile, node=sim.node))
+    seen: dict[str, Device] = {}
+    for device in devices:
+        if device.device_id in seen:
+            for d in devices:
+                d.close()
+            raise ConfigError(
+                f"two devices share the id '{device.device_id}' ({seen[device.device_id].kind.value} and {device.kind.value})",
+                key="devices.simulated",
+                fix="give simulated GPUs ids that do not collide with discovered ones (gpuN, cpu0), e.g. sim-h100-0",
+            )
+        seen[device.device_id] = device
+    log.info("node %s devices: %s", node, ", ".join(f"{d.device_id} ({d.kind.value}, {d.energy_method.value})" for d in devices) or "none")
+    return devices
