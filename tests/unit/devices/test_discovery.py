@@ -1,0 +1,57 @@
+"""discover_devices on this machine (no GPU, no readable RAPL) and with simulated GPUs configured."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from scheduler.config import ConfigError, DevicesConfig, SimulatedGpuConfig
+from scheduler.devices.discovery import discover_devices
+
+
+def test_this_machine_gives_one_cpu_device_and_no_gpu():
+    devices = discover_devices(DevicesConfig(), "n0")
+    cpu = [d for d in devices if d.device_id == "cpu0"]
+    assert len(cpu) == 1
+    assert cpu[0].energy_method.value in ("rapl", "cpu-estimate")
+    assert cpu[0].node == "n0"
+    assert all(d.kind.value != "simulated-gpu" for d in devices)
+
+
+def test_everything_off_gives_nothing():
+    assert discover_devices(DevicesConfig(nvml=False, cpu=False), "n0") == []
+
+
+def test_include_ram_changes_the_estimate_scope():
+    (cpu,) = discover_devices(DevicesConfig(nvml=False, cpu_estimate_include_ram=True), "n0")
+    if cpu.energy_method.value == "cpu-estimate":
+        assert cpu.energy_scope.value == "cpu+dram"
+
+
+def _simulator_present() -> bool:
+    if importlib.util.find_spec("scheduler.devices.simulated") is None:
+        return False
+    import scheduler.devices.simulated as sim
+
+    return hasattr(sim, "SimulatedGpu")
+
+
+@pytest.mark.skipif(_simulator_present(), reason="the GPU simulator is installed")
+def test_simulated_gpus_without_the_simulator_are_a_clear_config_error():
+    config = DevicesConfig(nvml=False, cpu=False, simulated=[SimulatedGpuConfig(id="sim-h100-0", profile="h100-sxm")])
+    with pytest.raises(ConfigError, match="devices.simulated"):
+        discover_devices(config, "n0")
+    # not configured: no error even without the simulator
+    assert discover_devices(DevicesConfig(nvml=False, cpu=False), "n0") == []
+
+
+@pytest.mark.skipif(not _simulator_present(), reason="the GPU simulator is not there yet")
+def test_simulated_gpus_are_created_and_ids_must_be_unique():
+    config = DevicesConfig(nvml=False, cpu=True, simulated=[SimulatedGpuConfig(id="sim-0", profile="h100-sxm")])
+    devices = discover_devices(config, "n0")
+    assert [d.device_id for d in devices] == ["cpu0", "sim-0"]
+    assert devices[1].energy_method.value == "simulated"
+    clash = DevicesConfig(nvml=False, cpu=True, simulated=[SimulatedGpuConfig(id="cpu0", profile="h100-sxm")])
+    with pytest.raises(ConfigError, match="share the id 'cpu0'"):
+        discover_devices(clash, "n0")

@@ -1,0 +1,97 @@
+"""The pure parts of the NVML device: CUDA_VISIBLE_DEVICES mapping, throttle reasons, units, no-GPU path."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.devices import nvml
+from scheduler.devices.nvml import (
+    decode_throttle_reasons,
+    discover_nvml_gpus,
+    map_visible_gpus,
+    millijoules_to_joules,
+    milliwatts_to_watts,
+    parse_cuda_visible_devices,
+)
+
+UUIDS = [
+    "GPU-0aa1b2c3-0000-1111-2222-333344445555",
+    "GPU-0ab9f8e7-aaaa-bbbb-cccc-ddddeeeeffff",
+    "GPU-77e6d5c4-1234-5678-9abc-def012345678",
+    "GPU-c0ffee00-9999-8888-7777-666655554444",
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", []),
+        ("0,1", ["0", "1"]),
+        (" 2 , 0 ", ["2", "0"]),
+        ("0,2,-1,3", ["0", "2"]),  # CUDA stops at the first invalid entry
+        ("1,foo,2", ["1"]),
+        ("GPU-77e6d5c4,0", ["GPU-77e6d5c4", "0"]),
+        ("01", ["1"]),
+    ],
+)
+def test_parse_cuda_visible_devices(value, expected):
+    assert parse_cuda_visible_devices(value) == expected
+
+
+def test_unset_mask_shows_every_gpu_in_nvml_order():
+    assert map_visible_gpus(None, UUIDS) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_indices_as_ray_sets_them_renumber_from_zero():
+    # Ray gives a replica GPUs 2 and 3: CUDA calls them 0 and 1, so do we (gpu0 -> NVML 2)
+    assert map_visible_gpus("2,3", UUIDS) == [(0, 2), (1, 3)]
+    assert map_visible_gpus("3,1", UUIDS) == [(0, 3), (1, 1)]
+
+
+def test_uuids_and_unique_prefixes_resolve_to_their_gpus():
+    assert map_visible_gpus(f"{UUIDS[3]},{UUIDS[0]}", UUIDS) == [(0, 3), (1, 0)]
+    assert map_visible_gpus("GPU-77e6,gpu-c0ffee", UUIDS) == [(0, 2), (1, 3)]
+
+
+def test_ambiguous_unknown_repeated_or_out_of_range_entries_end_the_list():
+    assert map_visible_gpus("1,GPU-0a", UUIDS) == [(0, 1)]  # GPU-0a matches two GPUs
+    assert map_visible_gpus("0,GPU-deadbeef,1", UUIDS) == [(0, 0)]
+    assert map_visible_gpus("1,1,2", UUIDS) == [(0, 1)]
+    assert map_visible_gpus("2,7,0", UUIDS) == [(0, 2)]
+    assert map_visible_gpus("", UUIDS) == []
+
+
+def test_mig_instances_are_skipped_but_keep_their_cuda_index():
+    assert map_visible_gpus("MIG-1234abcd-0000-0000-0000-000000000000,1", UUIDS) == [(1, 1)]
+
+
+def test_throttle_reasons_decode_to_names():
+    assert decode_throttle_reasons(0) == []
+    assert decode_throttle_reasons(0x1) == ["gpu_idle"]
+    assert decode_throttle_reasons(0x4 | 0x40) == ["sw_power_cap", "hw_thermal_slowdown"]
+    assert decode_throttle_reasons(0x8 | 0x80 | 0x100) == ["hw_slowdown", "hw_power_brake_slowdown", "display_clock_setting"]
+    assert decode_throttle_reasons(0x1000 | 0x4) == ["sw_power_cap", "unknown_0x1000"]
+
+
+def test_throttle_reason_bits_agree_with_pynvml():
+    import pynvml
+
+    assert nvml.THROTTLE_REASON_BITS[pynvml.nvmlClocksThrottleReasonSwPowerCap] == "sw_power_cap"
+    assert nvml.THROTTLE_REASON_BITS[pynvml.nvmlClocksThrottleReasonHwThermalSlowdown] == "hw_thermal_slowdown"
+    assert nvml.THROTTLE_REASON_BITS[pynvml.nvmlClocksThrottleReasonSyncBoost] == "sync_boost"
+    assert nvml.THROTTLE_REASON_BITS[pynvml.nvmlClocksThrottleReasonGpuIdle] == "gpu_idle"
+
+
+def test_units_leave_the_module_as_joules_and_watts():
+    assert millijoules_to_joules(123_456_789) == pytest.approx(123_456.789)
+    assert milliwatts_to_watts(350_000) == pytest.approx(350.0)
+
+
+def test_no_gpu_machine_discovers_nothing_without_error(monkeypatch):
+    reason = nvml.nvml_unavailable_reason()
+    if reason is None:
+        pytest.skip("this machine has a working NVML; the no-GPU path cannot be exercised here")
+    assert "LibraryNotFound" in reason or "DriverNotLoaded" in reason or "not installed" in reason
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert discover_nvml_gpus("n0") == []
