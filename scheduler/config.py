@@ -7,6 +7,7 @@ file, the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -320,8 +321,15 @@ def _error_from_validation(exc: ValidationError, file: str, data: Any) -> Config
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     fix = _FIXES.get(first["type"], "correct the value")
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return ConfigError(msg + more, file=file, key=key, fix=fix)
+    if first["type"] == "literal_error" and "ctx" in first:
+        fix = f"use one of: {first['ctx'].get('expected', '')}"
+    others = [
+        f"{_loc_to_key(tuple(e['loc']), data)}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg'].removeprefix('Value error, ')}"
+        for e in errors[1:]
+    ]
+    if others:
+        fix += "\n  also: " + "\n  also: ".join(others)
+    return ConfigError(msg, file=file, key=key, fix=fix)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool = True) -> WattlaneConfig:
@@ -410,8 +418,6 @@ def resolve_weights(
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{model.id.replace('/', '_')}.gguf"
     if not target.is_file():
-        import importlib
-
         mod = importlib.import_module(pkg)
         tmp = target.with_suffix(".partial")
         mod.assemble(str(tmp))

@@ -1,0 +1,146 @@
+"""The node agent: one Ray actor per machine that owns its devices, meters them and attributes their joules.
+
+It is the only component that changes device settings (through power.actuator), and it restores
+them when it stops and, after a crash, when it starts again. Replicas on the node report request
+start/progress/finish here; the meter's intervals arrive on a background thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from scheduler.cluster import runtime
+from scheduler.config import WattlaneConfig
+from scheduler.devices.base import Device
+from scheduler.energy.attribution import Attributor
+from scheduler.energy.meter import DeviceMeter, EnergyInterval
+
+log = logging.getLogger(__name__)
+
+#: how long finish_request waits for the meter to cover a request's end before charging what it has
+FINISH_TIMEOUT_SECONDS = 2.0
+
+
+@ray.remote
+class NodeAgent:
+    def __init__(self, config: dict[str, Any], state_dir: str, node: str):
+        runtime.configure_process_logging()
+        self.config = WattlaneConfig.model_validate(config)
+        self.state_dir = Path(state_dir)
+        self.node = node
+        from scheduler.devices.discovery import discover_devices
+
+        # simulated GPUs belong to the first node's agent only (they are not hardware of any node)
+        self.devices: dict[str, Device] = {
+            d.device_id: d for d in discover_devices(self.config.devices, node, include_simulated=True)
+        }
+        e = self.config.energy
+        self.attributor = Attributor(
+            prefill_token_weight=e.prefill_token_weight,
+            idle_amortization_seconds=e.idle_amortization_seconds,
+            settle_delay_seconds=max(0.3, 3 * e.meter_interval_seconds),
+        )
+        for device_id in self.devices:
+            self.attributor.register_device(device_id)
+        self.meter = DeviceMeter(list(self.devices.values()), e.meter_interval_seconds, name=f"meter-{node}")
+        self.meter.add_callback(self._on_interval)
+        self.meter.start()
+        self.power = self._start_power()
+        self._started_s = time.time()
+        self._stopped = False
+
+    def _start_power(self):
+        """The actuator (restores a crashed run's settings first) and the governor loop."""
+        try:
+            from scheduler.power.service import PowerService
+        except ImportError:
+            return None
+        return PowerService(self.config, self.devices, self.state_dir, self.node, self.attributor.running)
+
+    def _on_interval(self, interval: EnergyInterval) -> None:
+        self.attributor.on_interval(interval.device_id, interval.t0_s, interval.t1_s, interval.energy_joules)
+
+    async def ready(self) -> dict[str, Any]:
+        return {"node": self.node, "devices": list(self.devices)}
+
+    # --- request accounting (called by replicas) ---------------------------------------------
+    def start_request(self, request_id: str, device_id: str, t_s: float) -> None:
+        try:
+            self.attributor.start(request_id, device_id, t_s)
+        except ValueError as exc:
+            log.warning("start_request: %s", exc)
+
+    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
+        self.attributor.progress(request_id, prompt_tokens, completion_tokens, t_s)
+
+    async def finish_request(self, request_id: str, t_s: float) -> dict[str, Any] | None:
+        device_id = self.attributor.device_of(request_id)
+        if device_id is None:
+            return None
+        try:
+            energy = await self.attributor.finish_when_covered(request_id, t_s, timeout_seconds=FINISH_TIMEOUT_SECONDS)
+        except KeyError:
+            return None
+        device = self.devices.get(device_id)
+        return {
+            "joules": energy.joules,
+            "dynamic_joules": energy.dynamic_joules,
+            "idle_joules": energy.idle_joules,
+            "method": device.energy_method.value if device else None,
+            "scope": device.energy_scope.value if device else None,
+            "device": device_id,
+            "node": self.node,
+            "metered": energy.metered,
+            "complete": energy.complete,
+            "work_tokens": energy.work_tokens,
+            "power_limit_watts": device.power_limit_watts() if device else None,
+        }
+
+    # --- readings ----------------------------------------------------------------------------
+    async def devices_snapshot(self) -> list[dict[str, Any]]:
+        def read() -> list[dict[str, Any]]:
+            out = []
+            for device_id, device in self.devices.items():
+                try:
+                    snap = asdict(device.snapshot())
+                except Exception as exc:  # a device that fails to read is shown, not hidden
+                    snap = {"device_id": device_id, "node": self.node, "kind": device.kind.value, "error": str(exc)}
+                reading = self.meter.reading(device_id)
+                snap["energy_joules_metered"] = reading.total_energy_joules
+                snap["running_requests"] = self.attributor.running(device_id)
+                out.append(snap)
+            return out
+
+        return await asyncio.to_thread(read)
+
+    def energy_balance(self) -> dict[str, float]:
+        """Where every metered joule went (requests, idle pool, not yet settled): for audits and tests."""
+        b = self.attributor.balance()
+        return asdict(b) | {"accounted_joules": b.accounted_joules}
+
+    # --- power (operator API and governor) ----------------------------------------------------
+    async def power_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.power is None:
+            raise RuntimeError("the power governor is not available in this build")
+        return await asyncio.to_thread(getattr(self.power, method), *args, **kwargs)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def shutdown(self) -> dict[str, Any]:
+        """Restore device settings, stop the meter. Idempotent."""
+        if self._stopped:
+            return {"restored": True}
+        self._stopped = True
+        restored = None
+        if self.power is not None:
+            restored = self.power.stop()
+        self.meter.stop()
+        for d in self.devices.values():
+            d.close()
+        return {"restored": restored}

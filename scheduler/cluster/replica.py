@@ -1,0 +1,154 @@
+"""The model replica: a Ray Serve deployment that hosts one Engine and reports its work for attribution.
+
+It streams plain dicts to the gateway (start, delta, end or error) so that nothing but data crosses
+the process boundary, and it tells the node agent which device its work ran on, so the agent can
+share each metering interval's joules among the requests that ran in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from scheduler.cluster import runtime
+from scheduler.config import ModelConfig, WattlaneConfig
+from scheduler.engines.base import (
+    ContextLengthError,
+    EngineError,
+    GenerationRequest,
+    ModelKind,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+#: how often a running request reports its cumulative work to the node agent
+PROGRESS_INTERVAL_SECONDS = 0.1
+
+
+def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
+    """Replica `rank` uses the next `gpus_per_replica` ids of the model's device list, wrapping around."""
+    per = int(model.engine_options.get("num_gpus", 1)) if model.engine == "simulated" else 1
+    ids = model.devices
+    start = (rank * per) % len(ids)
+    return [ids[(start + i) % len(ids)] for i in range(per)]
+
+
+class ModelServer:
+    """Deployment class; cluster.app.build_app() turns it into one Serve deployment per model."""
+
+    def __init__(self, model: dict[str, Any], config: dict[str, Any], state_dir: str):
+        runtime.configure_process_logging()
+        self.config = WattlaneConfig.model_validate(config)
+        self.model = ModelConfig.model_validate(model)
+        self.state_dir = Path(state_dir)
+        ctx = serve.get_replica_context()
+        rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
+        self.replica_id = f"{self.model.id}#{rank}"
+        self.device_ids = devices_for_replica(self.model, rank)
+        self.node = runtime.node_name()
+        self.agent = runtime.get_node_agent()
+        devices = {}
+        if self.model.engine == "simulated" and self.agent is not None:
+            devices = {d: self.agent for d in self.device_ids}
+        from scheduler.engines.factory import build_engine
+
+        self.engine = build_engine(self.model, self.config, self.state_dir, devices)
+        log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
+
+    async def ready(self) -> dict[str, Any]:
+        return {"model": self.model.id, "replica": self.replica_id, "devices": self.device_ids, "node": self.node}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Published to Serve's request router (see routing/serve_router.py)."""
+        stats = dict(self.engine.stats())
+        stats.update(model_id=self.model.id, replica_id=self.replica_id, device_ids=self.device_ids, node=self.node)
+        return stats
+
+    async def stats(self) -> dict[str, Any]:
+        return self.record_routing_stats()
+
+    async def count_prompt_tokens(self, payload: dict[str, Any]) -> int:
+        return self.engine.count_prompt_tokens(_request_from_payload(payload))
+
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        request = _request_from_payload(payload)
+        device = self.device_ids[0]
+        rid = request.request_id
+        agent = self.agent
+        started = time.time()
+        last_report = 0.0
+        yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started}
+        if agent is not None:
+            agent.start_request.remote(rid, device, started)
+        try:
+            async for ev in self.engine.generate(request):
+                if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):
+                    last_report = ev.time_s
+                    agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
+                if ev.finished:
+                    energy = await self._finish_energy(rid, ev.time_s)
+                    yield {
+                        "type": "end",
+                        "text": ev.text,
+                        "prompt_tokens": ev.prompt_tokens,
+                        "completion_tokens": ev.completion_tokens,
+                        "finish_reason": ev.finish_reason,
+                        "time_s": ev.time_s,
+                        "mean_logprob": ev.mean_logprob,
+                        "energy": energy,
+                    }
+                    return
+                yield {
+                    "type": "delta",
+                    "text": ev.text,
+                    "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens,
+                    "time_s": ev.time_s,
+                }
+        except ContextLengthError as exc:
+            await self._abandon(rid)
+            yield {"type": "error", "status": 400, "message": str(exc), "param": "messages" if request.kind == ModelKind.CHAT else "prompt",
+                   "code": "context_length_exceeded"}
+        except EngineError as exc:
+            await self._abandon(rid)
+            yield {"type": "error", "status": 503, "message": f"model {self.model.id} failed: {exc}", "param": None, "code": "engine_error"}
+        except (asyncio.CancelledError, GeneratorExit):
+            # the client went away: the work done so far still costs energy and is attributed
+            await self._abandon(rid)
+            raise
+
+    async def _finish_energy(self, request_id: str, t_s: float) -> dict[str, Any] | None:
+        if self.agent is None:
+            return None
+        try:
+            return await self.agent.finish_request.remote(request_id, t_s)
+        except ray.exceptions.RayError as exc:
+            log.warning("node agent could not attribute %s: %s", request_id, exc)
+            return None
+
+    async def _abandon(self, request_id: str) -> None:
+        if self.agent is not None:
+            self.agent.finish_request.remote(request_id, time.time())
+
+    async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
+        await self.engine.close()
+
+
+def _request_from_payload(p: dict[str, Any]) -> GenerationRequest:
+    params = SamplingParams(**p.get("params", {}))
+    return GenerationRequest(
+        request_id=p["request_id"],
+        kind=ModelKind(p["kind"]),
+        messages=p.get("messages"),
+        prompt=p.get("prompt"),
+        params=params,
+        prompt_tokens_hint=p.get("prompt_tokens_hint"),
+    )
