@@ -1,0 +1,347 @@
+"""The energy ledger: one durable SQLite row per finished request, and the reports read from it.
+
+Durability contract: record(row) returns a Future that resolves only after the row's transaction
+has committed. The gateway awaits it (arecord) before it sends the last bytes of a response, so a
+request whose answer reached the client is in the ledger even if the server is killed (-9) right
+after: SQLite in WAL mode with synchronous=NORMAL loses nothing on a process crash (only an OS
+crash or power loss can drop the last commits).
+
+Writes never block the event loop: one writer thread owns the write connection and commits in
+groups (everything queued within group_commit_seconds goes in one transaction). Reads open their
+own connection per call (WAL lets them run beside the writer); call them from a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import csv
+import io
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+LEDGER_FILENAME = "ledger.sqlite3"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LedgerRow:
+    """One finished request. Energy and carbon fields are None when they could not be known."""
+
+    request_id: str
+    time_unix_s: float
+    model: str
+    device: str
+    node: str
+    status: str
+    api_key_id: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_seconds: float | None = None
+    tpot_seconds: float | None = None
+    latency_seconds: float | None = None
+    joules: float | None = None
+    dynamic_joules: float | None = None
+    idle_joules: float | None = None
+    energy_method: str | None = None
+    energy_scope: str | None = None
+    gco2e: float | None = None
+    intensity_gco2e_per_kwh: float | None = None
+    pue: float | None = None
+    carbon_source: str | None = None
+    carbon_region: str | None = None
+    power_limit_watts: float | None = None
+    routing_reason: str | None = None
+    priority: str | None = None
+
+    @property
+    def time_iso(self) -> str:
+        return _iso(self.time_unix_s)
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_ROW_FIELDS = [f.name for f in fields(LedgerRow)]
+#: column order in the table and in exports: time_iso right after time_unix_s
+COLUMNS = _ROW_FIELDS[:2] + ["time_iso"] + _ROW_FIELDS[2:]
+
+_SQL_TYPES = {
+    "request_id": "TEXT NOT NULL",
+    "time_unix_s": "REAL NOT NULL",
+    "time_iso": "TEXT NOT NULL",
+    "model": "TEXT NOT NULL",
+    "device": "TEXT NOT NULL",
+    "node": "TEXT NOT NULL",
+    "status": "TEXT NOT NULL",
+    "prompt_tokens": "INTEGER NOT NULL",
+    "completion_tokens": "INTEGER NOT NULL",
+}
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    + ", ".join(f"{c} {_SQL_TYPES.get(c, 'REAL' if c.endswith(('_seconds', 'joules', 'gco2e', '_kwh', 'pue', '_watts')) else 'TEXT')}" for c in COLUMNS)
+    + ")",
+    "CREATE UNIQUE INDEX IF NOT EXISTS requests_id ON requests(request_id)",
+    "CREATE INDEX IF NOT EXISTS requests_time ON requests(time_unix_s)",
+    "CREATE INDEX IF NOT EXISTS requests_model_time ON requests(model, time_unix_s)",
+)
+
+GroupBy = Literal["model", "device", "api_key", "hour"]
+_GROUP_SQL = {
+    "model": "model",
+    "device": "device",
+    "api_key": "COALESCE(api_key_id, '')",
+    "hour": "strftime('%Y-%m-%dT%H:00:00Z', CAST(time_unix_s AS INTEGER), 'unixepoch')",
+}
+
+
+class LedgerClosedError(RuntimeError):
+    pass
+
+
+class Ledger:
+    """SQLite ledger under the state directory (see module docstring for the durability contract)."""
+
+    def __init__(self, path: str | Path, *, group_commit_seconds: float = 0.005, max_batch: int = 512):
+        self.path = Path(path)
+        if self.path.is_dir() or self.path.suffix == "":
+            self.path = self.path / LEDGER_FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.group_commit_seconds = group_commit_seconds
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[LedgerRow, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            for stmt in _SCHEMA:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.commit()
+        finally:
+            conn.close()
+        self.rows_written = 0
+        self.commits = 0
+        self._ready = threading.Event()
+        self._writer = threading.Thread(target=self._write_loop, name="wattlane-ledger-writer", daemon=True)
+        self._writer.start()
+        self._ready.wait()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def record(self, row: LedgerRow) -> concurrent.futures.Future[None]:
+        """Queue a row; the future resolves after its commit (or fails with the database error)."""
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        if self._closed:
+            fut.set_exception(LedgerClosedError("the ledger is closed"))
+            return fut
+        self._queue.put((row, fut))
+        return fut
+
+    async def arecord(self, row: LedgerRow) -> None:
+        """record() for asyncio code: returns once the row is durable, never blocking the loop."""
+        await asyncio.wrap_future(self.record(row))
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        insert = f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        self._ready.set()
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            # group commit: gather what arrives within the window into one transaction
+            deadline = time.monotonic() + self.group_commit_seconds
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
+            try:
+                with conn:
+                    conn.executemany(insert, [self._values(r) for r, _ in live])
+            except Exception as exc:  # a bad batch fails its futures, the writer keeps going
+                for _, f in live:
+                    f.set_exception(exc)
+                continue
+            self.rows_written += len(live)
+            self.commits += 1
+            for _, f in live:
+                f.set_result(None)
+        conn.close()
+
+    @staticmethod
+    def _values(row: LedgerRow) -> tuple[Any, ...]:
+        d = asdict(row)
+        d["time_iso"] = row.time_iso
+        return tuple(d[c] for c in COLUMNS)
+
+    def close(self) -> None:
+        """Flush every queued row, commit, and stop the writer. Later record() calls fail."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._queue.put(None)
+        self._writer.join()
+        # rows queued after the sentinel (a race with close) are failed, not silently dropped
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[1].set_exception(LedgerClosedError("the ledger closed before this row was written"))
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _connect_ro(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect_ro()
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _where(since: float | None, until: float | None, model: str | None, device: str | None, api_key: str | None) -> tuple[str, list[Any]]:
+        clauses, params = [], []
+        for col, op, val in (("time_unix_s", ">=", since), ("time_unix_s", "<", until), ("model", "=", model), ("device", "=", device), ("api_key_id", "=", api_key)):
+            if val is not None:
+                clauses.append(f"{col} {op} ?")
+                params.append(val)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def requests(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Rows newest first, filtered; since/until are unix seconds (until exclusive)."""
+        where, params = self._where(since, until, model, device, api_key)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY time_unix_s DESC, seq DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(sql, params)]
+
+    def summary(
+        self,
+        group_by: GroupBy = "model",
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Totals per group: requests, joules (and parts), gco2e, tokens, tokens per joule."""
+        if group_by not in _GROUP_SQL:
+            raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
+        key = _GROUP_SQL[group_by]
+        where, params = self._where(since, until, model, device, api_key)
+        sql = (
+            f"SELECT {key} AS grp, COUNT(*) AS requests, "
+            "SUM(CASE WHEN joules IS NULL THEN 0 ELSE 1 END) AS requests_with_energy, "
+            "TOTAL(joules) AS joules, TOTAL(dynamic_joules) AS dynamic_joules, TOTAL(idle_joules) AS idle_joules, "
+            "TOTAL(gco2e) AS gco2e, TOTAL(prompt_tokens) AS prompt_tokens, TOTAL(completion_tokens) AS completion_tokens, "
+            "TOTAL(CASE WHEN joules IS NULL THEN 0 ELSE prompt_tokens + completion_tokens END) AS metered_tokens, "
+            "TOTAL(CASE WHEN joules IS NULL THEN 0 ELSE completion_tokens END) AS metered_completion_tokens "
+            f"FROM requests{where} GROUP BY grp ORDER BY grp"
+        )
+        out = []
+        with self._read() as conn:
+            for r in conn.execute(sql, params):
+                j = r["joules"]
+                out.append({
+                    group_by: r["grp"],
+                    "requests": r["requests"],
+                    "requests_with_energy": r["requests_with_energy"],
+                    "joules": j,
+                    "dynamic_joules": r["dynamic_joules"],
+                    "idle_joules": r["idle_joules"],
+                    "gco2e": r["gco2e"],
+                    "prompt_tokens": int(r["prompt_tokens"]),
+                    "completion_tokens": int(r["completion_tokens"]),
+                    # only rows that carry energy count, so unmetered requests do not inflate it
+                    "tokens_per_joule": (r["metered_tokens"] / j) if j > 0 else None,
+                    "completion_tokens_per_joule": (r["metered_completion_tokens"] / j) if j > 0 else None,
+                })
+        return out
+
+    def export_csv(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+        chunk_rows: int = 500,
+    ) -> Iterator[str]:
+        """CSV text in chunks, oldest row first, read lazily (for a streaming HTTP response)."""
+        where, params = self._where(since, until, model, device, api_key)
+        conn = self._connect_ro()
+        try:
+            cur = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY time_unix_s, seq", params)
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(COLUMNS)
+            while True:
+                rows = cur.fetchmany(chunk_rows)
+                if not rows:
+                    break
+                w.writerows(tuple(r) for r in rows)
+                yield buf.getvalue()
+                buf.seek(0)
+                buf.truncate()
+            if buf.tell():
+                yield buf.getvalue()
+        finally:
+            conn.close()
+
+    def count(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM requests").fetchone()[0])
