@@ -1,0 +1,152 @@
+"""Prometheus metrics of DESIGN.md (Metrics), in one dedicated registry, in base units.
+
+The gateway calls observe_request() once per finished request; replicas' queue lengths, power
+actions and grid intensity have their own setters; device gauges are read at scrape time from a
+callable (the node agents' latest DeviceSnapshots), so a scrape never touches a device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+#: joules per request span a CPU-side 135M model (~1 J) to long 70B GPU generations (~10 kJ)
+ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, float("inf"))
+#: time to first token: tens of ms on a warm GPU to tens of s behind a long queue
+TTFT_BUCKETS_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 20, 30, 60, float("inf"))
+#: time per output token: ~5 ms (fast GPU) to ~0.5 s (small CPU box under load)
+TPOT_BUCKETS_SECONDS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5, float("inf"))
+
+DeviceSource = Callable[[], Iterable[Any]]
+
+
+def _get(snapshot: Any, name: str) -> Any:
+    if isinstance(snapshot, Mapping):
+        return snapshot.get(name)
+    return getattr(snapshot, name, None)
+
+
+class _DeviceCollector(Collector):
+    """Device gauges built at scrape time from DeviceSnapshot objects or dicts with the same keys."""
+
+    def __init__(self) -> None:
+        self.source: DeviceSource | None = None
+
+    def collect(self) -> Iterable[Any]:
+        labels = ["device", "node", "kind"]
+        power = GaugeMetricFamily("wattlane_device_power_watts", "Device power draw in watts.", labels=labels)
+        energy = CounterMetricFamily("wattlane_device_energy_joules", "Device energy counter in joules since the meter started.", labels=labels)
+        limit = GaugeMetricFamily("wattlane_device_power_limit_watts", "Enforced device power limit in watts.", labels=labels)
+        clock = GaugeMetricFamily("wattlane_device_sm_clock_mhz", "Device SM (graphics) clock in MHz.", labels=labels)
+        snapshots: Iterable[Any] = ()
+        if self.source is not None:
+            try:
+                snapshots = list(self.source())
+            except Exception:  # a failing source must not break the whole scrape
+                log.exception("device snapshot source failed during a scrape")
+                snapshots = ()
+        for s in snapshots:
+            lv = [str(_get(s, "device_id")), str(_get(s, "node")), str(_get(s, "kind"))]
+            for family, key in ((power, "power_watts"), (energy, "energy_joules"), (limit, "power_limit_watts"), (clock, "sm_clock_mhz")):
+                v = _get(s, key)
+                if v is not None:
+                    family.add_metric(lv, float(v))
+        yield from (power, energy, limit, clock)
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+class WattlaneMetrics:
+    """All Wattlane series in their own CollectorRegistry (never the global default one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_energy = Histogram(
+            "wattlane_request_energy_joules", "Energy attributed to one request, in joules.", ["model"], buckets=ENERGY_BUCKETS_JOULES, registry=r
+        )
+        self.energy = Counter("wattlane_energy_joules_total", "Joules attributed to requests, by part (dynamic or idle).", ["model", "part"], registry=r)
+        self.carbon = Counter("wattlane_carbon_grams_total", "Grams of CO2e attributed to requests.", ["model"], registry=r)
+        self.requests = Counter("wattlane_requests_total", "Finished requests by status.", ["model", "status"], registry=r)
+        self.tokens = Counter("wattlane_tokens_total", "Tokens processed, by kind (prompt or completion).", ["model", "kind"], registry=r)
+        self.ttft = Histogram("wattlane_request_ttft_seconds", "Time to first token in seconds.", ["model"], buckets=TTFT_BUCKETS_SECONDS, registry=r)
+        self.tpot = Histogram("wattlane_request_tpot_seconds", "Mean time per output token after the first, in seconds.", ["model"], buckets=TPOT_BUCKETS_SECONDS, registry=r)
+        self.running = Gauge("wattlane_num_requests_running", "Requests running on a replica.", ["model", "replica"], registry=r)
+        self.waiting = Gauge("wattlane_num_requests_waiting", "Requests queued for a replica.", ["model", "replica"], registry=r)
+        self.power_actions = Counter("wattlane_power_actions_total", "Power setting changes applied, by device and action.", ["device", "action"], registry=r)
+        self.grid_intensity = Gauge("wattlane_grid_intensity_gco2e_per_kwh", "Grid carbon intensity in force, gCO2e per kWh.", ["region"], registry=r)
+        self._devices = _DeviceCollector()
+        r.register(self._devices)
+
+    def observe_request(
+        self,
+        *,
+        model: str,
+        status: str,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        ttft_seconds: float | None = None,
+        tpot_seconds: float | None = None,
+        joules: float | None = None,
+        dynamic_joules: float | None = None,
+        idle_joules: float | None = None,
+        gco2e: float | None = None,
+    ) -> None:
+        """Count one finished request. None means "not known" and is left out, never counted as 0."""
+        self.requests.labels(model=model, status=status).inc()
+        if prompt_tokens:
+            self.tokens.labels(model=model, kind="prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(model=model, kind="completion").inc(completion_tokens)
+        if ttft_seconds is not None:
+            self.ttft.labels(model=model).observe(ttft_seconds)
+        if tpot_seconds is not None:
+            self.tpot.labels(model=model).observe(tpot_seconds)
+        if joules is not None:
+            self.request_energy.labels(model=model).observe(joules)
+        if dynamic_joules is not None:
+            self.energy.labels(model=model, part="dynamic").inc(max(0.0, dynamic_joules))
+        if idle_joules is not None:
+            self.energy.labels(model=model, part="idle").inc(max(0.0, idle_joules))
+        if gco2e is not None:
+            self.carbon.labels(model=model).inc(max(0.0, gco2e))
+
+    def set_replica_queue(self, *, model: str, replica: str, running: int, waiting: int) -> None:
+        self.running.labels(model=model, replica=replica).set(running)
+        self.waiting.labels(model=model, replica=replica).set(waiting)
+
+    def remove_replica(self, *, model: str, replica: str) -> None:
+        for g in (self.running, self.waiting):
+            try:
+                g.remove(model, replica)
+            except KeyError:
+                pass
+
+    def power_action(self, *, device: str, action: str) -> None:
+        """action: e.g. set_power_limit, reset_power_limit, lock_clocks, reset_clocks, restore."""
+        self.power_actions.labels(device=device, action=action).inc()
+
+    def set_grid_intensity(self, *, region: str, gco2e_per_kwh: float) -> None:
+        self.grid_intensity.labels(region=region).set(gco2e_per_kwh)
+
+    def set_device_source(self, source: DeviceSource | None) -> None:
+        """A callable returning DeviceSnapshot objects (or dicts with their keys), called per scrape."""
+        self._devices.source = source
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type, for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def snapshot_dicts(snapshots: Iterable[Any]) -> list[dict[str, Any]]:
+    """DeviceSnapshot dataclasses as plain dicts (what travels from a Ray actor to the gateway)."""
+    return [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s) for s in snapshots]
