@@ -6,6 +6,15 @@ import importlib
 
 import typer
 
+
+def _version(value: bool) -> None:
+    if value:
+        from scheduler import __version__
+
+        typer.echo(f"wattlane {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     name="wattlane",
     help="Wattlane: energy-aware inference scheduler.",
@@ -18,6 +27,11 @@ app = typer.Typer(
 _COMMAND_MODULES = [
     "scheduler.cluster.commands",
 ]
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")) -> None:
+    """Wattlane: energy-aware inference scheduler."""
 
 
 def _register_all() -> None:
