@@ -177,6 +177,13 @@ class PowerGroupConfig(_Section):
     #: policy parameters (see docs/power.md)
     options: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _options_fit_policy(self) -> "PowerGroupConfig":
+        from scheduler.power.options import validate_options  # the power area owns the option schemas
+
+        validate_options(self.policy, self.options)  # PolicyOptionsError is a ValueError: reported by key
+        return self
+
 
 class PowerConfig(_Section):
     #: enforce: apply changes; recommend: compute and log only (never touches devices)

@@ -65,6 +65,8 @@ class SloFeedbackOptions(_Options):
     up_step_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
     #: requests waiting per device that count as a queue (step up at once)
     queue_threshold: Annotated[int, Field(ge=1)] = 1
+    #: a move not forced by the SLO is made only if it is predicted to save at least this fraction
+    min_gain_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.02
     #: number of candidate settings evaluated between the knob's min and max
     candidates: Annotated[int, Field(ge=3, le=256)] = 32
     #: online profile: samples kept per device, and the weight of the prior per grid point
