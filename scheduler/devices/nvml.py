@@ -197,9 +197,13 @@ class NvmlGpu(Device):
         self.nvml_index = nvml_index
         self.device_id = device_id
         self.node = node
-        self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
-        self.name = _text(pynvml.nvmlDeviceGetName(self._handle))
-        self._uuid = _text(pynvml.nvmlDeviceGetUUID(self._handle))
+        try:
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            self.name = _text(pynvml.nvmlDeviceGetName(self._handle))
+            self._uuid = _text(pynvml.nvmlDeviceGetUUID(self._handle))
+        except BaseException:
+            self.close()
+            raise
         # Learned on first use: whether the driver answers the instant-power field (newer GPUs and
         # drivers) or only the older, averaged nvmlDeviceGetPowerUsage.
         self._instant_power_supported: bool | None = None
@@ -256,21 +260,33 @@ class NvmlGpu(Device):
         raw = value.value.uiVal if value.valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT else value.value.ullVal
         return milliwatts_to_watts(raw)
 
+    def _optional(self, fn, *args):
+        """A reading some GPUs lack (utilization on some SKUs, clocks in some VMs): None, not an error."""
+        try:
+            return self._call(fn, *args)
+        except DeviceNotSupportedError:
+            return None
+
     def utilization_percent(self) -> float | None:
-        return float(self._call(pynvml.nvmlDeviceGetUtilizationRates).gpu)
+        rates = self._optional(pynvml.nvmlDeviceGetUtilizationRates)
+        return None if rates is None else float(rates.gpu)
 
     def temperature_celsius(self) -> float | None:
-        return float(self._call(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU))
+        value = self._optional(pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
+        return None if value is None else float(value)
 
     def sm_clock_mhz(self) -> float | None:
-        return float(self._call(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM))
+        value = self._optional(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM)
+        return None if value is None else float(value)
 
     def memory_clock_mhz(self) -> float | None:
-        return float(self._call(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM))
+        value = self._optional(pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_MEM)
+        return None if value is None else float(value)
 
     def throttle_reasons(self) -> list[str]:
         getter = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        return decode_throttle_reasons(self._call(getter))
+        mask = self._optional(getter)
+        return [] if mask is None else decode_throttle_reasons(mask)
 
     def uuid(self) -> str | None:
         return self._uuid

@@ -95,3 +95,57 @@ def test_no_gpu_machine_discovers_nothing_without_error(monkeypatch):
     assert "LibraryNotFound" in reason or "DriverNotLoaded" in reason or "not installed" in reason
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     assert discover_nvml_gpus("n0") == []
+
+
+class TestErrorTranslationWithStubbedLibrary:
+    """Only how NvmlGpu turns limits and NVML errors into Device errors; NVML itself is stubbed, so no
+    reading here says anything about real GPUs (scripts/gpu/nvml_check.py checks those)."""
+
+    @pytest.fixture
+    def gpu(self, monkeypatch):
+        import pynvml
+
+        calls: list[tuple] = []
+        stubs = {
+            "nvmlInit": lambda: None,
+            "nvmlShutdown": lambda: None,
+            "nvmlDeviceGetHandleByIndex": lambda i: ("handle", i),
+            "nvmlDeviceGetName": lambda h: "stub",
+            "nvmlDeviceGetUUID": lambda h: UUIDS[h[1]],
+            "nvmlDeviceGetPowerManagementLimitConstraints": lambda h: [100_000, 400_000],
+            "nvmlDeviceGetPowerManagementDefaultLimit": lambda h: 350_000,
+            "nvmlDeviceSetPowerManagementLimit": lambda h, mw: calls.append(("set", mw)),
+            "nvmlDeviceGetTotalEnergyConsumption": lambda h: 1_234_567,
+        }
+        for name, fn in stubs.items():
+            monkeypatch.setattr(pynvml, name, fn)
+        device = nvml.NvmlGpu(2, device_id="gpu0", node="n0")
+        device.calls = calls
+        yield device
+        device.close()
+
+    def test_out_of_range_limit_is_refused_before_nvml_is_called(self, gpu):
+        from scheduler.devices.base import DeviceSettingError
+
+        with pytest.raises(DeviceSettingError, match="outside"):
+            gpu.set_power_limit_watts(450.0)
+        assert gpu.calls == []
+        gpu.set_power_limit_watts(250.5)
+        gpu.reset_power_limit()
+        assert gpu.calls == [("set", 250_500), ("set", 350_000)]
+
+    def test_no_permission_becomes_device_permission_error(self, gpu, monkeypatch):
+        import pynvml
+
+        from scheduler.devices.base import DevicePermissionError
+
+        def refuse(h, mw):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+
+        monkeypatch.setattr(pynvml, "nvmlDeviceSetPowerManagementLimit", refuse)
+        with pytest.raises(DevicePermissionError, match="root"):
+            gpu.set_power_limit_watts(300.0)
+
+    def test_counter_is_reported_in_joules_and_uuid_kept(self, gpu):
+        assert gpu.energy_joules() == pytest.approx(1234.567)
+        assert gpu.uuid() == UUIDS[2] and gpu.nvml_index == 2
