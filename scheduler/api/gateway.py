@@ -57,11 +57,70 @@ class Gateway:
         self.router = KindRouter(self.config)
         self.service = InferenceService(self)
         self._waiting: dict[str, int] = {}
+        from scheduler.energy.carbon import make_carbon_provider
+        from scheduler.energy.ledger import Ledger
+        from scheduler.energy.metrics import WattlaneMetrics
+
+        self.carbon = make_carbon_provider(self.config.energy.carbon, config_dir=self.config.config_dir())
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite3")
+        self.metrics = WattlaneMetrics()
+        self.device_snapshots: list[dict[str, Any]] = []
+        self.metrics.set_device_source(lambda: self.device_snapshots)
+        self._refresher: asyncio.Task | None = None
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
 
         return create_app(self)
+
+    def extra_routers(self) -> list[Any]:
+        from scheduler.api.routes import energy, operator
+
+        return [energy.router, operator.router]
+
+    # --- node agents and live readings -----------------------------------------------------------
+    def agents(self) -> dict[str, Any]:
+        import ray
+
+        found = {}
+        for node in ray.nodes():
+            if node.get("Alive"):
+                name = node.get("NodeManagerHostname")
+                agent = runtime.get_node_agent(name)
+                if agent is not None:
+                    found[name] = agent
+        return found
+
+    def agent_for_device(self, device_id: str) -> Any:
+        for snap in self.device_snapshots:
+            if snap.get("device_id") == device_id:
+                return runtime.get_node_agent(snap["node"])
+        return None
+
+    async def refresh_devices(self) -> list[dict[str, Any]]:
+        snaps: list[dict[str, Any]] = []
+        results = await asyncio.gather(*(a.devices_snapshot.remote() for a in self.agents().values()),
+                                       return_exceptions=True)
+        for r in results:
+            if isinstance(r, list):
+                snaps.extend(r)
+        self.device_snapshots = snaps
+        return snaps
+
+    def ensure_refresher(self) -> None:
+        """Keep device readings (for /metrics and the dashboard) fresh once anybody looks at them."""
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_devices()
+                intensity = await asyncio.to_thread(self.carbon.intensity, time.time())
+                self.metrics.set_grid_intensity(region=intensity.region, gco2e_per_kwh=intensity.gco2e_per_kwh)
+            except Exception as exc:  # keep the loop alive; a failed read shows as stale data
+                log.warning("device refresh failed: %s", exc)
+            await asyncio.sleep(1.0)
 
     # --- readiness ------------------------------------------------------------------------------
     async def check_ready(self) -> tuple[bool, list[str]]:
@@ -76,13 +135,53 @@ class Gateway:
         problems = [r for r in results if r]
         return not problems, problems
 
-    # --- accounting hooks -----------------------------------------------------------------------
-    def carbon_for(self, energy: dict[str, Any], t_s: float) -> dict[str, Any] | None:
-        return None
+    # --- accounting -------------------------------------------------------------------------------
+    async def carbon_for(self, energy: dict[str, Any], t_s: float) -> dict[str, Any] | None:
+        if energy.get("joules") is None:
+            return None
+        footprint = await asyncio.to_thread(self.carbon.footprint, energy["joules"], t_s)
+        return footprint.as_usage()
 
-    async def record(self, job: Job, result: InferenceResult, status: str) -> None:
-        log.info("%s %s model=%s tokens=%d+%d status=%s", job.request_id, job.endpoint, result.model,
-                 result.prompt_tokens, result.completion_tokens, status)
+    async def record(self, job: Job, result: InferenceResult, status: str, energy_raw: dict[str, Any] | None = None) -> None:
+        """Ledger row (durable before we return) and metrics for one finished request."""
+        from scheduler.energy.ledger import LedgerRow
+
+        e = result.energy or {}
+        c = result.carbon or {}
+        row = LedgerRow(
+            request_id=result.request_id,
+            time_unix_s=time.time(),
+            model=result.model,
+            device=str(result.routing.get("device") or ""),
+            node=str(result.routing.get("node") or ""),
+            status=status,
+            api_key_id=job.api_key_id,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft_seconds=result.ttft_seconds,
+            tpot_seconds=result.tpot_seconds,
+            latency_seconds=result.latency_seconds,
+            joules=e.get("joules"),
+            dynamic_joules=e.get("dynamic_joules"),
+            idle_joules=e.get("idle_joules"),
+            energy_method=e.get("method"),
+            energy_scope=e.get("scope"),
+            gco2e=c.get("gco2e"),
+            intensity_gco2e_per_kwh=c.get("intensity_gco2e_per_kwh"),
+            pue=c.get("pue"),
+            carbon_source=c.get("source"),
+            carbon_region=c.get("region"),
+            power_limit_watts=(energy_raw or {}).get("power_limit_watts"),
+            routing_reason=result.routing.get("reason"),
+            priority=job.controls.get("priority"),
+        )
+        await self.ledger.arecord(row)
+        self.metrics.observe_request(
+            model=result.model, status=status, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,
+            tpot_seconds=result.tpot_seconds, joules=e.get("joules"), dynamic_joules=e.get("dynamic_joules"),
+            idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
+        )
 
     def metrics_waiting(self, model: str, delta: int) -> None:
         self._waiting[model] = self._waiting.get(model, 0) + delta

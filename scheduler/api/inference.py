@@ -146,7 +146,7 @@ class InferenceService:
         ttft = (s._first_token_s - s._t0) if s._first_token_s is not None else None
         tpot = ((end["time_s"] - s._first_token_s) / (n_out - 1)) if (s._first_token_s is not None and n_out > 1) else None
         energy = end.get("energy")
-        carbon = self.gw.carbon_for(energy, end["time_s"]) if energy else None
+        carbon = await self.gw.carbon_for(energy, end["time_s"]) if energy else None
         result = InferenceResult(
             request_id=s.job.request_id,
             model=s.routed.model,
@@ -163,7 +163,7 @@ class InferenceService:
             created_s=int(s._t0),
             mean_logprob=end.get("mean_logprob"),
         )
-        await self.gw.record(s.job, result, status="ok")
+        await self.gw.record(s.job, result, status="ok", energy_raw=energy)
         return result
 
     async def record_failure(self, s: StreamSession, status: str) -> None:

@@ -69,6 +69,7 @@ def start_node_agents(config: WattlaneConfig, state_dir: Path) -> list[Any]:
 
     cfg = config.model_dump(mode="json")
     agents = []
+    head = ray.get_runtime_context().get_node_id()
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
@@ -83,7 +84,7 @@ def start_node_agents(config: WattlaneConfig, state_dir: Path) -> list[Any]:
             num_cpus=0,
             max_concurrency=64,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False),
-        ).remote(cfg, str(state_dir), hostname)
+        ).remote(cfg, str(state_dir), hostname, node["NodeID"] == head)
         agents.append(agent)
     ray.get([a.ready.remote() for a in agents])
     return agents

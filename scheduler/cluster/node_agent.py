@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
+from scheduler.cluster.power_service import PowerService
 from scheduler.config import WattlaneConfig
 from scheduler.devices.base import Device
 from scheduler.energy.attribution import Attributor
@@ -30,16 +31,16 @@ FINISH_TIMEOUT_SECONDS = 2.0
 
 @ray.remote
 class NodeAgent:
-    def __init__(self, config: dict[str, Any], state_dir: str, node: str):
+    def __init__(self, config: dict[str, Any], state_dir: str, node: str, owns_simulated: bool = True):
         runtime.configure_process_logging()
         self.config = WattlaneConfig.model_validate(config)
         self.state_dir = Path(state_dir)
         self.node = node
         from scheduler.devices.discovery import discover_devices
 
-        # simulated GPUs belong to the first node's agent only (they are not hardware of any node)
+        # simulated GPUs are not hardware of any node: only the head node's agent creates them
         self.devices: dict[str, Device] = {
-            d.device_id: d for d in discover_devices(self.config.devices, node, include_simulated=True)
+            d.device_id: d for d in discover_devices(self.config.devices, node, include_simulated=owns_simulated)
         }
         e = self.config.energy
         self.attributor = Attributor(
@@ -56,13 +57,13 @@ class NodeAgent:
         self._started_s = time.time()
         self._stopped = False
 
-    def _start_power(self):
+    def _start_power(self) -> PowerService:
         """The actuator (restores a crashed run's settings first) and the governor loop."""
-        try:
-            from scheduler.power.service import PowerService
-        except ImportError:
-            return None
-        return PowerService(self.config, self.devices, self.state_dir, self.node, self.attributor.running)
+        from scheduler.energy.carbon import make_carbon_provider
+
+        carbon = make_carbon_provider(self.config.energy.carbon, config_dir=self.config.config_dir())
+        return PowerService(self.config, self.devices, self.state_dir, self.node, self.attributor.running,
+                            intensity=lambda t: carbon.intensity(t).gco2e_per_kwh)
 
     def _on_interval(self, interval: EnergyInterval) -> None:
         self.attributor.on_interval(interval.device_id, interval.t0_s, interval.t1_s, interval.energy_joules)
@@ -76,6 +77,10 @@ class NodeAgent:
             self.attributor.start(request_id, device_id, t_s)
         except ValueError as exc:
             log.warning("start_request: %s", exc)
+        self.power.work_arrived(device_id)
+
+    def replica_stats(self, replica_id: str, device_ids: list[str], stats: dict[str, Any]) -> None:
+        self.power.replica_stats(replica_id, device_ids, stats)
 
     def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
         self.attributor.progress(request_id, prompt_tokens, completion_tokens, t_s)
@@ -126,9 +131,14 @@ class NodeAgent:
         return asdict(b) | {"accounted_joules": b.accounted_joules}
 
     # --- power (operator API and governor) ----------------------------------------------------
+    _POWER_METHODS = frozenset({"set_power_limit", "reset_power_limit", "set_locked_clocks", "reset_locked_clocks",
+                                "get_policy", "put_policy", "audit", "counts"})
+
     async def power_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self.power is None:
-            raise RuntimeError("the power governor is not available in this build")
+        if method not in self._POWER_METHODS:
+            raise ValueError(f"unknown power method {method!r}")
+        if method.endswith(("power_limit", "locked_clocks")) and kwargs.get("device_id") not in self.devices:
+            raise KeyError(f"device '{kwargs.get('device_id')}' is not on node {self.node}")
         return await asyncio.to_thread(getattr(self.power, method), *args, **kwargs)
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -137,9 +147,7 @@ class NodeAgent:
         if self._stopped:
             return {"restored": True}
         self._stopped = True
-        restored = None
-        if self.power is not None:
-            restored = self.power.stop()
+        restored = self.power.stop()
         self.meter.stop()
         for d in self.devices.values():
             d.close()

@@ -1,0 +1,89 @@
+"""Reports from the ledger: GET /v1/energy/requests, /v1/energy/summary, /v1/energy/export.csv; GET /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
+
+from scheduler.api.auth import Principal, require
+from scheduler.api.errors import ApiError
+
+router = APIRouter()
+
+
+def _time(value: str | None, name: str) -> float | None:
+    """Unix seconds or ISO 8601 (naive means UTC)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiError(400, f"'{name}' must be unix seconds or ISO 8601 (e.g. 2026-11-23T15:00:00Z), not {value!r}",
+                       param=name, code="invalid_value") from None
+    if dt.tzinfo is None:
+        from datetime import timezone
+
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def _filters(since: str | None, until: str | None, model: str | None, device: str | None, api_key: str | None) -> dict:
+    return {"since": _time(since, "since"), "until": _time(until, "until"), "model": model, "device": device,
+            "api_key": api_key}
+
+
+@router.get("/v1/energy/requests")
+async def energy_requests(
+    request: Request,
+    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
+    api_key: str | None = None, limit: int = Query(100, ge=1, le=10000),
+    _: Principal = Depends(require("reader")),
+):
+    ledger = request.app.state.gateway.ledger
+    rows = await asyncio.to_thread(ledger.requests, limit=limit, **_filters(since, until, model, device, api_key))
+    return {"object": "list", "data": rows}
+
+
+@router.get("/v1/energy/summary")
+async def energy_summary(
+    request: Request,
+    group_by: Literal["model", "device", "api_key", "hour"] = "model",
+    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
+    api_key: str | None = None,
+    _: Principal = Depends(require("reader")),
+):
+    ledger = request.app.state.gateway.ledger
+    rows = await asyncio.to_thread(ledger.summary, group_by, **_filters(since, until, model, device, api_key))
+    return {"object": "list", "group_by": group_by, "data": rows}
+
+
+@router.get("/v1/energy/export.csv")
+async def energy_export(
+    request: Request,
+    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
+    api_key: str | None = None,
+    _: Principal = Depends(require("reader")),
+):
+    ledger = request.app.state.gateway.ledger
+    chunks = ledger.export_csv(**_filters(since, until, model, device, api_key))
+    return StreamingResponse(iterate_in_threadpool(chunks), media_type="text/csv",
+                             headers={"Content-Disposition": 'attachment; filename="wattlane-energy.csv"'})
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    gw = request.app.state.gateway
+    gw.ensure_refresher()
+    if not gw.device_snapshots:
+        await gw.refresh_devices()
+    body, content_type = gw.metrics.render()
+    return Response(body, media_type=content_type)
