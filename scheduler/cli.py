@@ -26,6 +26,7 @@ app = typer.Typer(
 #: modules that add their commands with register(app); each area owns its own commands
 _COMMAND_MODULES = [
     "scheduler.cluster.commands",
+    "scheduler.power.commands",
 ]
 
 
