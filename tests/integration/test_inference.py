@@ -1,0 +1,138 @@
+"""The embedded default end to end: real SmolLM2 and Gemma through Ray Serve, via the official openai client."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import openai
+import pytest
+
+from tests.support.server import KEYS
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CHAT_MODEL = "smollm2-135m-instruct"
+COMPLETION_MODEL = "gemma-3-270m"
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["client"], timeout=120, max_retries=0)
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]{2,}", text)
+
+
+def test_chat_completion_is_coherent_with_usage_and_routing(client):
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        max_tokens=32, temperature=0, seed=1,
+    )
+    resp = raw.parse()
+    text = resp.choices[0].message.content
+    assert "paris" in text.lower(), text
+    assert resp.choices[0].finish_reason in ("stop", "length")
+    assert resp.usage.prompt_tokens > 5 and 0 < resp.usage.completion_tokens <= 32
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    routing = resp.model_extra["routing"]
+    assert routing["model"] == CHAT_MODEL and routing["device"] == "cpu0" and routing["node"] and routing["reason"]
+    assert raw.headers["x-wattlane-model"] == CHAT_MODEL
+    assert raw.headers["x-wattlane-device"] == "cpu0"
+    assert raw.headers["x-request-id"] == resp.id
+
+
+def test_same_seed_same_text_at_temperature(client):
+    kw = dict(model=CHAT_MODEL, messages=[{"role": "user", "content": "Name a colour."}], max_tokens=12,
+              temperature=0.9, seed=42)
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_chat_stream_through_openai_client(client):
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Count from one to five."}],
+        max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(_words(text)) >= 2, text
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length")
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+    usage = usage_chunks[0].usage
+    assert 0 < usage.completion_tokens <= 24
+    assert usage.model_extra["energy"]["joules"] > 0
+    assert usage.model_extra["carbon"]["gco2e"] > 0
+    assert all(c.model_extra["routing"]["model"] == CHAT_MODEL for c in chunks)
+
+
+def test_stop_sequence_is_honoured_and_not_emitted(client):
+    resp = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "List three fruits, separated by commas."}],
+        max_tokens=40, temperature=0, stop=[","],
+    )
+    assert "," not in resp.choices[0].message.content
+    assert resp.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(client):
+    resp = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_tokens=5, temperature=0,
+    )
+    assert resp.usage.completion_tokens == 5 and resp.choices[0].finish_reason == "length"
+
+
+def test_completion_with_gemma(client):
+    resp = client.completions.create(model=COMPLETION_MODEL, prompt="The capital of France is", max_tokens=8,
+                                     temperature=0)
+    assert resp.choices[0].text.strip(), resp
+    assert "paris" in resp.choices[0].text.lower()
+    assert resp.usage.completion_tokens <= 8 and resp.usage.prompt_tokens >= 4
+    assert resp.model == COMPLETION_MODEL and resp.model_extra["routing"]["model"] == COMPLETION_MODEL
+
+
+def test_completion_stream_with_gemma(client):
+    chunks = list(client.completions.create(model=COMPLETION_MODEL, prompt="One, two, three,", max_tokens=6,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text.strip()
+    assert [c for c in chunks if c.usage][0].usage.completion_tokens <= 6
+
+
+def test_auto_picks_by_kind(client):
+    chat = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert chat.model == CHAT_MODEL and chat.model_extra["routing"]["reason"]
+    comp = client.completions.create(model="auto", prompt="Hello", max_tokens=4)
+    assert comp.model == COMPLETION_MODEL
+
+
+def test_models_list(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids[0] == "auto" and CHAT_MODEL in ids and COMPLETION_MODEL in ids
+
+
+def test_health_and_readiness(server):
+    assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["models"] == {CHAT_MODEL: "ready", COMPLETION_MODEL: "ready"}
+
+
+def test_raw_sse_format(server):
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=server.headers(),
+                      json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                            "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-wattlane-model"] == CHAT_MODEL
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    first = json.loads(lines[0][6:])
+    assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
