@@ -413,3 +413,53 @@ class BatchCore:
 
 
 Clock = Callable[[], float]
+
+
+class RecentLatencies:
+    """Sliding window of finished requests' TTFT and TPOT, for the p99s in ReplicaStats."""
+
+    def __init__(self, size: int = 256):
+        self.ttft: deque[float] = deque(maxlen=size)
+        self.tpot: deque[float] = deque(maxlen=size)
+        self._p99: dict[str, float | None] | None = None
+
+    def p99(self) -> dict[str, float | None]:
+        if self._p99 is None:
+            self._p99 = {"ttft_p99_seconds": self._pct99(self.ttft), "tpot_p99_seconds": self._pct99(self.tpot)}
+        return self._p99
+
+    def add(self, req: SimRequest) -> None:
+        self._p99 = None
+        if req.ttft_seconds is not None:
+            self.ttft.append(req.ttft_seconds)
+        if req.tpot_seconds is not None:
+            self.tpot.append(req.tpot_seconds)
+
+    @staticmethod
+    def _pct99(values: deque[float]) -> float | None:
+        if not values:
+            return None
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
+def replica_stats(core: BatchCore, model_id: str, replica_id: str, recent: RecentLatencies) -> dict:
+    """ReplicaStats (scheduler/engines/base.py) for a simulated replica at this instant."""
+    pred = core.predict()
+    stats = {
+        "model_id": model_id,
+        "replica_id": replica_id,
+        "device_ids": [g.device_id for g in core.gpus],
+        "node": core.gpus[0].node,
+        "running": core.num_running,
+        "waiting": core.num_waiting,
+        "kv_cache_free_fraction": max(0.0, 1.0 - core.kv_used_tokens / core.kv_capacity_tokens),
+        "power_watts": sum(g.power_watts() for g in core.gpus),
+        "idle_power_watts": sum(g.idle_power_watts() for g in core.gpus),
+        "requests_completed": core.completed,
+        **pred,
+    }
+    for key, p in recent.p99().items():
+        if p is not None:
+            stats[key] = p
+    return stats

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,11 @@ class GpuProfile:
     #: below about sqrt(knee) x max clock the SMs can no longer keep HBM busy (see physics.bandwidth_factor)
     memory_clock_knee: float
 
-    @property
+    @cached_property
     def min_clock_fraction(self) -> float:
         return self.sm_clock_min_mhz / self.sm_clock_max_mhz
 
-    @property
+    @cached_property
     def clock_power_watts(self) -> float:
         """Clock-tree / leakage-with-clock power at max clock that idles away as the clock drops.
 
@@ -62,7 +62,7 @@ class GpuProfile:
         g_min = voltage_scaled_activity(self.min_clock_fraction, self.voltage_floor_fraction)
         return (self.idle_loaded_watts - self.idle_loaded_min_clock_watts) / (1.0 - g_min)
 
-    @property
+    @cached_property
     def static_watts(self) -> float:
         return self.idle_loaded_watts - self.clock_power_watts
 
@@ -95,11 +95,11 @@ class ModelProfile:
     #: "fitted" (to the table) or "transferred" (another GPU's fit, scaled; see model_profile())
     provenance: str = "fitted"
 
-    @property
+    @cached_property
     def flops_per_token(self) -> float:
         return 2.0 * self.params_b * 1e9
 
-    @property
+    @cached_property
     def attention_flops_per_token_context(self) -> float:
         """Extra FLOPs for one token attending to one earlier token (QK^T and AV over all layers)."""
         return 4.0 * self.n_layers * self.d_model

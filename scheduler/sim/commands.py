@@ -1,0 +1,139 @@
+"""The `wattlane simulate` command: replay a trace through a simulated fleet in virtual time and report energy and latency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _parse_options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"'{item}' is not key=value", param_hint="--power-option")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_simulation(
+    trace_path: Path,
+    config_path: Path,
+    *,
+    seed: int = 0,
+    minutes: float | None = None,
+    speedup: float = 1.0,
+    model: str = "auto",
+    placement: str | None = None,
+    power_policy: str | None = None,
+    power_options: dict | None = None,
+    governor_factory: str | None = None,
+    slo_ttft_ms: float | None = None,
+    slo_tpot_ms: float | None = None,
+    timeline_interval_seconds: float = 60.0,
+) -> dict:
+    """Everything `wattlane simulate` does, minus printing; returns FleetResult.summary()."""
+    from scheduler.config import load_config
+    from scheduler.sim.fleet import FleetSimulator
+    from scheduler.sim.hooks import resolve_governor, resolve_placement
+    from scheduler.sim.trace import load_trace
+
+    config = load_config(config_path)
+    trace = load_trace(trace_path).window(minutes, speedup)
+
+    def factory(cfg, devices, clock):
+        return resolve_governor(cfg, devices, clock, policy=power_policy, options=power_options, factory=governor_factory)
+
+    sim = FleetSimulator(
+        config, placement=resolve_placement(placement, seed=seed), governor_factory=factory, seed=seed, model=model,
+        slo_ttft_seconds=slo_ttft_ms / 1000 if slo_ttft_ms else None, slo_tpot_seconds=slo_tpot_ms / 1000 if slo_tpot_ms else None,
+        timeline_interval_seconds=timeline_interval_seconds,
+    )
+    summary = sim.run(trace).summary()
+    summary["settings"].update({
+        "trace": str(trace_path), "config": str(config_path), "minutes": minutes, "speedup": speedup,
+        "placement": placement or "round-robin", "power_policy": power_policy or "config", "power_options": power_options or {},
+    })
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+
+    def f(v, fmt="{:.3f}"):
+        return "-" if v is None else fmt.format(v)
+
+    t = Table(title=f"Wattlane simulation (method: simulated) - {s['requests']} requests, {s['virtual_seconds']:.0f} s virtual, {s['wall_seconds']:.1f} s wall")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    rows = [
+        ("completed / rejected", f"{s['completed']} / {s['rejected']}"),
+        ("GPU energy (kJ)", f(s["energy_joules"] / 1000, "{:.1f}")),
+        ("energy per request (J)", f(s["energy_per_request_joules"], "{:.1f}")),
+        ("output tokens per joule", f(s["tokens_per_joule"], "{:.3f}")),
+        ("TTFT p50 / p90 / p99 (s)", " / ".join(f(s[k]) for k in ("ttft_p50_seconds", "ttft_p90_seconds", "ttft_p99_seconds"))),
+        ("TPOT p50 / p90 / p99 (ms)", " / ".join(f(None if s[k] is None else s[k] * 1000, "{:.1f}") for k in ("tpot_p50_seconds", "tpot_p90_seconds", "tpot_p99_seconds"))),
+        (f"SLO attainment (TTFT <= {s['slo']['ttft_seconds']:g} s, TPOT <= {s['slo']['tpot_seconds'] * 1000:g} ms)", f(s["slo_attainment"], "{:.2%}")),
+        ("preemptions", str(s["preemptions"])),
+        ("governor steps", str(s["governor_steps"])),
+    ]
+    for r in rows:
+        t.add_row(*r)
+    con.print(t)
+    d = Table(title="Per-device power timeline (interval means)")
+    for c in ("device", "profile", "energy kJ", "mean W", "min W", "max W", "final limit W", "clock lock"):
+        d.add_column(c, justify="right" if c not in ("device", "profile") else "left")
+    for dev, v in s["devices"].items():
+        d.add_row(dev, v["profile"], f(v["energy_joules"] / 1000, "{:.1f}"), f(v["mean_power_watts"], "{:.0f}"),
+                  f(v["min_interval_power_watts"], "{:.0f}"), f(v["max_interval_power_watts"], "{:.0f}"),
+                  f(v["power_limit_watts_final"], "{:.0f}"), str(v["locked_clocks_mhz_final"] or "-"))
+    con.print(d)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("simulate")
+    def simulate(
+        trace: Path = typer.Option(..., "--trace", help="request trace CSV (Azure format: TIMESTAMP, ContextTokens, GeneratedTokens[, Model])"),
+        config: Path = typer.Option(Path("configs/sim-fleet.yaml"), "--config", help="Wattlane config with simulated devices and models"),
+        json_path: Optional[Path] = typer.Option(None, "--json", help="also write the full result (with the per-device timeline) as JSON"),
+        seed: int = typer.Option(0, "--seed", help="seed for every random choice (placement ties, round-robin start)"),
+        minutes: Optional[float] = typer.Option(None, "--minutes", help="replay only the first M minutes of the trace"),
+        speedup: float = typer.Option(1.0, "--speedup", "--rate-scale", help="divide inter-arrival times by X (2 = twice the traffic)"),
+        model: str = typer.Option("auto", "--model", help="model id for every request, or 'auto' (placement chooses among all replicas)"),
+        placement: Optional[str] = typer.Option(None, "--placement", help="round-robin (default), energy, or module:attribute"),
+        power_policy: Optional[str] = typer.Option(None, "--power-policy", help="override config.power: none, static, slo-feedback, budget, carbon-aware, parking"),
+        power_option: list[str] = typer.Option([], "--power-option", help="policy option key=value (JSON values), repeatable"),
+        governor: Optional[str] = typer.Option(None, "--governor", help="module:attribute factory(config, devices, clock) replacing the built-in governor"),
+        slo_ttft_ms: Optional[float] = typer.Option(None, "--slo-ttft-ms"),
+        slo_tpot_ms: Optional[float] = typer.Option(None, "--slo-tpot-ms"),
+        timeline_interval: float = typer.Option(60.0, "--timeline-interval", help="seconds per power-timeline sample"),
+    ) -> None:
+        """Replay a trace through a simulated fleet in virtual time (every figure is method 'simulated')."""
+        from scheduler.config import ConfigError
+        from scheduler.sim.hooks import HookError
+        from scheduler.sim.profiles import ProfileError
+        from scheduler.sim.trace import TraceError
+
+        try:
+            summary = run_simulation(
+                trace, config, seed=seed, minutes=minutes, speedup=speedup, model=model, placement=placement,
+                power_policy=power_policy, power_options=_parse_options(power_option), governor_factory=governor,
+                slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, timeline_interval_seconds=timeline_interval,
+            )
+        except (ConfigError, TraceError, ProfileError, HookError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        print_summary(summary)
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+            typer.echo(f"wrote {json_path}")

@@ -1,0 +1,349 @@
+"""Discrete-event fleet simulation: replay a trace through placement, the batching core and the governor in virtual time.
+
+One event heap drives everything: request arrivals, the end of each replica's current segment
+(BatchCore), governor steps every power.interval_seconds and power-timeline samples. Devices are
+SimulatedGpu objects reading the heap's clock, so the governor sees the same Device interface as
+on real NVML GPUs. The run is deterministic for a given trace, config and seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scheduler.config import ConfigError, WattlaneConfig
+from scheduler.devices.simulated import SimulatedGpu
+from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
+from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
+from scheduler.sim.profiles import ProfileError, model_profile
+from scheduler.sim.trace import Trace
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class EventLoop:
+    """A heap of (time, sequence, callback, argument); callbacks run in time order, ties FIFO."""
+
+    def __init__(self, clock: VirtualClock):
+        self.clock = clock
+        self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
+        self._seq = itertools.count()
+
+    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
+
+    def run(self) -> None:
+        heap, clock, pop = self._heap, self.clock, heapq.heappop
+        while heap:
+            t, _, fn, arg = pop(heap)
+            clock.now = t
+            fn(arg)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class SimReplica(CoreListener):
+    """One replica in virtual time: its core, its wake-up event and its latency records."""
+
+    def __init__(self, replica_id: str, model_id: str, core: BatchCore, loop: EventLoop, on_done: Callable[[SimRequest], None]):
+        self.replica_id, self.model_id, self.core, self.loop = replica_id, model_id, core, loop
+        self.recent = RecentLatencies()
+        self._on_done = on_done
+        self._token = 0
+        self._wake_at: float | None = None
+        core.listener = self
+        for g in core.gpus:
+            g.add_settings_listener(self._settings_changed)
+
+    def on_finish(self, req: SimRequest, now: float) -> None:
+        self.recent.add(req)
+        self._on_done(req)
+
+    def _schedule(self, t: float | None) -> None:
+        if t == self._wake_at:
+            return
+        self._token += 1
+        self._wake_at = t
+        if t is not None:
+            self.loop.at(t, self._wake, self._token)
+
+    def _wake(self, token: int) -> None:
+        if token != self._token:
+            return  # superseded by a re-plan
+        self._wake_at = None
+        self._schedule(self.core.advance(self.loop.clock.now))
+
+    def submit(self, req: SimRequest) -> None:
+        self._schedule(self.core.submit(req, self.loop.clock.now))
+
+    def _settings_changed(self, _gpu: SimulatedGpu) -> None:
+        self._schedule(self.core.replan_after_settings_change(self.loop.clock.now))
+
+    def stats(self) -> dict:
+        return replica_stats(self.core, self.model_id, self.replica_id, self.recent)
+
+
+@dataclass
+class FleetResult:
+    requests: int
+    completed: int
+    rejected: int
+    virtual_seconds: float
+    wall_seconds: float
+    energy_joules: float
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_seconds: np.ndarray
+    tpot_seconds: np.ndarray
+    slo_ok: int
+    slo: dict[str, float]
+    devices: dict[str, dict[str, Any]]
+    timeline: dict[str, dict[str, list[float]]]
+    replicas: dict[str, dict[str, Any]]
+    preemptions: int
+    governor_steps: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        def pct(a: np.ndarray, q: float) -> float | None:
+            return float(np.percentile(a, q)) if len(a) else None
+
+        return {
+            "method": "simulated",
+            "requests": self.requests,
+            "completed": self.completed,
+            "rejected": self.rejected,
+            "virtual_seconds": self.virtual_seconds,
+            "wall_seconds": self.wall_seconds,
+            "energy_joules": self.energy_joules,
+            "energy_per_request_joules": self.energy_joules / max(self.completed, 1),
+            "tokens_per_joule": self.completion_tokens / self.energy_joules if self.energy_joules else None,
+            "total_tokens_per_joule": (self.prompt_tokens + self.completion_tokens) / self.energy_joules if self.energy_joules else None,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "ttft_p50_seconds": pct(self.ttft_seconds, 50),
+            "ttft_p90_seconds": pct(self.ttft_seconds, 90),
+            "ttft_p99_seconds": pct(self.ttft_seconds, 99),
+            "tpot_p50_seconds": pct(self.tpot_seconds, 50),
+            "tpot_p90_seconds": pct(self.tpot_seconds, 90),
+            "tpot_p99_seconds": pct(self.tpot_seconds, 99),
+            "slo": self.slo,
+            "slo_attainment": self.slo_ok / self.requests if self.requests else None,
+            "preemptions": self.preemptions,
+            "governor_steps": self.governor_steps,
+            "replicas": self.replicas,
+            "devices": self.devices,
+            "timeline": self.timeline,
+            "settings": self.settings,
+        }
+
+
+class FleetSimulator:
+    """Builds simulated devices and replicas from a config and replays a trace through them."""
+
+    def __init__(
+        self,
+        config: WattlaneConfig,
+        *,
+        placement: Placement | None = None,
+        governor_factory: Callable[[WattlaneConfig, dict[str, SimulatedGpu], Callable[[], float]], GovernorHook | None] | None = None,
+        seed: int = 0,
+        model: str = "auto",
+        slo_ttft_seconds: float | None = None,
+        slo_tpot_seconds: float | None = None,
+        timeline_interval_seconds: float = 60.0,
+    ):
+        self.config = config
+        self.clock = VirtualClock()
+        self.loop = EventLoop(self.clock)
+        self.seed = seed
+        self.placement = placement or RoundRobin(start=seed)
+        self.model = model
+        self.slo_ttft = slo_ttft_seconds if slo_ttft_seconds is not None else config.routing.default_slo.ttft_ms / 1000.0
+        self.slo_tpot = slo_tpot_seconds if slo_tpot_seconds is not None else config.routing.default_slo.tpot_ms / 1000.0
+        self.timeline_interval = timeline_interval_seconds
+        self.devices: dict[str, SimulatedGpu] = {}
+        for d in config.devices.simulated:
+            try:
+                self.devices[d.id] = SimulatedGpu(d.id, d.profile, node=d.node, clock=self.clock)
+            except ProfileError as exc:
+                raise ConfigError(str(exc), file=config.source_path, key=f"devices.simulated (id {d.id}).profile", fix="use a profile from scheduler/sim/data/gpus.json") from None
+        self.replicas: list[SimReplica] = []
+        self._done: list[SimRequest] = []
+        for i, m in enumerate(config.models):
+            if m.engine != "simulated":
+                continue
+            for r, gpus in enumerate(replica_device_groups(m, config, self.devices, key=f"models[{i}] (id {m.id})")):
+                core = build_core(m, config, gpus, key=f"models[{i}] (id {m.id})")
+                self.replicas.append(SimReplica(f"{m.id}#{r}", m.id, core, self.loop, self._done.append))
+        if not self.replicas:
+            raise ConfigError("no model with engine 'simulated'", file=config.source_path, key="models", fix="set engine: simulated on at least one model")
+        self.governor = governor_factory(config, self.devices, self.clock) if governor_factory else None
+
+    def run(self, trace: Trace) -> FleetResult:
+        wall0 = time.perf_counter()
+        n = len(trace)
+        arrivals, prompts, outputs = trace.arrival_s, trace.prompt_tokens, trace.output_tokens
+        models = trace.model
+        rejected = [0]
+        by_model: dict[str, list[int]] = {}
+        for idx, rep in enumerate(self.replicas):
+            by_model.setdefault(rep.model_id, []).append(idx)
+        ctx_limit = {m.id: m.context_length for m in self.config.models}
+        on_arrival_work = getattr(self.governor, "on_work_arrived", None)
+
+        def arrive(i: int) -> None:
+            now = self.clock.now
+            target = models[i] if models is not None else self.model
+            cands = list(range(len(self.replicas))) if target == "auto" else by_model.get(target, [])
+            p, o = int(prompts[i]), int(outputs[i])
+            cands = [c for c in cands if p + o <= ctx_limit[self.replicas[c].model_id]]
+            request = GenerationRequest(
+                request_id=f"trace-{i}", kind=ModelKind.CHAT, prompt_tokens_hint=p,
+                params=SamplingParams(max_tokens=o, force_output_tokens=o),
+            )
+            choice = self.placement(request, [self.replicas[c].stats() for c in cands]) if cands else None
+            if choice is None:
+                rejected[0] += 1
+                return
+            rep = self.replicas[cands[choice]]
+            if on_arrival_work is not None:
+                for g in rep.core.gpus:
+                    on_arrival_work(g.device_id, now)
+            rep.submit(SimRequest(request.request_id, p, o, now, model_id=rep.model_id))
+
+        for i in range(n):
+            self.loop.at(float(arrivals[i]), arrive, i)
+        last_arrival = float(arrivals[-1]) if n else 0.0
+
+        steps = [0]
+        if self.governor is not None:
+            interval = self.config.power.interval_seconds
+
+            def govern(_: Any) -> None:
+                stats_by_device: dict[str, list[dict]] = {d: [] for d in self.devices}
+                for rep in self.replicas:
+                    s = rep.stats()
+                    for g in rep.core.gpus:
+                        stats_by_device[g.device_id].append(s)
+                self.governor.step(self.clock.now, stats_by_device)
+                steps[0] += 1
+                if self.clock.now < last_arrival or any(not r.core.idle for r in self.replicas):
+                    self.loop.at(self.clock.now + interval, govern)
+
+            self.loop.at(0.0, govern)
+
+        timeline: dict[str, dict[str, list[float]]] = {d: {"t_s": [], "power_watts": [], "power_limit_watts": [], "sm_clock_mhz": []} for d in self.devices}
+        last_energy = {d: g.energy_joules_at(0.0) for d, g in self.devices.items()}
+
+        def sample(_: Any) -> None:
+            now = self.clock.now
+            for d, g in self.devices.items():
+                e = g.energy_joules_at(now)
+                tl = timeline[d]
+                tl["t_s"].append(now)
+                tl["power_watts"].append((e - last_energy[d]) / self.timeline_interval)
+                tl["power_limit_watts"].append(g.power_limit_watts())
+                tl["sm_clock_mhz"].append(g.sm_clock_mhz())
+                last_energy[d] = e
+            if now < last_arrival or any(not r.core.idle for r in self.replicas):
+                self.loop.at(now + self.timeline_interval, sample)
+
+        self.loop.at(self.timeline_interval, sample)
+        self.loop.run()
+        done = self._done
+        end = max([last_arrival] + [r.finish_s for r in done if r.finish_s is not None])
+
+        ttft = np.array([r.ttft_seconds for r in done if r.ttft_seconds is not None])
+        tpot = np.array([r.tpot_seconds for r in done if r.tpot_seconds is not None])
+        slo_ok = sum(
+            1 for r in done
+            if r.ttft_seconds is not None and r.ttft_seconds <= self.slo_ttft and (r.tpot_seconds is None or r.tpot_seconds <= self.slo_tpot)
+        )
+        energy = {d: g.energy_joules_at(end) for d, g in self.devices.items()}
+        devices = {}
+        for d, g in self.devices.items():
+            p = timeline[d]["power_watts"]
+            devices[d] = {
+                "profile": g.profile.key, "node": g.node, "energy_joules": energy[d], "mean_power_watts": energy[d] / end if end > 0 else 0.0,
+                "max_interval_power_watts": max(p) if p else None, "min_interval_power_watts": min(p) if p else None,
+                "power_limit_watts_final": g.power_limit_watts(), "locked_clocks_mhz_final": g.locked_clocks_mhz(),
+                "energy_method": g.energy_method.value,
+            }
+        replicas = {
+            r.replica_id: {"model": r.model_id, "devices": [g.device_id for g in r.core.gpus], "completed": r.core.completed,
+                           "preemptions": r.core.preemptions, "tokens_generated": r.core.tokens_generated}
+            for r in self.replicas
+        }
+        used = {id(g) for r in self.replicas for g in r.core.gpus}
+        return FleetResult(
+            requests=n, completed=len(done), rejected=rejected[0], virtual_seconds=end, wall_seconds=time.perf_counter() - wall0,
+            energy_joules=sum(energy.values()),
+            prompt_tokens=int(sum(r.prompt_tokens for r in done)), completion_tokens=int(sum(r.output_tokens for r in done)),
+            ttft_seconds=ttft, tpot_seconds=tpot, slo_ok=slo_ok, slo={"ttft_seconds": self.slo_ttft, "tpot_seconds": self.slo_tpot},
+            devices=devices, timeline=timeline, replicas=replicas,
+            preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
+            settings={"seed": self.seed, "model": self.model, "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
+        )
+
+
+def replica_device_groups(model, config: WattlaneConfig, devices: dict, *, key: str) -> list[list]:
+    """Split a model's device list into its replicas' GPU groups (num_gpus of the profile each)."""
+    prof = model_profile_for(model, config, devices, key=key)
+    tp = prof.num_gpus
+    ids = list(model.devices)
+    if len(ids) != model.replicas * tp:
+        raise ConfigError(
+            f"{model.replicas} replica(s) of {prof.key} need {model.replicas * tp} devices, {len(ids)} listed",
+            file=config.source_path, key=f"{key}.devices", fix=f"list {tp} device id(s) per replica, or change replicas",
+        )
+    missing = [d for d in ids if d not in devices]
+    if missing:
+        raise ConfigError(f"unknown device(s) {', '.join(missing)}", file=config.source_path, key=f"{key}.devices", fix="list them under devices.simulated")
+    return [[devices[d] for d in ids[r * tp:(r + 1) * tp]] for r in range(model.replicas)]
+
+
+ENGINE_OPTIONS = {"profile", "max_num_seqs", "max_batched_tokens", "kv_capacity_tokens", "max_segment_seconds"}
+
+
+def model_profile_for(model, config: WattlaneConfig, devices: dict, *, key: str):
+    opts = model.engine_options
+    unknown = set(opts) - ENGINE_OPTIONS
+    if unknown:
+        raise ConfigError(f"unknown simulated engine option(s): {', '.join(sorted(unknown))}", file=config.source_path,
+                          key=f"{key}.engine_options", fix=f"allowed: {', '.join(sorted(ENGINE_OPTIONS))}")
+    if "profile" not in opts:
+        raise ConfigError("engine 'simulated' needs engine_options.profile", file=config.source_path, key=f"{key}.engine_options",
+                          fix="name a model profile, e.g. profile: llama-3.1-8b")
+    first = devices.get(model.devices[0]) if model.devices else None
+    try:
+        return model_profile(str(opts["profile"]), first.profile.key if first is not None else None)
+    except ProfileError as exc:
+        raise ConfigError(str(exc), file=config.source_path, key=f"{key}.engine_options.profile", fix="use a profile from scheduler/sim/data/models.json") from None
+
+
+def build_core(model, config: WattlaneConfig, gpus: list, *, key: str, listener: CoreListener | None = None) -> BatchCore:
+    prof = model_profile_for(model, config, {g.device_id: g for g in gpus}, key=key)
+    opts = model.engine_options
+    return BatchCore(
+        prof, gpus,
+        max_num_seqs=int(opts.get("max_num_seqs", 256)),
+        max_batched_tokens=int(opts.get("max_batched_tokens", 8192)),
+        kv_capacity_tokens=opts.get("kv_capacity_tokens"),
+        max_segment_seconds=float(opts.get("max_segment_seconds", 0.25)),
+        listener=listener,
+    )
