@@ -27,6 +27,7 @@ app = typer.Typer(
 _COMMAND_MODULES = [
     "scheduler.cluster.commands",
     "scheduler.power.commands",
+    "scheduler.sim.commands",
 ]
 
 
