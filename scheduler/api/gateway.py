@@ -67,6 +67,7 @@ class Gateway:
         self.device_snapshots: list[dict[str, Any]] = []
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
+        self._power_seen: dict[tuple[str, str], int] = {}
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
@@ -99,13 +100,26 @@ class Gateway:
 
     async def refresh_devices(self) -> list[dict[str, Any]]:
         snaps: list[dict[str, Any]] = []
-        results = await asyncio.gather(*(a.devices_snapshot.remote() for a in self.agents().values()),
-                                       return_exceptions=True)
+        agents = list(self.agents().items())
+        results = await asyncio.gather(*(a.devices_snapshot.remote() for _, a in agents), return_exceptions=True)
         for r in results:
             if isinstance(r, list):
                 snaps.extend(r)
         self.device_snapshots = snaps
+        totals = await asyncio.gather(*(a.power_action_totals.remote() for _, a in agents), return_exceptions=True)
+        for (node, _), t in zip(agents, totals):
+            if isinstance(t, dict):
+                self._sync_power_actions(node, t)
         return snaps
+
+    def _sync_power_actions(self, node: str, totals: dict[str, int]) -> None:
+        """The agents count actions; the counter here advances by what is new since the last look."""
+        for key, n in totals.items():
+            seen = self._power_seen.get((node, key), 0)
+            if n > seen:
+                device, action = key.split("|", 1)
+                self.metrics.power_actions.labels(device=device, action=action).inc(n - seen)
+                self._power_seen[(node, key)] = n
 
     def ensure_refresher(self) -> None:
         """Keep device readings (for /metrics and the dashboard) fresh once anybody looks at them."""

@@ -17,7 +17,8 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
-from scheduler.cluster.power_service import PowerService
+from scheduler.power.audit import AuditRecord
+from scheduler.power.service import PowerService
 from scheduler.config import WattlaneConfig
 from scheduler.devices.base import Device
 from scheduler.energy.attribution import Attributor
@@ -59,11 +60,13 @@ class NodeAgent:
 
     def _start_power(self) -> PowerService:
         """The actuator (restores a crashed run's settings first) and the governor loop."""
-        from scheduler.energy.carbon import make_carbon_provider
-
-        carbon = make_carbon_provider(self.config.energy.carbon, config_dir=self.config.config_dir())
+        self.power_action_counts: dict[str, int] = {}
         return PowerService(self.config, self.devices, self.state_dir, self.node, self.attributor.running,
-                            intensity=lambda t: carbon.intensity(t).gco2e_per_kwh)
+                            on_action=self._count_action, start_loop=bool(self.config.power.groups))
+
+    def _count_action(self, rec: AuditRecord) -> None:
+        key = f"{rec.device_id}|{rec.action}"
+        self.power_action_counts[key] = self.power_action_counts.get(key, 0) + 1
 
     def _on_interval(self, interval: EnergyInterval) -> None:
         self.attributor.on_interval(interval.device_id, interval.t0_s, interval.t1_s, interval.energy_joules)
@@ -79,8 +82,8 @@ class NodeAgent:
             log.warning("start_request: %s", exc)
         self.power.work_arrived(device_id)
 
-    def replica_stats(self, replica_id: str, device_ids: list[str], stats: dict[str, Any]) -> None:
-        self.power.replica_stats(replica_id, device_ids, stats)
+    def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
+        self.power.report_replica_stats(replica_id, stats)
 
     def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
         self.attributor.progress(request_id, prompt_tokens, completion_tokens, t_s)
@@ -132,7 +135,11 @@ class NodeAgent:
 
     # --- power (operator API and governor) ----------------------------------------------------
     _POWER_METHODS = frozenset({"set_power_limit", "reset_power_limit", "set_locked_clocks", "reset_locked_clocks",
-                                "get_policy", "put_policy", "audit", "counts"})
+                                "get_policy", "put_policy", "audit", "status"})
+
+    def power_action_totals(self) -> dict[str, int]:
+        """Applied/recommended actions per "device|action", for wattlane_power_actions_total."""
+        return dict(self.power_action_counts)
 
     async def power_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._POWER_METHODS:
@@ -148,6 +155,7 @@ class NodeAgent:
             return {"restored": True}
         self._stopped = True
         restored = self.power.stop()
+        self.power.close()
         self.meter.stop()
         for d in self.devices.values():
             d.close()

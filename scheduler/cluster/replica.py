@@ -95,7 +95,8 @@ class ModelServer:
                     agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
                 if ev.finished:
                     energy = await self._finish_energy(rid, ev.time_s)
-                    agent.replica_stats.remote(self.replica_id, self.device_ids, self.record_routing_stats()) if agent else None
+                    if agent is not None:
+                        agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
                     yield {
                         "type": "end",
                         "text": ev.text,

@@ -119,6 +119,6 @@ def test_cpu_power_limit_is_refused_clearly_and_audited(server):
     r = httpx.put(server.url + "/v1/devices/cpu0/power-limit", json={"watts": -1}, headers=server.headers("operator"))
     assert r.status_code == 400 and r.json()["error"]["param"] == "watts"
     policy = httpx.get(server.url + "/v1/power/policy", headers=server.headers("operator")).json()
-    assert policy["status"]["mode"] == "recommend"
+    assert policy["status"]["mode"] == "recommend" and policy["node"]
     audit = httpx.get(server.url + "/v1/power/audit", headers=server.headers("operator")).json()["data"]
     assert any(a["device_id"] == "cpu0" and a["outcome"] == "refused" for a in audit)

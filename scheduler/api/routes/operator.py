@@ -53,9 +53,15 @@ async def _power(request: Request, method: str, *args: Any, node: str | None = N
         if agent is None:
             raise ApiError(503, "no node agent is running", code="no_node_agent")
     try:
-        return await agent.power_call.remote(method, *args, **kwargs)
+        result = await agent.power_call.remote(method, *args, **kwargs)
     except Exception as exc:
         raise _power_error(exc) from None
+    if isinstance(result, dict) and result.get("outcome") in ("applied", "recommended"):
+        result["applied"] = result["outcome"] == "applied"
+        if not result["applied"]:
+            result["note"] = ("recommend-only: nothing was changed (power.mode is 'recommend', or this process "
+                              "lacks the privilege to change device settings; see GET /v1/power/policy)")
+    return result
 
 
 def _power_error(exc: Exception) -> ApiError:
@@ -107,7 +113,8 @@ async def reset_locked_clocks(device_id: str, request: Request, principal: Princ
 
 @router.get("/v1/power/policy")
 async def get_policy(request: Request, node: str | None = None, _: Principal = Depends(require("operator"))):
-    return await _power(request, "get_policy", node=node)
+    policy = await _power(request, "get_policy", node=node)
+    return {**policy, "status": await _power(request, "status", node=node)}
 
 
 @router.put("/v1/power/policy")
