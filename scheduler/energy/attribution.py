@@ -117,13 +117,16 @@ class _Request:
         if t < self.times[0]:
             # a report stamped before start (clock skew): treat it as at start
             t = self.times[0]
-        i = bisect.bisect_right(self.times, t)
-        self.times.insert(i, t)
-        self.works.insert(i, work)
-        # cumulative counts never go down: repair out-of-order or inconsistent reports
-        for j in range(1, len(self.works)):
-            if self.works[j] < self.works[j - 1]:
-                self.works[j] = self.works[j - 1]
+        times, works = self.times, self.works
+        if t >= times[-1]:  # the usual case: reports arrive in order
+            times.append(t)
+            works.append(max(work, works[-1]))
+            return
+        i = bisect.bisect_right(times, t)
+        times.insert(i, t)
+        # cumulative counts never go down: a late report cannot exceed what later ones said,
+        # nor fall below what earlier ones said
+        works.insert(i, min(max(work, works[i - 1]), works[i]))
 
     def prune_before(self, t: float) -> None:
         """Drop points no interval at or after t can need (keep the last one at or before t)."""
@@ -153,6 +156,7 @@ class _Device:
     idle_pool: deque[list[float]] = field(default_factory=deque)
     #: (finish_s, work) of requests that finished recently, for idle amortisation
     finished_work: deque[tuple[float, float]] = field(default_factory=deque)
+    finished_work_sum: float = 0.0
     metered_joules: float = 0.0
     dynamic_joules: float = 0.0
     idle_assigned_joules: float = 0.0
@@ -421,9 +425,12 @@ class Attributor:
         while dev.idle_pool and dev.idle_pool[0][0] < window_start:
             dev.idle_expired_joules += dev.idle_pool.popleft()[2]
         while dev.finished_work and dev.finished_work[0][0] < window_start:
-            dev.finished_work.popleft()
+            dev.finished_work_sum -= dev.finished_work.popleft()[1]
         dev.finished_work.append((t_s, work))
-        total_work = sum(w for _, w in dev.finished_work)
+        dev.finished_work_sum += work
+        if len(dev.finished_work) == 1:
+            dev.finished_work_sum = work  # drop accumulated float drift whenever the window empties
+        total_work = dev.finished_work_sum
         fraction = work / total_work if total_work > 0 else 1.0 / len(dev.finished_work)
         in_window = [e for e in dev.idle_pool if e[0] <= t_s]  # idle metered after it ended is not its cost
         metered = sum(e[1] for e in in_window)
