@@ -1,0 +1,63 @@
+"""Physics of the simulated GPU: U-shaped energy in clock, power caps that bind like real ones."""
+
+import numpy as np
+
+from scheduler.sim.physics import idle_power_watts, iteration_work, operating_point
+from scheduler.sim.profiles import gpu_profile, model_profile
+
+H100 = gpu_profile("h100-sxm")
+M8 = model_profile("llama-3.1-8b@h100-sxm")
+
+
+def _decode(batch=32, ctx=600):
+    return iteration_work(M8, decode_tokens=batch, decode_context_tokens=batch * ctx)
+
+
+def _prefill(tokens=4096):
+    return iteration_work(M8, decode_tokens=0, decode_context_tokens=0, prefill_tokens=tokens,
+                          prefill_attention_pairs=tokens * tokens / 2, prefill_sequences=1)
+
+
+def test_energy_per_token_is_u_shaped_in_clock():
+    clocks = np.arange(H100.sm_clock_min_mhz, H100.sm_clock_max_mhz + 1, 30)
+    energy = [operating_point(H100, M8.fit, _decode(), 700, c).joules for c in clocks]
+    best = int(np.argmin(energy))
+    assert 0 < best < len(clocks) - 1, "minimum must be inside the clock range"
+    assert energy[0] > 1.2 * energy[best] and energy[-1] > 1.1 * energy[best]
+
+
+def test_power_cap_binds_by_lowering_the_clock():
+    # small-batch decode runs under the default limit at full clock ...
+    light = operating_point(H100, M8.fit, _decode(8), 700)
+    assert not light.capped and light.clock_mhz == H100.sm_clock_max_mhz
+    # ... a big prefill reaches the 700 W limit (as on real H100s) and a lower cap binds harder
+    free = operating_point(H100, M8.fit, _prefill(), 700)
+    capped = operating_point(H100, M8.fit, _prefill(), 300)
+    assert capped.capped and free.power_watts <= 700 + 1e-6
+    assert capped.power_watts <= 300 + 1e-6
+    assert capped.clock_mhz < free.clock_mhz
+
+
+def test_cap_slows_prefill_a_lot_and_decode_little():
+    d_free, d_cap = (operating_point(H100, M8.fit, _decode(8), w) for w in (700, 300))
+    p_free, p_cap = (operating_point(H100, M8.fit, _prefill(), w) for w in (700, 300))
+    decode_slowdown = d_cap.seconds / d_free.seconds
+    prefill_slowdown = p_cap.seconds / p_free.seconds
+    assert decode_slowdown < 1.15
+    assert prefill_slowdown > 1.5
+    assert prefill_slowdown > 2 * (decode_slowdown - 1) + 1
+
+
+def test_idle_power_matches_reference_facts():
+    assert idle_power_watts(H100, model_loaded=True) == np.float64(122) or abs(idle_power_watts(H100, model_loaded=True) - 122) < 1e-6
+    assert abs(idle_power_watts(H100, model_loaded=True, max_clock_mhz=H100.sm_clock_min_mhz) - 61) < 1e-6
+    assert idle_power_watts(H100, model_loaded=False) == 72
+
+
+def test_70b_costs_more_per_token_than_8b_at_same_batch():
+    m70 = model_profile("llama-3.1-70b@h100-sxm")
+    w8 = _decode(64)
+    w70 = iteration_work(m70, decode_tokens=64, decode_context_tokens=64 * 600)
+    e8 = operating_point(H100, M8.fit, w8, 700).joules / 64
+    e70 = operating_point(H100, m70.fit, w70, 700).joules * 4 / 64
+    assert 4 < e70 / e8 < 15
