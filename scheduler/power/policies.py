@@ -471,8 +471,28 @@ class BudgetPolicy(Policy):
         ]
         if sum(chosen) > budget + 1e-9:
             chosen = targets  # the deadband never costs the budget
+        chosen = self._two_phase(chosen, current, cons, budget)
         reason = f"{self.name}: share of {budget:.0f} W by demand"
         return [DeviceTarget(d, power_limit=float(w), reason=reason) for d, w in zip(self.device_ids, chosen)]
+
+    @staticmethod
+    def _two_phase(chosen: list[float], current: list[float | None], cons, budget: float) -> list[float]:
+        """Raise limits only with watts already freed: a lowered cap binds at the device's next iteration,
+        so until then it still draws up to its old limit. Increases that would need the watts of this
+        step's decreases wait for the next step (they are scaled down, never the decreases)."""
+        cur = [c if c is not None else k.max_watts for c, k in zip(current, cons)]
+        deltas = [max(new - old, 0.0) for new, old in zip(chosen, cur)]
+        wanted = sum(deltas)
+        if wanted <= 0:
+            return chosen
+        headroom = budget - sum(cur)
+        if headroom >= wanted - 1e-9:
+            return chosen
+        scale = max(headroom, 0.0) / wanted
+        return [
+            (max(k.min_watts, float(math.floor(old + d * scale))) if d > 0 else new)
+            for new, old, d, k in zip(chosen, cur, deltas, cons)
+        ]
 
     def state(self) -> dict[str, Any]:
         return {"budget_watts": self.last_budget_watts}
