@@ -13,6 +13,8 @@ Rules (docs/energy.md says the same in prose):
   interval is W(t1) - W(t0), clipped to [start, finish].
 - An interval's joules go to the requests active on the device in it, in proportion to their work
   in it; if none of them reported work there, in equal shares; if none was active, to the idle pool.
+  When requests covered only part of an interval (one started or ended inside it, and nothing ran
+  in the rest), only that busy fraction (by time) is shared; the rest is idle.
 - Intervals wait settle_delay_seconds (of meter time) before they are settled, so late progress
   reports still count. A request that finishes takes its share of the unsettled intervals at once
   (with the data known then); the rest of each such interval goes, at settlement, to the others.
@@ -110,6 +112,9 @@ class _Request:
             return 0.0
         return max(0.0, self.work_at(end) - self.work_at(begin))
 
+    def span_in(self, t0: float, t1: float) -> tuple[float, float]:
+        return (max(t0, self.start_s), t1 if self.finish_s is None else min(t1, self.finish_s))
+
     def active_in(self, t0: float, t1: float) -> bool:
         return self.start_s < t1 and (self.finish_s is None or self.finish_s > t0)
 
@@ -144,6 +149,20 @@ class _Interval:
     remaining_joules: float
     #: request_id -> work it was credited with when it was paid early (it finished)
     paid_work: dict[str, float] = field(default_factory=dict)
+    #: the part of the interval each early-paid request was running, (from_s, to_s)
+    paid_spans: list[tuple[float, float]] = field(default_factory=list)
+
+    def busy_joules(self, spans: list[tuple[float, float]]) -> float:
+        """Joules of the part of the interval covered by at least one request's span."""
+        length = self.t1_s - self.t0_s
+        if any(b - a >= length for a, b in spans):
+            return self.joules  # the usual case: someone ran throughout
+        covered, end = 0.0, self.t0_s
+        for a, b in sorted(spans):
+            if b > end:
+                covered += b - max(a, end)
+                end = b
+        return self.joules * min(1.0, covered / length)
 
 
 @dataclass
@@ -361,18 +380,21 @@ class Attributor:
     def _pay_early(self, dev: _Device, iv: _Interval, req: _Request) -> None:
         """Pay a finishing request its share of an unsettled interval, from what is known now."""
         others = [r for r in self._participants(dev, iv) if r is not req]
+        own_span = req.span_in(iv.t0_s, iv.t1_s)
+        busy = iv.busy_joules(iv.paid_spans + [own_span] + [r.span_in(iv.t0_s, iv.t1_s) for r in others])
+        work = req.work_between(iv.t0_s, iv.t1_s)
         if not others:
-            share = iv.remaining_joules
-            work = req.work_between(iv.t0_s, iv.t1_s)
+            # the last one running takes what is left of the busy part; the rest becomes idle later
+            share = busy - (iv.joules - iv.remaining_joules)
         else:
-            work = req.work_between(iv.t0_s, iv.t1_s)
             total = work + sum(iv.paid_work.values()) + sum(r.work_between(iv.t0_s, iv.t1_s) for r in others)
             if total > 0:
-                share = iv.joules * work / total
+                share = busy * work / total
             else:
-                share = iv.joules / (1 + len(iv.paid_work) + len(others))
-            share = min(share, iv.remaining_joules)
+                share = busy / (1 + len(iv.paid_work) + len(others))
+        share = max(0.0, min(share, iv.remaining_joules))
         iv.paid_work[req.request_id] = work
+        iv.paid_spans.append(own_span)
         iv.remaining_joules -= share
         self._pay(dev, req, share)
 
@@ -384,23 +406,27 @@ class Attributor:
                 break
             n += 1
             parts = self._participants(dev, iv)
-            if not parts:
-                if iv.remaining_joules > 0:
-                    self._add_idle(dev, iv.t1_s, iv.remaining_joules)
-                continue
-            works = [r.work_between(iv.t0_s, iv.t1_s) for r in parts]
-            total = sum(works)
-            left = iv.remaining_joules
-            for i, r in enumerate(parts):
-                if i == len(parts) - 1:
-                    share = left  # the last takes the rounding remainder: conservation is exact
-                elif total > 0:
-                    share = iv.remaining_joules * works[i] / total
-                else:
-                    share = iv.remaining_joules / len(parts)
-                share = min(share, left)
-                left -= share
-                self._pay(dev, r, share)
+            if parts:
+                # only the part of the interval when something ran is busy; the rest is idle
+                busy = iv.busy_joules(iv.paid_spans + [r.span_in(iv.t0_s, iv.t1_s) for r in parts])
+                to_share = max(0.0, min(iv.remaining_joules, busy - (iv.joules - iv.remaining_joules)))
+                works = [r.work_between(iv.t0_s, iv.t1_s) for r in parts]
+                total = sum(works)
+                left = to_share
+                for i, r in enumerate(parts):
+                    if i == len(parts) - 1:
+                        share = left  # the last takes the rounding remainder: conservation is exact
+                    elif total > 0:
+                        share = to_share * works[i] / total
+                    else:
+                        share = to_share / len(parts)
+                    share = min(share, left)
+                    left -= share
+                    self._pay(dev, r, share)
+                iv.remaining_joules -= to_share
+            if iv.remaining_joules > 0:
+                self._add_idle(dev, iv.t1_s, iv.remaining_joules)
+                iv.remaining_joules = 0.0
         if n:
             del dev.pending[:n]
             # nothing earlier than the oldest unsettled interval will be asked of a work curve again

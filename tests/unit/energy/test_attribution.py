@@ -77,6 +77,25 @@ def test_late_report_within_settle_delay_still_counts() -> None:
     assert a.finish("b", 0.7).dynamic_joules == approx(7.5)
 
 
+def test_only_the_busy_part_of_a_boundary_interval_is_charged() -> None:
+    a = Attributor(settle_delay_seconds=10.0)
+    a.start("a", "gpu0", 0.25)
+    a.on_interval("gpu0", 0.0, 1.0, 40.0)  # a ran in the last three quarters
+    a.on_interval("gpu0", 1.0, 2.0, 40.0)
+    e = a.finish("a", 1.5)  # and in the first half of this one
+    assert e.dynamic_joules == approx(30.0 + 20.0)
+    a.on_interval("gpu0", 2.0, 20.0, 0.0)  # settles both: the unbusy parts become idle
+    b = a.balance("gpu0")
+    assert b.idle_pool_joules == approx(30.0)
+    assert b.accounted_joules == approx(b.metered_joules)
+    # two back-to-back requests that together cover an interval share all of it
+    a.start("x", "gpu0", 20.0)
+    a.start("y", "gpu0", 20.5)
+    a.on_interval("gpu0", 20.0, 21.0, 10.0)
+    assert a.finish("x", 20.5).dynamic_joules == approx(5.0)
+    assert a.finish("y", 21.0).dynamic_joules == approx(5.0)
+
+
 def test_finishing_request_pays_early_and_rest_goes_to_others() -> None:
     a = Attributor(settle_delay_seconds=10.0)
     a.start("short", "gpu0", 0.0)
@@ -347,3 +366,30 @@ def test_conservation_for_random_interleavings(ops, settle, window, weight) -> N
     assert b.unsettled_joules == pytest.approx(0.0, abs=1e-6)
     per_request = sum(e.joules for e in finished)
     assert per_request + b.idle_pool_joules == pytest.approx(b.metered_joules, rel=1e-9, abs=1e-6)
+
+
+def test_finish_when_covered_waits_for_the_meter_without_blocking() -> None:
+    import asyncio
+
+    a = Attributor(settle_delay_seconds=0.5)
+    a.register_device("gpu0")
+    a.on_interval("gpu0", 0.0, 1.0, 1.0)
+    a.start("a", "gpu0", 0.5)
+
+    async def main():
+        task = asyncio.create_task(a.finish_when_covered("a", 1.5, timeout_seconds=5.0, poll_seconds=0.005))
+        await asyncio.sleep(0.05)
+        assert not task.done()  # the meter has not covered 1.5 yet
+        a.on_interval("gpu0", 1.0, 2.0, 10.0)  # the loop was free to run this
+        return await task
+
+    e = asyncio.run(main())
+    assert e.complete
+    # a ran in the second half of [0, 1] and the first half of [1, 2]: half of each is busy, and
+    # the idle half of [0, 1] (settled by then) comes back to it as the only request in the window
+    assert e.dynamic_joules == approx(0.5 + 5.0)
+    assert e.idle_joules == approx(0.5)
+
+    a.start("b", "gpu0", 2.0)
+    timed_out = asyncio.run(a.finish_when_covered("b", 9.0, timeout_seconds=0.05))
+    assert not timed_out.complete
