@@ -75,9 +75,9 @@ class Gateway:
         return create_app(self)
 
     def extra_routers(self) -> list[Any]:
-        from scheduler.api.routes import energy, operator
+        from scheduler.api.routes import dashboard, energy, operator
 
-        return [energy.router, operator.router]
+        return [energy.router, operator.router, dashboard.router]
 
     # --- node agents and live readings -----------------------------------------------------------
     def agents(self) -> dict[str, Any]:
