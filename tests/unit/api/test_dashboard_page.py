@@ -218,3 +218,60 @@ def test_page_renders_mixed_methods_visibly_with_a_reader_key(live_reports, tmp_
     gpu = re.search(r'<tr data-group="gpu-model">(.*?)</tr>', dom, flags=re.S).group(1)
     assert "MIXED" not in gpu and "simulated · simulated" in gpu
     assert "need an operator key" in dom  # /v1/devices is operator-only: said, not hidden
+
+
+# --- the Grafana dashboard --------------------------------------------------------------------
+
+GRAFANA = Path(__file__).resolve().parents[3] / "dashboards" / "wattlane-grafana.json"
+
+
+def grafana_queries() -> list[tuple[str, str]]:
+    import json
+
+    dash = json.loads(GRAFANA.read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def concrete(expr: str) -> str:
+    """A panel query with Grafana's macros and variables filled in, as Grafana sends it to Prometheus."""
+    return expr.replace("$__rate_interval", "1m").replace("$__range", "6h").replace("$model", ".*").replace("$device", ".*")
+
+
+def test_grafana_queries_use_only_series_that_wattlane_exposes():
+    from scheduler.energy.metrics import WattlaneMetrics
+
+    m = WattlaneMetrics()
+    m.set_device_source(lambda: [{"device_id": "gpu0", "node": "n0", "kind": "gpu", "power_watts": 1.0, "energy_joules": 1.0,
+                                  "power_limit_watts": 2.0, "sm_clock_mhz": 3.0}])
+    m.observe_request(model="m", status="ok", prompt_tokens=1, completion_tokens=1, ttft_seconds=0.1, tpot_seconds=0.01,
+                      joules=1.0, dynamic_joules=0.5, idle_joules=0.5, gco2e=0.001)
+    m.set_replica_queue(model="m", replica="r", running=1, waiting=0)
+    m.power_action(device="gpu0", action="set_power_limit")
+    m.set_grid_intensity(region="USA", gco2e_per_kwh=380.0)
+    exposed = {line.split("{")[0].split(" ")[0] for line in m.render()[0].decode().splitlines() if line and not line.startswith("#")}
+    queries = grafana_queries()
+    assert len(queries) >= 20
+    used = {name for _, e in queries for name in re.findall(r"\bwattlane_[a-z0-9_]+", e)}
+    assert used - exposed == set(), f"panels query series that /metrics does not expose: {used - exposed}"
+    # every family named in DESIGN.md (Metrics) has a panel
+    families = {n.removesuffix("_bucket") for n in used}
+    for name in ("wattlane_device_power_watts", "wattlane_device_power_limit_watts", "wattlane_energy_joules_total",
+                 "wattlane_carbon_grams_total", "wattlane_tokens_total", "wattlane_requests_total",
+                 "wattlane_request_ttft_seconds", "wattlane_request_tpot_seconds", "wattlane_power_actions_total",
+                 "wattlane_grid_intensity_gco2e_per_kwh"):
+        assert name in families, name
+
+
+def test_grafana_queries_are_valid_promql(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool (Debian package prometheus) is required in CI")
+        pytest.skip("promtool is not installed")
+    import yaml
+
+    rules = [{"record": f"wattlane:panel_{i}", "expr": concrete(e)} for i, (_, e) in enumerate(grafana_queries())]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "grafana-panels", "rules": rules}]}))
+    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
