@@ -55,6 +55,8 @@ class NodeAgent:
         self.meter.add_callback(self._on_interval)
         self.meter.start()
         self.power = self._start_power()
+        self._request_devices: dict[str, list[str]] = {}
+        self._sim_engines: dict[str, Any] = {}
         self._started_s = time.time()
         self._stopped = False
 
@@ -75,41 +77,87 @@ class NodeAgent:
         return {"node": self.node, "devices": list(self.devices)}
 
     # --- request accounting (called by replicas) ---------------------------------------------
-    def start_request(self, request_id: str, device_id: str, t_s: float) -> None:
-        try:
-            self.attributor.start(request_id, device_id, t_s)
-        except ValueError as exc:
-            log.warning("start_request: %s", exc)
-        self.power.work_arrived(device_id)
+    # A request on a multi-GPU replica (tensor parallel) is tracked once per device under
+    # "<id>@<device>", and its energy is the sum: each GPU's joules are shared on that GPU.
+    def start_request(self, request_id: str, device_ids: list[str], t_s: float) -> None:
+        self._request_devices[request_id] = list(device_ids)
+        for d in device_ids:
+            try:
+                self.attributor.start(f"{request_id}@{d}", d, t_s)
+            except ValueError as exc:
+                log.warning("start_request: %s", exc)
+            self.power.work_arrived(d)
 
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
         self.power.report_replica_stats(replica_id, stats)
 
     def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
-        self.attributor.progress(request_id, prompt_tokens, completion_tokens, t_s)
+        for d in self._request_devices.get(request_id, ()):
+            self.attributor.progress(f"{request_id}@{d}", prompt_tokens, completion_tokens, t_s)
 
     async def finish_request(self, request_id: str, t_s: float) -> dict[str, Any] | None:
-        device_id = self.attributor.device_of(request_id)
-        if device_id is None:
+        device_ids = self._request_devices.pop(request_id, None)
+        if not device_ids:
             return None
-        try:
-            energy = await self.attributor.finish_when_covered(request_id, t_s, timeout_seconds=FINISH_TIMEOUT_SECONDS)
-        except KeyError:
+        parts = []
+        for d in device_ids:
+            try:
+                parts.append(await self.attributor.finish_when_covered(
+                    f"{request_id}@{d}", t_s, timeout_seconds=FINISH_TIMEOUT_SECONDS))
+            except KeyError:
+                pass
+        if not parts:
             return None
-        device = self.devices.get(device_id)
+        devices = [self.devices[d] for d in device_ids if d in self.devices]
+        first = devices[0] if devices else None
+        limits = [x.power_limit_watts() for x in devices]
         return {
-            "joules": energy.joules,
-            "dynamic_joules": energy.dynamic_joules,
-            "idle_joules": energy.idle_joules,
-            "method": device.energy_method.value if device else None,
-            "scope": device.energy_scope.value if device else None,
-            "device": device_id,
+            "joules": sum(p.joules for p in parts),
+            "dynamic_joules": sum(p.dynamic_joules for p in parts),
+            "idle_joules": sum(p.idle_joules for p in parts),
+            "method": first.energy_method.value if first else None,
+            "scope": first.energy_scope.value if first else None,
+            "device": ",".join(device_ids),
             "node": self.node,
-            "metered": energy.metered,
-            "complete": energy.complete,
-            "work_tokens": energy.work_tokens,
-            "power_limit_watts": device.power_limit_watts() if device else None,
+            "metered": all(p.metered for p in parts),
+            "complete": all(p.complete for p in parts),
+            "work_tokens": sum(p.work_tokens for p in parts),
+            "power_limit_watts": sum(x for x in limits if x is not None) if any(x is not None for x in limits) else None,
         }
+
+    # --- simulated engines (they drive the simulated GPUs this agent owns) --------------------
+    async def sim_open(self, model: dict[str, Any], replica_index: int) -> dict[str, Any]:
+        from scheduler.config import ModelConfig
+        from scheduler.engines.simulated import SimulatedGpu, build_simulated_engine
+
+        key = f"{model['id']}#{replica_index}"
+        if key not in self._sim_engines:
+            sims = {i: d for i, d in self.devices.items() if isinstance(d, SimulatedGpu)}
+            self._sim_engines[key] = build_simulated_engine(ModelConfig.model_validate(model), self.config, sims,
+                                                            replica_index=replica_index)
+        engine = self._sim_engines[key]
+        return {"key": key, "context_length": engine.context_length,
+                "device_ids": [g.device_id for g in engine.core.gpus]}
+
+    def sim_count_prompt_tokens(self, key: str, payload: dict[str, Any]) -> int:
+        from scheduler.cluster.sim_host import request_from_payload
+
+        return self._sim_engines[key].count_prompt_tokens(request_from_payload(payload))
+
+    async def sim_generate(self, key: str, payload: dict[str, Any]):
+        from scheduler.cluster.sim_host import request_from_payload
+        from scheduler.engines.base import ContextLengthError, EngineError
+
+        engine = self._sim_engines[key]
+        try:
+            async for ev in engine.generate(request_from_payload(payload)):
+                if ev.finished:
+                    yield {"stats": dict(engine.stats())}
+                yield asdict(ev)
+        except ContextLengthError as exc:
+            yield {"error": "context", "args": [exc.prompt_tokens, exc.max_tokens, exc.context_length]}
+        except EngineError as exc:
+            yield {"error": "engine", "message": str(exc)}
 
     # --- readings ----------------------------------------------------------------------------
     async def devices_snapshot(self) -> list[dict[str, Any]]:

@@ -34,11 +34,8 @@ PROGRESS_INTERVAL_SECONDS = 0.1
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
-    """Replica `rank` uses the next `gpus_per_replica` ids of the model's device list, wrapping around."""
-    per = int(model.engine_options.get("num_gpus", 1)) if model.engine == "simulated" else 1
-    ids = model.devices
-    start = (rank * per) % len(ids)
-    return [ids[(start + i) % len(ids)] for i in range(per)]
+    """A local-engine replica runs on one of its model's devices, spread by rank."""
+    return [model.devices[rank % len(model.devices)]]
 
 
 class ModelServer:
@@ -55,12 +52,17 @@ class ModelServer:
         self.device_ids = devices_for_replica(self.model, rank)
         self.node = runtime.node_name()
         self.agent = runtime.get_node_agent()
-        devices = {}
-        if self.model.engine == "simulated" and self.agent is not None:
-            devices = {d: self.agent for d in self.device_ids}
-        from scheduler.engines.factory import build_engine
+        if self.model.engine == "simulated":
+            if self.agent is None:
+                raise RuntimeError("simulated models need the node agent that owns the simulated GPUs")
+            from scheduler.cluster.sim_host import AgentHostedEngine
 
-        self.engine = build_engine(self.model, self.config, self.state_dir, devices)
+            self.engine = AgentHostedEngine(self.agent, self.model.model_dump(mode="json"), rank)
+            self.device_ids = self.engine.device_ids
+        else:
+            from scheduler.engines.factory import build_engine
+
+            self.engine = build_engine(self.model, self.config, self.state_dir)
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
 
     async def ready(self) -> dict[str, Any]:
@@ -80,14 +82,14 @@ class ModelServer:
 
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         request = _request_from_payload(payload)
-        device = self.device_ids[0]
+        device = ",".join(self.device_ids)
         rid = request.request_id
         agent = self.agent
         started = time.time()
         last_report = 0.0
         yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started}
         if agent is not None:
-            agent.start_request.remote(rid, device, started)
+            agent.start_request.remote(rid, self.device_ids, started)
         try:
             async for ev in self.engine.generate(request):
                 if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):

@@ -7,10 +7,12 @@ dashboard unless asked for, and token authentication on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +44,31 @@ def prepare_environment(state_dir: Path, local: bool) -> None:
                 f.write(secrets.token_hex(32))
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+        if "ray" in sys.modules:
+            # Ray reads RAY_AUTH_MODE into its C++ config when first imported; a process that
+            # imported it earlier (a test session) must refresh it, as ray's own token setup does
+            from ray._raylet import Config
+
+            Config.initialize("")
 
 
 def ray_temp_dir(state_dir: Path) -> Path:
-    # Ray puts Unix sockets under the temp dir; their paths must stay under ~100 characters,
-    # so a deep state directory gets a short per-user directory under /tmp instead
+    """Ray's temp root: <state>/ray, or a short directory named after the state dir when that is too deep.
+
+    Ray puts Unix sockets at <root>/session_<timestamp>_<pid>/sockets/plasma_store (about 65
+    characters below the root) and a socket path may not exceed 107 bytes, so the root must stay
+    under ~40 characters. The short root is linked from <state>/ray so it is still found there.
+    """
     candidate = state_dir / "ray"
-    if len(str(candidate)) > 60:
-        candidate = Path("/tmp") / f"wattlane-ray-{os.getuid()}"
-    return candidate
+    if len(str(candidate)) <= 40:
+        return candidate
+    digest = hashlib.sha1(str(state_dir).encode()).hexdigest()[:10]
+    short = Path("/tmp") / f"wattlane-{os.getuid()}-{digest}"
+    link = state_dir / "ray"
+    if not link.exists() and not link.is_symlink():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(short, target_is_directory=True)
+    return short
 
 
 def start_ray(state_dir: Path, address: str | None, num_cpus: int | None, include_dashboard: bool) -> dict[str, Any]:

@@ -8,7 +8,8 @@ from scheduler.config import ConfigError, ModelConfig, WattlaneConfig, resolve_w
 from scheduler.engines.base import Engine, ModelKind
 
 
-def build_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None) -> Engine:
+def build_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
+                 replica_index: int = 0) -> Engine:
     kind = ModelKind(model.kind)
     if model.engine == "llamacpp":
         from scheduler.engines.llamacpp import LlamaCppEngine
@@ -32,7 +33,7 @@ def build_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, de
     if model.engine == "simulated":
         from scheduler.engines.simulated import build_simulated_engine
 
-        return build_simulated_engine(model, config, devices or {})
+        return build_simulated_engine(model, config, devices or {}, replica_index=replica_index)
     raise ConfigError(
         f"engine '{model.engine}' is not available in this build",
         file=config.source_path, key=f"models (id {model.id}).engine", fix="use llamacpp or simulated",

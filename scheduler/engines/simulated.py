@@ -134,7 +134,19 @@ class SimulatedEngine(Engine):
         self._changed.set()
 
     def _settings_changed(self, _gpu: SimulatedGpu) -> None:
-        self._reschedule(self.core.replan_after_settings_change(self._clock()))
+        # the governor changes settings from its own thread: re-plan on the engine's event loop
+        loop = self._task.get_loop() if self._task is not None else None
+        if loop is None or loop.is_closed():
+            self.core.replan_after_settings_change(self._clock())
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._reschedule(self.core.replan_after_settings_change(self._clock()))
+        else:
+            loop.call_soon_threadsafe(lambda: self._reschedule(self.core.replan_after_settings_change(self._clock())))
 
     async def _run(self) -> None:
         try:

@@ -42,7 +42,7 @@ def _params(body: Any, max_tokens: int | None) -> dict[str, Any]:
 
 def _headers(result_or_session: Any, request_id: str) -> dict[str, str]:
     routing = result_or_session.routing
-    headers = {"X-Request-Id": request_id, "X-Wattlane-Model": routing["model"]}
+    headers = {"X-Wattlane-Model": routing["model"]}
     if routing.get("device"):
         headers["X-Wattlane-Device"] = str(routing["device"])
     return headers
