@@ -117,7 +117,7 @@ def run_one(config: WattlaneConfig, trace, name: str, policy: str | None, option
             idx = np.clip(np.searchsorted(tb, t - timeline_s, side="right") - 1, 0, len(b_at) - 1)
             out["seconds_group_power_over_budget"] = int(np.sum(group_power > b_at[idx] + 1e-6))
             out["min_budget_watts"], out["max_budget_watts"] = float(b_at.min()), float(b_at.max())
-        out["actions"] = len(holder["audit"].query(limit=10_000))
+        out["actions"] = holder["audit"].count(outcome="applied")
     return out
 
 

@@ -148,6 +148,16 @@ class PowerAuditLog:
             )
         return out
 
+    def count(self, *, outcome: str | None = None, device_id: str | None = None) -> int:
+        clauses, params = [], []
+        for col, val in (("outcome", outcome), ("device_id", device_id)):
+            if val is not None:
+                clauses.append(f"{col} = ?")
+                params.append(val)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            return int(self._db.execute(f"SELECT COUNT(*) FROM power_audit{where}", params).fetchone()[0])
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
