@@ -62,7 +62,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request body", None
     first = errors[0]
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "path", "header")]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     if msg.startswith("Value error, "):
