@@ -28,6 +28,7 @@ _COMMAND_MODULES = [
     "scheduler.cluster.commands",
     "scheduler.power.commands",
     "scheduler.sim.commands",
+    "scheduler.routing.commands",
 ]
 
 

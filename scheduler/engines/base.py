@@ -150,6 +150,7 @@ class ReplicaStats(TypedDict, total=False):
     node: str
     running: int  # requests generating now
     waiting: int  # requests admitted but not yet running
+    queued_prefill_tokens: int  # prompt tokens of the waiting requests (placement's TTFT queue term)
     kv_cache_free_fraction: float
     # live predictions for one more request at the current load
     prefill_tokens_per_second: float

@@ -1,0 +1,88 @@
+"""`wattlane route-eval` and `wattlane route-calibrate`: score and calibrate the adequacy predictor on a CSV."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(data: Path, artefact: Optional[Path]):
+    from scheduler.routing.adequacy import PredictorError, load_predictor
+    from scheduler.routing.data import RoutingDataError, load_csv
+
+    try:
+        rows = load_csv(data)
+    except RoutingDataError as exc:
+        _fail(str(exc))
+    try:
+        predictor = load_predictor(str(artefact) if artefact else None)
+    except PredictorError as exc:
+        _fail(str(exc))
+    return rows, predictor
+
+
+def route_eval_cmd(
+    data: Annotated[Path, typer.Option("--data", help="CSV with columns prompt, weak_correct, strong_correct (0/1)")],
+    artefact: Annotated[Optional[Path], typer.Option("--artefact", help="predictor artefact (default: the shipped one)")] = None,
+) -> None:
+    """Evaluate the adequacy predictor on labelled prompts: APGR, CPT(50%), CPT(80%); last line is JSON."""
+    from scheduler.routing.metrics import random_router_summary, routing_curve
+
+    rows, predictor = _load(data, artefact)
+    curve = routing_curve(predictor.strong_needed_many(rows.prompts), rows.weak_correct, rows.strong_correct)
+    if curve.strong_accuracy <= curve.weak_accuracy:
+        _fail(f"{data}: the strong model ({curve.strong_accuracy:.1%}) is not more accurate than the weak one "
+              f"({curve.weak_accuracy:.1%}) on this data, so PGR, APGR and CPT are undefined")
+    s = curve.summary()
+    rnd = random_router_summary(rows.weak_correct, rows.strong_correct, seeds=50)
+    print(f"rows: {len(rows)}  weak accuracy: {curve.weak_accuracy:.1%}  strong accuracy: {curve.strong_accuracy:.1%}")
+    print(f"APGR:     {s['apgr']:.3f}   (random router {rnd['apgr']:.3f})")
+    print(f"CPT(50%): {s['cpt50']:.1%}   (random router {rnd['cpt50']:.1%})")
+    print(f"CPT(80%): {s['cpt80']:.1%}   (random router {rnd['cpt80']:.1%})")
+    print(json.dumps({"apgr": round(s["apgr"], 4), "cpt50": round(s["cpt50"], 4), "cpt80": round(s["cpt80"], 4)}))
+
+
+def route_calibrate_cmd(
+    data: Annotated[Path, typer.Option("--data", help="CSV with columns prompt, weak_correct, strong_correct (0/1)")],
+    target_pgr: Annotated[Optional[float], typer.Option("--target-pgr", help="recover this share of the strong model's quality (0..1)")] = None,
+    strong_share: Annotated[Optional[float], typer.Option("--strong-share", help="send this share of requests to the strong model (0..1)")] = None,
+    write: Annotated[Optional[Path], typer.Option("--write", help="also write the YAML snippet to this file")] = None,
+    artefact: Annotated[Optional[Path], typer.Option("--artefact", help="predictor artefact (default: the shipped one)")] = None,
+) -> None:
+    """Compute routing.default_min_quality from labelled data for a target PGR or strong-model share."""
+    from scheduler.routing.calibrate import calibrate
+
+    if (target_pgr is None) == (strong_share is None):
+        _fail("give exactly one of --target-pgr or --strong-share")
+    for name, v in (("--target-pgr", target_pgr), ("--strong-share", strong_share)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            _fail(f"{name} must be between 0 and 1, got {v}")
+    rows, predictor = _load(data, artefact)
+    try:
+        cal = calibrate(predictor, rows, target_pgr=target_pgr, strong_share=strong_share)
+    except ValueError as exc:
+        _fail(f"{data}: {exc}")
+    snippet = cal.yaml_snippet(str(data))
+    print(snippet, end="")
+    if write:
+        try:
+            write.write_text(snippet)
+        except OSError as exc:
+            _fail(f"cannot write {write}: {exc}")
+        err.print(f"wrote {write}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("route-eval")(route_eval_cmd)
+    app.command("route-calibrate")(route_calibrate_cmd)
