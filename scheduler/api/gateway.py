@@ -95,7 +95,7 @@ class Gateway:
     def agent_for_device(self, device_id: str) -> Any:
         for snap in self.device_snapshots:
             if snap.get("device_id") == device_id:
-                return runtime.get_node_agent(snap["node"])
+                return runtime.get_node_agent(snap.get("agent_node") or snap["node"])
         return None
 
     async def refresh_devices(self) -> list[dict[str, Any]]:

@@ -171,6 +171,8 @@ class NodeAgent:
                 reading = self.meter.reading(device_id)
                 snap["energy_joules_metered"] = reading.total_energy_joules
                 snap["running_requests"] = self.attributor.running(device_id)
+                # a simulated GPU names its own (simulated) node; this is the agent that owns it
+                snap["agent_node"] = self.node
                 out.append(snap)
             return out
 
