@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 LEDGER_FILENAME = "ledger.sqlite3"
+
+#: how each energy method's figures were obtained, as reports label them
+METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated"}
 SCHEMA_VERSION = 1
 
 
@@ -310,6 +313,48 @@ class Ledger:
                     "completion_tokens_per_joule": (r["metered_completion_tokens"] / j) if j > 0 else None,
                 })
         return out
+
+    def method_breakdown(
+        self,
+        group_by: GroupBy = "model",
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests, joules and gCO2e per group and per (energy method, scope, carbon source, region).
+
+        Summaries add joules across methods; this says how much of them was measured, estimated or
+        simulated, so no report can pass an estimate off as a measurement.
+        """
+        if group_by not in _GROUP_SQL:
+            raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
+        where, params = self._where(since, until, model, device, api_key)
+        sql = (
+            f"SELECT {_GROUP_SQL[group_by]} AS grp, energy_method, energy_scope, carbon_source, carbon_region, "
+            "COUNT(*) AS requests, TOTAL(joules) AS joules, TOTAL(gco2e) AS gco2e "
+            f"FROM requests{where} GROUP BY grp, energy_method, energy_scope, carbon_source, carbon_region "
+            "ORDER BY grp, joules DESC"
+        )
+        with self._read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [
+            {
+                group_by: r["grp"],
+                "energy_method": r["energy_method"],
+                # rows without an energy figure are counted, never folded into a method
+                "method_kind": METHOD_KINDS.get(r["energy_method"], "unknown") if r["energy_method"] else "none",
+                "energy_scope": r["energy_scope"],
+                "carbon_source": r["carbon_source"],
+                "carbon_region": r["carbon_region"],
+                "requests": r["requests"],
+                "joules": r["joules"],
+                "gco2e": r["gco2e"],
+            }
+            for r in rows
+        ]
 
     def export_csv(
         self,

@@ -66,6 +66,20 @@ async def energy_summary(
     return {"object": "list", "group_by": group_by, "data": rows}
 
 
+@router.get("/v1/energy/methods")
+async def energy_methods(
+    request: Request,
+    group_by: Literal["model", "device", "api_key", "hour"] = "model",
+    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
+    api_key: str | None = None,
+    _: Principal = Depends(require("reader")),
+):
+    """How much of each group's energy was measured, estimated or simulated (for labelling reports)."""
+    ledger = request.app.state.gateway.ledger
+    rows = await asyncio.to_thread(ledger.method_breakdown, group_by, **_filters(since, until, model, device, api_key))
+    return {"object": "list", "group_by": group_by, "data": rows}
+
+
 @router.get("/v1/energy/export.csv")
 async def energy_export(
     request: Request,

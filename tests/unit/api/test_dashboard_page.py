@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from scheduler.api.auth import KeyStore, hash_key
 from scheduler.api.errors import install_error_handlers
-from scheduler.api.routes import dashboard
+from scheduler.api.routes import dashboard, energy
 from scheduler.config import ApiKeyConfig
 from scheduler.energy.ledger import Ledger, LedgerRow
 
@@ -35,6 +35,7 @@ def make_app(ledger: Ledger | None = None, *, with_keys: bool = True, extra_rout
     app.state.gateway = SimpleNamespace(ledger=ledger)
     install_error_handlers(app)
     app.include_router(dashboard.router)
+    app.include_router(energy.router)
     for r in extra_routers:
         app.include_router(r)
     return app
@@ -187,7 +188,7 @@ def live_reports(ledger):
         row(1, time_unix_s=now - 50, model="tiny-chat", energy_method="cpu-estimate", energy_scope="cpu", joules=7.5),
         row(2, time_unix_s=now - 40, model="gpu-model", device="sim-h100-0", energy_method="simulated", joules=40.0),
     ])
-    app = make_app(ledger, extra_routers=[energy.router, operator.router])
+    app = make_app(ledger, extra_routers=[operator.router])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -199,3 +199,24 @@ def test_no_acknowledged_row_is_lost_on_kill_9(tmp_path: Path) -> None:
         stored = {r[0] for r in c.execute("SELECT request_id FROM requests")}
     missing = [rid for rid in acked if rid not in stored]
     assert not missing, f"{len(missing)} acknowledged rows lost, e.g. {missing[:3]}"
+
+
+def test_method_breakdown_separates_measured_estimated_and_unknown(tmp_path):
+    from scheduler.energy.ledger import Ledger, LedgerRow
+
+    ledger = Ledger(tmp_path)
+    rows = [
+        LedgerRow("a", 1000.0, "m", "gpu0", "n", "ok", joules=10.0, energy_method="nvml-counter", energy_scope="gpu", gco2e=1.0),
+        LedgerRow("b", 1001.0, "m", "cpu0", "n", "ok", joules=2.0, energy_method="cpu-estimate", energy_scope="cpu", gco2e=0.5),
+        LedgerRow("c", 1002.0, "m", "cpu0", "n", "error"),
+    ]
+    for r in rows:
+        ledger.record(r).result(timeout=5)
+    out = {(r["model"], r["method_kind"]): r for r in ledger.method_breakdown("model")}
+    assert out[("m", "measured")]["joules"] == 10.0 and out[("m", "measured")]["energy_method"] == "nvml-counter"
+    assert out[("m", "estimated")]["joules"] == 2.0
+    assert out[("m", "none")]["requests"] == 1 and out[("m", "none")]["joules"] == 0
+    assert ledger.method_breakdown("model", since=1001.5) == [
+        {"model": "m", "energy_method": None, "method_kind": "none", "energy_scope": None, "carbon_source": None,
+         "carbon_region": None, "requests": 1, "joules": 0.0, "gco2e": 0.0}]
+    ledger.close()
