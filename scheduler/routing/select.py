@@ -160,8 +160,8 @@ def predicted_qualities(models: Sequence[ModelConfig], adequacy: float | None) -
     """q_i for models already in size order (see the module docstring); adequacy None -> 0.5."""
     a = 0.5 if adequacy is None else min(max(adequacy, 0.0), 1.0)
     n = len(models)
-    if n == 1:
-        return [1.0]
+    if n <= 1:
+        return [1.0] * n
     priors = [m.quality for m in models]
     if all(q is not None for q in priors) and max(priors) > min(priors):  # type: ignore[type-var]
         q_max, q_min = max(priors), min(priors)  # type: ignore[type-var]

@@ -1,0 +1,121 @@
+"""Request-control merging, the cascade rule, the route-eval/route-calibrate commands and the Serve router."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.config import RoutingConfig, SloConfig
+from scheduler.routing.cascade import cascade_applies, should_escalate
+from scheduler.routing.controls import RequestControlError, merge_request_controls
+
+
+def test_precedence_request_over_key_over_config():
+    cfg = RoutingConfig(default_min_quality=0.7, default_slo=SloConfig(ttft_ms=900, tpot_ms=90))
+    c = merge_request_controls({"min_quality": 0.5, "slo": {"tpot_ms": 50}, "priority": "batch"},
+                               {"slo": {"ttft_ms": 300}}, cfg)
+    assert (c.min_quality, c.ttft_ms, c.tpot_ms, c.priority) == (0.5, 300, 50, "batch")
+    c = merge_request_controls(None, {"min_quality": 0.9, "priority": "interactive"}, cfg)
+    assert c.min_quality == 0.9 and c.priority == "interactive" and c.ttft_ms == 900
+
+
+def test_key_budget_is_a_ceiling():
+    c = merge_request_controls({"max_energy_joules": 100}, {"max_energy_joules": 500}, RoutingConfig())
+    assert c.max_energy_joules == 100
+    c = merge_request_controls({"max_energy_joules": 100}, {"max_energy_joules": 20}, RoutingConfig())
+    assert c.max_energy_joules == 20
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [({"min_quality": 1.5}, "min_quality"), ({"priority": "urgent"}, "priority"), ({"slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
+     ({"slo": {"p99": 1}}, "slo.p99"), ({"max_energy_joules": "lots"}, "max_energy_joules"), ({"slo": 5}, "slo")],
+)
+def test_bad_controls_name_the_field(fields, param):
+    with pytest.raises(RequestControlError) as exc:
+        merge_request_controls({}, fields, RoutingConfig())
+    assert exc.value.param == param
+
+
+def test_cascade_rule():
+    cfg = RoutingConfig(cascade=True)
+    assert cascade_applies("batch", cfg, "large") and not cascade_applies("interactive", cfg, "large")
+    assert not cascade_applies("batch", RoutingConfig(cascade=False), "large") and not cascade_applies("batch", cfg, None)
+    assert should_escalate(-2.0, -1.5).escalate and not should_escalate(-0.3, -1.5).escalate
+    assert should_escalate(None, -1.5).escalate and should_escalate(-0.1, -1.5, completion_tokens=0).escalate
+
+
+@pytest.fixture(scope="module")
+def app():
+    from scheduler.cli import _register_all, app
+
+    if not any(c.name == "route-eval" for c in app.registered_commands):
+        _register_all()
+    return app
+
+
+@pytest.fixture(scope="module")
+def small_csv(tmp_path_factory):
+    from scheduler.routing import data as routing_data
+
+    d = routing_data.load_csv(routing_data.shared_dir() / "routing" / "gsm8k.csv")
+    path = tmp_path_factory.mktemp("routing") / "small.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "weak_correct", "strong_correct"])
+        for i in range(120):
+            w.writerow([d.prompts[i], int(d.weak_correct[i]), int(d.strong_correct[i])])
+    return path
+
+
+def test_route_eval_prints_metrics_and_json_last_line(app, small_csv):
+    res = CliRunner().invoke(app, ["route-eval", "--data", str(small_csv)])
+    assert res.exit_code == 0, res.output
+    last = json.loads(res.output.strip().splitlines()[-1])
+    assert set(last) == {"apgr", "cpt50", "cpt80"} and all(0.0 <= v <= 1.5 for v in last.values())
+    assert "APGR" in res.output and "CPT(50%)" in res.output
+
+
+def test_route_eval_errors_exit_2_without_traceback(app, tmp_path):
+    res = CliRunner().invoke(app, ["route-eval", "--data", str(tmp_path / "missing.csv")])
+    assert res.exit_code == 2 and "file not found" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,weak_correct\nhi,1\n")
+    res = CliRunner().invoke(app, ["route-eval", "--data", str(bad)])
+    assert res.exit_code == 2 and "strong_correct" in res.output
+
+
+def test_route_calibrate_strong_share(app, small_csv, tmp_path):
+    out = tmp_path / "routing.yaml"
+    res = CliRunner().invoke(app, ["route-calibrate", "--data", str(small_csv), "--strong-share", "0.3", "--write", str(out)])
+    assert res.exit_code == 0, res.output
+    import yaml
+
+    snippet = yaml.safe_load(out.read_text())
+    q = snippet["routing"]["default_min_quality"]
+    RoutingConfig(default_min_quality=q)  # the snippet is valid config
+    assert "strong-model share 30.0%" in out.read_text()
+    res = CliRunner().invoke(app, ["route-calibrate", "--data", str(small_csv)])
+    assert res.exit_code == 2
+
+
+def test_serve_router_ranks_by_energy_without_ray_running():
+    pytest.importorskip("ray.serve.request_router")
+    from scheduler.routing.serve_router import placement_hint, rank_running_replicas
+
+    class Replica:
+        def __init__(self, name, stats):
+            self.replica_id, self.routing_stats = name, stats
+
+    class Pending:
+        args, kwargs = [], {"placement": {"prompt_tokens": 100, "output_tokens": 50, "ttft_slo_seconds": 1.0}}
+
+    common = {"prefill_tokens_per_second": 1000.0, "decode_seconds_per_token": 0.02}
+    reps = [Replica("hot", {**common, "joules_per_decode_token": 0.3}), Replica("cool", {**common, "joules_per_decode_token": 0.1}),
+            Replica("late", {**common, "joules_per_decode_token": 0.01, "waiting": 20})]
+    ranks = rank_running_replicas(reps, Pending())
+    assert [r[0].replica_id for r in ranks] == ["cool", "hot", "late"]  # "late" misses the TTFT SLO
+    assert placement_hint(Pending()).prompt_tokens == 100
+    silent = [Replica("a", {}), Replica("b", None)]
+    assert rank_running_replicas(silent, Pending()) == [silent]
