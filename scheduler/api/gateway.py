@@ -12,39 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler.api.errors import ApiError
-from scheduler.api.inference import InferenceResult, InferenceService, Job, Routed
+from scheduler.api.inference import InferenceResult, InferenceService, Job
+from scheduler.api.router import GatewayRouter
 from scheduler.cluster import runtime
 from scheduler.config import WattlaneConfig
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 5.0
-
-
-class KindRouter:
-    """Model choice for an explicit id, and for "auto" the smallest model of the endpoint's kind."""
-
-    def __init__(self, config: WattlaneConfig):
-        self.config = config
-
-    def route(self, job: Job) -> Routed:
-        kind = "chat" if job.endpoint == "chat" else "completion"
-        if job.model != "auto":
-            m = self.config.model(job.model)
-            if m is None:
-                raise ApiError(404, f"The model '{job.model}' does not exist. Known models: "
-                                    f"{', '.join(['auto'] + [x.id for x in self.config.models])}",
-                               param="model", code="model_not_found")
-            if m.kind != kind:
-                other = "/v1/completions" if m.kind == "completion" else "/v1/chat/completions"
-                raise ApiError(400, f"model '{m.id}' is a {m.kind} model; send this request to {other} "
-                                    f"or choose a {kind} model", param="model", code="wrong_model_kind")
-            return Routed(model=m.id, reason="requested by id", candidates=[m.id])
-        candidates = [m for m in self.config.models_by_size() if m.kind == kind]
-        if not candidates:
-            raise ApiError(400, f"no {kind} model is configured for model 'auto'", param="model", code="no_candidate")
-        return Routed(model=candidates[0].id, reason=f"auto: smallest {kind} model", candidates=[m.id for m in candidates])
 
 
 class Gateway:
@@ -54,7 +29,9 @@ class Gateway:
         self.state_dir = Path(state_dir)
         self.model_handles = model_handles
         self.started_s = int(time.time())
-        self.router = KindRouter(self.config)
+        self.router = GatewayRouter(self.config)
+        #: live ReplicaStats per replica id, as the replicas last pushed them to their node agents
+        self.replica_stats: dict[str, dict[str, Any]] = {}
         self.service = InferenceService(self)
         self._waiting: dict[str, int] = {}
         from scheduler.energy.carbon import make_carbon_provider
@@ -106,6 +83,12 @@ class Gateway:
             if isinstance(r, list):
                 snaps.extend(r)
         self.device_snapshots = snaps
+        stats = await asyncio.gather(*(a.replica_stats_all.remote() for _, a in agents), return_exceptions=True)
+        fresh: dict[str, dict[str, Any]] = {}
+        for r in stats:
+            if isinstance(r, dict):
+                fresh.update(r)
+        self.replica_stats = fresh
         totals = await asyncio.gather(*(a.power_action_totals.remote() for _, a in agents), return_exceptions=True)
         for (node, _), t in zip(agents, totals):
             if isinstance(t, dict):
@@ -120,6 +103,15 @@ class Gateway:
                 device, action = key.split("|", 1)
                 self.metrics.power_actions.labels(device=device, action=action).inc(n - seen)
                 self._power_seen[(node, key)] = n
+
+    def replicas_by_model(self) -> dict[str, list[dict[str, Any]]] | None:
+        """Live stats grouped by model for routing; None until every model's replicas have reported."""
+        by_model: dict[str, list[dict[str, Any]]] = {}
+        for stats in self.replica_stats.values():
+            by_model.setdefault(stats.get("model_id", ""), []).append(stats)
+        if any(m.id not in by_model for m in self.config.models):
+            return None  # decide from the size priors rather than call a silent model "down"
+        return by_model
 
     def ensure_refresher(self) -> None:
         """Keep device readings (for /metrics and the dashboard) fresh once anybody looks at them."""

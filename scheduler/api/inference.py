@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler.api.errors import ApiError
+from scheduler.api.router import Routed
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,11 @@ class Job:
     model: str  # requested: an id or "auto"
     payload: dict[str, Any]  # what the replica gets (kind, messages/prompt, params)
     api_key_id: str
-    controls: dict[str, Any] = field(default_factory=dict)  # min_quality, slo, priority, max_energy_joules
+    #: the request's own controls (min_quality, slo, priority, max_energy_joules), as sent
+    controls: dict[str, Any] = field(default_factory=dict)
+    #: the API key's defaults for the same controls
+    key_defaults: dict[str, Any] = field(default_factory=dict)
     prompt_text: str = ""
-
-
-@dataclass
-class Routed:
-    model: str
-    reason: str
-    candidates: list[str]
 
 
 @dataclass
@@ -55,6 +52,10 @@ class InferenceResult:
     latency_seconds: float
     created_s: int
     mean_logprob: float | None = None
+
+
+class _ReplicaFailure(Exception):
+    """A replica failed before producing anything; the request may be retried elsewhere."""
 
 
 class StreamSession:
@@ -104,40 +105,98 @@ class InferenceService:
     def __init__(self, gateway: Any):
         self.gw = gateway
 
-    # --- routing ------------------------------------------------------------------------------
-    def route(self, job: Job) -> Routed:
-        return self.gw.router.route(job)
-
     # --- running ------------------------------------------------------------------------------
-    async def open(self, job: Job) -> StreamSession:
-        """Route and start the generation; raises ApiError before any byte is sent."""
-        routed = self.route(job)
-        handle = self.gw.model_handles[routed.model]
-        self.gw.metrics_waiting(routed.model, +1)
+    async def open(self, job: Job, routed: Routed | None = None) -> StreamSession:
+        """Route and start the generation; raises ApiError before any byte is sent.
+
+        A replica that fails or times out before its first event is retried once on the next
+        candidate model of the routing decision; if that fails too, 503 with the reason.
+        """
+        self.gw.ensure_refresher()
+        routed = routed or self.gw.router.route(job, self.gw.replicas_by_model())
+        attempts = [routed.model] + routed.fallback_models[:1]
+        failures: list[str] = []
+        for i, model in enumerate(attempts):
+            try:
+                events, start, first = await self._start(job, model, routed)
+            except _ReplicaFailure as exc:
+                failures.append(f"{model}: {exc}")
+                log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
+                            "; retrying on " + attempts[i + 1] if i + 1 < len(attempts) else "")
+                continue
+            if model != routed.model:
+                routed.reason += f"; retried on {model} after {routed.model} failed"
+                routed.model = model
+            if first["type"] == "error":
+                raise ApiError(first["status"], first["message"], param=first.get("param"), code=first.get("code"))
+            return StreamSession(self, job, routed, events, start, first)
+        raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
+                       headers={"Retry-After": "5"})
+
+    async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        handle = self.gw.model_handles[model]
+        self.gw.metrics_waiting(model, +1)
         try:
-            events = handle.options(stream=True).generate.remote(job.payload)
-            start = await events.__anext__()
-            first = await events.__anext__()
+            events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
+            start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            first = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            return events, start, first
         except StopAsyncIteration:
-            raise ApiError(503, f"model {routed.model} ended the stream without a result", code="engine_error") from None
+            raise _ReplicaFailure("ended the stream without a result") from None
+        except asyncio.TimeoutError:
+            events.cancel()
+            raise _ReplicaFailure(f"no answer within {self.gw.config.routing.replica_timeout_seconds:g} s") from None
         except ApiError:
             raise
-        except Exception as exc:  # replica died, actor unavailable: capacity problem, not the client's
-            log.warning("replica of %s failed for %s: %s", routed.model, job.request_id, exc)
-            raise ApiError(503, f"no replica of model {routed.model} could serve the request: {type(exc).__name__}",
-                           code="no_capacity", headers={"Retry-After": "5"}) from None
+        except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
+            raise _ReplicaFailure(type(exc).__name__) from None
         finally:
-            self.gw.metrics_waiting(routed.model, -1)
-        if first["type"] == "error":
-            raise ApiError(first["status"], first["message"], param=first.get("param"), code=first.get("code"))
-        return StreamSession(self, job, routed, events, start, first)
+            self.gw.metrics_waiting(model, -1)
 
     async def run(self, job: Job) -> InferenceResult:
-        session = await self.open(job)
+        routed = self.gw.router.route(job, self.gw.replicas_by_model())
+        cascade = self._cascade_target(job, routed)
+        if cascade:
+            job.payload["params"]["logprobs"] = True
+        session = await self.open(job, routed)
         async for _ in session.deltas():
             pass
         assert session.result is not None
+        if cascade:
+            return await self._maybe_escalate(job, routed, session.result, cascade)
         return session.result
+
+    # --- cascade (priority "batch") --------------------------------------------------------------
+    def _cascade_target(self, job: Job, routed: Routed) -> str | None:
+        from scheduler.routing.cascade import cascade_applies
+
+        nxt = routed.decision.next_model if job.model == "auto" else None
+        return nxt if cascade_applies(routed.controls.priority, self.gw.config.routing, nxt) else None
+
+    async def _maybe_escalate(self, job: Job, routed: Routed, first: InferenceResult, target: str) -> InferenceResult:
+        """Run the next model when the small one was unsure; both attempts' energy is charged."""
+        from scheduler.routing.cascade import should_escalate
+
+        verdict = should_escalate(first.mean_logprob, self.gw.config.routing.cascade_min_mean_logprob,
+                                  completion_tokens=first.completion_tokens)
+        if not verdict.escalate:
+            first.routing["reason"] += f"; cascade: kept ({verdict.reason})"
+            return first
+        second_job = Job(request_id=f"{job.request_id}-cascade", endpoint=job.endpoint, model=target,
+                         payload={**job.payload, "request_id": f"{job.request_id}-cascade"}, api_key_id=job.api_key_id,
+                         controls=job.controls, key_defaults=job.key_defaults, prompt_text=job.prompt_text)
+        second = await self.run(second_job)
+        second.request_id = job.request_id
+        second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "
+                                    f"({verdict.reason})")
+        if first.energy and second.energy:
+            for k in ("joules", "dynamic_joules", "idle_joules"):
+                second.energy[k] = (first.energy.get(k) or 0.0) + (second.energy.get(k) or 0.0)
+        if first.carbon and second.carbon:
+            second.carbon["gco2e"] = first.carbon["gco2e"] + second.carbon["gco2e"]
+        second.prompt_tokens += first.prompt_tokens
+        second.completion_tokens += first.completion_tokens
+        return second
 
     # --- accounting ---------------------------------------------------------------------------
     async def complete(self, s: StreamSession, end: dict[str, Any]) -> InferenceResult:

@@ -33,6 +33,7 @@ def replica_num_cpus(model: ModelConfig) -> float:
 def build_app(config: WattlaneConfig, state_dir: Path):
     """The Serve application: gateway ingress bound to one deployment per model."""
     from ray import serve
+    from ray.serve.config import RequestRouterConfig
 
     from scheduler.api.gateway import Gateway
     from scheduler.cluster.replica import ModelServer
@@ -48,6 +49,11 @@ def build_app(config: WattlaneConfig, state_dir: Path):
             ray_actor_options={"num_cpus": replica_num_cpus(m)},
             health_check_period_s=10,
             graceful_shutdown_timeout_s=5,
+            # replica choice by predicted energy within the SLO, from the stats replicas publish
+            request_router_config=RequestRouterConfig(
+                request_router_class="scheduler.routing.serve_router:EnergyAwareRequestRouter",
+                request_routing_stats_period_s=1.0,
+            ),
         )
         handles[m.id] = dep.bind(m.model_dump(mode="json"), cfg, str(state_dir))
     gateway = serve.deployment(

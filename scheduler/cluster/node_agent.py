@@ -56,6 +56,7 @@ class NodeAgent:
         self.meter.start()
         self.power = self._start_power()
         self._request_devices: dict[str, list[str]] = {}
+        self._replica_stats: dict[str, dict[str, Any]] = {}
         self._sim_engines: dict[str, Any] = {}
         self._started_s = time.time()
         self._stopped = False
@@ -89,7 +90,12 @@ class NodeAgent:
             self.power.work_arrived(d)
 
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
+        self._replica_stats[replica_id] = stats
         self.power.report_replica_stats(replica_id, stats)
+
+    def replica_stats_all(self) -> dict[str, dict[str, Any]]:
+        """The latest stats every replica on this node pushed (the gateway routes on them)."""
+        return dict(self._replica_stats)
 
     def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
         for d in self._request_devices.get(request_id, ()):

@@ -63,7 +63,13 @@ class ModelServer:
             from scheduler.engines.factory import build_engine
 
             self.engine = build_engine(self.model, self.config, self.state_dir)
+        self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
+
+    def _push_stats(self) -> None:
+        """Tell the node agent (governor, gateway routing) how loaded this replica is now."""
+        if self.agent is not None:
+            self.agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
 
     async def ready(self) -> dict[str, Any]:
         return {"model": self.model.id, "replica": self.replica_id, "devices": self.device_ids, "node": self.node}
@@ -80,7 +86,8 @@ class ModelServer:
     async def count_prompt_tokens(self, payload: dict[str, Any]) -> int:
         return self.engine.count_prompt_tokens(_request_from_payload(payload))
 
-    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, payload: dict[str, Any], placement: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Run one request. `placement` is the router's hint for Serve's request router; unused here."""
         request = _request_from_payload(payload)
         device = ",".join(self.device_ids)
         rid = request.request_id
@@ -90,6 +97,7 @@ class ModelServer:
         yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started}
         if agent is not None:
             agent.start_request.remote(rid, self.device_ids, started)
+            self._push_stats()
         try:
             async for ev in self.engine.generate(request):
                 if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):
@@ -97,8 +105,7 @@ class ModelServer:
                     agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
                 if ev.finished:
                     energy = await self._finish_energy(rid, ev.time_s)
-                    if agent is not None:
-                        agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+                    self._push_stats()
                     yield {
                         "type": "end",
                         "text": ev.text,

@@ -152,6 +152,11 @@ def prompt_text_from_messages(messages: Sequence[Mapping[str, Any]]) -> tuple[st
     return last_user, total
 
 
+def serves_kind(model_kind: str, request_kind: str) -> bool:
+    """A chat model also continues raw text (/v1/completions); a base model has no chat template."""
+    return model_kind == request_kind or (model_kind == "chat" and request_kind == "completion")
+
+
 def size_order(models: Sequence[ModelConfig]) -> list[ModelConfig]:
     return sorted(models, key=lambda m: (m.size_rank if m.size_rank is not None else 10**6, m.params_b, m.id))
 
@@ -199,7 +204,7 @@ def route(
         return done(RouteDecision(None, None, "unknown model", [], None, target, prompt_tokens, output_tokens,
                                   error=RouteRejection(404, "model_not_found", f"The model '{request.model}' does not exist; use 'auto' or one of: {known}", "model")))
 
-    same_kind = [m for m in ordered if m.kind == request.kind]
+    same_kind = [m for m in ordered if serves_kind(m.kind, request.kind)]
     adequacy = None
     if auto and predictor is not None and len(same_kind) > 1 and request.prompt_text is not None:
         adequacy = predictor.adequacy(request.prompt_text)
@@ -214,8 +219,9 @@ def route(
         if not auto and m.id != request.model:
             c.reason = f"not requested (model '{request.model}')"
             continue
-        if m.kind != request.kind:
-            c.reason = f"kind {m.kind} cannot serve a {request.kind} request"
+        if not serves_kind(m.kind, request.kind):
+            endpoint = "/v1/completions" if m.kind == "completion" else "/v1/chat/completions"
+            c.reason = f"'{m.id}' is a {m.kind} model and cannot serve a {request.kind} request (use {endpoint})"
             constraint_codes.append(("unsupported_capability", c.reason))
             continue
         if prompt_tokens + request.max_tokens > m.context_length:

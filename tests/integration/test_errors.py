@@ -72,7 +72,8 @@ def test_prompt_longer_than_context_is_400(server):
 
 
 def test_chat_to_completion_model_is_400(server):
-    err = assert_envelope(post(server, "/v1/chat/completions", {**CHAT, "model": "gemma-3-270m"}), 400, "wrong_model_kind")
+    err = assert_envelope(post(server, "/v1/chat/completions", {**CHAT, "model": "gemma-3-270m"}), 400,
+                          "unsupported_capability")
     assert "/v1/completions" in err["message"]
 
 
@@ -115,4 +116,4 @@ def test_openai_client_raises_typed_errors(server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="smollm2-135m-instruct", prompt="x")
+        client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "x"}])

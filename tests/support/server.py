@@ -17,7 +17,10 @@ import httpx
 
 from scheduler.config import ApiKeyConfig, WattlaneConfig, load_config
 
-KEYS = {"client": "test-client-key", "reader": "test-reader-key", "operator": "test-operator-key"}
+KEYS = {"client": "test-client-key", "reader": "test-reader-key", "operator": "test-operator-key",
+        "client-hq": "test-client-hq-key"}
+#: per-key request defaults (the "client-hq" key always asks for the highest quality)
+KEY_DEFAULTS = {"client-hq": {"min_quality": 1.0}}
 
 
 def free_port() -> int:
@@ -33,7 +36,9 @@ def server_config(port: int) -> WattlaneConfig:
     cfg.server.port = port
     cfg.server.host = "127.0.0.1"
     cfg.server.api_keys = [
-        ApiKeyConfig(id=f"{role}-key", key_sha256=hash_key(key), role=role) for role, key in KEYS.items()
+        ApiKeyConfig(id=f"{name}-key", key_sha256=hash_key(key), role=name.split("-")[0],
+                     defaults=KEY_DEFAULTS.get(name, {}))
+        for name, key in KEYS.items()
     ]
     return cfg
 

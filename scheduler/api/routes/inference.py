@@ -12,21 +12,21 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import ApiError
 from scheduler.api.inference import InferenceResult, Job, StreamSession
-from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest, new_id, usage_block
+from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest, RouteExplainRequest, new_id, usage_block
 
 router = APIRouter()
 
 
-def _controls(body: Any, principal: Principal) -> dict[str, Any]:
-    """Per-request controls over the API key's defaults."""
-    merged = dict(principal.defaults)
+def _controls(body: Any) -> dict[str, Any]:
+    """The request's own routing controls; API-key defaults are merged by the router."""
+    out: dict[str, Any] = {}
     for name in ("min_quality", "priority", "max_energy_joules"):
         value = getattr(body, name)
         if value is not None:
-            merged[name] = value
+            out[name] = value
     if body.slo is not None:
-        merged["slo"] = {**merged.get("slo", {}), **body.slo.model_dump(exclude_none=True)}
-    return merged
+        out["slo"] = body.slo.model_dump(exclude_none=True)
+    return out
 
 
 def _params(body: Any, max_tokens: int | None) -> dict[str, Any]:
@@ -71,7 +71,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     rid = new_id("chatcmpl")
     job = Job(
         request_id=rid, endpoint="chat", model=body.model, api_key_id=principal.key_id,
-        controls=_controls(body, principal),
+        controls=_controls(body), key_defaults=dict(principal.defaults),
         payload={"request_id": rid, "kind": "chat", "messages": messages,
                  "params": _params(body, body.effective_max_tokens())},
         prompt_text="\n".join(m["content"] for m in messages),
@@ -120,7 +120,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     prompt = body.prompt_text()
     job = Job(
         request_id=rid, endpoint="completion", model=body.model, api_key_id=principal.key_id,
-        controls=_controls(body, principal),
+        controls=_controls(body), key_defaults=dict(principal.defaults),
         payload={"request_id": rid, "kind": "completion", "prompt": prompt,
                  "params": _params(body, body.effective_max_tokens())},
         prompt_text=prompt,
@@ -163,3 +163,31 @@ async def _completion_stream(session: StreamSession, include_usage: bool, prefix
         yield _sse({**base, "choices": [],
                     "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
     yield b"data: [DONE]\n\n"
+
+
+@router.post("/v1/route/explain")
+async def route_explain(body: RouteExplainRequest, request: Request, principal: Principal = Depends(require("client"))):
+    """The routing decision for a request, without running it: candidates, predictions, reasons."""
+    if (body.messages is None) == (body.prompt is None):
+        raise ApiError(400, "give exactly one of 'messages' (chat) or 'prompt' (completion)", param="messages",
+                       code="invalid_value")
+    if body.messages is not None:
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
+        payload = {"kind": "chat", "messages": messages, "params": {"max_tokens": body.max_tokens}}
+        endpoint = "chat"
+    else:
+        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt or [])
+        payload = {"kind": "completion", "prompt": prompt, "params": {"max_tokens": body.max_tokens}}
+        endpoint = "completion"
+    job = Job(request_id="explain", endpoint=endpoint, model=body.model, payload=payload,
+              api_key_id=principal.key_id, controls=_controls(body), key_defaults=dict(principal.defaults))
+    gw = request.app.state.gateway
+    gw.ensure_refresher()
+    decision = gw.router.decide(job, gw.replicas_by_model())
+    out = decision.to_dict()
+    out["object"] = "route.decision"
+    out["controls"] = gw.router.controls(job).to_dict()
+    return out

@@ -56,8 +56,14 @@ def test_hard_constraints_drop_with_reasons():
     assert "context 4096 < 4000 prompt + 200 max_tokens" in next(c for c in d.candidates if c.model_id == "small").reason
     d = route(models(), RouteRequest(kind="chat", prompt_text="x", needs_json=True), controls(), FixedPredictor(1.0), stats)
     assert d.model_id == "large"
+    # chat models also continue raw text, so a completion request has candidates ...
     d = route(models(), RouteRequest(kind="completion", prompt_text="x"), controls(), FixedPredictor(1.0), stats)
+    assert d.model_id == "small"
+    # ... but a base (completion) model cannot take a chat request
+    base = [m.model_copy(update={"kind": "completion"}) for m in models()]
+    d = route(base, RouteRequest(kind="chat", prompt_text="x"), controls(), FixedPredictor(1.0), stats)
     assert d.model_id is None and d.error.status == 400 and d.error.code == "unsupported_capability"
+    assert "/v1/completions" in d.error.message
     d = route(models(), RouteRequest(kind="chat", prompt_tokens=40000, max_tokens=10), controls(), None, stats)
     assert d.error.code == "context_length_exceeded" and d.error.param == "max_tokens"
 

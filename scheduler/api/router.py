@@ -1,0 +1,87 @@
+"""The gateway's routing step: request controls, then routing.select.route over live replica stats.
+
+This module only adapts HTTP-side objects (Job, Principal defaults, ApiError) to the routing
+library; the decision itself is routing.select.route, the same code the fleet simulator runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from scheduler.api.errors import ApiError
+from scheduler.config import WattlaneConfig
+from scheduler.routing.adequacy import load_predictor
+from scheduler.routing.controls import RequestControlError, RequestControls, merge_request_controls
+from scheduler.routing.select import RouteDecision, RouteRequest, prompt_text_from_messages, route
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Routed:
+    """What the inference path needs from a routing decision."""
+
+    model: str
+    reason: str
+    controls: RequestControls
+    decision: RouteDecision
+    #: the placement hint for Serve's request router (same keys as routing.placement.PlacementRequest)
+    placement: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fallback_models(self) -> list[str]:
+        seen, out = {self.model}, []
+        for model_id, _ in self.decision.fallbacks:
+            if model_id not in seen:
+                seen.add(model_id)
+                out.append(model_id)
+        return out
+
+
+class GatewayRouter:
+    def __init__(self, config: WattlaneConfig):
+        self.config = config
+        self.predictor = load_predictor(config.routing.predictor_path)
+
+    def controls(self, job: Any) -> RequestControls:
+        try:
+            return merge_request_controls(job.key_defaults, job.controls, self.config.routing)
+        except RequestControlError as exc:
+            raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
+
+    def route_request(self, job: Any) -> RouteRequest:
+        payload = job.payload
+        params = payload.get("params", {})
+        if job.endpoint == "chat":
+            text, chars = prompt_text_from_messages(payload.get("messages") or [])
+            n_messages = len(payload.get("messages") or [])
+        else:
+            text = payload.get("prompt") or ""
+            chars, n_messages = len(text), 1
+        return RouteRequest(
+            kind=job.endpoint, model=job.model, prompt_text=text, all_text_chars=chars, num_messages=n_messages,
+            max_tokens=params.get("max_tokens") or 256,
+        )
+
+    def decide(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> RouteDecision:
+        return route(self.config.models, self.route_request(job), self.controls(job), self.predictor, replicas_by_model)
+
+    def route(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
+        """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
+        controls = self.controls(job)
+        decision = route(self.config.models, self.route_request(job), controls, self.predictor, replicas_by_model)
+        if decision.error is not None:
+            e = decision.error
+            headers = {"Retry-After": "5"} if e.status in (429, 503) else None
+            raise ApiError(e.status, e.message, param=e.param, code=e.code, headers=headers)
+        assert decision.model_id is not None
+        placement = {
+            "prompt_tokens": decision.prompt_tokens,
+            "output_tokens": decision.output_tokens,
+            "ttft_slo_seconds": controls.ttft_slo_seconds,
+            "tpot_slo_seconds": controls.tpot_slo_seconds,
+        }
+        return Routed(model=decision.model_id, reason=decision.reason, controls=controls, decision=decision,
+                      placement=placement)
