@@ -231,12 +231,15 @@ class LlamaCppEngine(Engine):
         )
 
     def _token_logprob(self, token: int) -> float:
-        """Log-probability of the sampled token from the last logits (needs no logits_all)."""
+        """Log-probability of the sampled token under the model (temperature 1).
+
+        Read from the context's last logits: llama-cpp-python keeps no logit history unless the
+        model is loaded with logits_all, which would cost n_ctx x n_vocab floats.
+        """
         import numpy as np
 
-        logits = self._llm._scores[self._llm.n_tokens - 1] if self._llm.n_tokens > 0 else None
-        if logits is None:
-            return 0.0
+        n_vocab = self._llm.n_vocab()
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(n_vocab,))
         m = float(np.max(logits))
         lse = m + math.log(float(np.sum(np.exp(logits - m))))
         return float(logits[token]) - lse

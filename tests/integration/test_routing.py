@@ -65,3 +65,22 @@ def test_bad_controls_are_400(server):
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("slo")
     r = complete(server, priority="urgent")
     assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+
+
+def test_batch_cascade_escalates_an_unsure_small_model_and_charges_both(server):
+    body = dict(prompt="Qwxz plorf zzt vrrk", max_tokens=6, min_quality=0.0)
+    interactive = complete(server, **body).json()
+    assert interactive["model"] == SMALL and "cascade" not in interactive["routing"]["reason"]
+    batch = complete(server, priority="batch", **body).json()
+    reason = batch["routing"]["reason"]
+    assert batch["model"] == LARGE and f"cascade: escalated from {SMALL} to {LARGE}" in reason, reason
+    assert "mean token log-probability" in reason and "< threshold -0.30" in reason
+    # both attempts are charged: more than the small model's attempt alone
+    assert batch["usage"]["energy"]["joules"] > interactive["usage"]["energy"]["joules"] * 0.5
+    assert batch["usage"]["completion_tokens"] > 6
+    rows = httpx.get(server.url + "/v1/energy/requests", headers=server.headers("reader"),
+                     params={"limit": 20}).json()["data"]
+    # the ledger keeps one row per attempt (nothing counted twice); together they make the response's figure
+    attempts = {r["request_id"]: r for r in rows if r["request_id"] in (batch["id"], batch["id"] + "-cascade")}
+    assert attempts[batch["id"]]["model"] == SMALL and attempts[batch["id"] + "-cascade"]["model"] == LARGE
+    assert sum(r["joules"] for r in attempts.values()) == pytest.approx(batch["usage"]["energy"]["joules"], rel=1e-9)

@@ -35,6 +35,9 @@ def server_config(port: int) -> WattlaneConfig:
     cfg = load_config(None)
     cfg.server.port = port
     cfg.server.host = "127.0.0.1"
+    # batch requests that the small model answers without confidence escalate to the larger one
+    cfg.routing.cascade = True
+    cfg.routing.cascade_min_mean_logprob = -0.3
     cfg.server.api_keys = [
         ApiKeyConfig(id=f"{name}-key", key_sha256=hash_key(key), role=name.split("-")[0],
                      defaults=KEY_DEFAULTS.get(name, {}))
