@@ -73,6 +73,12 @@ def prior_joules_per_token(params_b: float) -> tuple[float, float]:
 def _as_request(request: PlacementRequest | Mapping[str, Any] | Any) -> PlacementRequest:
     if isinstance(request, PlacementRequest):
         return request
+    hint = getattr(request, "prompt_tokens_hint", None)
+    params = getattr(request, "params", None)
+    if hint is not None and params is not None:
+        # an engine GenerationRequest (the simulator's placement hook): token counts, no SLO of its own
+        out = params.force_output_tokens or params.max_tokens or 0
+        return PlacementRequest(prompt_tokens=int(hint), output_tokens=int(out))
     get = request.get if isinstance(request, Mapping) else (lambda k, d=None: getattr(request, k, d))
     return PlacementRequest(
         prompt_tokens=int(get("prompt_tokens", 0) or 0),

@@ -37,6 +37,8 @@ def run_simulation(
     slo_ttft_ms: float | None = None,
     slo_tpot_ms: float | None = None,
     timeline_interval_seconds: float = 60.0,
+    auto_selection: str = "route",
+    min_quality: float | None = None,
 ) -> dict:
     """Everything `wattlane simulate` does, minus printing; returns FleetResult.summary()."""
     from scheduler.config import load_config
@@ -53,7 +55,7 @@ def run_simulation(
     sim = FleetSimulator(
         config, placement=resolve_placement(placement, seed=seed), governor_factory=factory, seed=seed, model=model,
         slo_ttft_seconds=slo_ttft_ms / 1000 if slo_ttft_ms else None, slo_tpot_seconds=slo_tpot_ms / 1000 if slo_tpot_ms else None,
-        timeline_interval_seconds=timeline_interval_seconds,
+        timeline_interval_seconds=timeline_interval_seconds, auto_selection=auto_selection, min_quality=min_quality,
     )
     summary = sim.run(trace).summary()
     summary["settings"].update({
@@ -61,6 +63,18 @@ def run_simulation(
         "placement": placement or "round-robin", "power_policy": power_policy or "config", "power_options": power_options or {},
     })
     return summary
+
+
+def _routing_rows(r: dict, f) -> list[tuple[str, str]]:
+    if not r:
+        return []
+    shares = ", ".join(f"{m} {n}" for m, n in r["requests_by_model"].items())
+    return [
+        (f"model selection (quality target {r['min_quality']:g})", shares),
+        ("share sent to the large model", f(r["large_model_share"], "{:.1%}")),
+        ("label-implied accuracy (held-out prompts)", f(r["label_accuracy"], "{:.1%}")),
+        ("route() time mean / p99 (ms)", f"{r['route_seconds_mean'] * 1000:.3f} / {r['route_seconds_p99'] * 1000:.3f}"),
+    ]
 
 
 def print_summary(s: dict) -> None:
@@ -84,6 +98,7 @@ def print_summary(s: dict) -> None:
         ("TPOT p50 / p90 / p99 (ms)", " / ".join(f(None if s[k] is None else s[k] * 1000, "{:.1f}") for k in ("tpot_p50_seconds", "tpot_p90_seconds", "tpot_p99_seconds"))),
         (f"SLO attainment (TTFT <= {s['slo']['ttft_seconds']:g} s, TPOT <= {s['slo']['tpot_seconds'] * 1000:g} ms)", f(s["slo_attainment"], "{:.2%}")),
         ("preemptions", str(s["preemptions"])),
+        *_routing_rows(s.get("routing") or {}, f),
         ("governor steps", str(s["governor_steps"])),
     ]
     for r in rows:
@@ -108,8 +123,10 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="seed for every random choice (placement ties, round-robin start)"),
         minutes: Optional[float] = typer.Option(None, "--minutes", help="replay only the first M minutes of the trace"),
         speedup: float = typer.Option(1.0, "--speedup", "--rate-scale", help="divide inter-arrival times by X (2 = twice the traffic)"),
-        model: str = typer.Option("auto", "--model", help="model id for every request, or 'auto' (placement chooses among all replicas)"),
-        placement: Optional[str] = typer.Option(None, "--placement", help="round-robin (default), energy, or module:attribute"),
+        model: str = typer.Option("auto", "--model", help="model id for every request, or 'auto' (model selection by the router, see --auto-selection)"),
+        placement: Optional[str] = typer.Option(None, "--placement", help="round-robin (default), energy (the router's own placement), or module:attribute"),
+        auto_selection: str = typer.Option("route", "--auto-selection", help="route: the gateway's model selection + placement with prompts from the held-out routing split; placement-only: the placement hook chooses among every replica (no model selection)"),
+        min_quality: Optional[float] = typer.Option(None, "--min-quality", min=0.0, max=1.0, help="quality target for model selection (default: routing.default_min_quality of the config)"),
         power_policy: Optional[str] = typer.Option(None, "--power-policy", help="override config.power: none, static, slo-feedback, budget, carbon-aware, parking"),
         power_option: list[str] = typer.Option([], "--power-option", help="policy option key=value (JSON values), repeatable"),
         governor: Optional[str] = typer.Option(None, "--governor", help="module:attribute factory(config, devices, clock) replacing the built-in governor"),
@@ -121,15 +138,21 @@ def register(app: typer.Typer) -> None:
         from scheduler.config import ConfigError
         from scheduler.sim.hooks import HookError
         from scheduler.sim.profiles import ProfileError
+        from scheduler.sim.prompts import PromptPoolError
         from scheduler.sim.trace import TraceError
+        from scheduler.sim.fleet import AUTO_SELECTIONS
+
+        if auto_selection not in AUTO_SELECTIONS:
+            raise typer.BadParameter(f"must be one of {', '.join(AUTO_SELECTIONS)}", param_hint="--auto-selection")
 
         try:
             summary = run_simulation(
                 trace, config, seed=seed, minutes=minutes, speedup=speedup, model=model, placement=placement,
                 power_policy=power_policy, power_options=_parse_options(power_option), governor_factory=governor,
                 slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, timeline_interval_seconds=timeline_interval,
+                auto_selection=auto_selection, min_quality=min_quality,
             )
-        except (ConfigError, TraceError, ProfileError, HookError) as exc:
+        except (ConfigError, TraceError, ProfileError, HookError, PromptPoolError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         print_summary(summary)

@@ -1,9 +1,18 @@
-"""Discrete-event fleet simulation: replay a trace through placement, the batching core and the governor in virtual time.
+"""Discrete-event fleet simulation: replay a trace through routing, the batching core and the governor in virtual time.
 
 One event heap drives everything: request arrivals, the end of each replica's current segment
 (BatchCore), governor steps every power.interval_seconds and power-timeline samples. Devices are
 SimulatedGpu objects reading the heap's clock, so the governor sees the same Device interface as
 on real NVML GPUs. The run is deterministic for a given trace, config and seed.
+
+Routing (auto_selection="route", the default) is the gateway's own code: every arrival goes through
+scheduler.routing.select.route() with the live ReplicaStats of every replica, the shipped adequacy
+predictor and the config's routing defaults. Trace requests get prompts and correctness labels from
+the held-out routing split (scheduler.sim.prompts), so a run also reports the answer accuracy those
+labels imply. Replica choice: route()'s own energy placement when the placement hook is
+scheduler.routing.placement.place ("energy"); otherwise the hook picks among the chosen model's
+replicas (round-robin cycles per model). auto_selection="placement-only" is the older behaviour:
+"auto" lets the placement hook choose among every replica of every model, with no model selection.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +33,8 @@ from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequ
 from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
 from scheduler.sim.profiles import ProfileError, model_profile
 from scheduler.sim.trace import Trace
+
+AUTO_SELECTIONS = ("route", "placement-only")
 
 
 class VirtualClock:
@@ -117,6 +128,8 @@ class FleetResult:
     preemptions: int
     governor_steps: int
     settings: dict[str, Any] = field(default_factory=dict)
+    #: model selection and label-implied quality (route mode); empty for placement-only runs
+    routing: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         def pct(a: np.ndarray, q: float) -> float | None:
@@ -149,6 +162,7 @@ class FleetResult:
             "devices": self.devices,
             "timeline": self.timeline,
             "settings": self.settings,
+            "routing": self.routing,
         }
 
 
@@ -166,7 +180,29 @@ class FleetSimulator:
         slo_ttft_seconds: float | None = None,
         slo_tpot_seconds: float | None = None,
         timeline_interval_seconds: float = 60.0,
+        auto_selection: str = "route",
+        min_quality: float | None = None,
+        predictor: Any | None = None,
+        prompt_pool: Any | None = None,
+        strong_models: Sequence[str] | None = None,
     ):
+        """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
+        "placement-only" (the placement hook chooses among all replicas; no model selection).
+        min_quality: quality target for route mode (default: config.routing.default_min_quality).
+        predictor: adequacy predictor (default: the shipped one, or config.routing.predictor_path).
+        prompt_pool: scheduler.sim.prompts.PromptPool (default: the held-out routing split).
+        strong_models: model ids answering as the labels' strong model, the rest as the weak one
+            (default: the largest model when there are several; with one model, no label accuracy).
+        """
+        if auto_selection not in AUTO_SELECTIONS:
+            raise ValueError(f"auto_selection must be one of {', '.join(AUTO_SELECTIONS)}, got {auto_selection!r}")
+        if min_quality is not None and not 0.0 <= min_quality <= 1.0:
+            raise ValueError(f"min_quality must be between 0 and 1, got {min_quality!r}")
+        self.auto_selection = auto_selection
+        self.min_quality = min_quality
+        self._predictor = predictor
+        self._prompt_pool = prompt_pool
+        self.strong_models = None if strong_models is None else frozenset(strong_models)
         self.config = config
         self.clock = VirtualClock()
         self.loop = EventLoop(self.clock)
@@ -205,6 +241,7 @@ class FleetSimulator:
             by_model.setdefault(rep.model_id, []).append(idx)
         ctx_limit = {m.id: m.context_length for m in self.config.models}
         on_arrival_work = getattr(self.governor, "on_work_arrived", None)
+        routed = self._routed_arrivals(trace, by_model, rejected, on_arrival_work) if self.auto_selection == "route" else None
 
         def arrive(i: int) -> None:
             now = self.clock.now
@@ -226,8 +263,9 @@ class FleetSimulator:
                     on_arrival_work(g.device_id, now)
             rep.submit(SimRequest(request.request_id, p, o, now, model_id=rep.model_id))
 
+        on_arrive = routed.arrive if routed is not None else arrive
         for i in range(n):
-            self.loop.at(float(arrivals[i]), arrive, i)
+            self.loop.at(float(arrivals[i]), on_arrive, i)
         last_arrival = float(arrivals[-1]) if n else 0.0
 
         steps = [0]
@@ -297,8 +335,145 @@ class FleetSimulator:
             ttft_seconds=ttft, tpot_seconds=tpot, slo_ok=slo_ok, slo={"ttft_seconds": self.slo_ttft, "tpot_seconds": self.slo_tpot},
             devices=devices, timeline=timeline, replicas=replicas,
             preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
-            settings={"seed": self.seed, "model": self.model, "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
+            settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
+                      "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
+            routing=routed.summary() if routed is not None else {},
         )
+
+    def _routed_arrivals(self, trace: Trace, by_model: dict[str, list[int]], rejected: list[int],
+                         on_arrival_work: Callable[[str, float], Any] | None) -> "_RoutedArrivals":
+        from scheduler.routing.adequacy import load_predictor
+        from scheduler.sim.prompts import held_out_pool
+
+        predictor = self._predictor if self._predictor is not None else load_predictor(self.config.routing.predictor_path)
+        pool = self._prompt_pool if self._prompt_pool is not None else held_out_pool()
+        return _RoutedArrivals(self, trace, by_model, rejected, on_arrival_work, predictor, pool)
+
+
+class _CachedAdequacy:
+    """The predictor's adequacy per prompt text, computed once: trace replays draw the same prompts many times."""
+
+    def __init__(self, predictor: Any):
+        self._predictor = predictor
+        self._cache: dict[str, float] = {}
+
+    def adequacy(self, prompt: str) -> float:
+        a = self._cache.get(prompt)
+        if a is None:
+            a = self._cache[prompt] = self._predictor.adequacy(prompt)
+        return a
+
+
+class _RoutedArrivals:
+    """Arrivals in route mode: the gateway's route() picks model and replica from live replica stats."""
+
+    def __init__(self, sim: FleetSimulator, trace: Trace, by_model: dict[str, list[int]], rejected: list[int],
+                 on_arrival_work: Callable[[str, float], Any] | None, predictor: Any, pool: Any):
+        from scheduler.routing.controls import merge_request_controls
+        from scheduler.routing.placement import place as energy_place
+        from scheduler.routing.select import size_order
+
+        self.sim, self.trace, self.by_model, self.rejected, self.on_arrival_work = sim, trace, by_model, rejected, on_arrival_work
+        self.models = [m for m in size_order(sim.config.models) if m.id in by_model]
+        self.model_pos = {m.id: k for k, m in enumerate(self.models)}
+        # the sim's SLO is the request's SLO, so route() plans against what the run is scored on
+        fields: dict[str, Any] = {"slo": {"ttft_ms": sim.slo_ttft * 1000.0, "tpot_ms": sim.slo_tpot * 1000.0}}
+        if sim.min_quality is not None:
+            fields["min_quality"] = sim.min_quality
+        self.controls = merge_request_controls(None, fields, sim.config.routing)
+        self.predictor = _CachedAdequacy(predictor)
+        self.pool = pool
+        self.prompt_index = pool.draw(len(trace), sim.seed)
+        # "energy" placement is route()'s own (the same rank_replicas); any other hook picks among the chosen model's replicas
+        self.route_places = sim.placement is energy_place
+        if isinstance(sim.placement, RoundRobin):
+            self.hooks = {m: RoundRobin(start=sim.seed) for m in by_model}
+        else:
+            self.hooks = {m: sim.placement for m in by_model}
+        if sim.strong_models is not None:
+            self.strong = frozenset(sim.strong_models)
+        else:
+            self.strong = frozenset({self.models[-1].id}) if len(self.models) > 1 else None
+        self.served_model = np.full(len(trace), -1, dtype=np.int16)
+        self.route_seconds: list[float] = []
+        self.best_effort = 0
+        self.spilled = 0
+        self.rejections: dict[str, int] = {}
+
+    def arrive(self, i: int) -> None:
+        from scheduler.routing.select import RouteRequest, route
+
+        sim = self.sim
+        now = sim.clock.now
+        target = self.trace.model[i] if self.trace.model is not None else sim.model
+        p, o = int(self.trace.prompt_tokens[i]), int(self.trace.output_tokens[i])
+        wanted = self.by_model if target == "auto" else {target: self.by_model.get(target, [])}
+        stats = {m: [sim.replicas[c].stats() for c in idx] for m, idx in wanted.items()}
+        rreq = RouteRequest(kind=self.models[0].kind if target == "auto" else next((m.kind for m in self.models if m.id == target), "chat"),
+                            model=target, prompt_text=self.pool.prompts[self.prompt_index[i]], prompt_tokens=p,
+                            max_tokens=o, output_tokens_estimate=o)
+        decision = route(self.models, rreq, self.controls, self.predictor, stats)
+        self.route_seconds.append(decision.decision_seconds)
+        if decision.error is not None or decision.model_id is None:
+            code = decision.error.code if decision.error is not None else "no_model"
+            self.rejections[code] = self.rejections.get(code, 0) + 1
+            self.rejected[0] += 1
+            return
+        mid = decision.model_id
+        if not decision.slo_met:
+            self.best_effort += 1
+        elif "spilling" in decision.reason:
+            self.spilled += 1
+        if self.route_places:
+            choice = decision.replica_index
+        else:
+            request = GenerationRequest(request_id=f"trace-{i}", kind=ModelKind(rreq.kind), prompt_tokens_hint=p,
+                                        params=SamplingParams(max_tokens=o, force_output_tokens=o))
+            choice = self.hooks[mid](request, stats[mid])
+        if choice is None:
+            self.rejections["no_replica"] = self.rejections.get("no_replica", 0) + 1
+            self.rejected[0] += 1
+            return
+        rep = sim.replicas[self.by_model[mid][choice]]
+        if self.on_arrival_work is not None:
+            for g in rep.core.gpus:
+                self.on_arrival_work(g.device_id, now)
+        self.served_model[i] = self.model_pos[mid]
+        rep.submit(SimRequest(f"trace-{i}", p, o, now, model_id=mid))
+
+    def summary(self) -> dict[str, Any]:
+        served = self.served_model >= 0
+        n_served = int(served.sum())
+        pidx = self.prompt_index
+        weak = self.pool.weak_correct[pidx].astype(np.float64)
+        strong = self.pool.strong_correct[pidx].astype(np.float64)
+        is_strong = np.array([m.id in (self.strong or ()) for m in self.models] + [False])
+        correct = np.where(is_strong[self.served_model], strong, weak)
+        labelled = self.strong is not None
+        secs = np.asarray(self.route_seconds) if self.route_seconds else np.zeros(1)
+        counts = {m.id: int((self.served_model == k).sum()) for k, m in enumerate(self.models)}
+        largest = self.models[-1].id
+        return {
+            "selection": "scheduler.routing.select.route",
+            "placement": "route (energy, scheduler.routing.placement.rank_replicas)" if self.route_places
+            else f"{type(self.sim.placement).__name__ if isinstance(self.sim.placement, RoundRobin) else getattr(self.sim.placement, '__name__', repr(self.sim.placement))} among the chosen model's replicas",
+            "min_quality": self.controls.min_quality,
+            "slo": {"ttft_ms": self.controls.ttft_ms, "tpot_ms": self.controls.tpot_ms},
+            "prompts": self.pool.source,
+            "prompt_pool_size": len(self.pool),
+            "label_model_map": None if not labelled else {"strong": sorted(self.strong), "weak": [m.id for m in self.models if m.id not in self.strong]},
+            "requests_by_model": counts,
+            "large_model_id": largest,
+            "large_model_share": counts[largest] / n_served if n_served else None,
+            "label_accuracy": float(correct[served].mean()) if n_served and labelled else None,
+            "weak_accuracy_same_prompts": float(weak[served].mean()) if n_served else None,
+            "strong_accuracy_same_prompts": float(strong[served].mean()) if n_served else None,
+            "best_effort_requests": self.best_effort,
+            "spilled_requests": self.spilled,
+            "rejections": self.rejections,
+            "route_seconds_mean": float(secs.mean()),
+            "route_seconds_p99": float(np.percentile(secs, 99)),
+        }
 
 
 def replica_device_groups(model, config: WattlaneConfig, devices: dict, *, key: str) -> list[list]:

@@ -58,8 +58,9 @@ def test_placement_and_governor_hooks_see_stats_and_devices(tmp_path):
                 for d in self.devices.values():
                     d.set_power_limit_watts(250)
 
-    capped = FleetSimulator(load_config(CONFIG), placement=place, governor_factory=Gov).run(trace).summary()
-    free = FleetSimulator(load_config(CONFIG), placement=place).run(trace).summary()
+    # placement-only: the hook chooses among every replica of every model (no model selection)
+    capped = FleetSimulator(load_config(CONFIG), placement=place, governor_factory=Gov, auto_selection="placement-only").run(trace).summary()
+    free = FleetSimulator(load_config(CONFIG), placement=place, auto_selection="placement-only").run(trace).summary()
     assert seen["place"] == 120 and seen["step"] >= 30
     assert capped["replicas"]["llama-3.1-70b#0"]["completed"] == 0
     assert capped["energy_joules"] < free["energy_joules"]
