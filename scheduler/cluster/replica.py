@@ -63,6 +63,7 @@ class ModelServer:
             from scheduler.engines.factory import build_engine
 
             self.engine = build_engine(self.model, self.config, self.state_dir)
+        self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
 
@@ -75,10 +76,23 @@ class ModelServer:
         return {"model": self.model.id, "replica": self.replica_id, "devices": self.device_ids, "node": self.node}
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Published to Serve's request router (see routing/serve_router.py)."""
+        """Published to Serve's request router (see routing/serve_router.py) and the node agent."""
         stats = dict(self.engine.stats())
         stats.update(model_id=self.model.id, replica_id=self.replica_id, device_ids=self.device_ids, node=self.node)
+        if "joules_per_decode_token" not in stats and self._joules_per_work_token is not None:
+            # engines that cannot predict their own energy (llama.cpp) publish what the meter measured
+            weight = self.config.energy.prefill_token_weight
+            stats["joules_per_decode_token"] = self._joules_per_work_token
+            stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
         return stats
+
+    def _learn_energy(self, energy: dict[str, Any] | None) -> None:
+        """Moving average of dynamic joules per unit of work, from this replica's finished requests."""
+        if not energy or not energy.get("work_tokens") or energy.get("dynamic_joules") is None:
+            return
+        sample = energy["dynamic_joules"] / energy["work_tokens"]
+        prev = self._joules_per_work_token
+        self._joules_per_work_token = sample if prev is None else 0.8 * prev + 0.2 * sample
 
     async def stats(self) -> dict[str, Any]:
         return self.record_routing_stats()
@@ -105,6 +119,7 @@ class ModelServer:
                     agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
                 if ev.finished:
                     energy = await self._finish_energy(rid, ev.time_s)
+                    self._learn_energy(energy)
                     self._push_stats()
                     yield {
                         "type": "end",

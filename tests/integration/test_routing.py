@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -39,11 +41,20 @@ def test_auto_completion_follows_the_predictor_and_quality_target(server):
 
 
 def test_explain_lists_every_candidate_with_reasons(server):
-    d = explain(server, messages=[{"role": "user", "content": "Solve 12*17 step by step."}], min_quality=0.5)
+    complete(server, model=SMALL)
+    deadline = time.time() + 10  # the gateway refreshes replica stats every second
+    while True:
+        d = explain(server, messages=[{"role": "user", "content": "Solve 12*17 step by step."}], min_quality=0.5)
+        small = next(c for c in d["candidates"] if c["model_id"] == SMALL)
+        if small["energy_source"] == "replica-stats" or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert d["object"] == "route.decision" and d["model"] == SMALL  # the only chat model
     by_id = {c["model_id"]: c for c in d["candidates"]}
     assert by_id[LARGE]["kept"] is False and "cannot serve a chat request" in by_id[LARGE]["reason"]
     assert by_id[SMALL]["kept"] is True and by_id[SMALL]["predicted_energy_joules"] > 0
+    # after requests have run, the prediction comes from the replica's measured joules per token
+    assert by_id[SMALL]["energy_source"] == "replica-stats", by_id[SMALL]
     assert d["controls"]["min_quality"] == 0.5 and d["controls"]["slo"] == {"ttft_ms": 1000.0, "tpot_ms": 100.0}
 
 
