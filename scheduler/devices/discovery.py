@@ -1,8 +1,7 @@
 """Find the devices of this node that the config asks for: NVML GPUs, the CPU package, simulated GPUs.
 
 Absent hardware is normal: no NVIDIA driver gives no GPUs, unreadable RAPL gives a labelled CPU
-estimate. Only a configuration that cannot be honoured (a simulated GPU without the simulator, two
-devices with one id) is an error.
+estimate. Only a configuration that cannot be honoured (two devices with one id) is an error.
 """
 
 from __future__ import annotations
@@ -13,18 +12,6 @@ from scheduler.config import ConfigError, DevicesConfig
 from scheduler.devices.base import Device
 
 log = logging.getLogger(__name__)
-
-
-def _simulated_gpu_class():
-    try:
-        from scheduler.devices.simulated import SimulatedGpu
-    except ImportError as exc:
-        raise ConfigError(
-            f"simulated GPUs are configured but scheduler.devices.simulated.SimulatedGpu cannot be imported ({exc})",
-            key="devices.simulated",
-            fix="remove devices.simulated, or install a Wattlane version with the GPU simulator",
-        ) from exc
-    return SimulatedGpu
 
 
 def discover_devices(devices_config: DevicesConfig, node: str, *, include_simulated: bool = True) -> list[Device]:
@@ -43,9 +30,10 @@ def discover_devices(devices_config: DevicesConfig, node: str, *, include_simula
 
         devices.append(make_cpu_device(node, include_ram=devices_config.cpu_estimate_include_ram))
     if devices_config.simulated and include_simulated:
-        simulated_gpu = _simulated_gpu_class()
+        from scheduler.devices.simulated import SimulatedGpu
+
         for sim in devices_config.simulated:
-            devices.append(simulated_gpu(device_id=sim.id, profile=sim.profile, node=sim.node))
+            devices.append(SimulatedGpu(device_id=sim.id, profile=sim.profile, node=sim.node))
     seen: dict[str, Device] = {}
     for device in devices:
         if device.device_id in seen:

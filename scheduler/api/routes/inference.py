@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -61,6 +61,62 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
+ChoiceFn = Callable[[str, "str | None"], dict[str, Any]]
+
+
+def _chat_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "delta": {"content": text} if finish_reason is None else {}, "finish_reason": finish_reason}
+
+
+def _completion_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+
+
+async def _respond(request: Request, job: Job, *, stream: bool, include_usage: bool, obj: str,
+                   message: Callable[[InferenceResult], dict[str, Any]], chunk: ChoiceFn, opening: dict[str, Any] | None):
+    """Run the job and answer as JSON, or as an SSE stream of `obj`.chunk objects."""
+    service = request.app.state.service
+    if not stream:
+        result = await service.run(job)
+        payload = {
+            "id": job.request_id, "object": obj, "created": result.created_s, "model": result.model,
+            "choices": [message(result)],
+            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
+            "routing": result.routing,
+        }
+        return JSONResponse(payload, headers={**_headers(result, job.request_id), **_energy_headers(result)})
+    session = await service.open(job)
+    chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
+    return StreamingResponse(_stream(session, include_usage, chunk_obj, chunk, opening), media_type="text/event-stream",
+                             headers={**_headers(session, job.request_id), "Cache-Control": "no-cache"})
+
+
+async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: ChoiceFn,
+                  opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
+    base = {"id": session.job.request_id, "object": obj, "created": int(session._t0), "model": session.routed.model,
+            "routing": session.routing}
+    if opening is not None:
+        yield _sse({**base, "choices": [opening]})
+    try:
+        async for text in session.deltas():
+            yield _sse({**base, "choices": [chunk(text, None)]})
+    except ApiError as exc:  # headers are gone: report in-band, as OpenAI does
+        yield _sse(exc.body())
+        yield b"data: [DONE]\n\n"
+        return
+    result = session.result
+    assert result is not None
+    yield _sse({**base, "choices": [chunk("", result.finish_reason)]})
+    if include_usage:
+        yield _sse({**base, "choices": [],
+                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
+    yield b"data: [DONE]\n\n"
+
+
+def _include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(require("client"))):
@@ -76,42 +132,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                  "params": _params(body, body.effective_max_tokens())},
         prompt_text="\n".join(m["content"] for m in messages),
     )
-    service = request.app.state.service
-    if not body.stream:
-        result = await service.run(job)
-        payload = {
-            "id": rid, "object": "chat.completion", "created": result.created_s, "model": result.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
-            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
-            "routing": result.routing,
-        }
-        return JSONResponse(payload, headers={**_headers(result, rid), **_energy_headers(result)})
-    session = await service.open(job)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_chat_stream(session, include_usage), media_type="text/event-stream",
-                             headers={**_headers(session, rid), "Cache-Control": "no-cache"})
-
-
-async def _chat_stream(session: StreamSession, include_usage: bool) -> AsyncIterator[bytes]:
-    rid = session.job.request_id
-    base = {"id": rid, "object": "chat.completion.chunk", "created": int(session._t0), "model": session.routed.model,
-            "routing": session.routing}
-    yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
-    try:
-        async for text in session.deltas():
-            yield _sse({**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
-    except ApiError as exc:  # headers are gone: report in-band, as OpenAI does
-        yield _sse(exc.body())
-        yield b"data: [DONE]\n\n"
-        return
-    result = session.result
-    assert result is not None
-    yield _sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": result.finish_reason}]})
-    if include_usage:
-        yield _sse({**base, "choices": [],
-                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
-    yield b"data: [DONE]\n\n"
+    return await _respond(
+        request, job, stream=body.stream, include_usage=_include_usage(body), obj="chat.completion",
+        message=lambda r: {"index": 0, "message": {"role": "assistant", "content": r.text},
+                           "finish_reason": r.finish_reason, "logprobs": None},
+        chunk=_chat_choice,
+        opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    )
 
 
 @router.post("/v1/completions")
@@ -125,44 +152,13 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
                  "params": _params(body, body.effective_max_tokens())},
         prompt_text=prompt,
     )
-    service = request.app.state.service
     prefix = prompt if body.echo else ""
-    if not body.stream:
-        result = await service.run(job)
-        payload = {
-            "id": rid, "object": "text_completion", "created": result.created_s, "model": result.model,
-            "choices": [{"index": 0, "text": prefix + result.text, "finish_reason": result.finish_reason,
-                         "logprobs": None}],
-            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
-            "routing": result.routing,
-        }
-        return JSONResponse(payload, headers={**_headers(result, rid), **_energy_headers(result)})
-    session = await service.open(job)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return StreamingResponse(_completion_stream(session, include_usage, prefix), media_type="text/event-stream",
-                             headers={**_headers(session, rid), "Cache-Control": "no-cache"})
-
-
-async def _completion_stream(session: StreamSession, include_usage: bool, prefix: str) -> AsyncIterator[bytes]:
-    rid = session.job.request_id
-    base = {"id": rid, "object": "text_completion", "created": int(session._t0), "model": session.routed.model,
-            "routing": session.routing}
-    if prefix:
-        yield _sse({**base, "choices": [{"index": 0, "text": prefix, "finish_reason": None, "logprobs": None}]})
-    try:
-        async for text in session.deltas():
-            yield _sse({**base, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]})
-    except ApiError as exc:
-        yield _sse(exc.body())
-        yield b"data: [DONE]\n\n"
-        return
-    result = session.result
-    assert result is not None
-    yield _sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}]})
-    if include_usage:
-        yield _sse({**base, "choices": [],
-                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
-    yield b"data: [DONE]\n\n"
+    return await _respond(
+        request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
+        message=lambda r: _completion_choice(prefix + r.text, r.finish_reason),
+        chunk=_completion_choice,
+        opening=_completion_choice(prefix, None) if prefix else None,
+    )
 
 
 @router.post("/v1/route/explain")

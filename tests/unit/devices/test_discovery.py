@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
@@ -29,24 +28,6 @@ def test_include_ram_changes_the_estimate_scope():
         assert cpu.energy_scope.value == "cpu+dram"
 
 
-def _simulator_present() -> bool:
-    if importlib.util.find_spec("scheduler.devices.simulated") is None:
-        return False
-    import scheduler.devices.simulated as sim
-
-    return hasattr(sim, "SimulatedGpu")
-
-
-@pytest.mark.skipif(_simulator_present(), reason="the GPU simulator is installed")
-def test_simulated_gpus_without_the_simulator_are_a_clear_config_error():
-    config = DevicesConfig(nvml=False, cpu=False, simulated=[SimulatedGpuConfig(id="sim-h100-0", profile="h100-sxm")])
-    with pytest.raises(ConfigError, match="devices.simulated"):
-        discover_devices(config, "n0")
-    # not configured: no error even without the simulator
-    assert discover_devices(DevicesConfig(nvml=False, cpu=False), "n0") == []
-
-
-@pytest.mark.skipif(not _simulator_present(), reason="the GPU simulator is not there yet")
 def test_simulated_gpus_are_created_and_ids_must_be_unique():
     config = DevicesConfig(nvml=False, cpu=True, simulated=[SimulatedGpuConfig(id="sim-0", profile="h100-sxm")])
     devices = discover_devices(config, "n0")
