@@ -36,59 +36,42 @@ def _time(value: str | None, name: str) -> float | None:
     return dt.timestamp()
 
 
-def _filters(since: str | None, until: str | None, model: str | None, device: str | None, api_key: str | None) -> dict:
+def report_filters(since: str | None = None, until: str | None = None, model: str | None = None,
+                   device: str | None = None, api_key: str | None = None) -> dict:
+    """The filters every report takes (a FastAPI dependency): time window, model, device, API key id."""
     return {"since": _time(since, "since"), "until": _time(until, "until"), "model": model, "device": device,
             "api_key": api_key}
 
 
+GroupBy = Literal["model", "device", "api_key", "hour"]
+
+
 @router.get("/v1/energy/requests")
-async def energy_requests(
-    request: Request,
-    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
-    api_key: str | None = None, limit: int = Query(100, ge=1, le=10000),
-    _: Principal = Depends(require("reader")),
-):
-    ledger = request.app.state.gateway.ledger
-    rows = await asyncio.to_thread(ledger.requests, limit=limit, **_filters(since, until, model, device, api_key))
+async def energy_requests(request: Request, limit: int = Query(100, ge=1, le=10000),
+                          _: Principal = Depends(require("reader")), filters: dict = Depends(report_filters)):
+    rows = await asyncio.to_thread(request.app.state.gateway.ledger.requests, limit=limit, **filters)
     return {"object": "list", "data": rows}
 
 
 @router.get("/v1/energy/summary")
-async def energy_summary(
-    request: Request,
-    group_by: Literal["model", "device", "api_key", "hour"] = "model",
-    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
-    api_key: str | None = None,
-    _: Principal = Depends(require("reader")),
-):
-    ledger = request.app.state.gateway.ledger
-    rows = await asyncio.to_thread(ledger.summary, group_by, **_filters(since, until, model, device, api_key))
+async def energy_summary(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
+                         filters: dict = Depends(report_filters)):
+    rows = await asyncio.to_thread(request.app.state.gateway.ledger.summary, group_by, **filters)
     return {"object": "list", "group_by": group_by, "data": rows}
 
 
 @router.get("/v1/energy/methods")
-async def energy_methods(
-    request: Request,
-    group_by: Literal["model", "device", "api_key", "hour"] = "model",
-    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
-    api_key: str | None = None,
-    _: Principal = Depends(require("reader")),
-):
+async def energy_methods(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
+                         filters: dict = Depends(report_filters)):
     """How much of each group's energy was measured, estimated or simulated (for labelling reports)."""
-    ledger = request.app.state.gateway.ledger
-    rows = await asyncio.to_thread(ledger.method_breakdown, group_by, **_filters(since, until, model, device, api_key))
+    rows = await asyncio.to_thread(request.app.state.gateway.ledger.method_breakdown, group_by, **filters)
     return {"object": "list", "group_by": group_by, "data": rows}
 
 
 @router.get("/v1/energy/export.csv")
-async def energy_export(
-    request: Request,
-    since: str | None = None, until: str | None = None, model: str | None = None, device: str | None = None,
-    api_key: str | None = None,
-    _: Principal = Depends(require("reader")),
-):
-    ledger = request.app.state.gateway.ledger
-    chunks = ledger.export_csv(**_filters(since, until, model, device, api_key))
+async def energy_export(request: Request, _: Principal = Depends(require("reader")),
+                        filters: dict = Depends(report_filters)):
+    chunks = request.app.state.gateway.ledger.export_csv(**filters)
     return StreamingResponse(iterate_in_threadpool(chunks), media_type="text/csv",
                              headers={"Content-Disposition": 'attachment; filename="wattlane-energy.csv"'})
 
