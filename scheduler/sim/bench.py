@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `python -m scheduler.sim.bench` (same as `wattlane simulate --trace {Path(trace).name} --config {args.config.name} --json ...`).",
         f"Trace: Azure LLM 2023 conversation, {s['requests']} requests over one hour; fleet: configs/sim-fleet.yaml (8 simulated H100 SXM:",
-        "4x Llama-3.1-8B, 1x Llama-3.1-70B TP4); placement round-robin over all replicas; power governor as in the config.",
+        "4x Llama-3.1-8B, 1x Llama-3.1-70B TP4); model \"auto\": the router's model selection (scheduler.routing.select.route,",
+        f"quality target {s['routing'].get('min_quality', '-')} from the config, prompts from the held-out routing split), then "
+        f"placement {s['settings']['placement']} among the chosen model's replicas; power governor as in the config.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         f"| TPOT p50 / p99 | {ms(s['tpot_p50_seconds'])} / {ms(s['tpot_p99_seconds'])} ms |",
         f"| SLO attainment (TTFT <= {s['slo']['ttft_seconds']:g} s, TPOT <= {s['slo']['tpot_seconds'] * 1000:g} ms) | {s['slo_attainment']:.2%} |",
         f"| preemptions | {s['preemptions']} |",
+        *([f"| requests by model | {', '.join(f'{m} {n}' for m, n in s['routing']['requests_by_model'].items())} |",
+           f"| route() per request, mean / p99 | {s['routing']['route_seconds_mean'] * 1000:.3f} / {s['routing']['route_seconds_p99'] * 1000:.3f} ms |"]
+          if s.get("routing") else []),
         "",
         "Per device (mean power over the run, min/max of 60 s interval means):",
         "",
