@@ -84,8 +84,10 @@ def governor_factory(policy: str | None, options: dict[str, Any], holder: dict[s
 def run_one(config: WattlaneConfig, trace, name: str, policy: str | None, options: dict[str, Any], *,
             intensity: Callable[[float], float] | None = None, timeline_s: float = 1.0) -> dict[str, Any]:
     holder: dict[str, Any] = {}
+    # the governor is what is compared here, so traffic is spread the same way in every run
+    # (round-robin over all replicas, no model selection), as recorded in docs/results/power-replay.md
     sim = FleetSimulator(config, governor_factory=governor_factory(policy, options, holder, intensity),
-                         timeline_interval_seconds=timeline_s)
+                         timeline_interval_seconds=timeline_s, auto_selection="placement-only")
     res = sim.run(trace)
     s = res.summary()
     t = np.array(next(iter(s["timeline"].values()))["t_s"])
