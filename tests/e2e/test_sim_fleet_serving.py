@@ -97,3 +97,23 @@ def test_power_limit_set_and_reset_on_a_simulated_gpu(fleet):
     assert all(a["actor"] for a in audit)
     metrics = httpx.get(url + "/metrics").text
     assert f'wattlane_power_actions_total{{action="set_power_limit",device="{gpu["device_id"]}"}}' in metrics
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scheduler", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_power_cli_against_the_running_gateway(fleet):
+    url, _ = fleet
+    r = _cli("power", "set", "sim-h100-2", "--watts", "450", "--clocks", "900:1200", "--reason", "cli test", "--url", url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dev = {d["device_id"]: d for d in httpx.get(url + "/v1/devices").json()["data"]}["sim-h100-2"]
+    assert dev["power_limit_watts"] == 450 and dev["locked_clocks_mhz"] == [900, 1200]
+    r = _cli("power", "set", "sim-h100-2", "--watts", "5000", "--url", url)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "range" in (r.stdout + r.stderr)
+    r = _cli("power", "reset", "sim-h100-2", "--url", url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dev = {d["device_id"]: d for d in httpx.get(url + "/v1/devices").json()["data"]}["sim-h100-2"]
+    assert dev["power_limit_watts"] == 700 and dev["locked_clocks_mhz"] is None
+    r = _cli("power", "audit", "--url", url, "--json")
+    assert r.returncode == 0 and "cli test" in r.stdout
