@@ -100,8 +100,16 @@ def test_roles_are_enforced(server):
     assert_envelope(r, 403, "forbidden")
     r = httpx.get(server.url + "/v1/devices", headers=server.headers("reader"))
     assert_envelope(r, 403, "forbidden")
-    r = httpx.put(server.url + "/v1/devices/cpu0/power-limit", json={"watts": 10}, headers=server.headers("client"))
-    assert_envelope(r, 403, "forbidden")
+    # a client key can change nothing on the power side, whatever the route
+    for method, path, body in [("PUT", "/v1/devices/cpu0/power-limit", {"watts": 10}),
+                               ("DELETE", "/v1/devices/cpu0/power-limit", None),
+                               ("PUT", "/v1/devices/cpu0/locked-clocks", {"min_mhz": 500, "max_mhz": 900}),
+                               ("DELETE", "/v1/devices/cpu0/locked-clocks", None),
+                               ("PUT", "/v1/power/policy", {"mode": "enforce"}),
+                               ("GET", "/v1/power/audit", None)]:
+        for role in ("client", "reader"):
+            r = httpx.request(method, server.url + path, json=body, headers=server.headers(role))
+            assert_envelope(r, 403, "forbidden")
     assert httpx.get(server.url + "/v1/energy/summary", headers=server.headers("reader")).status_code == 200
     assert httpx.get(server.url + "/v1/devices", headers=server.headers("operator")).status_code == 200
 
