@@ -33,7 +33,6 @@ class Gateway:
         #: live ReplicaStats per replica id, as the replicas last pushed them to their node agents
         self.replica_stats: dict[str, dict[str, Any]] = {}
         self.service = InferenceService(self)
-        self._waiting: dict[str, int] = {}
         from scheduler.energy.carbon import make_carbon_provider
         from scheduler.energy.ledger import Ledger
         from scheduler.energy.metrics import WattlaneMetrics
@@ -89,6 +88,9 @@ class Gateway:
             if isinstance(r, dict):
                 fresh.update(r)
         self.replica_stats = fresh
+        for replica_id, st in fresh.items():
+            self.metrics.set_replica_queue(model=st.get("model_id", ""), replica=replica_id,
+                                           running=int(st.get("running", 0)), waiting=int(st.get("waiting", 0)))
         totals = await asyncio.gather(*(a.power_action_totals.remote() for _, a in agents), return_exceptions=True)
         for (node, _), t in zip(agents, totals):
             if isinstance(t, dict):
@@ -189,5 +191,10 @@ class Gateway:
             idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
         )
 
-    def metrics_waiting(self, model: str, delta: int) -> None:
-        self._waiting[model] = self._waiting.get(model, 0) + delta
+    async def __del__(self) -> None:  # Serve calls this when the gateway replica shuts down
+        if self._refresher is not None:
+            self._refresher.cancel()
+        self.ledger.close()
+        close = getattr(self.carbon, "close", None)
+        if close is not None:
+            close()

@@ -70,7 +70,7 @@ class StreamSession:
         self.result: InferenceResult | None = None
         self.routing = {"model": routed.model, "device": start.get("device"), "node": start.get("node"),
                         "reason": routed.reason}
-        self._t0 = time.time()
+        self.started_s = time.time()
         self._first_token_s: float | None = None
         self._text: list[str] = []
 
@@ -135,7 +135,6 @@ class InferenceService:
 
     async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         handle = self.gw.model_handles[model]
-        self.gw.metrics_waiting(model, +1)
         try:
             events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
             start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
@@ -150,8 +149,6 @@ class InferenceService:
             raise
         except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
             raise _ReplicaFailure(type(exc).__name__) from None
-        finally:
-            self.gw.metrics_waiting(model, -1)
 
     async def run(self, job: Job) -> InferenceResult:
         routed = self.gw.router.route(job, self.gw.replicas_by_model())
@@ -200,9 +197,9 @@ class InferenceService:
 
     # --- accounting ---------------------------------------------------------------------------
     async def complete(self, s: StreamSession, end: dict[str, Any]) -> InferenceResult:
-        latency = end["time_s"] - s._t0
+        latency = end["time_s"] - s.started_s
         n_out = end["completion_tokens"]
-        ttft = (s._first_token_s - s._t0) if s._first_token_s is not None else None
+        ttft = (s._first_token_s - s.started_s) if s._first_token_s is not None else None
         tpot = ((end["time_s"] - s._first_token_s) / (n_out - 1)) if (s._first_token_s is not None and n_out > 1) else None
         energy = end.get("energy")
         carbon = await self.gw.carbon_for(energy, end["time_s"]) if energy else None
@@ -219,7 +216,7 @@ class InferenceService:
             ttft_seconds=ttft,
             tpot_seconds=tpot,
             latency_seconds=latency,
-            created_s=int(s._t0),
+            created_s=int(s.started_s),
             mean_logprob=end.get("mean_logprob"),
         )
         await self.gw.record(s.job, result, status="ok", energy_raw=energy)
@@ -229,7 +226,7 @@ class InferenceService:
         result = InferenceResult(
             request_id=s.job.request_id, model=s.routed.model, text="".join(s._text), finish_reason="error",
             prompt_tokens=0, completion_tokens=0, routing=s.routing, energy=None, carbon=None,
-            ttft_seconds=None, tpot_seconds=None, latency_seconds=time.time() - s._t0, created_s=int(s._t0),
+            ttft_seconds=None, tpot_seconds=None, latency_seconds=time.time() - s.started_s, created_s=int(s.started_s),
         )
         try:
             await self.gw.record(s.job, result, status=status)

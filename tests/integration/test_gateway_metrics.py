@@ -33,3 +33,5 @@ def test_prometheus_scrapes_gateway(server, tmp_path):
         assert power[0]["metric"]["node"]
         completion = prom.value('sum(wattlane_tokens_total{kind="completion",model="smollm2-135m-instruct"})')
         assert completion is not None and completion >= 1
+        queue = prom.wait_for('wattlane_num_requests_waiting{model="smollm2-135m-instruct",replica="smollm2-135m-instruct#0"} >= 0')
+        assert queue and prom.wait_for('wattlane_num_requests_running{model="gemma-3-270m"} >= 0')

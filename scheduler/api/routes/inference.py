@@ -93,7 +93,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
 
 async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: ChoiceFn,
                   opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
-    base = {"id": session.job.request_id, "object": obj, "created": int(session._t0), "model": session.routed.model,
+    base = {"id": session.job.request_id, "object": obj, "created": int(session.started_s), "model": session.routed.model,
             "routing": session.routing}
     if opening is not None:
         yield _sse({**base, "choices": [opening]})
