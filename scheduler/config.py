@@ -218,6 +218,12 @@ class RoutingConfig(_Section):
     replica_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
     cascade: bool = False
     cascade_min_mean_logprob: float = -1.5
+    #: placement treats a replica as meeting the SLO when predicted TTFT and TPOT x (1 + margin) are
+    #: within it (scheduler/routing/placement.py DEFAULT_SLO_MARGIN; chosen on the simulated fleet)
+    placement_slo_margin: Annotated[float, Field(ge=0, le=2)] = 0.2
+    #: among models reaching the quality target: "smallest" (smallest adequate model whose replica
+    #: meets the SLO) or "lowest-energy" (lowest predicted energy for this request among them)
+    model_choice: Literal["smallest", "lowest-energy"] = "smallest"
 
 
 # --- server --------------------------------------------------------------------------------------

@@ -155,6 +155,10 @@ class ReplicaStats(TypedDict, total=False):
     # live predictions for one more request at the current load
     prefill_tokens_per_second: float
     decode_seconds_per_token: float  # TPOT at the current batch size
+    decode_seconds_per_token_per_sequence: float  # how that TPOT grows per extra sequence in the batch
+    # recent load (exponentially weighted), so placement can see the batch a request will actually meet
+    arrival_rate_per_second: float  # requests admitted per second
+    arrival_prompt_tokens_per_second: float  # their prompt tokens per second (prefill that interleaves with decode)
     # energy figures at the current operating point (device power split by work)
     power_watts: float  # current draw of the replica's devices together
     idle_power_watts: float

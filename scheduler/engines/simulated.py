@@ -109,7 +109,7 @@ class SimulatedEngine(Engine):
                 self.core.cancel(req, self._clock())
 
     def stats(self) -> ReplicaStats:
-        return ReplicaStats(**replica_stats(self.core, self.model_id, self.replica_id, self._recent))
+        return ReplicaStats(**replica_stats(self.core, self.model_id, self.replica_id, self._recent, self._clock()))
 
     async def close(self) -> None:
         if self._task is not None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
 from scheduler.config import RoutingConfig
+from scheduler.routing.placement import DEFAULT_SLO_MARGIN
 
 Priority = Literal["interactive", "batch"]
 CONTROL_FIELDS = ("min_quality", "slo", "priority", "max_energy_joules")
@@ -31,6 +32,9 @@ class RequestControls:
     tpot_ms: float
     priority: Priority
     max_energy_joules: float | None
+    #: operator settings from RoutingConfig (not request fields): placement's SLO headroom, model choice rule
+    placement_slo_margin: float = DEFAULT_SLO_MARGIN
+    model_choice: str = "smallest"
 
     @property
     def ttft_slo_seconds(self) -> float:
@@ -107,4 +111,5 @@ def merge_request_controls(
     if req.get("max_energy_joules") is not None and key.get("max_energy_joules") is not None:
         max_energy = min(max_energy or math.inf, _number("api_key.defaults.max_energy_joules", key["max_energy_joules"], positive=True))
 
-    return RequestControls(min_quality, slo["ttft_ms"], slo["tpot_ms"], priority, max_energy)  # type: ignore[arg-type]
+    return RequestControls(min_quality, slo["ttft_ms"], slo["tpot_ms"], priority, max_energy,  # type: ignore[arg-type]
+                           routing_config.placement_slo_margin, routing_config.model_choice)

@@ -3,15 +3,27 @@
 Pure and fast (no I/O, no locks): the gateway, the Ray Serve request router and the fleet simulator
 all call place() / rank_replicas() with the ReplicaStats each replica publishes.
 
-Prediction for one more request on a replica, from its live stats:
+Prediction for one more request on a replica, from its live stats. Latency is predicted at the
+batch the request will actually see, not at the batch of this instant:
 - TTFT = (prefill tokens already queued + this prompt) / prefill_tokens_per_second; when the queue
   is not published in tokens, each waiting request is assumed to be as long as this one.
-- TPOT = decode_seconds_per_token (published as the TPOT one more request would see).
+- TPOT = the decode step at the request's mean batch, stretched by the prefills that interleave
+  with its decode: step / (1 - prefill share). The mean batch is running + waiting + this one +
+  half the requests expected to arrive during its decode (arrival_rate_per_second x its decode
+  time; departures are ignored, which errs on the slow side); the step grows with the batch by
+  decode_seconds_per_token_per_sequence. The prefill share is arrival_prompt_tokens_per_second /
+  prefill_tokens_per_second; a replica that publishes no arrival rate has its queued prompts stand
+  in for it (their prefill time against this request's decode time). Prompts queued ahead of this
+  one prefill before its first token (FIFO), so with a published rate they count in TTFT only.
+- Feasible when predicted x (1 + slo_margin) is within the SLO, for TTFT and TPOT alike: the
+  margin covers bursts the averages above smooth over (DEFAULT_SLO_MARGIN, chosen on the
+  simulated fleet, docs/results/routing-fleet.md; RoutingConfig.placement_slo_margin sets it).
 - energy = prompt x joules_per_prefill_token + output x joules_per_decode_token (the dynamic,
   above-idle figures at the batch the request would join) + an idle share: idle_power_watts x the
   request's predicted latency / (running + 1), the part of the idle draw it would be charged.
 Missing figures are unknown, not zero: a replica with an unknown TTFT or TPOT is treated as
-meeting that SLO, but ranks after replicas whose figures are known at equal energy.
+meeting that SLO, but ranks after replicas whose figures are known at equal energy. Among feasible
+replicas the lowest predicted energy wins (then TTFT, then index: deterministic).
 """
 
 from __future__ import annotations
@@ -29,6 +41,10 @@ _PRIOR_J_PER_TOKEN_AT_1B = 0.1186 / 8**0.878
 _PRIOR_EXPONENT = 0.878
 #: prefill is compute-bound and batched: roughly a tenth of a decode token's energy per token
 _PRIOR_PREFILL_FRACTION = 0.1
+#: default safety margin on predicted TTFT and TPOT (feasible when predicted x (1 + margin) <= SLO)
+DEFAULT_SLO_MARGIN = 0.2
+#: a replica whose prefill share of time reaches this is saturated: its decodes would barely advance
+_MAX_PREFILL_SHARE = 0.95
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,8 @@ class PlacementRequest:
     output_tokens: int
     ttft_slo_seconds: float | None = None
     tpot_slo_seconds: float | None = None
+    #: feasible when predicted latency x (1 + slo_margin) is within the SLO
+    slo_margin: float = DEFAULT_SLO_MARGIN
 
 
 @dataclass
@@ -80,11 +98,13 @@ def _as_request(request: PlacementRequest | Mapping[str, Any] | Any) -> Placemen
         out = params.force_output_tokens or params.max_tokens or 0
         return PlacementRequest(prompt_tokens=int(hint), output_tokens=int(out))
     get = request.get if isinstance(request, Mapping) else (lambda k, d=None: getattr(request, k, d))
+    margin = get("slo_margin", None)
     return PlacementRequest(
         prompt_tokens=int(get("prompt_tokens", 0) or 0),
         output_tokens=int(get("output_tokens", None) or get("max_tokens", 0) or 0),
         ttft_slo_seconds=get("ttft_slo_seconds", None),
         tpot_slo_seconds=get("tpot_slo_seconds", None),
+        slo_margin=DEFAULT_SLO_MARGIN if margin is None else float(margin),
     )
 
 
@@ -109,20 +129,41 @@ def predict(
 
     prefill_tps = _num(stats, "prefill_tokens_per_second")
     ttft = None
+    queued = 0.0
     if prefill_tps and prefill_tps > 0:
-        queued = _num(stats, "queued_prefill_tokens")
-        if queued is None:
-            queued = waiting * p_tokens
+        q = _num(stats, "queued_prefill_tokens")
+        queued = waiting * p_tokens if q is None else max(q, 0.0)
         ttft = (queued + p_tokens) / prefill_tps
-    tpot = _num(stats, "decode_seconds_per_token")
+    step_now = _num(stats, "decode_seconds_per_token")  # the step at running + 1
+    tpot = None
+    prefill_share = 0.0
+    if step_now is not None:
+        slope = max(_num(stats, "decode_seconds_per_token_per_sequence") or 0.0, 0.0)
+        decode_steps = max(o_tokens - 1, 1)
+        if prefill_tps and prefill_tps > 0:
+            prompt_rate = _num(stats, "arrival_prompt_tokens_per_second")
+            if prompt_rate is not None:
+                prefill_share = max(prompt_rate, 0.0) / prefill_tps
+            elif queued > 0:
+                # no published rate: the queue is the visible prefill load, spread over this request's decode
+                queued_s = queued / prefill_tps
+                prefill_share = queued_s / (queued_s + decode_steps * step_now)
+        prefill_share = min(prefill_share, _MAX_PREFILL_SHARE)
+        stretch = 1.0 / (1.0 - prefill_share)
+        extra_batch = waiting  # the queue joins the batch before or with this request
+        rate = _num(stats, "arrival_rate_per_second")
+        if rate:
+            decode_s = decode_steps * (step_now + slope * extra_batch) * stretch
+            extra_batch += 0.5 * max(rate, 0.0) * decode_s
+        tpot = (step_now + slope * extra_batch) * stretch
 
     jp, jd = _num(stats, "joules_per_prefill_token"), _num(stats, "joules_per_decode_token")
     source = "replica-stats"
     if jd is None:
         power, idle = _num(stats, "power_watts"), _num(stats, "idle_power_watts") or 0.0
-        if power is not None and tpot is not None:
+        if power is not None and step_now is not None:
             # the batch's dynamic power shared by the running requests, one token each per step
-            jd = max(power - idle, 0.0) * tpot / (running + 1.0)
+            jd = max(power - idle, 0.0) * step_now / (running + 1.0)
         elif prior_params_b is not None:
             jp_prior, jd = prior_joules_per_token(prior_params_b)
             jp = jp if jp is not None else jp_prior
@@ -145,12 +186,15 @@ def predict(
     if kv_free is not None and kv_free <= 0.0:
         feasible = False
         reasons.append("KV cache full")
-    if request.ttft_slo_seconds is not None and ttft is not None and ttft > request.ttft_slo_seconds:
+    headroom = 1.0 + max(request.slo_margin, 0.0)
+    margin_note = f" with {request.slo_margin:.0%} margin" if request.slo_margin > 0 else ""
+    if request.ttft_slo_seconds is not None and ttft is not None and ttft * headroom > request.ttft_slo_seconds:
         feasible = False
-        reasons.append(f"predicted TTFT {ttft * 1000:.0f} ms > SLO {request.ttft_slo_seconds * 1000:.0f} ms")
-    if request.tpot_slo_seconds is not None and tpot is not None and tpot > request.tpot_slo_seconds:
+        reasons.append(f"predicted TTFT {ttft * 1000:.0f} ms > SLO {request.ttft_slo_seconds * 1000:.0f} ms{margin_note}")
+    if request.tpot_slo_seconds is not None and tpot is not None and tpot * headroom > request.tpot_slo_seconds:
         feasible = False
-        reasons.append(f"predicted TPOT {tpot * 1000:.1f} ms > SLO {request.tpot_slo_seconds * 1000:.1f} ms")
+        share = f", prefill share {prefill_share:.0%}" if prefill_share > 0 else ""
+        reasons.append(f"predicted TPOT {tpot * 1000:.1f} ms{share} > SLO {request.tpot_slo_seconds * 1000:.1f} ms{margin_note}")
     if feasible:
         reasons.append("meets SLO" + ("" if ttft is not None and tpot is not None else " (latency partly unknown)"))
     return ReplicaPrediction(index, energy, ttft, tpot, feasible, "; ".join(reasons), source)

@@ -264,7 +264,8 @@ def route(
         adequate = passing
         passing[0].reason = "requested explicitly"
 
-    req = PlacementRequest(prompt_tokens, output_tokens, controls.ttft_slo_seconds, controls.tpot_slo_seconds)
+    req = PlacementRequest(prompt_tokens, output_tokens, controls.ttft_slo_seconds, controls.tpot_slo_seconds,
+                           controls.placement_slo_margin)
     by_id = {m.id: m for m in ordered}
     placed: list[tuple[CandidateDecision, ReplicaPrediction | None, bool]] = []  # (candidate, best replica, slo met)
     for c in adequate:
@@ -320,7 +321,14 @@ def route(
         placed = within
 
     meeting = [t for t in placed if t[2]]
-    if meeting:
+    if meeting and controls.model_choice == "lowest-energy" and len(meeting) > 1:
+        # marginal energy: an already-busy larger replica can cost less per request than waking an idle GPU;
+        # unknown energy ranks last, ties go to the smaller model (meeting is in size order, min is stable)
+        chosen, best, _ = min(meeting, key=lambda t: t[0].predicted_energy_joules if t[0].predicted_energy_joules is not None else math.inf)
+        slo_met = True
+        how = "lowest predicted energy among adequate models meeting the SLO"
+        meeting = [t for t in meeting if t[0] is chosen] + [t for t in meeting if t[0] is not chosen]
+    elif meeting:
         chosen, best, _ = meeting[0]
         slo_met = True
         spilled = [c.model_id for c, _, ok in placed if not ok and c.size_position < chosen.size_position]

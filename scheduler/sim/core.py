@@ -31,6 +31,10 @@ from scheduler.sim.profiles import ModelProfile
 #: share of GPU memory vLLM may use (gpu_memory_utilization) and what it keeps for activations
 GPU_MEMORY_UTILIZATION = 0.9
 ACTIVATION_RESERVE_BYTES = 1.0e9
+#: time constant of the exponentially weighted arrival rate a replica publishes for placement
+ARRIVAL_RATE_WINDOW_SECONDS = 30.0
+#: extra sequences at which the decode step time is probed for its per-sequence slope
+_SLOPE_PROBE_SEQUENCES = 32
 
 
 @dataclass(eq=False)
@@ -149,6 +153,10 @@ class BatchCore:
         self.completed = 0
         self.preemptions = 0
         self.tokens_generated = 0
+        # decayed counts of submitted requests and their prompt tokens (arrival_rates)
+        self._arrivals = 0.0
+        self._arrival_prompt_tokens = 0.0
+        self._arrivals_at: float | None = None
         for g in self.gpus:
             g.attach_model(True)
 
@@ -165,6 +173,18 @@ class BatchCore:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to prefill: the waiting queue plus the unprefilled rest of prompts in flight."""
+        return sum(r._prefill_len for r in self.waiting) + sum(r._prefill_len - r._prefilled for r in self.prefilling)
+
+    def arrival_rates(self, now: float) -> tuple[float, float]:
+        """(requests/s, prompt tokens/s) submitted here, exponentially weighted over ARRIVAL_RATE_WINDOW_SECONDS."""
+        if self._arrivals_at is None:
+            return 0.0, 0.0
+        decay = math.exp(-max(now - self._arrivals_at, 0.0) / ARRIVAL_RATE_WINDOW_SECONDS) / ARRIVAL_RATE_WINDOW_SECONDS
+        return self._arrivals * decay, self._arrival_prompt_tokens * decay
 
     @property
     def kv_used_tokens(self) -> int:
@@ -199,6 +219,13 @@ class BatchCore:
 
     # --- driving -------------------------------------------------------------------------------
     def submit(self, req: SimRequest, now: float) -> float | None:
+        if self._arrivals_at is not None:
+            decay = math.exp(-max(now - self._arrivals_at, 0.0) / ARRIVAL_RATE_WINDOW_SECONDS)
+            self._arrivals *= decay
+            self._arrival_prompt_tokens *= decay
+        self._arrivals += 1.0
+        self._arrival_prompt_tokens += req.prompt_tokens
+        self._arrivals_at = now
         req._seq = next(self._seq)
         req._prefill_len = req.prompt_tokens
         req.state = "waiting"
@@ -404,8 +431,14 @@ class BatchCore:
         )
         tp, ep, _, _ = self.operating_point(wp)
         extra_s = max(tp - td, 1e-9)
+        # how the decode step grows with the batch (placement predicts TPOT at the batch a request will see)
+        k = _SLOPE_PROBE_SEQUENCES
+        per_seq_ctx = ctx / n if n else float(prefill_tokens)
+        wk = iteration_work(self.model, decode_tokens=n + k, decode_context_tokens=ctx + k * per_seq_ctx)
+        tk, _, _, _ = self.operating_point(wk)
         return {
             "decode_seconds_per_token": td,
+            "decode_seconds_per_token_per_sequence": max(tk - td, 0.0) / k,
             "prefill_tokens_per_second": prefill_tokens / extra_s,
             "joules_per_decode_token": sum(ed) / n,
             "joules_per_prefill_token": max(sum(ep) - sum(ed), 0.0) / prefill_tokens,
@@ -443,8 +476,8 @@ class RecentLatencies:
         return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
 
 
-def replica_stats(core: BatchCore, model_id: str, replica_id: str, recent: RecentLatencies) -> dict:
-    """ReplicaStats (scheduler/engines/base.py) for a simulated replica at this instant."""
+def replica_stats(core: BatchCore, model_id: str, replica_id: str, recent: RecentLatencies, now: float | None = None) -> dict:
+    """ReplicaStats (scheduler/engines/base.py) for a simulated replica at this instant (`now`, for the arrival rate)."""
     pred = core.predict()
     stats = {
         "model_id": model_id,
@@ -457,8 +490,13 @@ def replica_stats(core: BatchCore, model_id: str, replica_id: str, recent: Recen
         "power_watts": sum(g.power_watts() for g in core.gpus),
         "idle_power_watts": sum(g.idle_power_watts() for g in core.gpus),
         "requests_completed": core.completed,
+        "queued_prefill_tokens": core.queued_prefill_tokens,
         **pred,
     }
+    if now is not None:
+        rate, prompt_rate = core.arrival_rates(now)
+        stats["arrival_rate_per_second"] = rate
+        stats["arrival_prompt_tokens_per_second"] = prompt_rate
     for key, p in recent.p99().items():
         if p is not None:
             stats[key] = p

@@ -105,7 +105,7 @@ class SimReplica(CoreListener):
         self._schedule(self.core.replan_after_settings_change(self.loop.clock.now))
 
     def stats(self) -> dict:
-        return replica_stats(self.core, self.model_id, self.replica_id, self.recent)
+        return replica_stats(self.core, self.model_id, self.replica_id, self.recent, self.loop.clock.now)
 
 
 @dataclass
