@@ -84,6 +84,8 @@ class ModelConfig(_Section):
     replicas: Annotated[int, Field(ge=1)] = 1
     #: concurrent requests one replica accepts before Serve queues them
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 4
+    #: requests queued for the model beyond that; more are refused with 503 and Retry-After
+    max_queued_requests: Annotated[int, Field(ge=1)] = 256
     #: engine-specific options (llama.cpp: n_threads, n_batch; simulated: profile, gpu, num_gpus)
     engine_options: dict[str, Any] = Field(default_factory=dict)
     #: capabilities for routing hard constraints
@@ -220,7 +222,7 @@ class RoutingConfig(_Section):
     cascade_min_mean_logprob: float = -1.5
     #: placement treats a replica as meeting the SLO when predicted TTFT and TPOT x (1 + margin) are
     #: within it (scheduler/routing/placement.py DEFAULT_SLO_MARGIN; chosen on the simulated fleet)
-    placement_slo_margin: Annotated[float, Field(ge=0, le=2)] = 0.2
+    placement_slo_margin: Annotated[float, Field(ge=0, le=2)] = 0.5
     #: among models reaching the quality target: "smallest" (smallest adequate model whose replica
     #: meets the SLO) or "lowest-energy" (lowest predicted energy for this request among them)
     model_choice: Literal["smallest", "lowest-energy"] = "smallest"

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ray.serve.exceptions import BackPressureError
+
 from scheduler.api.errors import ApiError
 from scheduler.api.router import Routed
 
@@ -147,6 +149,8 @@ class InferenceService:
             raise _ReplicaFailure(f"no answer within {self.gw.config.routing.replica_timeout_seconds:g} s") from None
         except ApiError:
             raise
+        except BackPressureError:
+            raise _ReplicaFailure(f"queue full ({self.gw.config.model(model).max_queued_requests} requests waiting)") from None
         except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
             raise _ReplicaFailure(type(exc).__name__) from None
 

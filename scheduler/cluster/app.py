@@ -46,6 +46,7 @@ def build_app(config: WattlaneConfig, state_dir: Path):
             name=deployment_name(m.id),
             num_replicas=m.replicas,
             max_ongoing_requests=m.max_ongoing_requests,
+            max_queued_requests=m.max_queued_requests,
             ray_actor_options={"num_cpus": replica_num_cpus(m)},
             health_check_period_s=10,
             graceful_shutdown_timeout_s=5,
