@@ -1,6 +1,6 @@
 """Routing benchmark on the simulated fleet: energy, latency and label-implied accuracy of model selection + placement against baselines.
 
-    python -m scheduler.bench.routing_fleet [--minutes M] [--seed S]
+    python -m scheduler.bench.routing_fleet [--minutes M] [--seed S] [--placement-slo-margin X] [--only NAMES]
 writes docs/results/routing-fleet.json and docs/results/routing-fleet.md (every figure method "simulated").
 
 Replays the Azure conversation trace ($WATTLANE_SHARED_DIR or <repo>/../shared) through the fleet
@@ -11,6 +11,8 @@ routing split (scheduler.sim.prompts), the same draw for every policy (same seed
   (c) auto (adequacy predictor, smallest adequate model), round-robin among the chosen model's replicas
   (d) auto with energy placement: the full Wattlane policy
   (e) always the smallest model (Llama-3.1-8B), energy placement: the energy lower bound
+  (f) auto with model_choice "lowest-energy" (the adequate model with the lowest predicted energy
+      on its best feasible replica, not always the smallest), energy placement
 (a)-(e) run on configs/sim-fleet.yaml (4x 8B + 1x 70B TP4 on 8 H100); (a) and (b) also on
 configs/sim-fleet-70b.yaml (2x 70B TP4 on the same 8 H100), the equal-hardware baseline. (c) and (d)
 run at several quality targets, each calibrated on the held-out split by scheduler.routing.calibrate.
@@ -65,16 +67,23 @@ def quality_targets() -> list[dict[str, Any]]:
     return out
 
 
-def run_one(config_path: Path, trace, *, model: str, placement: str, seed: int, min_quality: float | None = None) -> dict[str, Any]:
+def run_one(config_path: Path, trace, *, model: str, placement: str, seed: int, min_quality: float | None = None,
+            model_choice: str | None = None, placement_slo_margin: float | None = None) -> dict[str, Any]:
+    config = load_config(config_path)
+    if model_choice is not None:
+        config.routing.model_choice = model_choice  # type: ignore[assignment]
+    if placement_slo_margin is not None:
+        config.routing.placement_slo_margin = placement_slo_margin
     sim = FleetSimulator(
-        load_config(config_path), seed=seed, model=model, min_quality=min_quality, strong_models=[LARGE],
+        config, seed=seed, model=model, min_quality=min_quality, strong_models=[LARGE],
         placement=energy_placement if placement == "energy" else RoundRobin(start=seed),
     )
     s = sim.run(trace).summary()
     out = {k: s[k] for k in KEYS}
     r = s["routing"]
     out.update(
-        config=str(config_path.relative_to(REPO_DIR)), model=model, placement=placement, min_quality=r["min_quality"] if model == "auto" else None,
+        config=str(config_path.relative_to(REPO_DIR)), model=model, placement=placement,
+        model_choice=config.routing.model_choice, placement_slo_margin=config.routing.placement_slo_margin, min_quality=r["min_quality"] if model == "auto" else None,
         requests_by_model=r["requests_by_model"], large_model_share=r["large_model_share"], label_accuracy=r["label_accuracy"],
         weak_accuracy_same_prompts=r["weak_accuracy_same_prompts"], strong_accuracy_same_prompts=r["strong_accuracy_same_prompts"],
         best_effort_requests=r["best_effort_requests"], route_seconds_mean=r["route_seconds_mean"], route_seconds_p99=r["route_seconds_p99"],
@@ -109,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="replay only the first M minutes (default: the whole hour)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace", type=Path, default=None)
+    ap.add_argument("--placement-slo-margin", type=float, default=None,
+                    help="override routing.placement_slo_margin for every run (default: the configs' value)")
+    ap.add_argument("--only", default=None, help="comma-separated run names (e.g. largest-energy-2x70b): run those only, print, write nothing")
     ap.add_argument("--out", type=Path, default=RESULTS / "routing-fleet", help="output path without suffix (.json and .md are written)")
     args = ap.parse_args(argv)
 
@@ -118,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     targets = quality_targets()
     runs: dict[str, dict[str, Any]] = {}
 
+    only = set(args.only.split(",")) if args.only else None
+
     def go(name: str, label: str, config: Path, **kw: Any) -> None:
-        r = run_one(config, trace, seed=args.seed, **kw)
+        if only is not None and name not in only:
+            return
+        r = run_one(config, trace, seed=args.seed, placement_slo_margin=args.placement_slo_margin, **kw)
         r["label"] = label
         runs[name] = r
         print(f"{name:24s} {r['energy_per_request_joules']:7.1f} J/req  SLO {r['slo_attainment']:.3f}  "
@@ -134,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         q = t["min_quality"]
         go(f"auto-rr@{q:g}", f"(c) auto (min_quality {q:g}), round-robin", MIXED_FLEET, model="auto", placement="round-robin", min_quality=q)
         go(f"auto-energy@{q:g}", f"(d) auto (min_quality {q:g}), energy placement: Wattlane", MIXED_FLEET, model="auto", placement="energy", min_quality=q)
+        go(f"auto-energy-lowest@{q:g}", f"(f) auto (min_quality {q:g}), lowest-energy model choice, energy placement", MIXED_FLEET,
+           model="auto", placement="energy", min_quality=q, model_choice="lowest-energy")
+    if only is not None:
+        return 0
 
     comparisons: dict[str, dict[str, Any]] = {}
     for t in targets:
@@ -141,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         d = runs[f"auto-energy@{q:g}"]
         comparisons[f"{q:g}"] = {f"vs {name}": compare(d, runs[name]) for name, _ in BASELINES.values()}
         comparisons[f"{q:g}"]["vs auto-rr"] = compare(d, runs[f"auto-rr@{q:g}"])
+        f = runs[f"auto-energy-lowest@{q:g}"]
+        comparisons[f"{q:g} (f) lowest-energy"] = {f"vs {name}": compare(f, runs[name]) for name, _ in BASELINES.values()}
+        comparisons[f"{q:g} (f) lowest-energy"]["vs auto-rr"] = compare(f, runs[f"auto-rr@{q:g}"])
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     pool = held_out_pool()
@@ -153,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": {"source": pool.source, "pool_size": len(pool), "draw": "uniform with replacement, seeded; the trace's token counts drive the physics"},
         "label_model_map": {"weak": SMALL, "strong": LARGE},
         "slo": {"ttft_ms": 1000, "tpot_ms": 100},
+        "placement_slo_margin": runs["largest-energy"]["placement_slo_margin"],
         "quality_targets": targets,
         "runs": runs,
         "comparisons": comparisons,
@@ -188,7 +212,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"SLO: TTFT <= {doc['slo']['ttft_ms'] / 1000:g} s and TPOT <= {doc['slo']['tpot_ms']:g} ms; attainment counts every trace request.",
         "",
         "Routing is the gateway's own code (scheduler.routing.select.route with live replica stats); energy is the GPU energy of all 8",
-        "GPUs over the run, idle included, divided by completed requests.",
+        "GPUs over the run, idle included, divided by completed requests. Placement predicts TTFT and TPOT at the batch a request",
+        "will see (queue, arrivals during its decode, prefill interference) and keeps a safety margin: feasible when predicted x "
+        f"(1 + {doc['placement_slo_margin']:g}) is within the SLO (routing.placement_slo_margin; docs/routing.md).",
         "",
         "Quality targets (min_quality), calibrated on the held-out split with scheduler.routing.calibrate:",
         "",
@@ -211,7 +237,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{r['ttft_p99_seconds']:.2f} | {r['tpot_p99_seconds'] * 1000:.0f} | {_pct(r['slo_attainment'], 2)} | "
             f"{_pct(r['large_model_share'])} | {_pct(r['label_accuracy'])} |"
         )
-    lines += ["", "## Wattlane (d) against the baselines", "",
+    lines += ["", "## Wattlane (d), and the lowest-energy model choice (f), against the baselines", "",
               "| min_quality | against | energy/request | SLO attainment | label accuracy | lower energy at equal or better SLO |",
               "|---:|---|---:|---:|---:|---|"]
     for q, comps in doc["comparisons"].items():

@@ -52,6 +52,11 @@ def _replicas(n: int, rng: random.Random, jpt: float) -> list[dict]:
             "joules_per_prefill_token": jpt * 0.1 * rng.uniform(0.5, 2),
             "joules_per_decode_token": jpt * rng.uniform(0.5, 2),
             "kv_cache_free_fraction": rng.uniform(0.05, 1.0),
+            # the load figures placement uses to predict latency at the batch a request will see
+            "queued_prefill_tokens": rng.randint(0, 16000),
+            "decode_seconds_per_token_per_sequence": rng.uniform(0.0, 2e-4),
+            "arrival_rate_per_second": rng.uniform(0.0, 10.0),
+            "arrival_prompt_tokens_per_second": rng.uniform(0.0, 12000.0),
         }
         for i in range(n)
     ]

@@ -42,7 +42,7 @@ _PRIOR_EXPONENT = 0.878
 #: prefill is compute-bound and batched: roughly a tenth of a decode token's energy per token
 _PRIOR_PREFILL_FRACTION = 0.1
 #: default safety margin on predicted TTFT and TPOT (feasible when predicted x (1 + margin) <= SLO)
-DEFAULT_SLO_MARGIN = 0.2
+DEFAULT_SLO_MARGIN = 0.5
 #: a replica whose prefill share of time reaches this is saturated: its decodes would barely advance
 _MAX_PREFILL_SHARE = 0.95
 
