@@ -12,7 +12,7 @@ Wire it per model deployment:
             return dict(self.engine.stats())        # a ReplicaStats
 
 and call it with the placement hint: handle.generate.remote(request, placement={"prompt_tokens": ...,
-"output_tokens": ..., "ttft_slo_seconds": ..., "tpot_slo_seconds": ...}). The ranking is the one of
+"output_tokens": ..., "ttft_slo_seconds": ..., "tpot_slo_seconds": ..., "slo_margin": ...}) (slo_margin optional). The ranking is the one of
 scheduler.routing.placement.rank_replicas, one replica per rank, so Serve's own queue-length probe
 still skips a full replica and falls through to the next best.
 """
@@ -23,7 +23,7 @@ from typing import Any, List, Mapping, Optional
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from scheduler.routing.placement import PlacementRequest, rank_replicas
+from scheduler.routing.placement import DEFAULT_SLO_MARGIN, PlacementRequest, rank_replicas
 
 
 def placement_hint(pending_request: Optional[PendingRequest]) -> PlacementRequest:
@@ -42,6 +42,7 @@ def placement_hint(pending_request: Optional[PendingRequest]) -> PlacementReques
             output_tokens=int(hint.get("output_tokens") or 0),
             ttft_slo_seconds=hint.get("ttft_slo_seconds"),
             tpot_slo_seconds=hint.get("tpot_slo_seconds"),
+            slo_margin=DEFAULT_SLO_MARGIN if hint.get("slo_margin") is None else float(hint["slo_margin"]),
         )
     # no hint: rank by the replicas' own figures for a token-less request (idle share, then TTFT)
     return PlacementRequest(prompt_tokens=0, output_tokens=0)
