@@ -267,6 +267,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "model generates. Energy placement saves by packing work onto few replicas (the others idle); model selection saves",
         "when it takes enough load off the large model, and costs when it wakes an otherwise idle small-model GPU while the",
         "large replica stays busy anyway. The comparison table says for each quality target where the saving holds.",
+        "Energy placement packs only while the replica's predicted latency at the batch the request will see (with the margin)",
+        "stays within the SLO, so the 2x 70B energy-placement baseline now spreads load once one replica is full.",
+        "Wall-clock decision times in the replay include waits for a core on the shared machine;",
+        "`python -m scheduler.bench.routing_latency` measures route() alone (docs/results/routing-latency.md).",
         "",
     ]
     return "\n".join(lines)
