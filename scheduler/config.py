@@ -72,7 +72,8 @@ class WeightsSource(_Section):
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
-    engine: Literal["llamacpp", "simulated", "openai-upstream", "vllm"]
+    #: the engines this build has (vLLM and OpenAI-compatible upstreams are not implemented yet)
+    engine: Literal["llamacpp", "simulated"]
     weights: WeightsSource | None = None
     context_length: Annotated[int, Field(gt=0)] = 2048
     #: parameters in billions; used for "smallest model first" and for energy priors
@@ -93,15 +94,11 @@ class ModelConfig(_Section):
     supports_tools: bool = False
     #: quality prior in 0..1 used by the router when no predictor covers this model
     quality: Annotated[float, Field(ge=0, le=1)] | None = None
-    #: for openai-upstream: base URL of the upstream server
-    upstream_url: str | None = None
 
     @model_validator(mode="after")
     def _engine_needs(self) -> "ModelConfig":
         if self.engine == "llamacpp" and self.weights is None:
             raise ValueError("engine 'llamacpp' needs 'weights' (path, package+file or assemble_package)")
-        if self.engine == "openai-upstream" and not self.upstream_url:
-            raise ValueError("engine 'openai-upstream' needs 'upstream_url'")
         return self
 
 

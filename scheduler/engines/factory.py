@@ -34,7 +34,4 @@ def build_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, de
         from scheduler.engines.simulated import build_simulated_engine
 
         return build_simulated_engine(model, config, devices or {}, replica_index=replica_index)
-    raise ConfigError(
-        f"engine '{model.engine}' is not available in this build",
-        file=config.source_path, key=f"models (id {model.id}).engine", fix="use llamacpp or simulated",
-    )
+    raise AssertionError(f"engine {model.engine!r} passed config validation but has no builder")
