@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ def fleet(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
     cfg = yaml.safe_load((REPO / "configs" / "sim-fleet.yaml").read_text())
     cfg["power"]["mode"] = "enforce"  # simulated GPUs accept settings: exercise the real actuator path
+    big = next(m for m in cfg["models"] if m["id"] == "llama-3.1-70b")
+    big.update(max_ongoing_requests=1, max_queued_requests=1)  # a tiny queue, to see backpressure
     path = tmp / "fleet.yaml"
     path.write_text(yaml.safe_dump(cfg))
     port = free_port()
@@ -117,3 +120,21 @@ def test_power_cli_against_the_running_gateway(fleet):
     assert dev["power_limit_watts"] == 700 and dev["locked_clocks_mhz"] is None
     r = _cli("power", "audit", "--url", url, "--json")
     assert r.returncode == 0 and "cli test" in r.stdout
+
+
+def test_a_full_queue_is_refused_with_503_and_retry_after(fleet):
+    url, _ = fleet
+
+    def one(_: int) -> httpx.Response:
+        return httpx.post(url + "/v1/chat/completions", timeout=120,
+                          json={"model": "llama-3.1-70b", "max_tokens": 400,
+                                "messages": [{"role": "user", "content": "Write an essay."}]})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(one, range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert refused.headers["retry-after"] == "5"
+    err = refused.json()["error"]
+    assert err["code"] == "no_capacity" and "queue full" in err["message"], err
