@@ -1,0 +1,1 @@
+"""The HTTP side: OpenAI protocol models, routes, auth, errors, and the gateway deployment."""

@@ -1,0 +1,1 @@
+"""Benchmarks with reproducible commands; each writes its results under docs/results/."""

@@ -1,0 +1,1 @@
+"""The Device interface and its implementations: NVML GPU, CPU (RAPL or estimate), simulated GPU."""

@@ -1,0 +1,1 @@
+"""Energy accounting: meter, attribution, carbon intensity, ledger, metrics."""

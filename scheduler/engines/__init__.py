@@ -1,0 +1,1 @@
+"""The Engine interface and its implementations: llama.cpp, simulated."""

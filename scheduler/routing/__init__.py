@@ -1,0 +1,1 @@
+"""Energy-aware routing: adequacy prediction, model selection, placement, request controls, cascade."""

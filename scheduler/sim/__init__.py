@@ -1,0 +1,1 @@
+"""The fleet simulator: GPU and model profiles, physics, batching core, discrete-event replay."""
