@@ -26,7 +26,7 @@ class ConfigError(Exception):
     """A configuration problem, phrased for the person who wrote the file."""
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None, fix: str | None = None):
-        self.file, self.key, self.fix = file, key, fix
+        self.message, self.file, self.key, self.fix = message, file, key, fix
         parts = []
         if file:
             parts.append(f"{file}")
@@ -366,6 +366,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
         raise _error_from_validation(exc, shown, data) from None
     config.source_path = str(file.resolve())
     _check_cross_references(config, shown)
+    _check_carbon(config, shown)
     if check_files:
         for i, m in enumerate(config.models):
             if m.weights is not None:
@@ -387,6 +388,22 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
     for gi, g in enumerate(config.power.groups):
         if not g.devices:
             raise ConfigError("a power group needs at least one device", file=shown, key=f"power.groups[{gi}].devices", fix="list the device ids")
+
+
+def _check_carbon(config: WattlaneConfig, shown: str) -> None:
+    """Build the carbon provider once (offline, no network) so an unknown region stops start-up here."""
+    from scheduler.energy.carbon import CarbonDataError, make_carbon_provider
+
+    try:
+        provider = make_carbon_provider(config.energy.carbon, config_dir=config.config_dir())
+    except ConfigError as exc:
+        raise ConfigError(exc.message, file=shown, key=exc.key or "energy.carbon", fix=exc.fix) from None
+    except (CarbonDataError, OSError) as exc:
+        raise ConfigError(str(exc), file=shown, key="energy.carbon.csv_path",
+                          fix="give an hourly CSV with columns timestamp, intensity_gco2e_per_kwh") from None
+    close = getattr(provider, "close", None)
+    if close is not None:
+        close()
 
 
 def resolve_weights(

@@ -65,6 +65,8 @@ def test_relative_weights_path_is_relative_to_the_config_file(tmp_path, weights)
         (GOOD_MODEL.replace("id: tiny", "id: auto"), "models", "reserved"),
         (GOOD_MODEL + "energy: {carbon: {provider: fixed}}\n", "energy.carbon", "intensity_gco2e_per_kwh"),
         (GOOD_MODEL + "energy: {carbon: {pue: 0.5}}\n", "energy.carbon.pue", "greater than or equal to 1"),
+        (GOOD_MODEL + "energy: {carbon: {country: XYZ}}\n", "energy.carbon.country", "XYZ"),
+        (GOOD_MODEL + "energy: {carbon: {provider: csv, csv_path: missing.csv}}\n", "energy.carbon.csv_path", "not found"),
         (GOOD_MODEL + "server: {api_keys: [{id: a, key_sha256: short}]}\n", "server.api_keys[0] (id a).key_sha256", "pattern"),
     ],
 )
