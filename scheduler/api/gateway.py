@@ -75,26 +75,22 @@ class Gateway:
         return None
 
     async def refresh_devices(self) -> list[dict[str, Any]]:
-        snaps: list[dict[str, Any]] = []
+        """Pull every node agent's view: device readings, replica stats, power-action totals."""
         agents = list(self.agents().items())
-        results = await asyncio.gather(*(a.devices_snapshot.remote() for _, a in agents), return_exceptions=True)
-        for r in results:
-            if isinstance(r, list):
-                snaps.extend(r)
-        self.device_snapshots = snaps
-        stats = await asyncio.gather(*(a.replica_stats_all.remote() for _, a in agents), return_exceptions=True)
+        views = await asyncio.gather(*(a.gateway_view.remote() for _, a in agents), return_exceptions=True)
+        snaps: list[dict[str, Any]] = []
         fresh: dict[str, dict[str, Any]] = {}
-        for r in stats:
-            if isinstance(r, dict):
-                fresh.update(r)
+        for (node, _), view in zip(agents, views):
+            if not isinstance(view, dict):  # an agent that does not answer keeps its old data out
+                continue
+            snaps.extend(view["devices"])
+            fresh.update(view["replica_stats"])
+            self._sync_power_actions(node, view["power_action_totals"])
+        self.device_snapshots = snaps
         self.replica_stats = fresh
         for replica_id, st in fresh.items():
             self.metrics.set_replica_queue(model=st.get("model_id", ""), replica=replica_id,
                                            running=int(st.get("running", 0)), waiting=int(st.get("waiting", 0)))
-        totals = await asyncio.gather(*(a.power_action_totals.remote() for _, a in agents), return_exceptions=True)
-        for (node, _), t in zip(agents, totals):
-            if isinstance(t, dict):
-                self._sync_power_actions(node, t)
         return snaps
 
     def _sync_power_actions(self, node: str, totals: dict[str, int]) -> None:

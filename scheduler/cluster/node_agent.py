@@ -93,10 +93,6 @@ class NodeAgent:
         self._replica_stats[replica_id] = stats
         self.power.report_replica_stats(replica_id, stats)
 
-    def replica_stats_all(self) -> dict[str, dict[str, Any]]:
-        """The latest stats every replica on this node pushed (the gateway routes on them)."""
-        return dict(self._replica_stats)
-
     def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
         for d in self._request_devices.get(request_id, ()):
             self.attributor.progress(f"{request_id}@{d}", prompt_tokens, completion_tokens, t_s)
@@ -166,7 +162,16 @@ class NodeAgent:
             yield {"error": "engine", "message": str(exc)}
 
     # --- readings ----------------------------------------------------------------------------
-    async def devices_snapshot(self) -> list[dict[str, Any]]:
+    async def gateway_view(self) -> dict[str, Any]:
+        """Everything the gateway refreshes each second, in one round trip: device readings, the
+        replicas' latest stats (it routes on them) and power-action totals (for its metrics)."""
+        return {
+            "devices": await self._devices_snapshot(),
+            "replica_stats": dict(self._replica_stats),
+            "power_action_totals": dict(self.power_action_counts),
+        }
+
+    async def _devices_snapshot(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
             out = []
             for device_id, device in self.devices.items():
@@ -192,10 +197,6 @@ class NodeAgent:
     # --- power (operator API and governor) ----------------------------------------------------
     _POWER_METHODS = frozenset({"set_power_limit", "reset_power_limit", "set_locked_clocks", "reset_locked_clocks",
                                 "get_policy", "put_policy", "audit", "status"})
-
-    def power_action_totals(self) -> dict[str, int]:
-        """Applied/recommended actions per "device|action", for wattlane_power_actions_total."""
-        return dict(self.power_action_counts)
 
     async def power_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._POWER_METHODS:

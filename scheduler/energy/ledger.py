@@ -108,6 +108,13 @@ _GROUP_SQL = {
 }
 
 
+def _group_sql(group_by: str) -> str:
+    """The SQL expression a report groups by; ValueError for anything else."""
+    if group_by not in _GROUP_SQL:
+        raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
+    return _GROUP_SQL[group_by]
+
+
 class LedgerClosedError(RuntimeError):
     pass
 
@@ -281,9 +288,7 @@ class Ledger:
         api_key: str | None = None,
     ) -> list[dict[str, Any]]:
         """Totals per group: requests, joules (and parts), gco2e, tokens, tokens per joule."""
-        if group_by not in _GROUP_SQL:
-            raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
-        key = _GROUP_SQL[group_by]
+        key = _group_sql(group_by)
         where, params = self._where(since, until, model, device, api_key)
         sql = (
             f"SELECT {key} AS grp, COUNT(*) AS requests, "
@@ -329,11 +334,9 @@ class Ledger:
         Summaries add joules across methods; this says how much of them was measured, estimated or
         simulated, so no report can pass an estimate off as a measurement.
         """
-        if group_by not in _GROUP_SQL:
-            raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
         where, params = self._where(since, until, model, device, api_key)
         sql = (
-            f"SELECT {_GROUP_SQL[group_by]} AS grp, energy_method, energy_scope, carbon_source, carbon_region, "
+            f"SELECT {_group_sql(group_by)} AS grp, energy_method, energy_scope, carbon_source, carbon_region, "
             "COUNT(*) AS requests, TOTAL(joules) AS joules, TOTAL(gco2e) AS gco2e "
             f"FROM requests{where} GROUP BY grp, energy_method, energy_scope, carbon_source, carbon_region "
             "ORDER BY grp, joules DESC"
