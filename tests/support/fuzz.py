@@ -1,0 +1,109 @@
+"""Schema-driven fuzzing of a running gateway: schemathesis cases from its own OpenAPI document, steered to real models.
+
+Schemathesis generates valid and invalid requests for every operation from /openapi.json; a hypothesis
+strategy swaps in the server's real model ids for most of them (random strings would only ever reach the
+404 path) and keeps generations short so that the successful path runs many times. Each response must
+not be a 5xx (503 no-capacity refusals excepted), must use a documented status and content type, must
+match its documented schema, and every error must be in the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+#: operations that change server-wide state are fuzzed with a key that may not change it (403 expected)
+MUTATING = ("PUT", "DELETE", "POST")
+INFERENCE_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/route/explain")
+#: the most output tokens a fuzzed generation may ask for (keeps real CPU models fast)
+MAX_FUZZ_TOKENS = 2
+
+
+@dataclass
+class FuzzStats:
+    cases: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    ok_by_path: Counter = field(default_factory=Counter)
+
+
+def _steer(case, model: str | None, tokens: int) -> None:
+    """Point a generated inference body at a real model and keep its generation short."""
+    body = case.body
+    if not isinstance(body, dict):
+        return
+    if model is not None and "model" in body:
+        body["model"] = model
+    for key in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(key), int) and body[key] > tokens:
+            body[key] = tokens
+    if case.path in INFERENCE_PATHS and "max_tokens" not in body and "max_completion_tokens" not in body:
+        body["max_tokens"] = tokens
+    if isinstance(body.get("n"), int) and body["n"] > 1:
+        body["n"] = 1
+
+
+def _headers_for(case, keys: dict[str, str]) -> dict[str, str]:
+    if case.path in INFERENCE_PATHS:
+        role = "client"
+    elif case.method.upper() in MUTATING:
+        role = "client"  # must be refused with 403, never applied
+    elif case.path.startswith("/v1/energy") or case.path == "/dashboard":
+        role = "reader"
+    else:
+        role = "operator"
+    return {"Authorization": f"Bearer {keys[role]}"} if role in keys else {}
+
+
+def fuzz(url: str, keys: dict[str, str], *, max_examples: int) -> FuzzStats:
+    """Run max_examples schemathesis cases against the server at url; raises on the first failing check."""
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30,
+                                           headers=_role_header(keys, "client")).json()["data"]]
+    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+    stats = FuzzStats()
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=cases, model=st.one_of(st.sampled_from(models), st.none()))
+    def run(case, model) -> None:
+        _steer(case, model, MAX_FUZZ_TOKENS)
+        response = case.call(base_url=url, headers=_headers_for(case, keys), timeout=120)
+        stats.cases += 1
+        stats.statuses[response.status_code] += 1
+        if response.status_code == 200:
+            stats.ok_by_path[case.path] += 1
+        if response.status_code == 503:
+            _assert_envelope(response, case)
+            return  # a no-capacity refusal is an answer, not a crash
+        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                                 content_type_conformance, response_schema_conformance])
+        if response.status_code >= 400:
+            _assert_envelope(response, case)
+
+    run()
+    return stats
+
+
+def _role_header(keys: dict[str, str], role: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {keys[role]}"} if role in keys else {}
+
+
+def _assert_envelope(response, case) -> None:
+    if response.status_code == 405 or case.path == "/dashboard":
+        return
+    body = response.json()
+    assert set(body) == {"error"}, (case.method, case.path, body)
+    assert {"message", "type", "param", "code"} <= set(body["error"]), body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
