@@ -62,3 +62,17 @@ def test_a_request_without_seed_does_not_inherit_the_previous_seed(engine):
     unseeded = [generate(engine, COLOUR, 1.5, None, max_tokens=24) for _ in range(5)]
     # five independent 24-token draws at temperature 1.5 are all alike only if one seed is being reused
     assert len(set(unseeded)) > 1, unseeded
+
+
+def test_fingerprint_names_the_weights_build_and_settings(engine, tmp_path):
+    from scheduler.engines.llamacpp import _fingerprint
+
+    fp = engine.system_fingerprint
+    assert fp.startswith("fp_") and len(fp) == 15
+    weights = tmp_path / "w.gguf"
+    weights.write_bytes(b"weights one")
+    base = _fingerprint(weights, context_length=2048, n_threads=1, n_batch=256)
+    assert base == _fingerprint(weights, context_length=2048, n_threads=1, n_batch=256)
+    assert base != _fingerprint(weights, context_length=2048, n_threads=2, n_batch=256)
+    weights.write_bytes(b"weights two")
+    assert base != _fingerprint(weights, context_length=2048, n_threads=1, n_batch=256)
