@@ -160,14 +160,15 @@ class LlamaCppEngine(Engine):
         llm = self._llm
         params = request.params
         n_prompt = len(prompt_ids)
-        # Same request + same seed -> same text, whatever ran before (README "Reproducible output").
-        # Nothing of the previous request may carry over: its seed (llama-cpp-python keeps the last
-        # one set, so an unseeded request would reuse it) and its KV cache (generate() reuses the
-        # longest cached prefix and evaluates only the rest, and a prompt evaluated in pieces gets
-        # logits different enough, up to ~0.8 on SmolLM2 Q4_1, to change a sampled or even a greedy
-        # token). Re-evaluating the whole prompt costs one prefill of it per request.
+        # Same request + same seed -> same text, whatever ran before (README, reproducible output).
+        # llama-cpp-python keeps the last seed set, so an unseeded request would reuse it.
         llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
-        llm.reset()
+        if params.seed is not None or params.temperature <= 0:
+            # generate() reuses the longest prefix cached by the previous request and evaluates only
+            # the rest; a prompt evaluated in pieces gets logits up to ~0.8 apart (SmolLM2 Q4_1),
+            # enough to change a sampled or even a greedy token. A request that asks for a
+            # reproducible answer pays for one full prefill; a random one keeps the cache.
+            llm.reset()
         # the start event carries the prompt tokens, so attribution sees prefill work at once
         emit(EngineEvent(text="", prompt_tokens=n_prompt, completion_tokens=0, time_s=started))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
