@@ -54,6 +54,7 @@ class InferenceResult:
     latency_seconds: float
     created_s: int
     mean_logprob: float | None = None
+    system_fingerprint: str | None = None
 
 
 class _ReplicaFailure(Exception):
@@ -72,6 +73,8 @@ class StreamSession:
         self.result: InferenceResult | None = None
         self.routing = {"model": routed.model, "device": start.get("device"), "node": start.get("node"),
                         "reason": routed.reason}
+        #: None unless the engine promises that a seed reproduces the text
+        self.system_fingerprint: str | None = start.get("system_fingerprint")
         self.started_s = time.time()
         self._first_token_s: float | None = None
         self._text: list[str] = []
@@ -222,6 +225,7 @@ class InferenceService:
             latency_seconds=latency,
             created_s=int(s.started_s),
             mean_logprob=end.get("mean_logprob"),
+            system_fingerprint=s.system_fingerprint,
         )
         await self.gw.record(s.job, result, status="ok", energy_raw=energy)
         return result

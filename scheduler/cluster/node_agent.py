@@ -41,7 +41,9 @@ class NodeAgent:
 
         # simulated GPUs are not hardware of any node: only the head node's agent creates them
         self.devices: dict[str, Device] = {
-            d.device_id: d for d in discover_devices(self.config.devices, node, include_simulated=owns_simulated)
+            d.device_id: d for d in discover_devices(
+                self.config.devices, node, include_simulated=owns_simulated, state_dir=self.state_dir
+            )
         }
         e = self.config.energy
         self.attributor = Attributor(

@@ -108,7 +108,8 @@ class ModelServer:
         agent = self.agent
         started = time.time()
         last_report = 0.0
-        yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started}
+        yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started,
+               "system_fingerprint": self.engine.system_fingerprint}
         if agent is not None:
             agent.start_request.remote(rid, self.device_ids, started)
             self._push_stats()

@@ -7,6 +7,7 @@ estimate. Only a configuration that cannot be honoured (two devices with one id)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from scheduler.config import ConfigError, DevicesConfig
 from scheduler.devices.base import Device
@@ -14,11 +15,15 @@ from scheduler.devices.base import Device
 log = logging.getLogger(__name__)
 
 
-def discover_devices(devices_config: DevicesConfig, node: str, *, include_simulated: bool = True) -> list[Device]:
+def discover_devices(
+    devices_config: DevicesConfig, node: str, *, include_simulated: bool = True, state_dir: str | Path | None = None
+) -> list[Device]:
     """The devices this node meters, GPUs first ("gpu0"...), then "cpu0", then simulated GPUs.
 
     Simulated GPUs are not hardware of any node: each keeps the node named in its config, and in a
-    cluster only one node agent should create them (include_simulated=False on the others).
+    cluster only one node agent should create them (include_simulated=False on the others). With a
+    state_dir their settings persist in <state_dir>/simulated-gpus/<id>.json across restarts, as a
+    real GPU's do across a process crash.
     """
     devices: list[Device] = []
     if devices_config.nvml:
@@ -33,7 +38,8 @@ def discover_devices(devices_config: DevicesConfig, node: str, *, include_simula
         from scheduler.devices.simulated import SimulatedGpu
 
         for sim in devices_config.simulated:
-            devices.append(SimulatedGpu(device_id=sim.id, profile=sim.profile, node=sim.node))
+            settings = Path(state_dir) / "simulated-gpus" / f"{sim.id}.json" if state_dir is not None else None
+            devices.append(SimulatedGpu(device_id=sim.id, profile=sim.profile, node=sim.node, settings_path=settings))
     seen: dict[str, Device] = {}
     for device in devices:
         if device.device_id in seen:

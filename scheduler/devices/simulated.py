@@ -5,25 +5,37 @@ what it is doing (busy at a given mean power and clock, or idle) and the device 
 over time into its energy counter, piecewise constant between changes. Time comes from an
 injectable clock: time.time for serving behind the real gateway, the discrete-event loop's virtual
 clock for replays. Every figure it gives is labelled energy method "simulated".
+
+A real GPU keeps its power limit and clock lock when the process that set them dies (until the
+driver reloads). Given a settings_path, a simulated GPU does the same: it writes its settings there
+on every change and starts from them, so a crash leaves it changed just as it would leave real
+hardware, and a restore after kill -9 is observable.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from scheduler.devices.base import (
     ClockConstraints,
     Device,
     DeviceKind,
     DeviceNotSupportedError,
+    DeviceSettingError,
     EnergyMethod,
     EnergyScope,
     PowerLimitConstraints,
 )
 from scheduler.sim.physics import idle_power_watts
 from scheduler.sim.profiles import GpuProfile, gpu_profile
+
+log = logging.getLogger(__name__)
 
 AMBIENT_CELSIUS = 30.0
 #: steady-state temperature rise per watt (an H100 SXM at 700 W runs near 72 C)
@@ -35,7 +47,14 @@ class SimulatedGpu(Device):
     energy_method = EnergyMethod.SIMULATED
     energy_scope = EnergyScope.GPU
 
-    def __init__(self, device_id: str, profile: str | GpuProfile, node: str = "node0", clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        device_id: str,
+        profile: str | GpuProfile,
+        node: str = "node0",
+        clock: Callable[[], float] | None = None,
+        settings_path: str | Path | None = None,
+    ):
         self.device_id = device_id
         self.node = node
         self.profile = profile if isinstance(profile, GpuProfile) else gpu_profile(profile)
@@ -52,6 +71,8 @@ class SimulatedGpu(Device):
         self._clocks = ClockConstraints(p.sm_clock_min_mhz, p.sm_clock_max_mhz, supported)
         self._power_limit = p.power_limit_default_watts
         self._locked: tuple[float, float] | None = None
+        self._settings_path = Path(settings_path) if settings_path is not None else None
+        self._load_settings()
         self._model_loaded = False
         self._busy = False
         self._capped = False
@@ -60,6 +81,34 @@ class SimulatedGpu(Device):
         self._energy = 0.0
         self._power = idle_power_watts(p, model_loaded=False)
         self._listeners: list[Callable[["SimulatedGpu"], None]] = []
+
+    # --- settings that outlive the process ------------------------------------------------------
+    def _load_settings(self) -> None:
+        path = self._settings_path
+        if path is None or not path.exists():
+            return
+        try:
+            doc = json.loads(path.read_text())
+            watts = float(doc["power_limit_watts"])
+            self._limits.check(watts)
+            locked = doc.get("locked_clocks_mhz")
+            lock = (float(locked[0]), float(locked[1])) if locked else None
+            if lock:
+                self._clocks.check(*lock)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, DeviceSettingError) as exc:
+            log.warning("%s: ignoring unreadable settings in %s (%s); starting at the defaults", self.device_id, path, exc)
+            return
+        self._power_limit, self._locked = watts, lock
+
+    def _save_settings(self) -> None:
+        path = self._settings_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"power_limit_watts": self._power_limit,
+                                   "locked_clocks_mhz": list(self._locked) if self._locked else None}))
+        os.replace(tmp, path)
 
     # --- what the engine tells it ----------------------------------------------------------------
     def _integrate(self, at_s: float | None) -> float:
@@ -165,10 +214,12 @@ class SimulatedGpu(Device):
             raise DeviceNotSupportedError(f"{self.device_id}: {self.profile.name} has no settable power limit")
         self._limits.check(watts)
         self._power_limit = float(watts)
+        self._save_settings()
         self._changed()
 
     def reset_power_limit(self) -> None:
         self._power_limit = self._limits.default_watts
+        self._save_settings()
         self._changed()
 
     # --- locked clocks -------------------------------------------------------------------------
@@ -184,8 +235,10 @@ class SimulatedGpu(Device):
     def set_locked_clocks_mhz(self, min_mhz: float, max_mhz: float) -> None:
         self._clocks.check(min_mhz, max_mhz)
         self._locked = (float(min_mhz), float(max_mhz))
+        self._save_settings()
         self._changed()
 
     def reset_locked_clocks(self) -> None:
         self._locked = None
+        self._save_settings()
         self._changed()

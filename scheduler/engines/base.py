@@ -176,6 +176,10 @@ class Engine(abc.ABC):
     model_id: str
     kind: ModelKind
     context_length: int
+    #: OpenAI's system_fingerprint: set only by an engine that promises the same request with the
+    #: same seed gives the same text (it changes with anything that could change that text); None
+    #: (the default) tells clients a seed promises nothing here
+    system_fingerprint: str | None = None
 
     @abc.abstractmethod
     def count_prompt_tokens(self, request: GenerationRequest) -> int:

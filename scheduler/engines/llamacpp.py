@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import hashlib
+import json
 import logging
 import math
 import threading
@@ -64,6 +66,7 @@ class LlamaCppEngine(Engine):
         self._running = 0
         self._completed = 0
         self._recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=200)
+        self.system_fingerprint = _fingerprint(weights_path, context_length=context_length, n_threads=n_threads, n_batch=n_batch)
         self._formatter = self._chat_formatter() if kind == ModelKind.CHAT else None
         if kind == ModelKind.CHAT and self._formatter is None:
             raise EngineError(f"model {model_id}: the GGUF file has no chat template; configure it as kind: completion")
@@ -157,8 +160,15 @@ class LlamaCppEngine(Engine):
         llm = self._llm
         params = request.params
         n_prompt = len(prompt_ids)
-        if params.seed is not None:
-            llm.set_seed(params.seed)
+        # Same request + same seed -> same text, whatever ran before (README, reproducible output).
+        # llama-cpp-python keeps the last seed set, so an unseeded request would reuse it.
+        llm.set_seed(params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED)
+        if params.seed is not None or params.temperature <= 0:
+            # generate() reuses the longest prefix cached by the previous request and evaluates only
+            # the rest; a prompt evaluated in pieces gets logits up to ~0.8 apart (SmolLM2 Q4_1),
+            # enough to change a sampled or even a greedy token. A request that asks for a
+            # reproducible answer pays for one full prefill; a random one keeps the cache.
+            llm.reset()
         # the start event carries the prompt tokens, so attribution sees prefill work at once
         emit(EngineEvent(text="", prompt_tokens=n_prompt, completion_tokens=0, time_s=started))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -262,6 +272,18 @@ class LlamaCppEngine(Engine):
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.close()
+
+
+def _fingerprint(weights_path: Path, **settings: Any) -> str:
+    """fp_ + a digest of what decides the text for a given seed: the weights, llama.cpp's build, the settings."""
+    import llama_cpp
+
+    digest = hashlib.sha256()
+    with open(weights_path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(json.dumps({"llama_cpp": llama_cpp.__version__, **settings}, sort_keys=True).encode())
+    return "fp_" + digest.hexdigest()[:12]
 
 
 def _split_on_stops(pending: str, stops: list[str]) -> tuple[str, str, bool]:

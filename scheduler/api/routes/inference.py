@@ -82,7 +82,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
             "id": job.request_id, "object": obj, "created": result.created_s, "model": result.model,
             "choices": [message(result)],
             "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
-            "routing": result.routing,
+            "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
         return JSONResponse(payload, headers={**_headers(result, job.request_id), **_energy_headers(result)})
     session = await service.open(job)
@@ -94,7 +94,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
 async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: ChoiceFn,
                   opening: dict[str, Any] | None) -> AsyncIterator[bytes]:
     base = {"id": session.job.request_id, "object": obj, "created": int(session.started_s), "model": session.routed.model,
-            "routing": session.routing}
+            "routing": session.routing, "system_fingerprint": session.system_fingerprint}
     if opening is not None:
         yield _sse({**base, "choices": [opening]})
     try:

@@ -22,10 +22,18 @@ def test_everything_off_gives_nothing():
     assert discover_devices(DevicesConfig(nvml=False, cpu=False), "n0") == []
 
 
-def test_include_ram_changes_the_estimate_scope():
-    (cpu,) = discover_devices(DevicesConfig(nvml=False, cpu_estimate_include_ram=True), "n0")
-    if cpu.energy_method.value == "cpu-estimate":
-        assert cpu.energy_scope.value == "cpu+dram"
+def test_include_ram_changes_the_estimate_scope(monkeypatch):
+    from scheduler.devices import cpu as cpu_module
+
+    # the estimate is what a machine without readable RAPL gets; force that path whatever this machine has
+    monkeypatch.setattr(cpu_module, "rapl_readable", lambda root=None: False)
+    (with_ram,) = discover_devices(DevicesConfig(nvml=False, cpu_estimate_include_ram=True), "n0")
+    (cpu_only,) = discover_devices(DevicesConfig(nvml=False, cpu_estimate_include_ram=False), "n0")
+    assert with_ram.energy_method.value == cpu_only.energy_method.value == "cpu-estimate"
+    assert with_ram.energy_scope.value == "cpu+dram" and cpu_only.energy_scope.value == "cpu"
+    # the RAM share is added power, at any load
+    assert with_ram.power_model.ram_watts > 0 and cpu_only.power_model.ram_watts == 0
+    assert with_ram.power_model.watts(0.5) > cpu_only.power_model.watts(0.5)
 
 
 def test_simulated_gpus_are_created_and_ids_must_be_unique():

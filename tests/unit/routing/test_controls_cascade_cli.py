@@ -101,7 +101,6 @@ def test_route_calibrate_strong_share(app, small_csv, tmp_path):
 
 
 def test_serve_router_ranks_by_energy_without_ray_running():
-    pytest.importorskip("ray.serve.request_router")
     from scheduler.routing.serve_router import placement_hint, rank_running_replicas
 
     class Replica:

@@ -71,3 +71,28 @@ def test_l40s_has_no_settable_limit():
     assert not g.supports_power_limit()
     with pytest.raises(DeviceNotSupportedError):
         g.set_power_limit_watts(300)
+
+
+def test_settings_outlive_the_object_like_a_real_gpus_do(tmp_path):
+    path = tmp_path / "simulated-gpus" / "g0.json"
+    first = SimulatedGpu("g0", "h100-sxm", settings_path=path)
+    first.set_power_limit_watts(300)
+    first.set_locked_clocks_mhz(800, 1000)
+    # a new process (the agent after kill -9) finds the device as the crash left it
+    again = SimulatedGpu("g0", "h100-sxm", settings_path=path)
+    assert again.power_limit_watts() == 300 and again.locked_clocks_mhz() == (800, 1000)
+    again.reset_power_limit()
+    again.reset_locked_clocks()
+    after_reset = SimulatedGpu("g0", "h100-sxm", settings_path=path)
+    assert after_reset.power_limit_watts() == 700 and after_reset.locked_clocks_mhz() is None
+    # without a path nothing persists (replays and calibration)
+    SimulatedGpu("g1", "h100-sxm").set_power_limit_watts(300)
+    assert SimulatedGpu("g1", "h100-sxm").power_limit_watts() == 700
+
+
+def test_unusable_saved_settings_start_at_the_defaults(tmp_path):
+    path = tmp_path / "g0.json"
+    for text in ("not json", '{"power_limit_watts": 5000}', '{"power_limit_watts": 300, "locked_clocks_mhz": [1000, 800]}'):
+        path.write_text(text)
+        gpu = SimulatedGpu("g0", "h100-sxm", settings_path=path)
+        assert gpu.power_limit_watts() == 700 and gpu.locked_clocks_mhz() is None, text
