@@ -233,3 +233,32 @@ def test_ttft_and_latency_are_measured_on_one_clock():
     assert 0.05 <= result.ttft_seconds <= result.latency_seconds
     assert result.latency_seconds >= 0.15
     assert result.tpot_seconds == pytest.approx((result.latency_seconds - result.ttft_seconds) / 2, abs=0.02)
+
+
+@pytest.mark.parametrize("fields", [{}, {"max_tokens": None, "temperature": None, "top_p": None, "stop": None,
+                                         "seed": None, "stream_options": None, "user": None}],
+                         ids=["left-out", "null"])
+def test_optional_sampling_fields_reach_the_simulated_engine_as_valid_params(fields):
+    """The schema fuzz found chats without max_tokens failing with 503 on the simulated fleet."""
+    from scheduler.api.protocol import ChatCompletionRequest
+    from scheduler.api.routes.inference import _params
+    from scheduler.config import load_config
+    from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+    from scheduler.engines.simulated import build_simulated_engine
+    from scheduler.sim.paths import REPO_DIR
+
+    body = ChatCompletionRequest(model="auto", messages=[{"role": "user", "content": "hi"}], **fields)
+    params = SamplingParams(**_params(body, body.effective_max_tokens()))
+    cfg = load_config(REPO_DIR / "configs" / "sim-fleet.yaml")
+
+    async def main():
+        eng = build_simulated_engine(cfg.models[0], cfg, {})
+        gen = eng.generate(GenerationRequest("fuzz", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
+                                             params=params))
+        first = await gen.__anext__()
+        await gen.aclose()
+        await eng.close()
+        return first
+
+    first = asyncio.run(main())
+    assert first.completion_tokens >= 1
