@@ -20,6 +20,8 @@ from scheduler.config import WattlaneConfig
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 5.0
+#: how long to wait for a node agent to settle an abandoned request (its meter must cover the end first)
+ABANDONED_WAIT_SECONDS = 10.0
 
 
 class Gateway:
@@ -146,6 +148,13 @@ class Gateway:
         footprint = await asyncio.to_thread(self.carbon.footprint, energy["joules"], t_s)
         return footprint.as_usage()
 
+    async def abandoned_outcome(self, node: str | None, request_id: str) -> dict[str, Any] | None:
+        """Energy and tokens of an abandoned request, as its replica left them with its node agent."""
+        agent = await asyncio.to_thread(runtime.get_node_agent, node) if node else None
+        if agent is None:
+            return None
+        return await agent.take_abandoned.remote(request_id, ABANDONED_WAIT_SECONDS)
+
     async def record(self, job: Job, result: InferenceResult, status: str, energy_raw: dict[str, Any] | None = None) -> None:
         """Ledger row (durable before we return) and metrics for one finished request."""
         from scheduler.energy.ledger import LedgerRow
@@ -190,6 +199,10 @@ class Gateway:
     async def __del__(self) -> None:  # Serve calls this when the gateway replica shuts down
         if self._refresher is not None:
             self._refresher.cancel()
+        try:  # abandoned requests still being settled get their rows before the ledger closes
+            await asyncio.wait_for(self.service.settled(), ABANDONED_WAIT_SECONDS + 5)
+        except asyncio.TimeoutError:
+            log.warning("shutting down before every abandoned request was recorded")
         self.ledger.close()
         close = getattr(self.carbon, "close", None)
         if close is not None:

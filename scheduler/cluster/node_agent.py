@@ -28,6 +28,41 @@ log = logging.getLogger(__name__)
 
 #: how long finish_request waits for the meter to cover a request's end before charging what it has
 FINISH_TIMEOUT_SECONDS = 2.0
+#: how long an abandoned request's outcome waits for the gateway to collect it
+ABANDONED_TTL_SECONDS = 120.0
+
+
+class Mailbox:
+    """Values kept by key until taken once; a taker may arrive before the value. Entries expire."""
+
+    def __init__(self, ttl_seconds: float):
+        self.ttl_seconds = ttl_seconds
+        self._items: dict[str, tuple[float, Any]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    def put(self, key: str, value: Any) -> None:
+        now = time.monotonic()
+        for k in [k for k, (t, _) in self._items.items() if now - t > self.ttl_seconds]:
+            del self._items[k]
+        self._items[key] = (now, value)
+        waiter = self._waiters.get(key)
+        if waiter is not None:
+            waiter.set()
+
+    async def take(self, key: str, timeout_seconds: float) -> Any:
+        if key not in self._items:
+            waiter = self._waiters.setdefault(key, asyncio.Event())
+            try:
+                await asyncio.wait_for(waiter.wait(), timeout_seconds)
+            except asyncio.TimeoutError:
+                return None
+            finally:
+                self._waiters.pop(key, None)
+        item = self._items.pop(key, None)
+        return None if item is None else item[1]
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @ray.remote
@@ -58,6 +93,7 @@ class NodeAgent:
         self.meter.start()
         self.power = self._start_power()
         self._request_devices: dict[str, list[str]] = {}
+        self._abandoned = Mailbox(ttl_seconds=ABANDONED_TTL_SECONDS)
         self._replica_stats: dict[str, dict[str, Any]] = {}
         self._sim_engines: dict[str, Any] = {}
         self._started_s = time.time()
@@ -99,7 +135,9 @@ class NodeAgent:
         for d in self._request_devices.get(request_id, ()):
             self.attributor.progress(f"{request_id}@{d}", prompt_tokens, completion_tokens, t_s)
 
-    async def finish_request(self, request_id: str, t_s: float) -> dict[str, Any] | None:
+    async def finish_request(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
+                             completion_tokens: int | None = None) -> dict[str, Any] | None:
+        """End a request's accounting; final token counts, when given, act as its last progress report."""
         device_ids = self._request_devices.pop(request_id, None)
         if not device_ids:
             return None
@@ -107,7 +145,8 @@ class NodeAgent:
         for d in device_ids:
             try:
                 parts.append(await self.attributor.finish_when_covered(
-                    f"{request_id}@{d}", t_s, timeout_seconds=FINISH_TIMEOUT_SECONDS))
+                    f"{request_id}@{d}", t_s, timeout_seconds=FINISH_TIMEOUT_SECONDS,
+                    prefill_tokens_done=prompt_tokens, decode_tokens_done=completion_tokens))
             except KeyError:
                 pass
         if not parts:
@@ -128,6 +167,19 @@ class NodeAgent:
             "work_tokens": sum(p.work_tokens for p in parts),
             "power_limit_watts": sum(x for x in limits if x is not None) if any(x is not None for x in limits) else None,
         }
+
+    async def abandon_request(self, request_id: str, t_s: float, prompt_tokens: int, completion_tokens: int,
+                              energy: dict[str, Any] | None = None) -> None:
+        """A request whose client went away: finish its accounting (unless its replica already did,
+        then `energy` is given) and keep the outcome until the gateway takes it for the ledger."""
+        if energy is None:
+            energy = await self.finish_request(request_id, t_s, prompt_tokens, completion_tokens)
+        self._abandoned.put(request_id, {"energy": energy, "prompt_tokens": prompt_tokens,
+                                         "completion_tokens": completion_tokens})
+
+    async def take_abandoned(self, request_id: str, timeout_seconds: float) -> dict[str, Any] | None:
+        """The outcome abandon_request kept for request_id, waiting up to timeout_seconds for it."""
+        return await self._abandoned.take(request_id, timeout_seconds)
 
     # --- simulated engines (they drive the simulated GPUs this agent owns) --------------------
     async def sim_open(self, model: dict[str, Any], replica_index: int) -> dict[str, Any]:
@@ -162,6 +214,9 @@ class NodeAgent:
             yield {"error": "context", "args": [exc.prompt_tokens, exc.max_tokens, exc.context_length]}
         except EngineError as exc:
             yield {"error": "engine", "message": str(exc)}
+        except Exception as exc:  # an engine bug: the replica answers 503 and settles the request
+            log.exception("simulated engine %s failed", key)
+            yield {"error": "engine", "message": f"{type(exc).__name__}: {exc}"}
 
     # --- readings ----------------------------------------------------------------------------
     async def gateway_view(self) -> dict[str, Any]:

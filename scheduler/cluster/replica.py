@@ -8,6 +8,7 @@ share each metering interval's joules among the requests that ran in it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -101,69 +102,97 @@ class ModelServer:
         return self.engine.count_prompt_tokens(_request_from_payload(payload))
 
     async def generate(self, payload: dict[str, Any], placement: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Run one request. `placement` is the router's hint for Serve's request router; unused here."""
+        """Run one request. `placement` is the router's hint for Serve's request router; unused here.
+
+        Every way out settles the request with the node agent, so its device's running count comes
+        back down and its joules are charged: the end event carries the energy; an error event
+        carries the energy and tokens of the work done; a cancelled stream (the client went away)
+        leaves them with the agent, where the gateway collects them for the ledger.
+        """
         request = _request_from_payload(payload)
         device = ",".join(self.device_ids)
         rid = request.request_id
         agent = self.agent
         started = time.time()
         last_report = 0.0
+        prompt_tokens = completion_tokens = 0
+        energy: dict[str, Any] | None = None
+        settled = False
         yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started,
                "system_fingerprint": self.engine.system_fingerprint}
         if agent is not None:
             agent.start_request.remote(rid, self.device_ids, started)
             self._push_stats()
         try:
-            async for ev in self.engine.generate(request):
-                if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):
-                    last_report = ev.time_s
-                    agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
-                if ev.finished:
-                    energy = await self._finish_energy(rid, ev.time_s)
-                    self._learn_energy(energy)
-                    self._push_stats()
+            # aclosing: a cancelled request stops its engine now, not when the generator is collected
+            async with contextlib.aclosing(self.engine.generate(request)) as events:
+                async for ev in events:
+                    prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
+                    if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):
+                        last_report = ev.time_s
+                        agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
+                    if ev.finished:
+                        settled = True
+                        energy = await self._finish_energy(rid, ev.time_s)
+                        self._learn_energy(energy)
+                        self._push_stats()
+                        yield {
+                            "type": "end",
+                            "text": ev.text,
+                            "prompt_tokens": ev.prompt_tokens,
+                            "completion_tokens": ev.completion_tokens,
+                            "finish_reason": ev.finish_reason,
+                            "time_s": ev.time_s,
+                            "mean_logprob": ev.mean_logprob,
+                            "energy": energy,
+                        }
+                        return
                     yield {
-                        "type": "end",
+                        "type": "delta",
                         "text": ev.text,
                         "prompt_tokens": ev.prompt_tokens,
                         "completion_tokens": ev.completion_tokens,
-                        "finish_reason": ev.finish_reason,
                         "time_s": ev.time_s,
-                        "mean_logprob": ev.mean_logprob,
-                        "energy": energy,
                     }
-                    return
-                yield {
-                    "type": "delta",
-                    "text": ev.text,
-                    "prompt_tokens": ev.prompt_tokens,
-                    "completion_tokens": ev.completion_tokens,
-                    "time_s": ev.time_s,
-                }
-        except ContextLengthError as exc:
-            await self._abandon(rid)
-            yield {"type": "error", "status": 400, "message": str(exc), "param": "messages" if request.kind == ModelKind.CHAT else "prompt",
-                   "code": "context_length_exceeded"}
-        except EngineError as exc:
-            await self._abandon(rid)
-            yield {"type": "error", "status": 503, "message": f"model {self.model.id} failed: {exc}", "param": None, "code": "engine_error"}
         except (asyncio.CancelledError, GeneratorExit):
-            # the client went away: the work done so far still costs energy and is attributed
-            await self._abandon(rid)
+            # the client went away: the work done so far still costs energy, and the gateway records it
+            self._abandon(rid, prompt_tokens, completion_tokens, energy if settled else None)
             raise
+        except ContextLengthError as exc:
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=400, message=str(exc),
+                                          param="messages" if request.kind == ModelKind.CHAT else "prompt",
+                                          code="context_length_exceeded")
+        except EngineError as exc:
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=503,
+                                          message=f"model {self.model.id} failed: {exc}", code="engine_error")
+        except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
+            log.exception("request %s on %s failed", rid, self.replica_id)
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=503,
+                                          message=f"model {self.model.id} failed: {type(exc).__name__}",
+                                          code="engine_error")
 
-    async def _finish_energy(self, request_id: str, t_s: float) -> dict[str, Any] | None:
+    async def _error_event(self, rid: str, prompt_tokens: int, completion_tokens: int, *, status: int, message: str,
+                           code: str, param: str | None = None) -> dict[str, Any]:
+        energy = await self._finish_energy(rid, time.time(), prompt_tokens, completion_tokens)
+        self._push_stats()
+        return {"type": "error", "status": status, "message": message, "param": param, "code": code,
+                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "energy": energy}
+
+    async def _finish_energy(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
+                             completion_tokens: int | None = None) -> dict[str, Any] | None:
         if self.agent is None:
             return None
         try:
-            return await self.agent.finish_request.remote(request_id, t_s)
+            return await self.agent.finish_request.remote(request_id, t_s, prompt_tokens, completion_tokens)
         except ray.exceptions.RayError as exc:
             log.warning("node agent could not attribute %s: %s", request_id, exc)
             return None
 
-    async def _abandon(self, request_id: str) -> None:
+    def _abandon(self, request_id: str, prompt_tokens: int, completion_tokens: int,
+                 energy: dict[str, Any] | None) -> None:
+        """Settle a cancelled request with the agent (fire and forget: this task is being cancelled)."""
         if self.agent is not None:
-            self.agent.finish_request.remote(request_id, time.time())
+            self.agent.abandon_request.remote(request_id, time.time(), prompt_tokens, completion_tokens, energy)
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.engine.close()

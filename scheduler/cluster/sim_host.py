@@ -35,19 +35,29 @@ class AgentHostedEngine(Engine):
         return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, _payload(request))))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
-        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, _payload(request))
-        async for ref in gen:
-            item = await ref
-            if "error" in item:
-                from scheduler.engines.base import ContextLengthError, EngineError
+        import ray
 
-                if item["error"] == "context":
-                    raise ContextLengthError(*item["args"])
-                raise EngineError(item["message"])
-            if "stats" in item:
-                self._stats = item["stats"]
-                continue
-            yield EngineEvent(**item)
+        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, _payload(request))
+        finished = False
+        try:
+            async for ref in gen:
+                item = await ref
+                if "error" in item:
+                    from scheduler.engines.base import ContextLengthError, EngineError
+
+                    finished = True
+                    if item["error"] == "context":
+                        raise ContextLengthError(*item["args"])
+                    raise EngineError(item["message"])
+                if "stats" in item:
+                    self._stats = item["stats"]
+                    continue
+                event = EngineEvent(**item)
+                finished = event.finished
+                yield event
+        finally:
+            if not finished:  # closed early (the client went away): stop the simulated generation too
+                ray.cancel(gen)
 
     def stats(self) -> ReplicaStats:
         return self._stats

@@ -16,6 +16,11 @@ from enum import Enum
 from typing import Literal, TypedDict
 
 
+#: when a client gives no max_tokens, generate at most this many: a small CPU model would otherwise
+#: babble until the context is full, and a simulated one has no end-of-sequence of its own
+DEFAULT_MAX_TOKENS = 256
+
+
 class ModelKind(str, Enum):
     CHAT = "chat"
     COMPLETION = "completion"
@@ -192,6 +197,12 @@ class Engine(abc.ABC):
         if n + wanted > self.context_length:
             raise ContextLengthError(n, wanted, self.context_length)
         return n
+
+    def resolve_max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        """The client's max_tokens, or DEFAULT_MAX_TOKENS capped at the context left after the prompt."""
+        if request.params.max_tokens is not None and request.params.max_tokens > 0:
+            return request.params.max_tokens
+        return max(1, min(DEFAULT_MAX_TOKENS, self.context_length - prompt_tokens))
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:

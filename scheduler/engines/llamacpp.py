@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.engines.base import (
+    DEFAULT_MAX_TOKENS,  # noqa: F401  (re-exported: the default is shared by every engine)
     ContextLengthError,
     Engine,
     EngineError,
@@ -32,10 +33,6 @@ from scheduler.engines.base import (
 )
 
 log = logging.getLogger(__name__)
-
-#: when a client gives no max_tokens, generate at most this many (a small CPU model would
-#: otherwise babble until the context is full)
-DEFAULT_MAX_TOKENS = 256
 
 
 class LlamaCppEngine(Engine):
@@ -97,12 +94,6 @@ class LlamaCppEngine(Engine):
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self._prompt_tokens(request)[0])
-
-    def resolve_max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
-        """Client's max_tokens, or the default capped at the remaining context."""
-        if request.params.max_tokens is not None and request.params.max_tokens > 0:
-            return request.params.max_tokens
-        return max(1, min(DEFAULT_MAX_TOKENS, self.context_length - prompt_tokens))
 
     # --- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:

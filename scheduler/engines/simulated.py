@@ -77,12 +77,13 @@ class SimulatedEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         prompt = self.check_fits(request)
         params = request.params
-        out = params.force_output_tokens or params.max_tokens
+        out = params.force_output_tokens or self.resolve_max_tokens(request, prompt)
         if out < 1:
             yield EngineEvent("", prompt, 0, self._clock(), finished=True, finish_reason="length")
             return
         self._ensure_task()
         now = self._clock()
+        self._catch_up(now)
         req = SimRequest(request.request_id or f"sim-{next(self._ids)}", prompt, out, now, model_id=self.model_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._progress[req] = queue
@@ -148,6 +149,20 @@ class SimulatedEngine(Engine):
         else:
             loop.call_soon_threadsafe(lambda: self._reschedule(self.core.replan_after_settings_change(self._clock())))
 
+    def _step(self) -> None:
+        """End the segment due at _wake_at, plan the next, and tell every waiting request its progress."""
+        t = self._wake_at
+        assert t is not None
+        self._wake_at = self.core.advance(t)
+        for req, queue in self._progress.items():
+            queue.put_nowait((self.core.generated(req), t))
+
+    def _catch_up(self, now: float) -> None:
+        """Play the segments that should have ended by `now` (the loop ran late) before a new arrival,
+        so the core never schedules work that arrived at `now` in its past (negative TTFT)."""
+        while self._wake_at is not None and self._wake_at <= now:
+            self._step()
+
     async def _run(self) -> None:
         try:
             while True:
@@ -159,13 +174,10 @@ class SimulatedEngine(Engine):
                 if delay > 0:
                     try:
                         await asyncio.wait_for(self._changed.wait(), timeout=delay)
-                        continue  # re-planned: wait for the new end instead
                     except asyncio.TimeoutError:
                         pass
-                t = self._wake_at
-                self._wake_at = self.core.advance(t)
-                for req, queue in self._progress.items():
-                    queue.put_nowait((self.core.generated(req), t))
+                    continue  # re-planned, caught up or due: the clock decides on the next pass
+                self._step()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # surface to every waiting request rather than hanging them

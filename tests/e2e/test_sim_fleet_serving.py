@@ -138,3 +138,41 @@ def test_a_full_queue_is_refused_with_503_and_retry_after(fleet):
     assert refused.headers["retry-after"] == "5"
     err = refused.json()["error"]
     assert err["code"] == "no_capacity" and "queue full" in err["message"], err
+
+
+def test_request_path_on_the_fleet_leaves_consistent_rows_and_no_running_count(fleet):
+    """No max_tokens is a normal request; TTFT is never negative nor above latency; a client that
+    leaves mid-stream gets a cancelled row with its energy; every device's running count returns to 0."""
+    import json
+
+    url, _ = fleet
+    r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                   json={"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["routing"]["model"] == "llama-3.1-8b" and r.json()["usage"]["completion_tokens"] > 0
+
+    body = {"model": "llama-3.1-8b", "max_tokens": 2000, "stream": True,
+            "messages": [{"role": "user", "content": "Write an essay."}]}
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = (ln for ln in resp.iter_lines() if ln.startswith("data: {"))
+        request_id = [json.loads(next(lines)[6:]) for _ in range(5)][-1]["id"]
+
+    deadline = time.time() + 30
+    row = None
+    while row is None and time.time() < deadline:
+        rows = httpx.get(url + "/v1/energy/requests", params={"limit": 1000}, timeout=10).json()["data"]
+        row = next((x for x in rows if x["request_id"] == request_id), None)
+        time.sleep(0.5)
+    assert row is not None and row["status"] == "cancelled", row
+    assert 0 < row["completion_tokens"] < 2000 and row["joules"] > 0, row
+    ok = [x for x in rows if x["status"] == "ok"]
+    assert ok and all(0 <= x["ttft_seconds"] <= x["latency_seconds"] for x in ok), ok
+
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        running = sum(d.get("running_requests") or 0 for d in httpx.get(url + "/v1/devices", timeout=10).json()["data"])
+        if running == 0:
+            break
+        time.sleep(0.5)
+    assert running == 0

@@ -106,11 +106,32 @@ async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: 
         return
     result = session.result
     assert result is not None
-    yield _sse({**base, "choices": [chunk("", result.finish_reason)]})
+    final = {**base, "choices": [chunk("", result.finish_reason)]}
+    if include_usage:
+        _attach_footprint(final, result)
+    yield _sse(final)
     if include_usage:
         yield _sse({**base, "choices": [],
                     "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
     yield b"data: [DONE]\n\n"
+
+
+def _attach_footprint(final_chunk: dict[str, Any], result: InferenceResult) -> None:
+    """Put the energy and carbon on the chunk that carries finish_reason, where client libraries keep them.
+
+    The usage chunk after it has them too (usage.energy, usage.carbon), but LiteLLM rebuilds a streamed
+    usage from the token counts, and LangChain keeps only token counts of it. From the finish_reason
+    chunk, LiteLLM keeps top-level fields it does not know (chunk.energy, chunk.carbon) and LangChain
+    keeps the choice's `logprobs` object (response_metadata["logprobs"]); Wattlane returns no token
+    logprobs, so that object's OpenAI keys stay null and the figures ride beside them.
+    """
+    footprint = {k: v for k, v in (("energy", result.energy), ("carbon", result.carbon)) if v is not None}
+    if not footprint:
+        return
+    final_chunk.update(footprint)
+    choice = final_chunk["choices"][0]
+    logprobs = {"content": None, "refusal": None} if final_chunk["object"].startswith("chat.") else {}
+    choice["logprobs"] = {**logprobs, **footprint}
 
 
 def _include_usage(body: Any) -> bool:

@@ -1,0 +1,59 @@
+"""A request the client abandons still ends in the ledger with the energy of the work done, its
+generation stops, and the device's running count comes back down."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CHAT_MODEL = "smollm2-135m-instruct"
+
+
+def _ledger_row(server, request_id: str, timeout_s: float = 30.0) -> dict | None:
+    deadline = time.time() + timeout_s
+    with server.client("reader") as c:
+        while time.time() < deadline:
+            rows = c.get("/v1/energy/requests", params={"limit": 1000}).json()["data"]
+            found = [r for r in rows if r["request_id"] == request_id]
+            if found:
+                return found[0]
+            time.sleep(0.5)
+    return None
+
+
+def _running_requests(server) -> int:
+    with server.client("operator") as c:
+        return sum(int(d.get("running_requests") or 0) for d in c.get("/v1/devices").json()["data"])
+
+
+def test_client_disconnect_mid_stream_is_recorded_as_cancelled_with_its_energy(server):
+    body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+            "max_tokens": 400, "temperature": 0, "stream": True}
+    request_id = None
+    pieces = 0
+    with httpx.Client(base_url=server.url, headers=server.headers(), timeout=120) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                request_id = chunk["id"]
+                pieces += 1
+                if pieces >= 6:
+                    break  # leave mid-stream: the connection closes here
+    assert request_id is not None
+    row = _ledger_row(server, request_id)
+    assert row is not None, "an abandoned request must still have a ledger row"
+    assert row["status"] == "cancelled"
+    assert 0 < row["completion_tokens"] < 400, "the generation must stop early"
+    assert row["joules"] is not None and row["joules"] > 0
+    deadline = time.time() + 15
+    while _running_requests(server) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _running_requests(server) == 0

@@ -1,0 +1,174 @@
+"""A model replica settles every request with its node agent, however the request ends: the device's
+running count comes back to zero, and the energy of the work done is charged (and, for a request
+whose client went away, kept for the gateway's ledger row)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from scheduler.cluster.node_agent import Mailbox, NodeAgent
+from scheduler.cluster.replica import ModelServer
+from scheduler.energy.attribution import Attributor
+from scheduler.engines.base import Engine, EngineError, EngineEvent, ModelKind
+
+DEVICE = "gpu0"
+
+
+class Remote:
+    """Calls an in-process object's methods the way Ray's actor handles do: obj.method.remote(...)."""
+
+    def __init__(self, target: Any):
+        self._target = target
+        self.tasks: list[asyncio.Task] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._target, name)
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            if inspect.iscoroutine(out):  # runs whether or not the caller awaits it, as on an actor
+                task = asyncio.get_running_loop().create_task(out)
+                self.tasks.append(task)
+                return task
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(out)
+            return fut
+
+        return SimpleNamespace(remote=remote)
+
+
+def make_agent() -> Any:
+    """The real NodeAgent's request accounting, without Ray, devices or a meter."""
+    agent = object.__new__(NodeAgent.__ray_actor_class__)
+    agent.attributor = Attributor(settle_delay_seconds=0.0)
+    now = time.time()
+    agent.attributor.on_interval(DEVICE, now - 1.0, now + 60.0, 10.0)  # one reading that covers the test
+    agent.devices = {DEVICE: SimpleNamespace(energy_method=SimpleNamespace(value="simulated"),
+                                             energy_scope=SimpleNamespace(value="gpu"),
+                                             power_limit_watts=lambda: 300.0)}
+    agent.power = SimpleNamespace(work_arrived=lambda d: None, report_replica_stats=lambda r, s: None)
+    agent._replica_stats = {}
+    agent.node = "n1"
+    agent._request_devices = {}
+    agent._abandoned = Mailbox(ttl_seconds=60.0)
+    return agent
+
+
+class ScriptedEngine(Engine):
+    """Emits `tokens` token events, then fails with `error` (or finishes), or hangs (`hang=True`)."""
+
+    model_id = "m"
+    kind = ModelKind.CHAT
+    context_length = 1024
+
+    def __init__(self, tokens: int, error: BaseException | None = None, hang: bool = False):
+        self.tokens, self.error, self.hang = tokens, error, hang
+        self.closed = False
+
+    def count_prompt_tokens(self, request) -> int:
+        return 8
+
+    async def generate(self, request):
+        try:
+            for i in range(1, self.tokens + 1):
+                yield EngineEvent("w ", 8, i, time.time())
+                await asyncio.sleep(0)
+            if self.hang:
+                await asyncio.sleep(3600)
+            if self.error is not None:
+                raise self.error
+            yield EngineEvent("", 8, self.tokens, time.time(), finished=True, finish_reason="length")
+        finally:
+            self.closed = True
+
+
+class _Server(ModelServer):
+    def __del__(self) -> None:  # built without Serve: there is no engine to free
+        pass
+
+
+def make_server(engine: Engine, agent: Any) -> ModelServer:
+    server = object.__new__(_Server)
+    server.model = SimpleNamespace(id="m")
+    server.config = SimpleNamespace(energy=SimpleNamespace(prefill_token_weight=0.25))
+    server.replica_id = "m#0"
+    server.device_ids = [DEVICE]
+    server.node = "n1"
+    server.agent = Remote(agent)
+    server.engine = engine
+    server._joules_per_work_token = None
+    return server
+
+
+PAYLOAD = {"request_id": "r1", "kind": "chat", "messages": [{"role": "user", "content": "hi"}],
+           "params": {"max_tokens": None}}
+
+
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), EngineError("out of memory")],
+                         ids=["engine-bug", "engine-error"])
+def test_an_engine_failure_settles_the_request_and_answers_with_an_error_event(error):
+    agent = make_agent()
+
+    async def main():
+        server = make_server(ScriptedEngine(3, error=error), agent)
+        events = [ev async for ev in server.generate(dict(PAYLOAD))]
+        await asyncio.gather(*server.agent.tasks)
+        return events
+
+    events = asyncio.run(main())
+    last = events[-1]
+    assert last["type"] == "error" and last["status"] == 503 and last["code"] == "engine_error"
+    assert (last["prompt_tokens"], last["completion_tokens"]) == (8, 3)
+    assert last["energy"] is not None and last["energy"]["method"] == "simulated"
+    assert agent.attributor.running(DEVICE) == 0
+
+
+def test_a_cancelled_request_stops_the_engine_and_leaves_its_energy_for_the_gateway():
+    agent = make_agent()
+    engine = ScriptedEngine(4, hang=True)
+
+    async def main():
+        server = make_server(engine, agent)
+        gen = server.generate(dict(PAYLOAD))
+        seen = []
+
+        async def consume():
+            async for ev in gen:
+                seen.append(ev)
+
+        task = asyncio.create_task(consume())
+        while len(seen) < 5:  # start + 4 tokens
+            await asyncio.sleep(0.01)
+        task.cancel()  # Serve cancels the replica's request when the gateway's client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await gen.aclose()
+        await asyncio.gather(*server.agent.tasks)
+        return await agent.take_abandoned("r1", timeout_seconds=1.0)
+
+    outcome = asyncio.run(main())
+    assert engine.closed, "the generation must stop"
+    assert agent.attributor.running(DEVICE) == 0
+    assert outcome is not None and (outcome["prompt_tokens"], outcome["completion_tokens"]) == (8, 4)
+    assert outcome["energy"] is not None and outcome["energy"]["device"] == DEVICE
+
+
+def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_otherwise():
+    async def main():
+        box = Mailbox(ttl_seconds=60.0)
+        box.put("a", 1)
+        early = await box.take("a", 0.1)
+        waiting = asyncio.create_task(box.take("b", 1.0))
+        await asyncio.sleep(0.01)
+        box.put("b", 2)
+        late = await waiting
+        missing = await box.take("c", 0.05)
+        return early, late, missing, len(box)
+
+    assert asyncio.run(main()) == (1, 2, None, 0)
