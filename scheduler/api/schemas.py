@@ -211,7 +211,7 @@ class PowerActionOut(_Open):
 class ActuatorStatus(_Open):
     mode: str
     requested_mode: str
-    privileged: bool
+    privileged: bool | None = Field(description="null until a change has been tried")
     message: str | None
     saved_settings_path: str
     devices_with_saved_settings: list[str]
