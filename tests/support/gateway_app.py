@@ -102,6 +102,10 @@ class GatewayForTests:
         #: node name -> PowerService (one per "node agent")
         self.power_nodes = power_nodes or {}
         self.ready = True
+        from scheduler.energy.metrics import WattlaneMetrics
+
+        self.metrics = WattlaneMetrics()
+        self.metrics.set_device_source(lambda: self.device_snapshots)
 
     # what the routes call on the real Gateway
     def extra_routers(self) -> list[Any]:
