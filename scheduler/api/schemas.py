@@ -66,14 +66,18 @@ class RouteRejectionOut(BaseModel):
     param: str | None = None
 
 
-class ControlsOut(_Open):
-    min_quality: float
+class SloOut(BaseModel):
     ttft_ms: float
     tpot_ms: float
+
+
+class ControlsOut(_Open):
+    """The controls routing used: the request's own, over the API key's defaults, over the config's."""
+
+    min_quality: float
+    slo: SloOut
     priority: str
     max_energy_joules: float | None
-    placement_slo_margin: float
-    model_choice: str
 
 
 class RouteExplanation(_Open):

@@ -43,14 +43,15 @@ class AgentForTests:
 
 
 class CannedService:
-    """Answers every job with a fixed text, recording it in the ledger as the real service does."""
+    """Routes each job with the real router, then answers a fixed text and records it as the real service does."""
 
     def __init__(self, gateway: "GatewayForTests", text: str = "Hello there"):
         self.gw = gateway
         self.text = text
 
     def _result(self, job: Job) -> InferenceResult:
-        model = job.model if job.model != "auto" else self.gw.config.models[0].id
+        # the real router decides (and refuses: unknown model, too long, over budget) before any replica runs
+        model = self.gw.router.route(job, self.gw.replicas_by_model()).model
         return InferenceResult(
             request_id=job.request_id, model=model, text=self.text, finish_reason="stop", prompt_tokens=5,
             completion_tokens=3, routing={"model": model, "device": "cpu0", "node": NODE, "reason": "canned"},
