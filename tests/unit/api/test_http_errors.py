@@ -85,7 +85,7 @@ def test_chunked_body_over_the_limit_is_413(client):
 
 
 def test_chunked_body_under_the_limit_is_served(client):
-    r = client.post("/v1/chat/completions", content=_chunked(1000), headers={**bearer("client"),
+    r = client.post("/v1/chat/completions", content=_chunked(1000, piece=100), headers={**bearer("client"),
                     "Content-Type": "application/json"})
     assert r.status_code == 200, r.text
 
