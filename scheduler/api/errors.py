@@ -135,8 +135,8 @@ def allowed_methods(request: Request) -> list[str]:
     """
     from starlette.routing import Match
 
-    return [m for m in _METHODS
-            if any(route.matches({**request.scope, "method": m})[0] == Match.FULL for route in request.app.router.routes)]
+    routes = request.app.router.routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 def install_error_handlers(app: FastAPI) -> None:

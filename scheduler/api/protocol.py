@@ -163,7 +163,8 @@ class EnergyUsage(_Response):
     joules: float | None = Field(description="dynamic_joules + idle_joules")
     dynamic_joules: float | None
     idle_joules: float | None
-    method: str | None = Field(description="nvml-counter, rapl (measured); cpu-estimate or another named estimate; simulated")
+    method: str | None = Field(
+        description="nvml-counter, rapl (measured); cpu-estimate or another named estimate; simulated")
     scope: str | None = Field(description="what the figure covers: gpu, cpu, cpu+dram")
     device: str | None
 
@@ -240,7 +241,8 @@ class ModelInfo(BaseModel):
     object: Literal["model"]
     created: int
     owned_by: str
-    wattlane: dict[str, Any] = Field(description="kind (router or the model's kind), engine, context_length, params_b, devices")
+    wattlane: dict[str, Any] = Field(
+        description="kind (router or the model's kind), engine, context_length, params_b, devices")
 
 
 class ModelList(_Response):

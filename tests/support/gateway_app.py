@@ -45,7 +45,7 @@ class AgentForTests:
 class CannedService:
     """Routes each job with the real router, then answers a fixed text and records it as the real service does."""
 
-    def __init__(self, gateway: "GatewayForTests", text: str = "Hello there"):
+    def __init__(self, gateway: GatewayForTests, text: str = "Hello there"):
         self.gw = gateway
         self.text = text
 
@@ -65,7 +65,7 @@ class CannedService:
         await self.gw.record(job, result)
         return result
 
-    async def open(self, job: Job) -> "CannedStream":
+    async def open(self, job: Job) -> CannedStream:
         return CannedStream(self, job)
 
 

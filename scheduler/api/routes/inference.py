@@ -21,8 +21,8 @@ from scheduler.api.protocol import (
     RouteExplainRequest,
     usage_block,
 )
-from scheduler.api.schemas import RouteExplanation
 from scheduler.api.request_ids import request_id_of
+from scheduler.api.schemas import RouteExplanation
 
 router = APIRouter()
 #: 200 is JSON, or with stream=true an SSE stream (the handlers return the Response themselves)

@@ -99,7 +99,8 @@ def _proxy_stack(seen: list[str]):
     async def endpoint(request):
         seen.append(request.headers["x-request-id"])
         # the app behind the proxy sets the header as well
-        return JSONResponse({"id": request.headers["x-request-id"]}, headers={"X-Request-Id": request.headers["x-request-id"]})
+        rid = request.headers["x-request-id"]
+        return JSONResponse({"id": rid}, headers={"X-Request-Id": rid})
 
     return _apply_middlewares(Starlette(routes=[Route("/", endpoint)]), serve_proxy_middlewares())
 
