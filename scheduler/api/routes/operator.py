@@ -5,14 +5,15 @@ The gateway never touches a device: every change goes to the node agent that own
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.schemas import AuditList, DeviceList, PowerActionOut, PowerPolicy
+from scheduler.power.options import POLICY_NAMES
 
 router = APIRouter()
 
@@ -20,6 +21,34 @@ router = APIRouter()
 class PowerLimitBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     watts: Annotated[float, Field(gt=0)]
+    reason: str | None = None
+
+
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
+
+
+class PolicyGroupUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the group to change (or create, with devices)")
+    policy: PolicyName
+    options: dict[str, Any] | None = None
+    devices: list[str] | None = None
+
+
+class PolicyUpdate(BaseModel):
+    """PUT /v1/power/policy: the mode and/or groups, or one group's fields at the top level.
+
+    Groups not named are kept; the governor checks the rest (and all of it applies, or none).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["enforce", "recommend"] | None = None
+    groups: list[PolicyGroupUpdate] | None = None
+    group: str | None = Field(None, description="one group's name (same as name)")
+    name: str | None = None
+    policy: PolicyName | None = None
+    options: dict[str, Any] | None = None
+    devices: list[str] | None = None
     reason: str | None = None
 
 
@@ -142,9 +171,9 @@ async def get_policy(request: Request, node: NodeQuery = None, _: Principal = De
 
 
 @router.put("/v1/power/policy", response_model=PowerPolicy, response_model_exclude_unset=True, responses=_ERRORS)
-async def put_policy(request: Request, body: dict[str, Any] = Body(...), node: NodeQuery = None,
+async def put_policy(request: Request, body: PolicyUpdate, node: NodeQuery = None,
                      principal: Principal = Depends(require("operator"))):
-    return await _power(request, "put_policy", body, node=node, actor=_actor(principal))
+    return await _power(request, "put_policy", body.model_dump(exclude_unset=True), node=node, actor=_actor(principal))
 
 
 @router.get("/v1/power/audit", response_model=AuditList, responses=_ERRORS)

@@ -189,3 +189,18 @@ def test_documented_chat_response_is_what_the_route_builds(served):
     parsed = ChatCompletionResponse.model_validate(body)
     assert parsed.usage.energy is not None and parsed.usage.carbon is not None
     assert json.loads(parsed.model_dump_json(exclude_unset=True)) == body
+
+
+def test_policy_body_is_documented_as_the_governor_reads_it(served):
+    client, doc = served
+    body = doc["paths"]["/v1/power/policy"]["put"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = doc["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert schema["additionalProperties"] is False
+    assert {"mode", "groups", "reason"} <= set(schema["properties"])
+    # what the document allows, the governor takes; what it forbids is a 400
+    r = client.put("/v1/power/policy", json={"groups": [{"name": "rack", "policy": "static", "options": {"power_limit_watts": 500}}]},
+                   headers=bearer("operator"))
+    assert r.status_code == 200, r.text
+    assert [g["policy"] for g in r.json()["groups"]] == ["static"]
+    r = client.put("/v1/power/policy", json={"groups": [{"name": "rack", "policy": "warp"}]}, headers=bearer("operator"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "groups.0.policy"
