@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -25,7 +25,7 @@ def _time(value: str | None, name: str) -> float | None:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         raise ApiError(400, f"'{name}' must be unix seconds or ISO 8601 (e.g. 2026-11-23T15:00:00Z), not {value!r}",
                        param=name, code="invalid_value") from None
@@ -36,7 +36,14 @@ def _time(value: str | None, name: str) -> float | None:
     return dt.timestamp()
 
 
-def report_filters(since: str | None = None, until: str | None = None, model: str | None = None,
+#: how since/until are documented: what _time() reads (the parameter itself stays a string so that a bad
+#: value gets _time's message, naming both forms)
+_TIME_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}],
+                "description": "unix seconds or ISO 8601 (naive means UTC)"}
+TimeQuery = Annotated[str | None, Query(json_schema_extra=_TIME_SCHEMA)]
+
+
+def report_filters(since: TimeQuery = None, until: TimeQuery = None, model: str | None = None,
                    device: str | None = None, api_key: str | None = None) -> dict:
     """The filters every report takes (a FastAPI dependency): time window, model, device, API key id."""
     return {"since": _time(since, "since"), "until": _time(until, "until"), "model": model, "device": device,

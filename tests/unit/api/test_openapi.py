@@ -204,3 +204,14 @@ def test_policy_body_is_documented_as_the_governor_reads_it(served):
     assert [g["policy"] for g in r.json()["groups"]] == ["static"]
     r = client.put("/v1/power/policy", json={"groups": [{"name": "rack", "policy": "warp"}]}, headers=bearer("operator"))
     assert r.status_code == 400 and r.json()["error"]["param"] == "groups.0.policy"
+
+
+@pytest.mark.parametrize("since", ["1700000000", "1.7e9", "2023-11-14T22:13:20Z", "2023-11-14t22:13:20.5z",
+                                   "2023-11-14T23:13:20+01:00"])
+def test_report_times_documented_as_number_or_date_time_are_accepted(served, since):
+    client, doc = served
+    param = next(p for p in doc["paths"]["/v1/energy/requests"]["get"]["parameters"] if p["name"] == "since")
+    jsonschema.validate(float(since) if since[0:4].isdigit() and "-" not in since else since, param["schema"],
+                        format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    r = client.get("/v1/energy/requests", params={"since": since}, headers=bearer("reader"))
+    assert r.status_code == 200, r.text
