@@ -38,8 +38,9 @@ def _time(value: str | None, name: str) -> float | None:
 
 #: how since/until are documented: what _time() reads (the parameter itself stays a string so that a bad
 #: value gets _time's message, naming both forms)
-_TIME_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"}],
-                "description": "unix seconds or ISO 8601 (naive means UTC)"}
+_TIME_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"},
+                          {"type": "string", "maxLength": 0}],
+                "description": "unix seconds or ISO 8601 (naive means UTC); empty means no bound"}
 TimeQuery = Annotated[str | None, Query(json_schema_extra=_TIME_SCHEMA)]
 
 
