@@ -5,15 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler import __version__
 from scheduler.api.auth import KeyStore
 from scheduler.api.errors import ApiError, install_error_handlers
+from scheduler.api.request_ids import RequestIdMiddleware
 
 
 class BodySizeLimit:
-    """Refuses bodies over max_body_bytes with 413, whether or not Content-Length is given."""
+    """Refuses bodies over max_body_bytes with 413, counting the bytes received, not only Content-Length.
+
+    The body is read here, up to the limit, before the app runs: an error raised while FastAPI reads
+    the body would reach the client as FastAPI's own 400, and a chunked body declares no length.
+    Gateway bodies are small JSON documents, so holding one in memory costs nothing new.
+    """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app = app
@@ -24,33 +30,58 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
+        too_large = ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large").response()(
-                    scope, receive, send)
+                await too_large.response()(scope, receive, send)
                 return
-        seen = 0
-        too_big = False
-
-        async def limited_receive():
-            nonlocal seen, too_big
+        parts: list[bytes] = []
+        received_bytes = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    too_big = True
-                    raise _BodyTooLarge()
-            return message
+            if message["type"] != "http.request":  # the client left before its body was complete
+                return
+            body = message.get("body", b"")
+            received_bytes += len(body)
+            if received_bytes > limit:
+                await too_large.response()(scope, receive, send)
+                return
+            parts.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large").response()(
-                scope, receive, send)
+        async def replay() -> Message:
+            # the whole body once, then the real channel (so a disconnect is still seen)
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def openapi_document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less the 422 it adds to every operation (validation errors here are 400),
+    with every error response as the JSON it is."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for operations in doc.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                responses.pop("422", None)
+                for status, response in responses.items():
+                    # errors are JSON even where the success is CSV or text
+                    if int(status) >= 400 and "content" in response:
+                        response["content"] = {"application/json": next(iter(response["content"].values()))}
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def create_app(gateway: Any) -> FastAPI:
@@ -66,5 +97,7 @@ def create_app(gateway: Any) -> FastAPI:
     app.include_router(service.router)
     for extra in getattr(gateway, "extra_routers", lambda: [])():
         app.include_router(extra)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, max_body_bytes=gateway.config.server.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     return app

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,51 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The OpenAI error envelope."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {
+    400: "Bad input: invalid JSON, a missing or invalid field or parameter",
+    401: "No API key, or an unknown one",
+    403: "The API key's role may not do this",
+    404: "No such model, device or node",
+    413: "Request body larger than server.max_body_bytes",
+    429: "Rate or energy budget limit (see Retry-After)",
+    503: "No capacity or no node agent (the reason is in the message; see Retry-After)",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before retrying (when capacity is the reason)",
+                          "schema": {"type": "string"}}},
+}
+#: what every route can answer: a body over the limit (checked before routing) and bad query parameters
+COMMON_ERRORS = (400, 413)
+#: what every route behind an API key can answer as well
+AUTH_ERRORS = (401, 403)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries for the given error statuses, each with the OpenAI envelope."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in sorted(set(statuses)):
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[status]}
+        if status in _HEADERS:
+            entry["headers"] = _HEADERS[status]
+        out[status] = entry
+    return out
 
 
 class ApiError(Exception):
@@ -69,10 +115,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = msg[len("Value error, ") :]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
+    if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not an object
+        if first.get("type") == "missing":
+            return "request body is required (JSON object)", None
+        return "request body must be a JSON object", None
     if first.get("type") == "missing":
         return f"'{param}' is required", param
     more = f" ({len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     return (f"'{param}': {msg}{more}" if param else f"{msg}{more}"), param
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (Starlette names only the first matching route's).
+
+    Asks the routes themselves, one method at a time, so included routers count too.
+    """
+    from starlette.routing import Match
+
+    routes = request.app.router.routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,9 +150,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return ApiError(400, message, param=param, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return ApiError(exc.status_code, str(exc.detail), code=code).response()
+        headers = dict(exc.headers or {})
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = allowed_methods(request)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+        return ApiError(exc.status_code, message, code=code, headers=headers).response()
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

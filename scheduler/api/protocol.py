@@ -148,3 +148,109 @@ def usage_block(
     if carbon is not None:
         usage["carbon"] = carbon
     return usage
+
+
+# --- response models (what the routes send; they also describe it in /openapi.json) ------------
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EnergyUsage(_Response):
+    """usage.energy: the joules this request used, and how they were obtained."""
+
+    joules: float | None = Field(description="dynamic_joules + idle_joules")
+    dynamic_joules: float | None
+    idle_joules: float | None
+    method: str | None = Field(
+        description="nvml-counter, rapl (measured); cpu-estimate or another named estimate; simulated")
+    scope: str | None = Field(description="what the figure covers: gpu, cpu, cpu+dram")
+    device: str | None
+
+
+class CarbonUsage(_Response):
+    """usage.carbon: gCO2e = joules / 3.6e6 x PUE x grid intensity."""
+
+    gco2e: float
+    intensity_gco2e_per_kwh: float
+    pue: float
+    source: str
+    region: str
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    energy: EnergyUsage | None = None
+    carbon: CarbonUsage | None = None
+
+
+class Routing(_Response):
+    """Where the request ran and why."""
+
+    model: str
+    device: str | None
+    node: str | None
+    reason: str
+
+
+class ChatMessageOut(_Response):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str = Field(description="the request id: also the X-Request-Id header and the ledger's request_id")
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    routing: Routing
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(_Response):
+    id: str = Field(description="the request id: also the X-Request-Id header and the ledger's request_id")
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    routing: Routing
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    wattlane: dict[str, Any] = Field(
+        description="kind (router or the model's kind), engine, context_length, params_b, devices")
+
+
+class ModelList(_Response):
+    object: Literal["list"]
+    data: list[ModelInfo]
+
+
+#: what a streamed response is: `data: <chunk JSON>` events, then `data: [DONE]`
+SSE_DESCRIPTION = ("With stream=true: server-sent events, one `data: <chunk>` per piece of text (chunks carry the "
+                   "same id as the X-Request-Id header, and routing), the final chunk carries usage.energy and "
+                   "usage.carbon when stream_options.include_usage is set, then `data: [DONE]`.")

@@ -35,7 +35,11 @@ class Deployment:
         if not ray.is_initialized():
             runtime.start_ray(self.state_dir, self.address, self.config.ray.num_cpus, self.config.ray.include_dashboard)
         self.agents = start_node_agents(self.config, self.state_dir)
-        serve.start(http_options={"host": host, "port": port}, detached=False)
+        from scheduler.api.request_ids import serve_proxy_env
+
+        # Serve's proxies inherit the controller's environment: it makes them load our X-Request-Id check
+        serve.start(http_options={"host": host, "port": port}, detached=False,
+                    controller_options={"runtime_env": {"env_vars": serve_proxy_env()}})
         self._serve_started = True
         serve.run(build_app(self.config, self.state_dir), name=APP_NAME, route_prefix="/", blocking=False)
         self.wait_ready()

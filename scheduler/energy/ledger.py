@@ -9,6 +9,8 @@ crash or power loss can drop the last commits).
 Writes never block the event loop: one writer thread owns the write connection and commits in
 groups (everything queued within group_commit_seconds goes in one transaction). Reads open their
 own connection per call (WAL lets them run beside the writer); call them from a worker thread.
+A connection is only ever used by the thread that opened it: a streaming export (aexport_csv) gets
+a thread of its own that opens, reads and closes its connection, however many exports run at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +35,8 @@ LEDGER_FILENAME = "ledger.sqlite3"
 #: how each energy method's figures were obtained, as reports label them
 METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated"}
 SCHEMA_VERSION = 1
+#: CSV chunks an export reads ahead of a slow client (bounds each export's memory)
+EXPORT_READ_AHEAD_CHUNKS = 4
 
 
 @dataclass
@@ -266,10 +270,14 @@ class Ledger:
         model: str | None = None,
         device: str | None = None,
         api_key: str | None = None,
+        request_id: str | None = None,
         limit: int | None = 100,
     ) -> list[dict[str, Any]]:
         """Rows newest first, filtered; since/until are unix seconds (until exclusive)."""
         where, params = self._where(since, until, model, device, api_key)
+        if request_id is not None:
+            where += (" AND" if where else " WHERE") + " request_id = ?"
+            params.append(request_id)
         sql = f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY time_unix_s DESC, seq DESC"
         if limit is not None:
             sql += " LIMIT ?"
@@ -369,7 +377,11 @@ class Ledger:
         api_key: str | None = None,
         chunk_rows: int = 500,
     ) -> Iterator[str]:
-        """CSV text in chunks, oldest row first, read lazily (for a streaming HTTP response)."""
+        """CSV text in chunks, oldest row first, read lazily.
+
+        The generator owns a connection that may only be used by the thread that opened it, so the
+        whole iteration must happen in one thread; asyncio code uses aexport_csv().
+        """
         where, params = self._where(since, until, model, device, api_key)
         conn = self._connect_ro()
         try:
@@ -389,6 +401,50 @@ class Ledger:
                 yield buf.getvalue()
         finally:
             conn.close()
+
+    async def aexport_csv(self, **filters: Any) -> AsyncIterator[str]:
+        """export_csv() for asyncio code (a streaming HTTP response), any number at once.
+
+        One thread per export opens the read connection, reads every chunk and closes it; chunks
+        reach the event loop through a queue. If the consumer stops early (client gone), the thread
+        is told to stop and closes its connection itself.
+        """
+        loop = asyncio.get_running_loop()
+        chunks: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        room = threading.Semaphore(EXPORT_READ_AHEAD_CHUNKS)
+        stop = threading.Event()
+
+        def deliver(item: str | BaseException | None) -> None:
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                stop.set()
+
+        def produce() -> None:
+            try:
+                with contextlib.closing(self.export_csv(**filters)) as gen:
+                    for chunk in gen:
+                        room.acquire()
+                        if stop.is_set():
+                            return
+                        deliver(chunk)
+                deliver(None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                deliver(exc)
+
+        threading.Thread(target=produce, name="wattlane-ledger-export", daemon=True).start()
+        try:
+            while True:
+                item = await chunks.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                room.release()
+                yield item
+        finally:
+            stop.set()
+            room.release()  # wake a producer waiting for room so it sees stop and closes its connection
 
     def count(self) -> int:
         with self._read() as conn:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool
 
 from scheduler.api.auth import Principal, require
-from scheduler.api.errors import ApiError
+from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
+from scheduler.api.schemas import EnergyRequestList, MethodList, SummaryList
 
 router = APIRouter()
 
@@ -25,7 +25,7 @@ def _time(value: str | None, name: str) -> float | None:
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         raise ApiError(400, f"'{name}' must be unix seconds or ISO 8601 (e.g. 2026-11-23T15:00:00Z), not {value!r}",
                        param=name, code="invalid_value") from None
@@ -36,7 +36,15 @@ def _time(value: str | None, name: str) -> float | None:
     return dt.timestamp()
 
 
-def report_filters(since: str | None = None, until: str | None = None, model: str | None = None,
+#: how since/until are documented: what _time() reads (the parameter itself stays a string so that a bad
+#: value gets _time's message, naming both forms)
+_TIME_SCHEMA = {"anyOf": [{"type": "number"}, {"type": "string", "format": "date-time"},
+                          {"type": "string", "maxLength": 0}],
+                "description": "unix seconds or ISO 8601 (naive means UTC); empty means no bound"}
+TimeQuery = Annotated[str | None, Query(json_schema_extra=_TIME_SCHEMA)]
+
+
+def report_filters(since: TimeQuery = None, until: TimeQuery = None, model: str | None = None,
                    device: str | None = None, api_key: str | None = None) -> dict:
     """The filters every report takes (a FastAPI dependency): time window, model, device, API key id."""
     return {"since": _time(since, "since"), "until": _time(until, "until"), "model": model, "device": device,
@@ -44,23 +52,33 @@ def report_filters(since: str | None = None, until: str | None = None, model: st
 
 
 GroupBy = Literal["model", "device", "api_key", "hour"]
+_ERRORS = error_responses(400, *AUTH_ERRORS, 413)
 
 
-@router.get("/v1/energy/requests")
+class CsvResponse(StreamingResponse):
+    media_type = "text/csv"
+
+
+class PrometheusResponse(Response):
+    media_type = "text/plain"
+
+
+@router.get("/v1/energy/requests", response_model=EnergyRequestList, responses=_ERRORS)
 async def energy_requests(request: Request, limit: int = Query(100, ge=1, le=10000),
+                          id: str | None = Query(None, description="one request's id (its X-Request-Id)"),
                           _: Principal = Depends(require("reader")), filters: dict = Depends(report_filters)):
-    rows = await asyncio.to_thread(request.app.state.gateway.ledger.requests, limit=limit, **filters)
+    rows = await asyncio.to_thread(request.app.state.gateway.ledger.requests, limit=limit, request_id=id, **filters)
     return {"object": "list", "data": rows}
 
 
-@router.get("/v1/energy/summary")
+@router.get("/v1/energy/summary", response_model=SummaryList, response_model_exclude_unset=True, responses=_ERRORS)
 async def energy_summary(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
                          filters: dict = Depends(report_filters)):
     rows = await asyncio.to_thread(request.app.state.gateway.ledger.summary, group_by, **filters)
     return {"object": "list", "group_by": group_by, "data": rows}
 
 
-@router.get("/v1/energy/methods")
+@router.get("/v1/energy/methods", response_model=MethodList, response_model_exclude_unset=True, responses=_ERRORS)
 async def energy_methods(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
                          filters: dict = Depends(report_filters)):
     """How much of each group's energy was measured, estimated or simulated (for labelling reports)."""
@@ -68,15 +86,15 @@ async def energy_methods(request: Request, group_by: GroupBy = "model", _: Princ
     return {"object": "list", "group_by": group_by, "data": rows}
 
 
-@router.get("/v1/energy/export.csv")
+@router.get("/v1/energy/export.csv", response_class=CsvResponse, responses=_ERRORS)
 async def energy_export(request: Request, _: Principal = Depends(require("reader")),
                         filters: dict = Depends(report_filters)):
-    chunks = request.app.state.gateway.ledger.export_csv(**filters)
-    return StreamingResponse(iterate_in_threadpool(chunks), media_type="text/csv",
+    chunks = request.app.state.gateway.ledger.aexport_csv(**filters)
+    return CsvResponse(chunks,
                              headers={"Content-Disposition": 'attachment; filename="wattlane-energy.csv"'})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PrometheusResponse, responses=error_responses(413))
 async def metrics(request: Request):
     gw = request.app.state.gateway
     gw.ensure_refresher()

@@ -10,11 +10,25 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from scheduler.api.auth import Principal, require
-from scheduler.api.errors import ApiError
+from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.inference import InferenceResult, Job, StreamSession
-from scheduler.api.protocol import ChatCompletionRequest, CompletionRequest, RouteExplainRequest, new_id, usage_block
+from scheduler.api.protocol import (
+    SSE_DESCRIPTION,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    RouteExplainRequest,
+    usage_block,
+)
+from scheduler.api.request_ids import request_id_of
+from scheduler.api.schemas import RouteExplanation
 
 router = APIRouter()
+#: 200 is JSON, or with stream=true an SSE stream (the handlers return the Response themselves)
+_INFERENCE_200 = {"description": "The completion; " + SSE_DESCRIPTION,
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+_INFERENCE_ERRORS = error_responses(400, *AUTH_ERRORS, 404, 413, 429, 503)
 
 
 def _controls(body: Any) -> dict[str, Any]:
@@ -138,14 +152,15 @@ def _include_usage(body: Any) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(require("client"))):
     try:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     except ValueError as exc:
         raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
-    rid = new_id("chatcmpl")
+    rid = request_id_of(request)
     job = Job(
         request_id=rid, endpoint="chat", model=body.model, api_key_id=principal.key_id,
         controls=_controls(body), key_defaults=dict(principal.defaults),
@@ -162,9 +177,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     )
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(require("client"))):
-    rid = new_id("cmpl")
+    rid = request_id_of(request)
     prompt = body.prompt_text()
     job = Job(
         request_id=rid, endpoint="completion", model=body.model, api_key_id=principal.key_id,
@@ -182,7 +198,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     )
 
 
-@router.post("/v1/route/explain")
+@router.post("/v1/route/explain", response_model=RouteExplanation,
+             responses=error_responses(400, *AUTH_ERRORS, 413))
 async def route_explain(body: RouteExplainRequest, request: Request, principal: Principal = Depends(require("client"))):
     """The routing decision for a request, without running it: candidates, predictions, reasons."""
     if (body.messages is None) == (body.prompt is None):

@@ -5,13 +5,15 @@ The gateway never touches a device: every change goes to the node agent that own
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.api.auth import Principal, require
-from scheduler.api.errors import ApiError
+from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
+from scheduler.api.schemas import AuditList, DeviceList, PowerActionOut, PowerPolicy
+from scheduler.power.options import POLICY_NAMES
 
 router = APIRouter()
 
@@ -22,6 +24,34 @@ class PowerLimitBody(BaseModel):
     reason: str | None = None
 
 
+PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
+
+
+class PolicyGroupUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the group to change (or create, with devices)")
+    policy: PolicyName
+    options: dict[str, Any] | None = None
+    devices: list[str] | None = None
+
+
+class PolicyUpdate(BaseModel):
+    """PUT /v1/power/policy: the mode and/or groups, or one group's fields at the top level.
+
+    Groups not named are kept; the governor checks the rest (and all of it applies, or none).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["enforce", "recommend"] | None = None
+    groups: list[PolicyGroupUpdate] | None = None
+    group: str | None = Field(None, description="one group's name (same as name)")
+    name: str | None = None
+    policy: PolicyName | None = None
+    options: dict[str, Any] | None = None
+    devices: list[str] | None = None
+    reason: str | None = None
+
+
 class LockedClocksBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_mhz: Annotated[float, Field(gt=0)]
@@ -29,10 +59,26 @@ class LockedClocksBody(BaseModel):
     reason: str | None = None
 
 
-@router.get("/v1/devices")
-async def list_devices(request: Request, _: Principal = Depends(require("operator"))):
+#: what every operator route can answer besides 200: bad input, auth, unknown device or node, no agent
+_ERRORS = error_responses(400, *AUTH_ERRORS, 404, 413, 503)
+NodeQuery = Annotated[str | None, Query(description="a node agent's node name (default: the device's, or the first)")]
+
+
+def _node_not_found(node: str, known: list[str]) -> ApiError:
+    return ApiError(404, f"node '{node}' does not exist; nodes: {', '.join(sorted(known)) or 'none'}",
+                    param="node", code="node_not_found")
+
+
+@router.get("/v1/devices", response_model=DeviceList, response_model_exclude_unset=True,
+            responses=error_responses(400, *AUTH_ERRORS, 404, 413))
+async def list_devices(request: Request, node: NodeQuery = None, _: Principal = Depends(require("operator"))):
     gw = request.app.state.gateway
     snaps = await gw.refresh_devices()
+    if node is not None:
+        known = set(gw.agents()) | {s.get("node") for s in snaps} | {s.get("agent_node") for s in snaps}
+        if node not in known:
+            raise _node_not_found(node, [k for k in known if k])
+        snaps = [s for s in snaps if node in (s.get("node"), s.get("agent_node"))]
     return {"object": "list", "data": snaps}
 
 
@@ -40,16 +86,21 @@ async def _power(request: Request, method: str, *args: Any, node: str | None = N
     """Call the power service of the node agent that owns the device (or of `node`/the first node)."""
     gw = request.app.state.gateway
     device_id = kwargs.get("device_id")
+    agents = gw.agents() if node is not None or device_id is None else {}
+    if node is not None and node not in agents:
+        raise _node_not_found(node, list(agents))
     if device_id is not None:
         if not any(s.get("device_id") == device_id for s in gw.device_snapshots):
             await gw.refresh_devices()
-        agent = gw.agent_for_device(device_id)
+        snap = next((s for s in gw.device_snapshots if s.get("device_id") == device_id), {})
+        owner = snap.get("agent_node") or snap.get("node")
+        agent = gw.agent_for_device(device_id) if node is None or owner == node else None
         if agent is None:
-            raise ApiError(404, f"device '{device_id}' does not exist; GET /v1/devices lists them",
+            where = f" on node '{node}'" if node is not None else ""
+            raise ApiError(404, f"device '{device_id}' does not exist{where}; GET /v1/devices lists them",
                            param="id", code="device_not_found")
     else:
-        agents = gw.agents()
-        agent = agents.get(node) if node else next(iter(agents.values()), None)
+        agent = agents[node] if node is not None else next(iter(agents.values()), None)
         if agent is None:
             raise ApiError(503, "no node agent is running", code="no_node_agent")
     try:
@@ -85,47 +136,49 @@ def _actor(principal: Principal) -> str:
     return f"api-key:{principal.key_id}"
 
 
-@router.put("/v1/devices/{device_id}/power-limit")
-async def set_power_limit(device_id: str, body: PowerLimitBody, request: Request,
+@router.put("/v1/devices/{device_id}/power-limit", response_model=PowerActionOut, responses=_ERRORS)
+async def set_power_limit(device_id: str, body: PowerLimitBody, request: Request, node: NodeQuery = None,
                           principal: Principal = Depends(require("operator"))):
-    return await _power(request, "set_power_limit", device_id=device_id, watts=body.watts,
+    return await _power(request, "set_power_limit", node=node, device_id=device_id, watts=body.watts,
                         actor=_actor(principal), reason=body.reason or "operator request")
 
 
-@router.delete("/v1/devices/{device_id}/power-limit")
-async def reset_power_limit(device_id: str, request: Request, principal: Principal = Depends(require("operator"))):
-    return await _power(request, "reset_power_limit", device_id=device_id, actor=_actor(principal),
+@router.delete("/v1/devices/{device_id}/power-limit", response_model=PowerActionOut, responses=_ERRORS)
+async def reset_power_limit(device_id: str, request: Request, node: NodeQuery = None,
+                            principal: Principal = Depends(require("operator"))):
+    return await _power(request, "reset_power_limit", node=node, device_id=device_id, actor=_actor(principal),
                         reason="operator reset to default")
 
 
-@router.put("/v1/devices/{device_id}/locked-clocks")
-async def set_locked_clocks(device_id: str, body: LockedClocksBody, request: Request,
+@router.put("/v1/devices/{device_id}/locked-clocks", response_model=PowerActionOut, responses=_ERRORS)
+async def set_locked_clocks(device_id: str, body: LockedClocksBody, request: Request, node: NodeQuery = None,
                             principal: Principal = Depends(require("operator"))):
-    return await _power(request, "set_locked_clocks", device_id=device_id, min_mhz=body.min_mhz,
+    return await _power(request, "set_locked_clocks", node=node, device_id=device_id, min_mhz=body.min_mhz,
                         max_mhz=body.max_mhz, actor=_actor(principal), reason=body.reason or "operator request")
 
 
-@router.delete("/v1/devices/{device_id}/locked-clocks")
-async def reset_locked_clocks(device_id: str, request: Request, principal: Principal = Depends(require("operator"))):
-    return await _power(request, "reset_locked_clocks", device_id=device_id, actor=_actor(principal),
+@router.delete("/v1/devices/{device_id}/locked-clocks", response_model=PowerActionOut, responses=_ERRORS)
+async def reset_locked_clocks(device_id: str, request: Request, node: NodeQuery = None,
+                              principal: Principal = Depends(require("operator"))):
+    return await _power(request, "reset_locked_clocks", node=node, device_id=device_id, actor=_actor(principal),
                         reason="operator reset")
 
 
-@router.get("/v1/power/policy")
-async def get_policy(request: Request, node: str | None = None, _: Principal = Depends(require("operator"))):
+@router.get("/v1/power/policy", response_model=PowerPolicy, response_model_exclude_unset=True, responses=_ERRORS)
+async def get_policy(request: Request, node: NodeQuery = None, _: Principal = Depends(require("operator"))):
     policy = await _power(request, "get_policy", node=node)
     return {**policy, "status": await _power(request, "status", node=node)}
 
 
-@router.put("/v1/power/policy")
-async def put_policy(request: Request, body: dict[str, Any] = Body(...), node: str | None = None,
+@router.put("/v1/power/policy", response_model=PowerPolicy, response_model_exclude_unset=True, responses=_ERRORS)
+async def put_policy(request: Request, body: PolicyUpdate, node: NodeQuery = None,
                      principal: Principal = Depends(require("operator"))):
-    return await _power(request, "put_policy", body, node=node, actor=_actor(principal))
+    return await _power(request, "put_policy", body.model_dump(exclude_unset=True), node=node, actor=_actor(principal))
 
 
-@router.get("/v1/power/audit")
+@router.get("/v1/power/audit", response_model=AuditList, responses=_ERRORS)
 async def power_audit(request: Request, since: float | None = None, device: str | None = None,
-                      limit: int = Query(100, ge=1, le=10000), node: str | None = None,
+                      limit: int = Query(100, ge=1, le=10000), node: NodeQuery = None,
                       _: Principal = Depends(require("operator"))):
     rows = await _power(request, "audit", node=node, since=since, device=device, limit=limit)
     return {"object": "list", "data": rows}

@@ -6,11 +6,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from scheduler.api.auth import Principal, require
+from scheduler.api.errors import AUTH_ERRORS, error_responses
+from scheduler.api.protocol import ModelList
+from scheduler.api.schemas import HealthStatus, ReadyStatus
 
 router = APIRouter()
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(*AUTH_ERRORS, 413))
 async def list_models(request: Request, _: Principal = Depends(require("client"))):
     gw = request.app.state.gateway
     data = [{"id": "auto", "object": "model", "created": gw.started_s, "owned_by": "wattlane",
@@ -22,12 +25,14 @@ async def list_models(request: Request, _: Principal = Depends(require("client")
     return {"object": "list", "data": data}
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthStatus, responses=error_responses(413))
 async def healthz():
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyStatus, response_model_exclude_unset=True,
+            responses={503: {"model": ReadyStatus, "description": "A model is not ready (see reason)"},
+                       **error_responses(413)})
 async def readyz(request: Request):
     gw = request.app.state.gateway
     ready, problems = await gw.check_ready()
