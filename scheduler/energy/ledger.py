@@ -98,7 +98,10 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
     + ", ".join(f"{c} {_SQL_TYPES.get(c, 'REAL' if c.endswith(('_seconds', 'joules', 'gco2e', '_kwh', 'pue', '_watts')) else 'TEXT')}" for c in COLUMNS)
     + ")",
-    "CREATE UNIQUE INDEX IF NOT EXISTS requests_id ON requests(request_id)",
+    # A request id is not unique: a client may reuse its own X-Request-Id, and a retried request keeps its id.
+    # Every row is kept (seq is the key); ledgers written before this drop their old unique index.
+    "DROP INDEX IF EXISTS requests_id",
+    "CREATE INDEX IF NOT EXISTS requests_request_id ON requests(request_id)",
     "CREATE INDEX IF NOT EXISTS requests_time ON requests(time_unix_s)",
     "CREATE INDEX IF NOT EXISTS requests_model_time ON requests(model, time_unix_s)",
 )
@@ -175,7 +178,7 @@ class Ledger:
 
     def _write_loop(self) -> None:
         conn = self._connect()
-        insert = f"INSERT OR REPLACE INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+        insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         self._ready.set()
         stopping = False
         while not stopping:

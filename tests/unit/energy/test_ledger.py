@@ -220,3 +220,28 @@ def test_method_breakdown_separates_measured_estimated_and_unknown(tmp_path):
         {"model": "m", "energy_method": None, "method_kind": "none", "energy_scope": None, "carbon_source": None,
          "carbon_region": None, "requests": 1, "joules": 0.0, "gco2e": 0.0}]
     ledger.close()
+
+
+def test_a_reused_request_id_keeps_every_row_and_its_energy(tmp_path: Path) -> None:
+    """A client may send the same X-Request-Id twice: both requests stay in the ledger and in its totals."""
+    with Ledger(tmp_path) as lg:
+        lg.record(row(1, request_id="client-id-1", joules=3.0)).result(timeout=5)
+        lg.record(row(2, request_id="client-id-1", joules=5.0)).result(timeout=5)
+        found = lg.requests(request_id="client-id-1")
+        assert sorted(r["joules"] for r in found) == [3.0, 5.0]
+        assert lg.summary("model")[0]["joules"] == pytest.approx(8.0)
+
+
+def test_a_ledger_written_with_the_old_unique_index_keeps_reused_ids(tmp_path: Path) -> None:
+    import sqlite3
+
+    with Ledger(tmp_path) as lg:
+        lg.record(row(1, request_id="same")).result(timeout=5)
+    con = sqlite3.connect(tmp_path / "ledger.sqlite3")
+    con.execute("DROP INDEX IF EXISTS requests_request_id")
+    con.execute("CREATE UNIQUE INDEX requests_id ON requests(request_id)")
+    con.commit()
+    con.close()
+    with Ledger(tmp_path) as lg:
+        lg.record(row(2, request_id="same")).result(timeout=5)
+        assert len(lg.requests(request_id="same")) == 2
