@@ -216,6 +216,9 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     routing: Routing
+    system_fingerprint: str | None = Field(
+        None, description="the engine's build and settings when it promises that a seed reproduces the output; "
+                          "null where it does not (docs: Reproducible output)")
 
 
 class CompletionChoice(_Response):
@@ -233,6 +236,9 @@ class CompletionResponse(_Response):
     choices: list[CompletionChoice]
     usage: Usage
     routing: Routing
+    system_fingerprint: str | None = Field(
+        None, description="the engine's build and settings when it promises that a seed reproduces the output; "
+                          "null where it does not (docs: Reproducible output)")
 
 
 class ModelInfo(BaseModel):

@@ -78,6 +78,7 @@ class CannedStream:
         self.routed = type("Routed", (), {"model": final.model})()
         self.started_s = time.time()
         self._final = final
+        self.system_fingerprint: str | None = None
 
     async def deltas(self):
         for word in self.service.text.split(" "):
