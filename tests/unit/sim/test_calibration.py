@@ -3,11 +3,7 @@
 import pytest
 
 from scheduler.sim.calibration import calibrate_point, calibration_rows
-from scheduler.sim.paths import reference_csv
-
-pytestmark = pytest.mark.skipif(not reference_csv().is_file(), reason="shared reference data not present")
-
-ROWS = calibration_rows() if reference_csv().is_file() else []
+ROWS = calibration_rows()
 
 
 @pytest.mark.parametrize("profile,row", ROWS, ids=[f"{p}-b{r.max_num_seqs}" for p, r in ROWS])
