@@ -58,7 +58,7 @@ def test_installed_wheel_simulates_with_its_own_data(tmp_path):
           "--json", str(out)], work, env, 300)
     s = json.loads(out.read_text())
     assert s["settings"]["config"].startswith(str(site))
-    assert s["requests"] > 500 and s["completed"] > 0.9 * s["requests"]
+    assert s["requests"] > 300 and s["completed"] > 0.9 * s["requests"]
     r = s["routing"]
     assert 0.0 < r["large_model_share"] < 1.0 and sum(r["requests_by_model"].values()) == s["requests"] - s["rejected"]
     assert "routing-held-out.csv.gz" in r["prompts"]
