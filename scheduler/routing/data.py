@@ -1,4 +1,4 @@
-"""Load routing data (prompt, weak_correct, strong_correct) and make the seeded, stratified held-out split.
+"""Load routing data (prompt, weak_correct, strong_correct), remove duplicate prompts and make the seeded, stratified held-out split.
 
 Only the standard library and numpy: `wattlane route-eval` must run on an install without pandas.
 """
@@ -6,15 +6,21 @@ Only the standard library and numpy: `wattlane route-eval` must run on an instal
 from __future__ import annotations
 
 import csv
+import gzip
+import io
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from scheduler import datafiles
+
 REQUIRED_COLUMNS = ("prompt", "weak_correct", "strong_correct")
-REPO_DIR = Path(__file__).resolve().parents[2]
+#: written by write_csv; load_csv takes dataset and subject from these when present
+COLUMNS = ("dataset", "subject", "prompt", "weak_correct", "strong_correct")
 
 
 class RoutingDataError(ValueError):
@@ -50,12 +56,6 @@ class RoutingData:
         return ((self.strong_correct == 1) & (self.weak_correct == 0)).astype(np.int8)
 
 
-def shared_dir() -> Path:
-    """$WATTLANE_SHARED_DIR, else <repo>/../shared (CI puts shared/ beside the clone)."""
-    env = os.environ.get("WATTLANE_SHARED_DIR")
-    return Path(env) if env else REPO_DIR.parent / "shared"
-
-
 def _parse_01(value: str, path: str, line: int, column: str) -> int:
     v = value.strip().lower()
     if v in ("1", "1.0", "true"):
@@ -65,14 +65,21 @@ def _parse_01(value: str, path: str, line: int, column: str) -> int:
     raise RoutingDataError(f"{path}: line {line}: column '{column}' must be 0 or 1, got {value!r}")
 
 
+def _open_text(p: Path):
+    if p.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8", newline="")
+    return p.open(newline="", encoding="utf-8")
+
+
 def load_csv(path: str | os.PathLike[str], dataset: str | None = None) -> RoutingData:
-    """Read a routing CSV; raise RoutingDataError with a one-line reason for anything wrong."""
+    """Read a routing CSV (plain or .gz); raise RoutingDataError with a one-line reason for anything wrong."""
     p = Path(path)
     if not p.is_file():
         raise RoutingDataError(f"{p}: file not found")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    default_dataset = dataset or p.name.split(".")[0]
     try:
-        with p.open(newline="", encoding="utf-8") as f:
+        with _open_text(p) as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -81,18 +88,32 @@ def load_csv(path: str | os.PathLike[str], dataset: str | None = None) -> Routin
                     f"{p}: missing column(s) {', '.join(missing)}; the file needs prompt, weak_correct, strong_correct "
                     f"(found: {', '.join(header) or 'no header'})"
                 )
-            prompts, weak, strong, subject = [], [], [], []
+            prompts, weak, strong, subject, names = [], [], [], [], []
             for n, row in enumerate(reader, start=2):
                 prompts.append(row["prompt"] or "")
                 weak.append(_parse_01(row["weak_correct"] or "", str(p), n, "weak_correct"))
                 strong.append(_parse_01(row["strong_correct"] or "", str(p), n, "strong_correct"))
                 subject.append(row.get("subject") or "")
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+                names.append(dataset or row.get("dataset") or default_dataset)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error, gzip.BadGzipFile) as exc:
         raise RoutingDataError(f"{p}: cannot be read as CSV: {exc}") from None
     if not prompts:
         raise RoutingDataError(f"{p}: no data rows")
-    name = dataset or p.stem
-    return RoutingData(prompts, np.asarray(weak, np.int8), np.asarray(strong, np.int8), [name] * len(prompts), subject)
+    return RoutingData(prompts, np.asarray(weak, np.int8), np.asarray(strong, np.int8), names, subject)
+
+
+def write_csv(data: RoutingData, path: Path) -> None:
+    """Write rows with every COLUMNS field; a .gz path is gzipped with no timestamp, so equal data gives equal bytes."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for i in range(len(data)):
+        w.writerow([data.dataset[i], data.subject[i], data.prompts[i], int(data.weak_correct[i]), int(data.strong_correct[i])])
+    raw = buf.getvalue().encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(gzip.compress(raw, compresslevel=9, mtime=0) if path.name.endswith(".gz") else raw)
+    tmp.replace(path)
 
 
 def concat(parts: list[RoutingData]) -> RoutingData:
@@ -105,10 +126,59 @@ def concat(parts: list[RoutingData]) -> RoutingData:
     )
 
 
-def load_shared() -> RoutingData:
-    """MMLU and GSM8K from the shared routing folder, tagged by dataset."""
-    base = shared_dir() / "routing"
-    return concat([load_csv(base / "mmlu.csv", "mmlu"), load_csv(base / "gsm8k.csv", "gsm8k")])
+def load_training_data() -> RoutingData:
+    """MMLU and GSM8K routing labels from data/routing of the source checkout, tagged by dataset."""
+    try:
+        paths = {name: datafiles.routing_csv(name) for name in ("mmlu", "gsm8k")}
+    except datafiles.DataFileError as exc:
+        raise RoutingDataError(str(exc)) from None
+    return concat([load_csv(path, name) for name, path in paths.items()])
+
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower case, letters and digits only, single spaces: two prompts that differ only in case, spacing or
+    punctuation are the same question (MMLU files the same question under two subjects)."""
+    return _NON_ALNUM.sub(" ", text.lower()).strip()
+
+
+@dataclass
+class DedupeReport:
+    rows_in: int
+    duplicate_groups: int  # normalised prompts seen more than once
+    conflicting_groups: int  # of those, groups whose (weak, strong) outcomes disagree: dropped whole
+    rows_out: int
+
+    def as_dict(self) -> dict:
+        return {
+            "rows_in": self.rows_in, "duplicate_groups": self.duplicate_groups,
+            "conflicting_groups_dropped": self.conflicting_groups, "rows_out": self.rows_out,
+            "rule": "prompts equal after normalise_prompt() are one question: kept once (first row) when every copy has the "
+            "same (weak_correct, strong_correct); dropped entirely when the copies disagree",
+        }
+
+
+def dedupe(data: RoutingData) -> tuple[RoutingData, DedupeReport]:
+    """One row per normalised prompt, so no question can sit in both halves of a split.
+
+    Copies with the same outcome keep their first row. Copies whose labels disagree are dropped: the same
+    models answered the same question both ways, so neither label is the question's, and keeping one
+    would be a coin flip."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(data.prompts):
+        groups.setdefault(normalise_prompt(p), []).append(i)
+    keep, dup, conflict = [], 0, 0
+    for rows in groups.values():
+        if len(rows) > 1:
+            dup += 1
+            if len({(int(data.weak_correct[i]), int(data.strong_correct[i])) for i in rows}) > 1:
+                conflict += 1
+                continue
+        keep.append(rows[0])
+    idx = np.asarray(sorted(keep), dtype=np.int64)
+    return data.subset(idx), DedupeReport(len(data), dup, conflict, len(idx))
 
 
 def stratified_split(data: RoutingData, test_fraction: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from scheduler import datafiles
 from scheduler.routing import data as routing_data
 from scheduler.routing.adequacy import AdequacyPredictor, load_predictor
 from scheduler.routing.metrics import oracle_summary, random_router_summary, routing_curve
-from scheduler.routing.train import SPLIT_SEED, TEST_FRACTION
+from scheduler.routing.train import SPLIT_SEED, TEST_FRACTION, split_data
 
-RESULTS_DIR = routing_data.REPO_DIR / "docs" / "results"
+RESULTS_DIR = datafiles.REPOSITORY_DIR / "docs" / "results"
 
 #: RouteLLM (Ong et al., "RouteLLM: Learning to Route LLMs with Preference Data", arXiv 2406.18665,
 #: ICLR 2025), GPT-4-1106 vs Mixtral-8x7B, evaluated on the whole benchmark. The primary tables could
@@ -53,7 +55,8 @@ ROUTELLM_PUBLISHED = {
 
 def energy_ratio_70b_vs_8b(reference_csv: Path) -> dict:
     """Per-output-token GPU energy of Llama-3.1-70B (4x H100) over Llama-3.1-8B (1x H100) at equal max_num_seqs."""
-    rows = list(csv.DictReader(reference_csv.open(newline="")))
+    with gzip.open(reference_csv, "rt", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
     def table(model: str) -> dict[int, float]:
         return {
             int(r["max_num_seqs"]): float(r["energy_per_token_j"])
@@ -120,20 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     predictor = load_predictor(args.artefact)
-    data = routing_data.load_shared()
-    _, test_idx = routing_data.stratified_split(data, TEST_FRACTION, SPLIT_SEED)
-    test = data.subset(test_idx)
+    split = split_data()
+    test = split.test
     results: dict = {
         "command": "python -m scheduler.routing.train && python -m scheduler.routing.evaluate",
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "predictor": predictor.metadata,
-        "split": {"test_fraction": TEST_FRACTION, "seed": SPLIT_SEED, "test_rows": len(test), "train_rows": len(data) - len(test)},
+        "split": {"test_fraction": TEST_FRACTION, "seed": SPLIT_SEED, "test_rows": len(test), "train_rows": len(split.train),
+                  "dedupe": split.dedupe.as_dict()},
         "held_out": {},
     }
     for name in ("mmlu", "gsm8k", "combined"):
         part = test if name == "combined" else test.subset(np.array([i for i, d in enumerate(test.dataset) if d == name]))
         results["held_out"][name] = evaluate(predictor, part)
-    ratio = energy_ratio_70b_vs_8b(routing_data.shared_dir() / "reference" / "mlenergy_v3_lm_arena_chat.csv")
+    ratio = energy_ratio_70b_vs_8b(datafiles.reference_csv())
     results["energy"] = {"ratio": ratio, "by_dataset": {}}
     r = ratio["median_ratio"]
     for name, res in results["held_out"].items():
@@ -153,6 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _dedupe_sentence(d: dict) -> str:
+    return (f"deduplicated: {d['rows_in']} rows, {d['duplicate_groups']} questions present more than once (same text after "
+            f"lower-casing and dropping punctuation) kept once, {d['conflicting_groups_dropped']} of them with conflicting labels "
+            f"dropped, {d['rows_out']} rows left.")
+
+
+def _cv_sentence(cv) -> str:
+    if not isinstance(cv, dict):
+        return "C set by hand"
+    scores = ", ".join(f"{c}: {m:.3f}" for c, m in cv["mean_apgr"].items())
+    return f"chosen by {cv['folds']}-fold stratified cross-validation on the training part, mean validation APGR {scores}"
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -166,10 +182,12 @@ def render_markdown(res: dict) -> str:
         "",
         f"Command: `{res['command']}` (generated {res['generated_at']}).",
         "",
-        f"Data: shared/routing MMLU + GSM8K (weak {res['predictor']['weak_model']}, strong {res['predictor']['strong_model']}). "
+        f"Data: data/routing MMLU + GSM8K (weak {res['predictor']['weak_model']}, strong {res['predictor']['strong_model']}), "
+        f"{_dedupe_sentence(res['split']['dedupe'])} "
         f"Held-out split: {res['split']['test_rows']} rows ({100 * res['split']['test_fraction']:.0f}%, seed {res['split']['seed']}), "
         "stratified by dataset, MMLU subject and (weak, strong) outcome; the shipped artefact was trained only on the other "
-        f"{res['split']['train_rows']} rows. Predictor: {res['predictor']['model']}, C={res['predictor']['C']}, hashed word 1-2-grams "
+        f"{res['split']['train_rows']} rows. Predictor: {res['predictor']['model']}, C={res['predictor']['C']} "
+        f"({_cv_sentence(res['predictor'].get('cross_validation'))}), hashed word 1-2-grams "
         f"+ char 4-grams (2^{res['predictor']['hash_bits']} columns) + 9 dense cues; label = strong right and weak wrong.",
         "",
         "APGR is the area under PGR against strong-call share over every threshold (k = 0..N prompts sent to the strong model);",

@@ -1,7 +1,14 @@
-"""Train the adequacy predictor on the shared routing data and write the shipped artefact.
+"""Train the adequacy predictor on the repository's routing data and write the shipped artefact and held-out prompts.
 
-    python -m scheduler.routing.train            # train on the training split (the shipped artefact)
+    python -m scheduler.routing.train            # CV-chosen C, trained on the training split (what ships)
     python -m scheduler.routing.train --all-data # train on every row (no held-out evaluation possible)
+
+Steps, all deterministic: load data/routing (MMLU + GSM8K), remove duplicate questions (data.dedupe),
+split 75/25 stratified (seed 0), choose the L2 constant C by 5-fold stratified cross-validation on the
+training part only (mean validation APGR over a small grid), fit on the whole training part, and write
+scheduler/routing/artefacts/adequacy.npz and the held-out rows to scheduler/data/routing-held-out.csv.gz
+(the prompts `wattlane simulate --model auto` draws from). Running it again reproduces both files
+(weights to float32 rounding; tests/unit/routing/test_train_reproduces_artefact.py checks).
 
 Needs scikit-learn and scipy (pip install -e '.[train]'); inference needs neither.
 """
@@ -11,27 +18,90 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from scheduler import datafiles
 from scheduler.routing import data as routing_data
 from scheduler.routing.adequacy import DEFAULT_ARTEFACT, FORMAT_VERSION
 from scheduler.routing.features import HASH_BITS, N_FEATURES, featurize_many
+from scheduler.routing.metrics import routing_curve
 
-#: chosen by 5-fold cross-validation on the training split (APGR flat for C in 1..3; see docs/routing.md)
-DEFAULT_C = 2.0
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
+#: candidate inverse L2 strengths; cross-validation picks one
+C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+CV_FOLDS = 5
+CV_SEED = 0
+MAX_ITER = 3000
+DEFAULT_HELD_OUT = datafiles.REPOSITORY_DIR / "scheduler" / "data" / datafiles.HELD_OUT_PROMPTS
 
 
-def fit(prompts: list[str], labels: np.ndarray, c: float = DEFAULT_C) -> tuple[np.ndarray, float]:
+@dataclass
+class Split:
+    train: routing_data.RoutingData
+    test: routing_data.RoutingData
+    dedupe: routing_data.DedupeReport
+
+
+def split_data(data: routing_data.RoutingData | None = None) -> Split:
+    """The deduplicated routing data cut into the training and held-out parts every tool shares."""
+    full, report = routing_data.dedupe(data if data is not None else routing_data.load_training_data())
+    train_idx, test_idx = routing_data.stratified_split(full, TEST_FRACTION, SPLIT_SEED)
+    return Split(full.subset(train_idx), full.subset(test_idx), report)
+
+
+def _fit_matrix(x, labels: np.ndarray, c: float):
     from sklearn.linear_model import LogisticRegression
 
-    x = featurize_many(prompts)
-    model = LogisticRegression(C=c, max_iter=3000)
+    model = LogisticRegression(C=c, max_iter=MAX_ITER)
     model.fit(x, labels)
+    return model
+
+
+def fit(prompts: list[str], labels: np.ndarray, c: float) -> tuple[np.ndarray, float]:
+    model = _fit_matrix(featurize_many(prompts), labels, c)
     return model.coef_[0].astype(np.float32), float(model.intercept_[0])
+
+
+def _cv_strata(data: routing_data.RoutingData) -> np.ndarray:
+    # the (dataset, weak, strong) outcome keeps each fold's weak/strong accuracy close to the whole, so PGR is defined
+    keys = [f"{d}:{w}{s}" for d, w, s in zip(data.dataset, data.weak_correct, data.strong_correct)]
+    return np.unique(keys, return_inverse=True)[1]
+
+
+def cv_folds(train: routing_data.RoutingData, folds: int = CV_FOLDS, seed: int = CV_SEED) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, validation rows) of each fold: stratified, shuffled with a fixed seed."""
+    from sklearn.model_selection import StratifiedKFold
+
+    strata = _cv_strata(train)
+    return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(strata)), strata))
+
+
+def fold_apgr(x, train: routing_data.RoutingData, fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
+    """Fit on fit_idx with C = c, score val_idx; x is featurize_many(train.prompts)."""
+    model = _fit_matrix(x[fit_idx], train.strong_needed[fit_idx], c)
+    z = x[val_idx] @ model.coef_[0] + model.intercept_[0]
+    return routing_curve(1.0 / (1.0 + np.exp(-z)), train.weak_correct[val_idx], train.strong_correct[val_idx]).apgr()
+
+
+def cross_validate(train: routing_data.RoutingData, grid=C_GRID, folds: int = CV_FOLDS, seed: int = CV_SEED) -> dict:
+    """Mean validation APGR for each C over stratified folds of the training part; the best C wins (ties: smaller C)."""
+    x = featurize_many(train.prompts)
+    scores: dict[float, list[float]] = {c: [] for c in grid}
+    for fit_idx, val_idx in cv_folds(train, folds, seed):
+        for c in grid:
+            scores[c].append(fold_apgr(x, train, fit_idx, val_idx, c))
+    means = {c: float(np.mean(v)) for c, v in scores.items()}
+    best = max(grid, key=lambda c: (round(means[c], 6), -c))
+    return {
+        "folds": folds, "seed": seed, "metric": "mean validation APGR (RouteLLM)", "grid": list(grid),
+        "mean_apgr": {str(c): round(m, 5) for c, m in means.items()},
+        "fold_apgr": {str(c): [round(s, 5) for s in v] for c, v in scores.items()},
+        "best_c": best,
+    }
 
 
 def save(path: Path, weights: np.ndarray, intercept: float, metadata: dict) -> None:
@@ -41,36 +111,56 @@ def save(path: Path, weights: np.ndarray, intercept: float, metadata: dict) -> N
     tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_ARTEFACT)
-    ap.add_argument("--c", type=float, default=DEFAULT_C, help="inverse L2 regularisation strength")
-    ap.add_argument("--all-data", action="store_true", help="train on every row instead of the training split")
-    args = ap.parse_args(argv)
-
-    data = routing_data.load_shared()
-    train_idx, test_idx = routing_data.stratified_split(data, TEST_FRACTION, SPLIT_SEED)
-    if args.all_data:
-        train_idx = np.arange(len(data))
-    train = data.subset(train_idx)
-    started = time.time()
-    weights, intercept = fit(train.prompts, train.strong_needed, args.c)
+def train(*, all_data: bool = False, c: float | None = None, grid=C_GRID) -> tuple[np.ndarray, float, dict, Split]:
+    """Everything main() does but writing: (weights, intercept, metadata, split)."""
+    split = split_data()
+    cv = None
+    if c is None:
+        cv = cross_validate(split.train, grid)
+        c = cv["best_c"]
+    rows = routing_data.concat([split.train, split.test]) if all_data else split.train
+    weights, intercept = fit(rows.prompts, rows.strong_needed, c)
     meta = {
         "format_version": FORMAT_VERSION,
         "label": "strong_correct == 1 and weak_correct == 0 (strong needed)",
-        "model": "logistic regression (sklearn, L2)",
-        "C": args.c,
+        "model": "logistic regression (sklearn, L2, lbfgs)",
+        "C": c,
+        "cross_validation": cv or "C given on the command line",
         "hash_bits": HASH_BITS,
         "n_features": N_FEATURES,
-        "train_rows": int(len(train_idx)),
-        "split": "all rows" if args.all_data else f"stratified_split(test_fraction={TEST_FRACTION}, seed={SPLIT_SEED}) train part",
-        "data": "shared/routing mmlu.csv + gsm8k.csv (RouteLLM responses; weak Mixtral-8x7B, strong GPT-4-1106)",
+        "train_rows": len(rows),
+        "dedupe": split.dedupe.as_dict(),
+        "split": "all rows" if all_data else f"stratified_split(test_fraction={TEST_FRACTION}, seed={SPLIT_SEED}) train part",
+        "data": "data/routing mmlu.csv.gz + gsm8k.csv.gz (RouteLLM responses; weak Mixtral-8x7B, strong GPT-4-1106)",
         "weak_model": "mistralai/Mixtral-8x7B-Instruct-v0.1",
         "strong_model": "gpt-4-1106-preview",
-        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    return weights, intercept, meta, split
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=DEFAULT_ARTEFACT)
+    ap.add_argument("--held-out-out", type=Path, default=DEFAULT_HELD_OUT, help="where the held-out rows go")
+    ap.add_argument("--c", type=float, default=None, help="inverse L2 strength (default: chosen by cross-validation)")
+    ap.add_argument("--all-data", action="store_true", help="train on every row instead of the training split")
+    args = ap.parse_args(argv)
+
+    started = time.time()
+    try:
+        weights, intercept, meta, split = train(all_data=args.all_data, c=args.c)
+    except routing_data.RoutingDataError as exc:
+        print(f"error: {exc}")
+        return 2
     save(args.out, weights, intercept, meta)
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) from {len(train_idx)} rows in {time.time() - started:.1f} s")
+    if not args.all_data:  # an all-data model has seen these rows: leave the shipped held-out file alone
+        routing_data.write_csv(split.test, args.held_out_out)
+    cv = meta["cross_validation"]
+    if isinstance(cv, dict):
+        print("cross-validation (mean APGR): " + ", ".join(f"C={c} {m:.4f}" for c, m in cv["mean_apgr"].items()))
+    print(f"dedupe: {meta['dedupe']}")
+    print(f"wrote {args.out} (C={meta['C']}, {meta['train_rows']} rows) and {args.held_out_out} ({len(split.test)} rows) "
+          f"in {time.time() - started:.1f} s")
     return 0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.sim.core import BatchCore, CoreListener, SimRequest
 from scheduler.sim.fit import GPU_KEYS, PROMPT_LOG_SIGMA, TARGETS, ARCHITECTURES, Row, read_rows
-from scheduler.sim.paths import REPO_DIR, reference_csv
+from scheduler.datafiles import REPOSITORY_DIR, reference_csv
 from scheduler.sim.profiles import model_profile
 
 
@@ -147,8 +147,8 @@ def plot(results: list[CalibrationResult], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scheduler.sim.calibration", description="Simulated vs measured, per batch size.")
-    ap.add_argument("--plot", type=Path, default=REPO_DIR / "docs" / "results" / "sim-calibration.png")
-    ap.add_argument("--json", type=Path, default=REPO_DIR / "docs" / "results" / "sim-calibration.json")
+    ap.add_argument("--plot", type=Path, default=REPOSITORY_DIR / "docs" / "results" / "sim-calibration.png")
+    ap.add_argument("--json", type=Path, default=REPOSITORY_DIR / "docs" / "results" / "sim-calibration.json")
     args = ap.parse_args(argv)
     results = []
     print(f"{'profile':24} {'batch':>7} {'J/tok meas':>10} {'sim':>8} {'err':>6} {'W meas':>8} {'sim':>8} {'err':>6} {'ITL ms':>7} {'sim':>7} {'err':>6}")

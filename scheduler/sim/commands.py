@@ -117,8 +117,8 @@ def print_summary(s: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("simulate")
     def simulate(
-        trace: Path = typer.Option(..., "--trace", help="request trace CSV (Azure format: TIMESTAMP, ContextTokens, GeneratedTokens[, Model])"),
-        config: Path = typer.Option(Path("configs/sim-fleet.yaml"), "--config", help="Wattlane config with simulated devices and models"),
+        trace: Optional[Path] = typer.Option(None, "--trace", help="request trace CSV, plain or .gz (Azure format: TIMESTAMP, ContextTokens, GeneratedTokens[, Model]); default: the packaged Azure LLM 2023 conversation trace"),
+        config: Optional[Path] = typer.Option(None, "--config", help="Wattlane config with simulated devices and models; default: the packaged sim-fleet.yaml (8 simulated H100, 4x Llama-3.1-8B + 1x Llama-3.1-70B)"),
         json_path: Optional[Path] = typer.Option(None, "--json", help="also write the full result (with the per-device timeline) as JSON"),
         seed: int = typer.Option(0, "--seed", help="seed for every random choice (placement ties, round-robin start)"),
         minutes: Optional[float] = typer.Option(None, "--minutes", help="replay only the first M minutes of the trace"),
@@ -135,6 +135,7 @@ def register(app: typer.Typer) -> None:
         timeline_interval: float = typer.Option(60.0, "--timeline-interval", help="seconds per power-timeline sample"),
     ) -> None:
         """Replay a trace through a simulated fleet in virtual time (every figure is method 'simulated')."""
+        from scheduler import datafiles
         from scheduler.config import ConfigError
         from scheduler.sim.hooks import HookError
         from scheduler.sim.profiles import ProfileError
@@ -147,12 +148,12 @@ def register(app: typer.Typer) -> None:
 
         try:
             summary = run_simulation(
-                trace, config, seed=seed, minutes=minutes, speedup=speedup, model=model, placement=placement,
+                trace or datafiles.conversation_trace(), config or datafiles.sim_fleet_config(), seed=seed, minutes=minutes, speedup=speedup, model=model, placement=placement,
                 power_policy=power_policy, power_options=_parse_options(power_option), governor_factory=governor,
                 slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, timeline_interval_seconds=timeline_interval,
                 auto_selection=auto_selection, min_quality=min_quality,
             )
-        except (ConfigError, TraceError, ProfileError, HookError, PromptPoolError) as exc:
+        except (ConfigError, TraceError, ProfileError, HookError, PromptPoolError, datafiles.DataFileError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
         print_summary(summary)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scheduler.sim.paths import reference_csv
+from scheduler.datafiles import DataFileError, reference_csv
 from scheduler.sim.physics import operating_points_array
 from scheduler.sim.profiles import MODELS_PATH, GpuProfile, ModelFit, ModelProfile, gpu_profile
 
@@ -67,11 +68,18 @@ class Row:
     median_itl_ms: float
 
 
+def open_table(path: Path):
+    """The reference table as text, whether plain CSV or gzipped (the repository ships it gzipped)."""
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", newline="", encoding="utf-8")
+    return path.open(newline="", encoding="utf-8")
+
+
 def read_rows(path: Path, model: str, gpu: str, num_gpus: int) -> list[Row]:
     if not path.is_file():
-        raise FitDataError(f"{path}: not found; set WATTLANE_SHARED_DIR to the folder holding reference/")
+        raise FitDataError(f"{path}: not found; pass --csv, or run from a clone (data/reference holds the table)")
     need = {"model", "gpu", "num_gpus", "max_num_seqs", "avg_batch_size", "avg_power_w", "energy_per_token_j", "avg_output_len", "median_itl_ms"}
-    with path.open(newline="", encoding="utf-8") as fh:
+    with open_table(path) as fh:
         reader = csv.DictReader(fh)
         missing = need - set(reader.fieldnames or [])
         if missing:
@@ -158,7 +166,7 @@ def fit_targets(path: Path, targets=TARGETS) -> list[tuple[ModelProfile, dict]]:
     setups = []
     for model, gpu_col, num_gpus in targets:
         rows = read_rows(path, model, gpu_col, num_gpus)
-        with path.open(newline="", encoding="utf-8") as fh:
+        with open_table(path) as fh:
             first = next(r for r in csv.DictReader(fh) if r["model"] == model)
         setups.append((model, gpu_profile(GPU_KEYS[gpu_col]), num_gpus, float(first["total_params_b"]),
                        BYTES_PER_PARAM[first["precision"]], rows, SteadyState(rows), measured(rows)))
@@ -215,16 +223,16 @@ def profile_to_json(p: ModelProfile, report: dict, source: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scheduler.sim.fit", description=__doc__.splitlines()[0])
-    ap.add_argument("--csv", type=Path, default=None, help="ML.ENERGY table (default: <shared>/reference/mlenergy_v3_lm_arena_chat.csv)")
+    ap.add_argument("--csv", type=Path, default=None, help="ML.ENERGY table (default: data/reference/mlenergy_v3_lm_arena_chat.csv.gz of the clone)")
     ap.add_argument("--out", type=Path, default=MODELS_PATH)
     args = ap.parse_args(argv)
-    path = args.csv or reference_csv()
     out: dict[str, dict] = {"_generated_by": "python -m scheduler.sim.fit (do not edit by hand)"}
     try:
+        path = args.csv or reference_csv()
         for prof, report in fit_targets(path):
             out[prof.key] = profile_to_json(prof, report, path)
             print(f"{prof.key}: max |log error| {report['max_abs_log_error']:.3f}  fit {asdict(prof.fit)}")
-    except FitDataError as exc:
+    except (FitDataError, DataFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -1,9 +1,10 @@
 """Give trace requests real prompts and correctness labels, drawn from the held-out routing split.
 
 The Azure trace carries token counts but no text, and model selection reads the prompt. Each trace
-request gets a prompt drawn (seeded, with replacement) from the held-out 25% of ../shared/routing:
-the same split scheduler.routing.evaluate uses (data.stratified_split with train's TEST_FRACTION
-and SPLIT_SEED), so the shipped predictor never saw these rows. The trace's own prompt and output
+request gets a prompt drawn (seeded, with replacement) from the held-out 25% of the routing data,
+packaged as scheduler/data/routing-held-out.csv.gz: `python -m scheduler.routing.train` writes it
+from the same deduplicated split it trains on (and scheduler.routing.evaluate scores), so the
+shipped predictor never saw these rows, nor a copy of them. The trace's own prompt and output
 token counts still drive the physics; the text only feeds the predictor, and the labels say whether
 the weak (small) or strong (large) model would have answered it correctly.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scheduler import datafiles
 from scheduler.routing import data as routing_data
 
 
@@ -37,18 +39,15 @@ class PromptPool:
 
     @classmethod
     def held_out(cls) -> "PromptPool":
-        """The held-out split of shared/routing (MMLU + GSM8K) the predictor was not trained on."""
-        from scheduler.routing.train import SPLIT_SEED, TEST_FRACTION
-
+        """The packaged held-out split of the routing data (MMLU + GSM8K) the predictor was not trained on."""
         try:
-            data = routing_data.load_shared()
-        except routing_data.RoutingDataError as exc:
+            data = routing_data.load_csv(datafiles.held_out_prompts())
+        except (datafiles.DataFileError, routing_data.RoutingDataError) as exc:
             raise PromptPoolError(
-                f"{exc}; model selection in the simulator needs prompts from shared/routing "
-                "(set WATTLANE_SHARED_DIR, or replay with auto_selection='placement-only')"
+                f"{exc}; model selection in the simulator needs the held-out routing prompts "
+                "(or replay with auto_selection='placement-only')"
             ) from None
-        _, test_idx = routing_data.stratified_split(data, TEST_FRACTION, SPLIT_SEED)
-        return cls.from_data(data.subset(test_idx), f"shared/routing held-out split (test_fraction {TEST_FRACTION}, seed {SPLIT_SEED})")
+        return cls.from_data(data, f"held-out routing split ({datafiles.HELD_OUT_PROMPTS}, {len(data)} rows)")
 
     def draw(self, n: int, seed: int) -> np.ndarray:
         """Prompt index for each of n trace requests: uniform with replacement, deterministic for the seed."""

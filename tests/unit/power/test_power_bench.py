@@ -3,14 +3,9 @@
 import json
 from pathlib import Path
 
-import pytest
-
-from scheduler.bench import power_replay
-
-TRACE = power_replay.DEFAULT_TRACE
+from benchmarks import power_replay
 
 
-@pytest.mark.skipif(not TRACE.exists() or not power_replay.DEFAULT_CONFIG.exists(), reason="shared trace or sim-fleet config missing")
 def test_power_replay_smoke(tmp_path):
     out = tmp_path / "power-replay"
     assert power_replay.main(["--minutes", "0.5", "--only", "default,budget", "--budget-watts", "2400", "--out", str(out)]) == 0

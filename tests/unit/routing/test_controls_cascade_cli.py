@@ -57,9 +57,10 @@ def app():
 
 @pytest.fixture(scope="module")
 def small_csv(tmp_path_factory):
+    from scheduler import datafiles
     from scheduler.routing import data as routing_data
 
-    d = routing_data.load_csv(routing_data.shared_dir() / "routing" / "gsm8k.csv")
+    d = routing_data.load_csv(datafiles.routing_csv("gsm8k"))
     path = tmp_path_factory.mktemp("routing") / "small.csv"
     with path.open("w", newline="") as f:
         w = csv.writer(f)

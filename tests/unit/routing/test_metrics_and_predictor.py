@@ -58,9 +58,10 @@ def test_features_are_stable_across_processes():
 
 
 def test_shipped_predictor_beats_random_on_held_out_mmlu():
-    data = routing_data.load_shared()
-    _, test_idx = routing_data.stratified_split(data, 0.25, 0)
-    mmlu = data.subset(np.array([i for i in test_idx if data.dataset[i] == "mmlu"]))
+    from scheduler.routing.train import split_data
+
+    test = split_data().test
+    mmlu = test.subset(np.array([i for i in range(len(test)) if test.dataset[i] == "mmlu"]))
     predictor = load_predictor()
     curve = routing_curve(predictor.strong_needed_many(mmlu.prompts), mmlu.weak_correct, mmlu.strong_correct)
     s = curve.summary()
@@ -70,7 +71,7 @@ def test_shipped_predictor_beats_random_on_held_out_mmlu():
 
 
 def test_split_is_disjoint_stratified_and_seeded():
-    data = routing_data.load_shared()
+    data = routing_data.load_training_data()
     tr, te = routing_data.stratified_split(data, 0.25, 0)
     assert not set(tr.tolist()) & set(te.tolist()) and len(tr) + len(te) == len(data)
     assert len(te) / len(data) == pytest.approx(0.25, abs=0.01)

@@ -8,13 +8,11 @@ on the same 4x H100 setup but never used in the fit, so it is a held-out check o
 import pytest
 
 from scheduler.sim.calibration import calibrate_point, calibration_rows
+from scheduler.datafiles import reference_csv
 from scheduler.sim.fit import read_rows
-from scheduler.sim.paths import reference_csv
 
-pytestmark = pytest.mark.skipif(not reference_csv().is_file(), reason="shared reference data not present")
-
-ROWS = calibration_rows() if reference_csv().is_file() else []
-HELD_OUT = read_rows(reference_csv(), "meta-llama/Llama-3.3-70B-Instruct", "H100", 4) if reference_csv().is_file() else []
+ROWS = calibration_rows()
+HELD_OUT = read_rows(reference_csv(), "meta-llama/Llama-3.3-70B-Instruct", "H100", 4)
 
 
 @pytest.mark.parametrize("row", HELD_OUT, ids=[f"b{r.max_num_seqs}" for r in HELD_OUT])

@@ -6,11 +6,11 @@ import time
 from scheduler.config import load_config
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams, StatsRecorder
 from scheduler.engines.simulated import build_simulated_engine
-from scheduler.sim.paths import REPO_DIR
+from scheduler.datafiles import sim_fleet_config
 
 
 def test_generates_exact_token_counts_and_meters_energy():
-    cfg = load_config(REPO_DIR / "configs" / "sim-fleet.yaml")
+    cfg = load_config(sim_fleet_config())
 
     async def main():
         eng = build_simulated_engine(cfg.models[0], cfg, {})

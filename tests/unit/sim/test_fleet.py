@@ -11,10 +11,10 @@ from scheduler.devices.base import Device
 from scheduler.sim.fleet import FleetSimulator
 from scheduler.sim.physics import idle_power_watts
 from scheduler.sim.profiles import gpu_profile
-from scheduler.sim.paths import REPO_DIR
+from scheduler.datafiles import sim_fleet_config
 from scheduler.sim.trace import TraceError, load_trace
 
-CONFIG = REPO_DIR / "configs" / "sim-fleet.yaml"
+CONFIG = sim_fleet_config()
 
 
 def _trace(tmp_path: Path, n=60, seconds=30.0) -> Path:
@@ -109,3 +109,18 @@ def test_unknown_profile_is_a_config_error(tmp_path):
     cfg.write_text(CONFIG.read_text().replace("profile: llama-3.1-70b", "profile: llama-9-999b"))
     with pytest.raises(ConfigError, match="unknown model profile"):
         FleetSimulator(load_config(cfg))
+
+
+def test_cli_defaults_are_the_packaged_trace_and_fleet(tmp_path, monkeypatch):
+    from scheduler import datafiles
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    monkeypatch.chdir(tmp_path)  # nothing of the checkout is reachable by a relative path
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(app, ["simulate", "--minutes", "0.2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert data["settings"]["trace"] == str(datafiles.conversation_trace())
+    assert data["settings"]["config"] == str(datafiles.sim_fleet_config())
+    assert data["requests"] > 10 and data["routing"]["requests_by_model"]

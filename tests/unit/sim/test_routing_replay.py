@@ -8,14 +8,11 @@ import pytest
 import scheduler.routing.select as select
 from scheduler.config import load_config
 from scheduler.routing.placement import place as energy_place
-from scheduler.routing.train import SPLIT_SEED, TEST_FRACTION
 from scheduler.sim.fleet import FleetSimulator
-from scheduler.sim.paths import REPO_DIR, shared_dir
+from scheduler.datafiles import sim_fleet_config
 from scheduler.sim.trace import Trace
 
-CONFIG = REPO_DIR / "configs" / "sim-fleet.yaml"
-
-pytestmark = pytest.mark.skipif(not (shared_dir() / "routing" / "mmlu.csv").is_file(), reason="shared/routing data missing")
+CONFIG = sim_fleet_config()
 
 
 def _trace(n=300, seconds=20.0, seed=1) -> Trace:
@@ -53,15 +50,18 @@ def test_auto_runs_the_gateways_route_and_quality_target_moves_traffic_to_the_la
 
 
 def test_prompts_come_from_the_held_out_split_only():
-    from scheduler.routing import data as routing_data
+    from scheduler.routing.data import normalise_prompt
+    from scheduler.routing.train import split_data
     from scheduler.sim.prompts import held_out_pool
 
-    data = routing_data.load_shared()
-    train_idx, test_idx = routing_data.stratified_split(data, TEST_FRACTION, SPLIT_SEED)
+    split = split_data()
     pool = held_out_pool()
-    assert pool.prompts == [data.prompts[i] for i in test_idx]
-    assert set(test_idx).isdisjoint(train_idx)
-    assert np.array_equal(pool.weak_correct, data.weak_correct[test_idx])
+    # the packaged pool is exactly today's held-out split, and no question of it (up to case, spacing and punctuation)
+    # is among the rows the predictor was trained on
+    assert pool.prompts == split.test.prompts
+    assert np.array_equal(pool.weak_correct, split.test.weak_correct)
+    assert np.array_equal(pool.strong_correct, split.test.strong_correct)
+    assert {normalise_prompt(p) for p in pool.prompts}.isdisjoint(normalise_prompt(p) for p in split.train.prompts)
 
 
 def test_route_mode_is_deterministic_for_a_seed():
@@ -123,11 +123,8 @@ def test_placement_only_keeps_the_old_behaviour():
 def test_routing_fleet_benchmark_writes_every_policy(tmp_path):
     import json
 
-    from scheduler.bench import routing_fleet
-    from scheduler.sim.paths import conversation_trace
+    from benchmarks import routing_fleet
 
-    if not conversation_trace().is_file():
-        pytest.skip("shared trace missing")
     out = tmp_path / "rf"
     assert routing_fleet.main(["--minutes", "0.3", "--out", str(out)]) == 0
     doc = json.loads(out.with_suffix(".json").read_text())

@@ -5,7 +5,7 @@ prefill then decodes at 20-60 tok/s, its replica reports cumulative progress eve
 reports delivered up to 150 ms late), each device's meter emits an interval every 100 ms, and each
 request is finished once the meter covers its end. Only the Attributor calls are timed.
 
-    python -m scheduler.bench.attribution_cost --requests 10000
+    python -m benchmarks.attribution_cost --requests 10000
 writes docs/results/attribution-cost.json and .md.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from scheduler.energy.attribution import Attributor
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_scenario(*, requests: int, devices: int, concurrency: int, seed: int, meter_interval_s: float = 0.1) -> dict:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_scenario(requests=args.requests, devices=args.devices, concurrency=c, seed=args.seed) for c in args.concurrency]
     doc = {
         "benchmark": "attribution_cost",
-        "command": "python -m scheduler.bench.attribution_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m benchmarks.attribution_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
         "host": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), "load_average_1m_at_end": None},
         "note": "virtual-time synthetic load; only Attributor calls are timed (thread CPU time, time.thread_time_ns, around each call; the timer's own cost, timer_ns_per_call, is included, so figures are upper bounds)",
         "timer_ns_per_call": _timer_cost_ns(),

@@ -1,9 +1,9 @@
 """Routing benchmark on the simulated fleet: energy, latency and label-implied accuracy of model selection + placement against baselines.
 
-    python -m scheduler.bench.routing_fleet [--minutes M] [--seed S] [--placement-slo-margin X] [--only NAMES]
+    python -m benchmarks.routing_fleet [--minutes M] [--seed S] [--placement-slo-margin X] [--only NAMES]
 writes docs/results/routing-fleet.json and docs/results/routing-fleet.md (every figure method "simulated").
 
-Replays the Azure conversation trace ($WATTLANE_SHARED_DIR or <repo>/../shared) through the fleet
+Replays the packaged Azure conversation trace (scheduler/data) through the fleet
 simulator in virtual time; every request gets a prompt and its correctness labels from the held-out
 routing split (scheduler.sim.prompts), the same draw for every policy (same seed). Policies:
   (a) always the largest model (Llama-3.1-70B), round-robin placement
@@ -34,7 +34,7 @@ from scheduler.routing.calibrate import calibrate
 from scheduler.routing.placement import place as energy_placement
 from scheduler.sim.fleet import FleetSimulator
 from scheduler.sim.hooks import RoundRobin
-from scheduler.sim.paths import REPO_DIR, conversation_trace
+from scheduler.datafiles import REPOSITORY_DIR as REPO_DIR, conversation_trace
 from scheduler.sim.prompts import held_out_pool
 from scheduler.sim.trace import load_trace
 
@@ -53,12 +53,9 @@ KEYS = ("requests", "completed", "rejected", "energy_joules", "energy_per_reques
 
 def quality_targets() -> list[dict[str, Any]]:
     """Each goal as a min_quality, calibrated on the held-out split (the rows the trace's prompts come from)."""
-    from scheduler.routing import data as routing_data
-    from scheduler.routing.train import SPLIT_SEED, TEST_FRACTION
+    from scheduler.routing.train import split_data
 
-    data = routing_data.load_shared()
-    _, test_idx = routing_data.stratified_split(data, TEST_FRACTION, SPLIT_SEED)
-    test = data.subset(test_idx)
+    test = split_data().test
     out = []
     for goal, value in TARGET_GOALS:
         c = calibrate(load_predictor(None), test, **{goal: value})
@@ -114,7 +111,7 @@ BASELINES = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scheduler.bench.routing_fleet", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.routing_fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=None, help="replay only the first M minutes (default: the whole hour)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trace", type=Path, default=None)
@@ -168,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     pool = held_out_pool()
     doc = {
-        "command": "python -m scheduler.bench.routing_fleet" + (f" --minutes {args.minutes:g}" if args.minutes else "")
+        "command": "python -m benchmarks.routing_fleet" + (f" --minutes {args.minutes:g}" if args.minutes else "")
         + (f" --seed {args.seed}" if args.seed else ""),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "method": "simulated",
@@ -270,7 +267,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "Energy placement packs only while the replica's predicted latency at the batch the request will see (with the margin)",
         "stays within the SLO, so the 2x 70B energy-placement baseline now spreads load once one replica is full.",
         "Wall-clock decision times in the replay include waits for a core on the shared machine;",
-        "`python -m scheduler.bench.routing_latency` measures route() alone (docs/results/routing-latency.md).",
+        "`python -m benchmarks.routing_latency` measures route() alone (docs/results/routing-latency.md).",
         "",
     ]
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Benchmark the routing decision time (model selection + placement) over real prompts.
 
-    python -m scheduler.bench.routing_latency   # writes docs/results/routing-latency.md and .json
+    python -m benchmarks.routing_latency   # writes docs/results/routing-latency.md and .json
 
-Every prompt of shared/routing (MMLU + GSM8K) is routed once per setting: two models (small,
+Every prompt of data/routing (MMLU + GSM8K) is routed once per setting: two models (small,
 large), each with 2 or with 8 replicas publishing varied ReplicaStats. Timed with perf_counter
 (wall) and thread_time (CPU, which
 leaves out time the thread waited for a core on a busy machine) around route(), which includes featurisation, the predictor, the quality rule and placement.
@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.config import ModelConfig, RoutingConfig
+from scheduler.datafiles import REPOSITORY_DIR
 from scheduler.routing import data as routing_data
 from scheduler.routing.adequacy import load_predictor
 from scheduler.routing.controls import merge_request_controls
 from scheduler.routing.select import RouteRequest, route
 
-RESULTS_DIR = routing_data.REPO_DIR / "docs" / "results"
+RESULTS_DIR = REPOSITORY_DIR / "docs" / "results"
 BUDGET_SECONDS = 0.002
 
 
@@ -100,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = ap.parse_args(argv)
-    data = routing_data.load_shared()
+    data = routing_data.load_training_data()
     results = {
-        "command": "python -m scheduler.bench.routing_latency",
+        "command": "python -m benchmarks.routing_latency",
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "note": "shared 2-core dev VM; other jobs ran at the same time"},
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{results['command']}` (generated {results['generated_at']}) on {results['machine']['cpus']} CPUs "
         f"({results['machine']['processor']}, Python {results['machine']['python']}; {results['machine']['note']}).",
         "",
-        f"{results['prompts']} real prompts (shared/routing MMLU + GSM8K; median {results['prompt_chars_p50']:.0f} chars, "
+        f"{results['prompts']} real prompts (data/routing MMLU + GSM8K; median {results['prompt_chars_p50']:.0f} chars, "
         f"max {results['prompt_chars_max']}), each routed once between two models with N replicas each (random live "
         "stats per decision). Time = `route()`: featurisation, adequacy predictor, quality rule, placement of every "
         "adequate model's replicas, decision object.",

@@ -1,6 +1,6 @@
 """Replay benchmark: the full Azure conversation trace on the 8-GPU simulated fleet, timed; writes docs/results/sim-replay.{json,md}.
 
-Run: python -m scheduler.sim.bench [--trace PATH] [--config configs/sim-fleet.yaml] [--out-dir docs/results]
+Run: python -m benchmarks.sim_replay [--trace PATH] [--config configs/sim-fleet.yaml] [--out-dir docs/results]
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 from scheduler.sim.commands import run_simulation
-from scheduler.sim.paths import REPO_DIR, conversation_trace
+from scheduler.datafiles import REPOSITORY_DIR as REPO_DIR, conversation_trace
 
 TARGET_SECONDS = 60.0
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m scheduler.sim.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sim_replay", description=__doc__.splitlines()[0])
     ap.add_argument("--trace", type=Path, default=None)
     ap.add_argument("--config", type=Path, default=REPO_DIR / "configs" / "sim-fleet.yaml")
     ap.add_argument("--out-dir", type=Path, default=REPO_DIR / "docs" / "results")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - t0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     s["benchmark"] = {
-        "command": "python -m scheduler.sim.bench", "wall_seconds_total": total, "wall_seconds_replay": s["wall_seconds"],
+        "command": "python -m benchmarks.sim_replay", "wall_seconds_total": total, "wall_seconds_replay": s["wall_seconds"],
         "target_seconds": TARGET_SECONDS, "meets_target": total < TARGET_SECONDS, "cpu_cores": cores,
         "python": platform.python_version(), "machine": platform.machine(),
     }
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Simulator replay benchmark (method: simulated)",
         "",
-        f"Command: `python -m scheduler.sim.bench` (same as `wattlane simulate --trace {Path(trace).name} --config {args.config.name} --json ...`).",
+        f"Command: `python -m benchmarks.sim_replay` (same as `wattlane simulate --trace {Path(trace).name} --config {args.config.name} --json ...`).",
         f"Trace: Azure LLM 2023 conversation, {s['requests']} requests over one hour; fleet: configs/sim-fleet.yaml (8 simulated H100 SXM:",
         "4x Llama-3.1-8B, 1x Llama-3.1-70B TP4); model \"auto\": the router's model selection (scheduler.routing.select.route,",
         f"quality target {s['routing'].get('min_quality', '-')} from the config, prompts from the held-out routing split), then "

@@ -1,6 +1,6 @@
 """Benchmark: CPU cost of the DeviceMeter sampling this machine's real CPU device, as a percentage of one core.
 
-    .venv/bin/python -m scheduler.bench.meter_overhead --seconds 30
+    .venv/bin/python -m benchmarks.meter_overhead --seconds 30
 
 Runs an idle baseline (the process sleeping, no meter) and then the meter at --hz for the same time,
 and reports the sampling thread's own CPU time (time.thread_time() inside the thread) and the
@@ -23,7 +23,7 @@ from pathlib import Path
 from scheduler.devices.cpu import make_cpu_device
 from scheduler.energy.meter import DeviceMeter, EnergyInterval
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_PERCENT_OF_ONE_CORE = 1.0
 
 
@@ -57,7 +57,7 @@ def run(seconds: float, hz: float) -> dict:
     thread_percent = meter.thread_cpu_seconds / meter_wall_s * 100
     process_percent = max(meter_cpu_s / meter_wall_s - baseline_cpu_s / baseline_wall_s, 0.0) * 100
     return {
-        "command": f".venv/bin/python -m scheduler.bench.meter_overhead --seconds {seconds:g} --hz {hz:g}",
+        "command": f".venv/bin/python -m benchmarks.meter_overhead --seconds {seconds:g} --hz {hz:g}",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpu_model": device.name,

@@ -9,7 +9,7 @@ Runs (all method "simulated", same trace, placement and seed):
   time mean; compared in gCO2e per request.
 
 Usage:
-    python -m scheduler.bench.power_replay [--minutes 60] [--config configs/sim-fleet.yaml]
+    python -m benchmarks.power_replay [--minutes 60] [--config configs/sim-fleet.yaml]
 writes docs/results/power-replay.json and docs/results/power-replay.md.
 """
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from scheduler.datafiles import REPOSITORY_DIR, conversation_trace
 from scheduler.config import PowerConfig, PowerGroupConfig, WattlaneConfig, load_config
 from scheduler.power.actuator import PowerActuator
 from scheduler.power.audit import PowerAuditLog
@@ -34,8 +35,8 @@ from scheduler.power.governor import Governor
 from scheduler.sim.fleet import FleetSimulator
 from scheduler.sim.trace import load_trace
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure-llm-2023" / "conv.csv"
+REPO = REPOSITORY_DIR
+DEFAULT_TRACE = conversation_trace()
 DEFAULT_CONFIG = REPO / "configs" / "sim-fleet.yaml"
 RESULTS = REPO / "docs" / "results"
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             "slo_attainment_points": 100 * (c["slo_attainment"] - f["slo_attainment"]),
             "met": c["gco2e_per_request"] < f["gco2e_per_request"],
         }
-    command = "python -m scheduler.bench.power_replay " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.power_replay " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {
         "benchmark": "power-replay", "method": "simulated", "command": command.strip(),
         "trace": str(Path(args.trace).name), "minutes": args.minutes, "requests": len(trace),
