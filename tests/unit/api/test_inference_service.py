@@ -245,11 +245,11 @@ def test_optional_sampling_fields_reach_the_simulated_engine_as_valid_params(fie
     from scheduler.config import load_config
     from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
     from scheduler.engines.simulated import build_simulated_engine
-    from scheduler.sim.paths import REPO_DIR
+    from scheduler.datafiles import sim_fleet_config
 
     body = ChatCompletionRequest(model="auto", messages=[{"role": "user", "content": "hi"}], **fields)
     params = SamplingParams(**_params(body, body.effective_max_tokens()))
-    cfg = load_config(REPO_DIR / "configs" / "sim-fleet.yaml")
+    cfg = load_config(sim_fleet_config())
 
     async def main():
         eng = build_simulated_engine(cfg.models[0], cfg, {})

@@ -45,7 +45,7 @@ def test_request_without_max_tokens_gets_the_default_length():
     """A client that leaves max_tokens (and the other sampling fields) out still gets an answer."""
     from scheduler.engines.base import DEFAULT_MAX_TOKENS
 
-    cfg = load_config(REPO_DIR / "configs" / "sim-fleet.yaml")
+    cfg = load_config(sim_fleet_config())
 
     async def main():
         eng = build_simulated_engine(cfg.models[0], cfg, {})
@@ -63,7 +63,7 @@ def test_request_without_max_tokens_gets_the_default_length():
 def test_event_times_never_precede_arrival_when_the_loop_runs_late():
     """If the engine's loop falls behind (a busy event loop), a new arrival must not be scheduled in the
     past: its first token is stamped at or after the time it arrived (TTFT >= 0)."""
-    cfg = load_config(REPO_DIR / "configs" / "sim-fleet.yaml")
+    cfg = load_config(sim_fleet_config())
     offset = [0.0]
 
     def clock() -> float:
