@@ -48,8 +48,11 @@ def test_installed_wheel_simulates_with_its_own_data(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env["PYTHONPATH"] = str(site)  # dependencies come from this interpreter's site-packages, the code from the wheel
-    where = _run([sys.executable, "-c", "import scheduler, sys; print(scheduler.__file__); print(sys.path)"], work, env, 60)
-    assert where.stdout.splitlines()[0].startswith(str(site)) and str(REPO) not in where.stdout
+    where = _run([sys.executable, "-c", "import json, scheduler, sys; print(scheduler.__file__); print(json.dumps(sys.path))"],
+                 work, env, 60)
+    module_file, path_json = where.stdout.splitlines()[:2]
+    # the checkout itself is not importable (the venv may live inside it: only its site-packages may appear)
+    assert module_file.startswith(str(site)) and str(REPO) not in json.loads(path_json)
 
     trace = site / "scheduler" / "data" / "azure-llm-2023-conv.csv.gz"
     out = work / "out.json"
