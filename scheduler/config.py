@@ -224,6 +224,11 @@ class RoutingConfig(_Section):
     #: among models reaching the quality target: "smallest" (smallest adequate model whose replica
     #: meets the SLO) or "lowest-energy" (lowest predicted energy for this request among them)
     model_choice: Literal["smallest", "lowest-energy"] = "smallest"
+    #: "slo": refuse at once (503 + Retry-After) a request that no adequate model can start within its
+    #: TTFT target (scheduler/routing/admission.py); "queue": only max_queued_requests bounds waiting
+    admission: Literal["queue", "slo"] = "queue"
+    #: with admission "slo", a priority "batch" request may wait this many times its TTFT target
+    admission_batch_wait_factor: Annotated[float, Field(ge=1)] = 10.0
 
 
 # --- server --------------------------------------------------------------------------------------

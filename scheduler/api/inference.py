@@ -138,8 +138,10 @@ class InferenceService:
     async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         handle = self.gw.model_handles[model]
         try:
-            events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
-            start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            with self.gw.router.starts.track(model) as started:  # admission's view of Serve's queue
+                events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
+                start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+                started()
             first = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
             return events, start, first
         except StopAsyncIteration:
