@@ -162,7 +162,9 @@ def admit(candidates: list[tuple[str, float | None]], starts: StartQueue, limit_
             return Admission(model, wait, limit_seconds, f"predicted start wait {wait * 1000:.0f} ms")
         waits.append((model, wait))
     least = min((w for _, w in waits), default=math.inf)
-    retry = int(min(max(math.ceil(least - limit_seconds), MIN_RETRY_AFTER_SECONDS), MAX_RETRY_AFTER_SECONDS)) \
+    # come back once the queue ahead has drained: a shorter hint brings refused clients back into a
+    # still-full queue, and under a crowd of them the refusals alone would keep the gateway busy
+    retry = int(min(max(math.ceil(least), MIN_RETRY_AFTER_SECONDS), MAX_RETRY_AFTER_SECONDS)) \
         if math.isfinite(least) else MIN_RETRY_AFTER_SECONDS
     detail = ", ".join(f"{m} {w:.1f} s" for m, w in waits)
     return Admission(None, least, limit_seconds,

@@ -72,7 +72,7 @@ def test_admit_keeps_the_first_model_that_starts_in_time_else_refuses():
     assert ok.model == "small" and ok.wait_seconds == pytest.approx(0.2)
     refused = admit([("big", None), ("small", 2.5)], q, limit_seconds=1.0)
     assert refused.model is None
-    assert refused.retry_after_seconds == 2  # the shortest wait (2.5 s) minus the limit, rounded up
+    assert refused.retry_after_seconds == 3  # the shortest wait (2.5 s), rounded up
     assert "big 3.0 s" in refused.reason and "small 2.5 s" in refused.reason
     # the gateway's own CPU queue counts for every model
     assert admit([("small", 0.2)], q, limit_seconds=1.0, gateway_delay_seconds=0.9).model is None
@@ -140,7 +140,7 @@ def test_router_refuses_what_cannot_start_in_time_with_retry_after():
         asyncio.run(route(job("big")))
     err = info.value
     assert err.status == 503 and err.code == "no_capacity"
-    assert err.headers["Retry-After"] in ("4", "5")  # 5 s of queue minus the 1 s target, rounded up
+    assert err.headers["Retry-After"] in ("5", "6")  # 5 s of queue ahead, rounded up
     assert "TTFT target" in err.message
     # a batch request may wait 10x its target: admitted to the same queue
     assert asyncio.run(route(job("big", priority="batch"))).model == "big"
