@@ -13,7 +13,7 @@ from typing import Any
 from scheduler.api.errors import ApiError
 from scheduler.config import WattlaneConfig
 from scheduler.routing.adequacy import load_predictor
-from scheduler.routing.admission import LoopLag, StartQueue, admit, wait_limit_seconds
+from scheduler.routing.admission import StartQueue, admit, wait_limit_seconds
 from scheduler.routing.controls import RequestControlError, RequestControls, merge_request_controls
 from scheduler.routing.select import RouteDecision, RouteRequest, prompt_text_from_messages, route
 
@@ -47,7 +47,6 @@ class GatewayRouter:
         self.predictor = load_predictor(config.routing.predictor_path)
         #: requests handed to each model's replicas and not started yet (inference.py reports them)
         self.starts = StartQueue()
-        self.loop_lag = LoopLag()
 
     def controls(self, job: Any) -> RequestControls:
         try:
@@ -97,11 +96,9 @@ class GatewayRouter:
         limit = wait_limit_seconds(controls.ttft_slo_seconds, controls.priority, self.config.routing.admission_batch_wait_factor)
         queue_s = {c.model_id: c.predicted_queue_seconds for c in decision.candidates}
         order = [decision.model_id] + [m for m, _ in decision.fallbacks if m != decision.model_id]
-        self.loop_lag.ensure_running()
-        verdict = admit([(m, queue_s.get(m)) for m in dict.fromkeys(order) if m], self.starts, limit,
-                        self.loop_lag.request_delay_seconds())
+        verdict = admit([(m, queue_s.get(m)) for m in dict.fromkeys(order) if m], self.starts, limit)
         if verdict.model is None:
-            log.info("refused: %s", verdict.reason)
+            log.debug("refused: %s", verdict.reason)  # a storm of refusals must not become a storm of log lines
             which = "batch limit (admission_batch_wait_factor x TTFT target)" if controls.priority == "batch" else "TTFT target"
             raise ApiError(503, f"Overloaded: {verdict.reason}, the request's {which}. Retry after "
                                 f"{verdict.retry_after_seconds} s, or raise slo.ttft_ms.",

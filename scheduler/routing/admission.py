@@ -17,7 +17,6 @@ prediction, so a request that would probably make it is never refused.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections import deque
@@ -27,11 +26,6 @@ from dataclasses import dataclass, field
 
 #: start events older than this no longer count toward a model's start rate
 RATE_WINDOW_SECONDS = 5.0
-#: event-loop turns a request takes in the gateway between arriving and its first token (body, auth,
-#: route, dispatch, start event, first event, response start...): the loop's lag counts this many times
-GATEWAY_LOOP_TURNS = 10
-#: how often the gateway's loop lag is sampled
-LOOP_LAG_PERIOD_SECONDS = 0.05
 #: Retry-After bounds (seconds) for a refused request
 MIN_RETRY_AFTER_SECONDS = 1
 MAX_RETRY_AFTER_SECONDS = 60
@@ -107,34 +101,6 @@ class StartQueue:
         return len(q.pending) / rate  # the requests ahead of this one start at `rate` (Little's law)
 
 
-class LoopLag:
-    """How late the gateway's event loop runs a timer (EWMA, seconds): the CPU queue every request waits in.
-
-    Placement and StartQueue see the replicas; when the gateway process itself is short of CPU,
-    every request's path through it slows by about GATEWAY_LOOP_TURNS x this lag.
-    """
-
-    def __init__(self, period_seconds: float = LOOP_LAG_PERIOD_SECONDS, smoothing: float = 0.3):
-        self.period = period_seconds
-        self.smoothing = smoothing
-        self.lag_seconds = 0.0
-        self._task: asyncio.Task | None = None
-
-    def ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="gateway-loop-lag")
-
-    async def _run(self) -> None:
-        while True:
-            t0 = time.monotonic()
-            await asyncio.sleep(self.period)
-            late = max(time.monotonic() - t0 - self.period, 0.0)
-            self.lag_seconds += self.smoothing * (late - self.lag_seconds)
-
-    def request_delay_seconds(self) -> float:
-        return GATEWAY_LOOP_TURNS * self.lag_seconds
-
-
 @dataclass(frozen=True)
 class Admission:
     model: str | None  # the model to run, or None: refuse
@@ -148,16 +114,14 @@ def wait_limit_seconds(ttft_slo_seconds: float, priority: str, batch_wait_factor
     return ttft_slo_seconds * (batch_wait_factor if priority == "batch" else 1.0)
 
 
-def admit(candidates: list[tuple[str, float | None]], starts: StartQueue, limit_seconds: float,
-          gateway_delay_seconds: float = 0.0) -> Admission:
+def admit(candidates: list[tuple[str, float | None]], starts: StartQueue, limit_seconds: float) -> Admission:
     """The first candidate (model, replica queue seconds or None) that can start within the limit.
 
-    candidates come in routing preference order (the chosen model, then its fallbacks);
-    gateway_delay_seconds is what the gateway's own CPU queue adds (LoopLag.request_delay_seconds).
+    candidates come in routing preference order (the chosen model, then its fallbacks).
     """
     waits: list[tuple[str, float]] = []
     for model, replica_queue_s in candidates:
-        wait = gateway_delay_seconds + starts.predicted_wait_seconds(model) + (replica_queue_s or 0.0)
+        wait = starts.predicted_wait_seconds(model) + (replica_queue_s or 0.0)
         if wait <= limit_seconds:
             return Admission(model, wait, limit_seconds, f"predicted start wait {wait * 1000:.0f} ms")
         waits.append((model, wait))

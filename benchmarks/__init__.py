@@ -1,0 +1,1 @@
+"""Benchmarks that measure a running Wattlane deployment and write docs/results."""
