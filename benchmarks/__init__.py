@@ -1,1 +1,1 @@
-"""Benchmarks with reproducible commands; each writes its results under docs/results/."""
+"""Benchmarks with reproducible commands: each imports the package and writes its results under docs/results/."""

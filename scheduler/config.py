@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -223,6 +224,11 @@ class RoutingConfig(_Section):
     #: among models reaching the quality target: "smallest" (smallest adequate model whose replica
     #: meets the SLO) or "lowest-energy" (lowest predicted energy for this request among them)
     model_choice: Literal["smallest", "lowest-energy"] = "smallest"
+    #: "slo": refuse at once (503 + Retry-After) a request that no adequate model can start within its
+    #: TTFT target (scheduler/routing/admission.py); "queue": only max_queued_requests bounds waiting
+    admission: Literal["queue", "slo"] = "queue"
+    #: with admission "slo", a priority "batch" request may wait this many times its TTFT target
+    admission_batch_wait_factor: Annotated[float, Field(ge=1)] = 10.0
 
 
 # --- server --------------------------------------------------------------------------------------
@@ -374,20 +380,143 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
     return config
 
 
+#: NVML GPUs are named by their CUDA index on their node (scheduler/devices/nvml.py)
+NVML_DEVICE_ID = re.compile(r"^gpu(0|[1-9][0-9]*)$")
+#: the CPU package device (scheduler/devices/cpu.py)
+CPU_DEVICE_ID = "cpu0"
+
+
+def _sim_key(i: int, d: "SimulatedGpuConfig") -> str:
+    return f"devices.simulated[{i}] (id {d.id})"
+
+
 def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
-    sim_ids = {d.id for d in config.devices.simulated}
+    """Every device a model or power group names must be one this config can have.
+
+    Simulated GPUs and cpu0 are fully known from the file. NVML GPUs exist only on the host that
+    serves, so here a 'gpuN' name is checked for its form only; check_devices_present() checks
+    that it exists when `wattlane serve` starts.
+    """
+    from scheduler.sim.profiles import ProfileError, gpu_profiles
+
+    dev = config.devices
+    try:
+        known_gpus = gpu_profiles()
+    except ProfileError as exc:
+        raise ConfigError(str(exc), file=shown, key="devices.simulated", fix="restore scheduler/sim/data from git") from None
+    sim_ids: set[str] = set()
+    for i, d in enumerate(dev.simulated):
+        if d.profile not in known_gpus:
+            raise ConfigError(
+                f"unknown GPU profile '{d.profile}'", file=shown, key=_sim_key(i, d) + ".profile",
+                fix=f"use one of: {', '.join(sorted(known_gpus))} (scheduler/sim/data/gpus.json)",
+            )
+        if d.id in sim_ids:
+            raise ConfigError(f"simulated GPU id '{d.id}' appears twice", file=shown, key=_sim_key(i, d) + ".id",
+                              fix="give every simulated GPU its own id, e.g. sim-h100-0, sim-h100-1")
+        if (dev.cpu and d.id == CPU_DEVICE_ID) or (dev.nvml and NVML_DEVICE_ID.match(d.id)):
+            raise ConfigError(
+                f"simulated GPU id '{d.id}' collides with a discovered device's name", file=shown,
+                key=_sim_key(i, d) + ".id", fix="name simulated GPUs apart from gpuN and cpu0, e.g. sim-h100-0",
+            )
+        sim_ids.add(d.id)
+
+    def real_device_problem(d: str) -> str | None:
+        """Why `d` cannot be a real device of this config, or None."""
+        if d == CPU_DEVICE_ID:
+            return None if dev.cpu else "devices.cpu is false, so there is no device 'cpu0'"
+        if NVML_DEVICE_ID.match(d):
+            return None if dev.nvml else f"devices.nvml is false, so no NVIDIA GPU '{d}' is discovered"
+        return None
+
     for i, m in enumerate(config.models):
+        key = f"models[{i}] (id {m.id})"
+        if not m.devices:
+            raise ConfigError("a model needs at least one device", file=shown, key=key + ".devices",
+                              fix="list the device ids its replicas run on")
+        for d in m.devices:
+            if m.engine == "simulated" and d not in sim_ids:
+                raise ConfigError(
+                    f"device '{d}' is not one of devices.simulated ({', '.join(sorted(sim_ids)) or 'none'})",
+                    file=shown, key=key + ".devices",
+                    fix="add the simulated GPU under devices.simulated or correct the id",
+                )
+            if m.engine == "llamacpp" and d != CPU_DEVICE_ID:
+                # this build's llama.cpp runs on the CPU (no GPU offload), so its work and energy are cpu0's
+                what = "a simulated GPU" if d in sim_ids else ("an NVIDIA GPU" if NVML_DEVICE_ID.match(d) else "not a known device")
+                raise ConfigError(
+                    f"engine 'llamacpp' runs on the CPU, but device '{d}' is {what}",
+                    file=shown, key=key + ".devices", fix=f"use devices: [{CPU_DEVICE_ID}]",
+                )
+            problem = real_device_problem(d)
+            if problem:
+                raise ConfigError(problem, file=shown, key=key + ".devices", fix="enable it under devices or correct the id")
         if m.engine == "simulated":
-            for d in m.devices:
-                if d not in sim_ids:
-                    raise ConfigError(
-                        f"device '{d}' is not one of devices.simulated ({', '.join(sorted(sim_ids)) or 'none'})",
-                        file=shown, key=f"models[{i}] (id {m.id}).devices",
-                        fix="add the simulated GPU under devices.simulated or correct the id",
-                    )
+            _check_simulated_model(config, m, key, shown)
+
+    owner: dict[str, str] = {}
+    names: set[str] = set()
     for gi, g in enumerate(config.power.groups):
+        key = f"power.groups[{gi}] (name {g.name})"
+        if g.name in names:
+            raise ConfigError(f"power group '{g.name}' appears twice", file=shown, key=key + ".name", fix="give every group its own name")
+        names.add(g.name)
         if not g.devices:
-            raise ConfigError("a power group needs at least one device", file=shown, key=f"power.groups[{gi}].devices", fix="list the device ids")
+            raise ConfigError("a power group needs at least one device", file=shown, key=key + ".devices", fix="list the device ids")
+        for d in g.devices:
+            if d not in sim_ids and d != CPU_DEVICE_ID and not NVML_DEVICE_ID.match(d):
+                raise ConfigError(
+                    f"unknown device '{d}'", file=shown, key=key + ".devices",
+                    fix=f"name a device of this config: {', '.join(sorted(sim_ids) + [CPU_DEVICE_ID, 'gpuN (NVML)'])}",
+                )
+            problem = real_device_problem(d)
+            if problem:
+                raise ConfigError(problem, file=shown, key=key + ".devices", fix="enable it under devices or correct the id")
+            if d in owner:
+                raise ConfigError(f"device '{d}' is already in power group '{owner[d]}'", file=shown, key=key + ".devices",
+                                  fix="a device belongs to one group; remove it from one of them")
+            owner[d] = g.name
+
+
+def _check_simulated_model(config: WattlaneConfig, m: ModelConfig, key: str, shown: str) -> None:
+    """The simulated engine's own start-up checks (profile, options, devices per replica), run now."""
+    from scheduler.devices.simulated import SimulatedGpu
+    from scheduler.sim.fleet import replica_device_groups
+
+    pool = {d.id: SimulatedGpu(d.id, d.profile, node=d.node) for d in config.devices.simulated if d.id in m.devices}
+    try:
+        replica_device_groups(m, config, pool, key=key)
+    except ConfigError as exc:
+        raise ConfigError(exc.message, file=shown, key=exc.key, fix=exc.fix) from None
+
+
+def devices_referenced(config: WattlaneConfig) -> dict[str, str]:
+    """Every device id the models and power groups name, with the first key that names it."""
+    out: dict[str, str] = {}
+    for i, m in enumerate(config.models):
+        for d in m.devices:
+            out.setdefault(d, f"models[{i}] (id {m.id}).devices")
+    for gi, g in enumerate(config.power.groups):
+        for d in g.devices:
+            out.setdefault(d, f"power.groups[{gi}] (name {g.name}).devices")
+    return out
+
+
+def check_devices_present(config: WattlaneConfig, present: set[str], where: str) -> None:
+    """Raise ConfigError when the config names a device that `where` (this host, the cluster) lacks.
+
+    Only NVML GPUs can be missing after load_config: their existence depends on the machine.
+    """
+    for d, key in devices_referenced(config).items():
+        if d in present:
+            continue
+        gpus = sorted((x for x in present if NVML_DEVICE_ID.match(x)), key=lambda x: int(x[3:]))
+        have = f"it has {len(gpus)} NVIDIA GPU(s){': ' + ', '.join(gpus) if gpus else ''}"
+        raise ConfigError(
+            f"device '{d}' does not exist on {where}; {have}",
+            file=config.source_path or "config", key=key,
+            fix="name a GPU that exists (gpu0 is the first visible one; CUDA_VISIBLE_DEVICES renumbers them) or serve on the machine that has it",
+        )
 
 
 def _check_carbon(config: WattlaneConfig, shown: str) -> None:

@@ -192,8 +192,10 @@ class InferenceService:
         handle = self.gw.model_handles[model]
         start: dict[str, Any] | None = None
         try:
-            events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
-            start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            with self.gw.router.starts.track(model) as started:  # admission's view of Serve's queue
+                events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
+                start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+                started()
             first = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
             return events, start, first
         except asyncio.CancelledError:  # the client left while the request waited for its replica

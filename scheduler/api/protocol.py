@@ -11,11 +11,55 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+
+def _first_invalid_text(value: Any, path: str) -> tuple[str, str, int] | None:
+    """(path, text, index) of the first string in a JSON value holding a lone UTF-16 surrogate.
+
+    JSON's \\uD800 escapes can spell half of a surrogate pair; Python keeps it as a code point that
+    no UTF-8 encoder (tokenizers, llama.cpp, the ledger) accepts, so it must stop at validation.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, value, exc.start
+        return None
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_invalid_text(item, f"{path}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            found = _first_invalid_text(k, path) or _first_invalid_text(item, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    return None
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = _first_invalid_text(data, "")
+        if found is None:
+            return data
+        path, text, index = found
+        # one error at the exact field, e.g. loc ("messages[0].content",): the envelope's param
+        raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(
+            type=PydanticCustomError(
+                "invalid_unicode",
+                "text is not valid Unicode: a lone surrogate U+{code} at character {index}; send UTF-8 text "
+                "(a JSON \\uD800-\\uDFFF escape must be half of a surrogate pair)",
+                {"code": f"{ord(text[index]):04X}", "index": index},
+            ),
+            loc=(path or "body",), input=text,
+        )])
 
 
 class Slo(BaseModel):

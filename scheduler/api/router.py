@@ -13,6 +13,7 @@ from typing import Any
 from scheduler.api.errors import ApiError
 from scheduler.config import WattlaneConfig
 from scheduler.routing.adequacy import load_predictor
+from scheduler.routing.admission import StartQueue, admit, wait_limit_seconds
 from scheduler.routing.controls import RequestControlError, RequestControls, merge_request_controls
 from scheduler.routing.select import RouteDecision, RouteRequest, prompt_text_from_messages, route
 
@@ -44,6 +45,8 @@ class GatewayRouter:
     def __init__(self, config: WattlaneConfig):
         self.config = config
         self.predictor = load_predictor(config.routing.predictor_path)
+        #: requests handed to each model's replicas and not started yet (inference.py reports them)
+        self.starts = StartQueue()
 
     def controls(self, job: Any) -> RequestControls:
         try:
@@ -77,6 +80,8 @@ class GatewayRouter:
             headers = {"Retry-After": "5"} if e.status in (429, 503) else None
             raise ApiError(e.status, e.message, param=e.param, code=e.code, headers=headers)
         assert decision.model_id is not None
+        if self.config.routing.admission == "slo":
+            self._admit(decision, controls)
         placement = {
             "prompt_tokens": decision.prompt_tokens,
             "output_tokens": decision.output_tokens,
@@ -85,3 +90,20 @@ class GatewayRouter:
         }
         return Routed(model=decision.model_id, reason=decision.reason, controls=controls, decision=decision,
                       placement=placement)
+
+    def _admit(self, decision: RouteDecision, controls: RequestControls) -> None:
+        """Keep the first adequate model that can start the request in time; else 503 with Retry-After."""
+        limit = wait_limit_seconds(controls.ttft_slo_seconds, controls.priority, self.config.routing.admission_batch_wait_factor)
+        queue_s = {c.model_id: c.predicted_queue_seconds for c in decision.candidates}
+        order = [decision.model_id] + [m for m, _ in decision.fallbacks if m != decision.model_id]
+        verdict = admit([(m, queue_s.get(m)) for m in dict.fromkeys(order) if m], self.starts, limit)
+        if verdict.model is None:
+            log.debug("refused: %s", verdict.reason)  # a storm of refusals must not become a storm of log lines
+            which = "batch limit (admission_batch_wait_factor x TTFT target)" if controls.priority == "batch" else "TTFT target"
+            raise ApiError(503, f"Overloaded: {verdict.reason}, the request's {which}. Retry after "
+                                f"{verdict.retry_after_seconds} s, or raise slo.ttft_ms.",
+                           code="no_capacity", headers={"Retry-After": str(verdict.retry_after_seconds)})
+        if verdict.model != decision.model_id:
+            decision.reason += f"; admitted on {verdict.model} ({verdict.reason}): {decision.model_id} cannot start it in time"
+            decision.model_id = verdict.model
+            decision.fallbacks = [(m, r) for m, r in decision.fallbacks if m != verdict.model]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -12,7 +14,16 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from scheduler.config import ConfigError, WattlaneConfig, load_config, resolve_state_dir, resolve_weights
+from scheduler.config import (
+    NVML_DEVICE_ID,
+    ConfigError,
+    WattlaneConfig,
+    check_devices_present,
+    devices_referenced,
+    load_config,
+    resolve_state_dir,
+    resolve_weights,
+)
 
 err = Console(stderr=True)
 out = Console()
@@ -40,6 +51,38 @@ def bind_host(cfg: WattlaneConfig, host: str | None) -> str:
     return "0.0.0.0" if cfg.server.api_keys else "127.0.0.1"
 
 
+def check_port_free(cfg: WattlaneConfig, host: str, port: int) -> None:
+    """Raise ConfigError when host:port cannot be bound, before anything is started.
+
+    SO_REUSEADDR as the HTTP server sets it: a port left in TIME_WAIT is free, a listening one is not.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+            raise ConfigError(
+                f"port {port} on {host} {why}", file=cfg.source_path or "config", key="server.port",
+                fix="stop the process listening there, or choose another port with --port or server.port",
+            ) from None
+
+
+def check_host_devices(cfg: WattlaneConfig) -> None:
+    """Before starting a local Ray: every NVIDIA GPU the config names must exist on this host."""
+    wanted = [d for d in devices_referenced(cfg) if NVML_DEVICE_ID.match(d)]
+    if not wanted:
+        return
+    from scheduler.devices.nvml import discover_nvml_gpus
+
+    gpus = discover_nvml_gpus("localhost")
+    present = {g.device_id for g in gpus}
+    for g in gpus:
+        g.close()
+    check_devices_present(cfg, present | {d for d in devices_referenced(cfg) if not NVML_DEVICE_ID.match(d)}, "this host")
+
+
 def serve_cmd(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded local.yaml)")] = None,
     host: Annotated[Optional[str], typer.Option(help="bind address (default 127.0.0.1 without API keys)")] = None,
@@ -55,6 +98,13 @@ def serve_cmd(
     if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
         err.print("[yellow]warning:[/] binding to a non-loopback address without API keys: anyone who can reach "
                   f"{listen_host}:{cfg.server.port} can use and reconfigure this server")
+    ray_address = address or cfg.ray.address
+    try:
+        check_port_free(cfg, listen_host, cfg.server.port)
+        if ray_address is None:  # joining a cluster: its GPUs are checked once its node agents answer
+            check_host_devices(cfg)
+    except ConfigError as exc:
+        fail_config(exc)
     sdir = resolve_state_dir(cfg, state_dir)
     try:
         sdir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +128,7 @@ def serve_cmd(
 
     from scheduler.cluster.lifecycle import Deployment
 
-    dep = Deployment(cfg, sdir, address=address or cfg.ray.address)
+    dep = Deployment(cfg, sdir, address=ray_address)
     try:
         with out.status("starting Ray and loading models…", spinner="dots"):
             dep.start(host=listen_host, port=cfg.server.port)
@@ -112,7 +162,12 @@ def keys_hash(key: Annotated[str, typer.Argument(help="the API key to hash for s
 
 
 def check_config(config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None) -> None:
-    """Validate a config file and exit 0, or print the problem and exit 2."""
+    """Validate a config file and exit 0, or print the problem and exit 2.
+
+    Everything the file decides is checked here, on any machine. NVIDIA GPUs (gpuN) are checked
+    for their form only: whether gpuN exists is a fact of the host that serves, which
+    `wattlane serve` checks before it starts Ray (exit 2, same message shape).
+    """
     cfg = load_or_exit(config)
     out.print(f"ok: {cfg.source_path} ({len(cfg.models)} models)")
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from scheduler.cluster import runtime
 from scheduler.cluster.app import APP_NAME, build_app, start_node_agents, stop_node_agents
-from scheduler.config import WattlaneConfig
+from scheduler.config import WattlaneConfig, check_devices_present
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class Deployment:
         if not ray.is_initialized():
             runtime.start_ray(self.state_dir, self.address, self.config.ray.num_cpus, self.config.ray.include_dashboard)
         self.agents = start_node_agents(self.config, self.state_dir)
+        # a joined cluster's GPUs are known only now; on a local Ray `wattlane serve` checked them already
+        found = ray.get([a.ready.remote() for a in self.agents])
+        check_devices_present(self.config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
         from scheduler.api.request_ids import serve_proxy_env
 
         # Serve's proxies inherit the controller's environment: it makes them load our X-Request-Id check

@@ -69,6 +69,8 @@ class ReplicaPrediction:
     reason: str
     #: "replica-stats" when the energy came from the replica's figures, else "prior"/"unknown"
     energy_source: str
+    #: the part of the TTFT spent waiting for prompts queued ahead (None: unknown); admission uses it
+    queue_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,6 +81,7 @@ class ReplicaPrediction:
             "feasible": self.feasible,
             "reason": self.reason,
             "energy_source": self.energy_source,
+            "queue_seconds": self.queue_seconds,
         }
 
 
@@ -128,12 +131,13 @@ def predict(
     waiting = _num(stats, "waiting") or 0.0
 
     prefill_tps = _num(stats, "prefill_tokens_per_second")
-    ttft = None
+    ttft = queue_s = None
     queued = 0.0
     if prefill_tps and prefill_tps > 0:
         q = _num(stats, "queued_prefill_tokens")
         queued = waiting * p_tokens if q is None else max(q, 0.0)
         ttft = (queued + p_tokens) / prefill_tps
+        queue_s = queued / prefill_tps
     step_now = _num(stats, "decode_seconds_per_token")  # the step at running + 1
     tpot = None
     prefill_share = 0.0
@@ -197,7 +201,7 @@ def predict(
         reasons.append(f"predicted TPOT {tpot * 1000:.1f} ms{share} > SLO {request.tpot_slo_seconds * 1000:.1f} ms{margin_note}")
     if feasible:
         reasons.append("meets SLO" + ("" if ttft is not None and tpot is not None else " (latency partly unknown)"))
-    return ReplicaPrediction(index, energy, ttft, tpot, feasible, "; ".join(reasons), source)
+    return ReplicaPrediction(index, energy, ttft, tpot, feasible, "; ".join(reasons), source, queue_s)
 
 
 def _sort_key(p: ReplicaPrediction) -> tuple:

@@ -79,6 +79,8 @@ class CandidateDecision:
     predicted_energy_joules: float | None = None
     predicted_ttft_seconds: float | None = None
     predicted_tpot_seconds: float | None = None
+    #: time the request would wait behind prompts queued on the chosen replica (placement's queue term)
+    predicted_queue_seconds: float | None = None
     energy_source: str | None = None
     replica_index: int | None = None
     replica_id: str | None = None
@@ -286,6 +288,7 @@ def route(
         best = ranked[0]
         c.predicted_energy_joules, c.energy_source = best.energy_joules, best.energy_source
         c.predicted_ttft_seconds, c.predicted_tpot_seconds = best.ttft_seconds, best.tpot_seconds
+        c.predicted_queue_seconds = best.queue_seconds
         c.replica_index = best.index
         s = stats[best.index]
         c.replica_id = s.get("replica_id")

@@ -28,6 +28,7 @@ def fleet(tmp_path_factory):
     cfg["power"]["mode"] = "enforce"  # simulated GPUs accept settings: exercise the real actuator path
     big = next(m for m in cfg["models"] if m["id"] == "llama-3.1-70b")
     big.update(max_ongoing_requests=1, max_queued_requests=1)  # a tiny queue, to see backpressure
+    cfg["routing"]["admission"] = "queue"  # Serve's queue bound alone (SLO admission: tests/e2e/test_overload_admission.py)
     path = tmp / "fleet.yaml"
     path.write_text(yaml.safe_dump(cfg))
     port = free_port()
