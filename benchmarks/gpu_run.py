@@ -356,7 +356,7 @@ class SimStepWorkload:
         return {"label": self.label, "model_profile": self.model.key, "gpu_profile": p.key,
                 "gpu_constants": {"voltage_floor_fraction": p.voltage_floor_fraction, "memory_clock_knee": p.memory_clock_knee,
                                   "memory_bound_sm_activity": p.memory_bound_sm_activity},
-                "prompt_tokens": self.prompt_tokens}
+                "prompt_tokens": self.prompt_tokens, "decode_context_mean_tokens": self.prompt_tokens + self.extra}
 
     def now(self) -> float:
         return self.clock.t

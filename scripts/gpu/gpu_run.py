@@ -70,7 +70,7 @@ class LlamaWorkload:
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "config": LLAMA_3_1_8B, "dtype": "bfloat16", "attention": "sdpa",
-                "prompt_tokens": self.prompt_tokens, "decode_context_tokens": f"{self.prompt_tokens}..{self.prompt_tokens + DECODE_SLOTS}",
+                "prompt_tokens": self.prompt_tokens, "decode_context_mean_tokens": self.prompt_tokens + DECODE_SLOTS / 2,
                 "weights": "random (time and energy per token do not depend on the weights' values)",
                 "note": "eager PyTorch without CUDA graphs: small-batch inter-token latency includes kernel-launch "
                         "overhead a serving engine (vLLM) would partly hide"}
