@@ -222,7 +222,10 @@ def render_md(doc: dict[str, Any]) -> str:
         "traffic replayed without that request). The attributor shares each 100 ms interval by the work done in it "
         "(decode tokens + 0.25 x prefill tokens), so a request that runs on into the batch's thin tail, where few "
         "requests share each iteration's weight reads, pays more per token than in the crowded middle; alone, every "
-        "token costs about the same. That is most of the gap to the isolated reference.",
+        "token costs about the same. That is the likely main cause of the gap to the isolated reference (not "
+        "separated out by an experiment here). Alone, attribution runs slightly under the counter: the intervals "
+        "where a request starts or ends are shared by busy time, not busy power, so part of their busy joules goes "
+        "to the idle pool.",
         "",
         "| request | prompt | output | isolated measured (J) | isolated attributed (J) | concurrent attributed (J) | isolated-share reference (J) | error | marginal (J) | error vs marginal share |",
         "|---|---|---|---|---|---|---|---|---|---|",
