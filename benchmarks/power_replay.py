@@ -8,8 +8,13 @@ Runs (all method "simulated", same trace, placement and seed):
   replay (each series hour = replay length / 24), the flat budget set to the carbon-aware budget's
   time mean; compared in gCO2e per request.
 
+With --band, default and slo-feedback are rerun with the simulator's unfitted GPU constants (voltage
+floor, bandwidth knee, memory-bound SM activity) at the low and at the high end of their plausible
+values (SENSITIVITY_BAND), and the governor's saving is reported as a band. Until a GPU run has
+fitted them (python -m scheduler.sim.fit --gpu-run), the saving is only as good as that band.
+
 Usage:
-    python -m benchmarks.power_replay [--minutes 60] [--config configs/sim-fleet.yaml]
+    python -m benchmarks.power_replay [--minutes 60] [--config configs/sim-fleet.yaml] [--band]
 writes docs/results/power-replay.json and docs/results/power-replay.md.
 """
 
@@ -33,6 +38,7 @@ from scheduler.power.actuator import PowerActuator
 from scheduler.power.audit import PowerAuditLog
 from scheduler.power.governor import Governor
 from scheduler.sim.fleet import FleetSimulator
+from scheduler.sim.profiles import gpu_constant_overrides, gpu_profile
 from scheduler.sim.trace import load_trace
 
 REPO = REPOSITORY_DIR
@@ -46,6 +52,14 @@ HOURLY_INTENSITY = [
     420, 430, 435, 440, 440, 430, 400, 350, 290, 230, 190, 160,
     150, 150, 165, 200, 260, 340, 410, 450, 460, 455, 445, 430,
 ]
+
+#: plausible ends of the unfitted GPU constants (docs/sim.md): not measurements. Low: voltage nearly
+#: proportional to clock at the bottom, HBM saturated down to very low clocks, memory-bound SMs almost
+#: idle; high: a flat voltage curve, an early bandwidth knee, memory-bound SMs drawing half their power.
+SENSITIVITY_BAND = {
+    "low": {"voltage_floor_fraction": 0.5, "memory_clock_knee": 0.02, "memory_bound_sm_activity": 0.15},
+    "high": {"voltage_floor_fraction": 0.75, "memory_clock_knee": 0.15, "memory_bound_sm_activity": 0.5},
+}
 
 
 class RecordingGovernor:
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--carbon-dirty-watts", type=float, default=2000.0)
     ap.add_argument("--only", default=None, help="comma-separated subset of runs: default,slo-feedback,budget,flat-budget,carbon-aware")
     ap.add_argument("--out", default=str(RESULTS / "power-replay"))
+    ap.add_argument("--band", action="store_true", help="also rerun default and slo-feedback at the low and high ends of the unfitted GPU constants")
     args = ap.parse_args(argv)
 
     config = load_config(args.config)
@@ -199,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             "slo_attainment_points": 100 * (c["slo_attainment"] - f["slo_attainment"]),
             "met": c["gco2e_per_request"] < f["gco2e_per_request"],
         }
+    band: dict[str, Any] | None = None
+    if args.band:
+        band = sensitivity_band(config, trace, plans, comparisons)
     command = "python -m benchmarks.power_replay " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {
         "benchmark": "power-replay", "method": "simulated", "command": command.strip(),
@@ -207,13 +225,41 @@ def main(argv: list[str] | None = None) -> int:
         "slo": {"ttft_p99_seconds": config.routing.default_slo.ttft_ms / 1000, "tpot_p99_seconds": config.routing.default_slo.tpot_ms / 1000},
         "hourly_intensity_gco2e_per_kwh": HOURLY_INTENSITY, "series_hour_seconds": hour_s,
         "python": platform.python_version(), "runs": runs, "comparisons": comparisons,
+        "gpu_constants": {key: {k: getattr(gpu_profile(key), k) for k in ("voltage_floor_fraction", "memory_clock_knee",
+                                                                           "memory_bound_sm_activity", "constants_provenance")}
+                          for key in sorted({d.profile for d in config.devices.simulated})},
     }
+    if band is not None:
+        doc["sensitivity_band"] = band
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
     out.with_suffix(".md").write_text(render_md(doc))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
+
+
+def sensitivity_band(config: WattlaneConfig, trace, plans: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
+    """default and slo-feedback at each end of SENSITIVITY_BAND; the saving's band includes the central result."""
+    ends: dict[str, Any] = {}
+    for end, constants in SENSITIVITY_BAND.items():
+        with gpu_constant_overrides(**constants):
+            d = run_one(config, trace, "default", None, {})
+            policy, opts, _ = plans["slo-feedback"]
+            s = run_one(config, trace, "slo-feedback", policy, opts)
+        ends[end] = {"constants": constants, "default_energy_per_request_joules": d["energy_per_request_joules"],
+                     "slo_feedback_energy_per_request_joules": s["energy_per_request_joules"],
+                     "energy_per_request_change": s["energy_per_request_joules"] / d["energy_per_request_joules"] - 1,
+                     "slo_attainment_points": 100 * (s["slo_attainment"] - d["slo_attainment"]),
+                     "default_slo_attainment": d["slo_attainment"], "slo_feedback_slo_attainment": s["slo_attainment"]}
+        print(f"band {end:4s} {constants}: slo-feedback {100 * ends[end]['energy_per_request_change']:+.1f}% J/request, "
+              f"SLO {ends[end]['slo_attainment_points']:+.2f} points", flush=True)
+    changes = [e["energy_per_request_change"] for e in ends.values()]
+    central = comparisons.get("slo_feedback_vs_default", {}).get("energy_per_request_change")
+    if central is not None:
+        changes.append(central)
+    return {"ends": ends, "slo_feedback_energy_per_request_change": [min(changes), max(changes)],
+            "note": "plausible ends of unfitted modelling constants, not measurements; replace by a fit from a GPU run"}
 
 
 def render_md(doc: dict[str, Any]) -> str:
@@ -256,6 +302,23 @@ def render_md(doc: dict[str, Any]) -> str:
                      f"gCO2e per request {100 * x['gco2e_per_request_change']:+.1f}%, energy per request "
                      f"{100 * x['energy_per_request_change']:+.1f}%, SLO {x['slo_attainment_points']:+.2f} points: "
                      f"**{'met' if x['met'] else 'not met'}**.")
+    if "sensitivity_band" in doc:
+        band = doc["sensitivity_band"]
+        lo, hi = band["slo_feedback_energy_per_request_change"]
+        lines += ["", "## Sensitivity band (unfitted GPU constants)", "",
+                  "The governor's saving rests on three GPU constants no measurement has fitted yet "
+                  f"({', '.join(f'{k}: {v}' for k, v in doc['gpu_constants'].items())}). Rerun at the low and high ends of "
+                  "their plausible values:", "",
+                  "| end | voltage floor | bandwidth knee | memory-bound SM activity | default J/request | slo-feedback J/request | change | SLO points |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for end, e in band["ends"].items():
+            c = e["constants"]
+            lines.append(f"| {end} | {c['voltage_floor_fraction']} | {c['memory_clock_knee']} | {c['memory_bound_sm_activity']} | "
+                         f"{e['default_energy_per_request_joules']:.1f} | {e['slo_feedback_energy_per_request_joules']:.1f} | "
+                         f"{100 * e['energy_per_request_change']:+.1f}% | {e['slo_attainment_points']:+.2f} |")
+        lines += ["", f"slo-feedback vs default, energy per request: **{100 * lo:+.1f}% to {100 * hi:+.1f}%** across the band "
+                  "(central value included). A fit from a GPU run (scripts/gpu/gpu_run.py, then "
+                  "`python -m scheduler.sim.fit --gpu-run`) replaces the band by one figure."]
     lines += [
         "",
         "Carbon series: an illustrative 24-value hourly series (solar-heavy shape, "

@@ -1,6 +1,7 @@
 """Fit the simulator's model profiles to the ML.ENERGY table and write scheduler/sim/data/models.json.
 
 Run: python -m scheduler.sim.fit [--csv PATH] [--out PATH]
+ or: python -m scheduler.sim.fit --gpu-run RUN.json [--gpu-key KEY]   (GPU constants; scheduler/sim/gpu_fit.py)
 
 For each (model, GPU, GPU count) in TARGETS, the seven ModelFit parameters are chosen by least
 squares on log-ratios of energy per token, average power and median inter-token latency at every
@@ -225,7 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scheduler.sim.fit", description=__doc__.splitlines()[0])
     ap.add_argument("--csv", type=Path, default=None, help="ML.ENERGY table (default: data/reference/mlenergy_v3_lm_arena_chat.csv.gz of the clone)")
     ap.add_argument("--out", type=Path, default=MODELS_PATH)
+    ap.add_argument("--gpu-run", type=Path, default=None,
+                    help="instead: fit a GPU's clock and power-cap constants to this gpu_run JSON (see scheduler/sim/gpu_fit.py)")
+    ap.add_argument("--gpu-key", default=None, help="with --gpu-run: the GPU profile to write (default: the run's profile)")
+    ap.add_argument("--gpu-base", default="h100-sxm", help="with --gpu-run: profile whose data-sheet facts a new key starts from")
+    ap.add_argument("--gpu-out", type=Path, default=None, help="with --gpu-run: GPU profiles file to update (default scheduler/sim/data/gpus.json)")
+    ap.add_argument("--gpu-report", type=Path, default=None, help="with --gpu-run: also write the full fit report here")
     args = ap.parse_args(argv)
+    if args.gpu_run is not None:
+        from scheduler.sim.gpu_fit import run as fit_gpu_run
+        from scheduler.sim.profiles import GPUS_PATH
+
+        return fit_gpu_run(args.gpu_run, args.gpu_key, args.gpu_base, args.gpu_out or GPUS_PATH, args.gpu_report)
     out: dict[str, dict] = {"_generated_by": "python -m scheduler.sim.fit (do not edit by hand)"}
     try:
         path = args.csv or reference_csv()

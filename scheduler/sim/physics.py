@@ -9,7 +9,8 @@ token plus attention (compute-bound part). With s = SM clock / max clock:
     beta(s) = (1 + k) s^2 / (s^2 + k)                    (HBM stays saturated until the clock is very low)
 
 t_mem = bytes / (bandwidth x memory_efficiency) and t_comp = flops / (peak x compute_efficiency) are
-the times at max clock. Power is E / T. When it exceeds the power limit the clock drops until it
+the times at max clock; v0 (voltage_floor_fraction), k (memory_clock_knee) and kappa
+(memory_bound_sm_activity) come from the GPU profile. Power is E / T. When it exceeds the power limit the clock drops until it
 fits (what the driver's sw_power_cap does): decode (mostly t_mem) hardly slows, prefill (t_comp)
 slows about 1/s. Energy per token is U-shaped in the clock: at low clocks static power integrates
 over a longer T, at high clocks V^2 grows faster than T shrinks.
@@ -26,7 +27,8 @@ import numpy as np
 
 from scheduler.sim.profiles import GpuProfile, ModelFit, ModelProfile
 
-#: fraction of the dynamic SM power spent while warps wait on memory (memory-bound kernels)
+#: default share of the dynamic SM power spent while warps wait on memory (memory-bound kernels);
+#: each GPU profile carries its own (GpuProfile.memory_bound_sm_activity, fitted by `fit --gpu-run`)
 SM_ACTIVITY_WHILE_MEMORY_BOUND = 0.3
 _BISECTION_STEPS = 22
 
@@ -107,7 +109,7 @@ def cost_at(s, gpu: GpuProfile, fit: ModelFit, t_over, t_mem, t_comp):
     g = voltage_scaled_activity(s, gpu.voltage_floor_fraction)
     joules = (
         gpu.static_watts * seconds
-        + g * (gpu.clock_power_watts * seconds + fit.dynamic_watts * (t_c + SM_ACTIVITY_WHILE_MEMORY_BOUND * t_m))
+        + g * (gpu.clock_power_watts * seconds + fit.dynamic_watts * (t_c + gpu.memory_bound_sm_activity * t_m))
         + fit.memory_watts * t_mem
     )
     return seconds, joules

@@ -9,7 +9,9 @@ with the file, the key and the fix.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ class GpuProfile:
     voltage_floor_fraction: float
     #: below about sqrt(knee) x max clock the SMs can no longer keep HBM busy (see physics.bandwidth_factor)
     memory_clock_knee: float
+    #: share of the dynamic SM power drawn while warps wait on memory (memory-bound kernels)
+    memory_bound_sm_activity: float = 0.3
+    #: where voltage_floor_fraction, memory_clock_knee, memory_bound_sm_activity and the idle terms
+    #: come from: "assumed" (modelling constants) or "fitted: <run file> on <device>" (scheduler.sim.fit --gpu-run)
+    constants_provenance: str = "assumed"
 
     @cached_property
     def min_clock_fraction(self) -> float:
@@ -146,10 +153,38 @@ def gpu_profiles(path: Path = GPUS_PATH) -> dict[str, GpuProfile]:
     return out
 
 
+#: constants every gpu_profile() lookup overrides while gpu_constant_overrides() is active
+_CONSTANT_OVERRIDES: dict[str, float] = {}
+#: the constants a sensitivity band may move (see gpu_constant_overrides)
+BAND_CONSTANTS = ("voltage_floor_fraction", "memory_clock_knee", "memory_bound_sm_activity")
+
+
+@contextmanager
+def gpu_constant_overrides(**values: float) -> Iterator[None]:
+    """Every GPU profile looked up inside the block uses these modelling constants instead of its own.
+
+    For sensitivity bands: rerun a simulation at the low and the high end of the plausible values.
+    Devices built before the block keep the profile they were built with.
+    """
+    unknown = set(values) - set(BAND_CONSTANTS)
+    if unknown:
+        raise ProfileError(f"not a GPU modelling constant: {', '.join(sorted(unknown))}; known: {', '.join(BAND_CONSTANTS)}")
+    saved = dict(_CONSTANT_OVERRIDES)
+    _CONSTANT_OVERRIDES.update({k: float(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        _CONSTANT_OVERRIDES.clear()
+        _CONSTANT_OVERRIDES.update(saved)
+
+
 def gpu_profile(key: str) -> GpuProfile:
     profiles = gpu_profiles()
     if key not in profiles:
         raise ProfileError(f"unknown GPU profile '{key}'; known: {', '.join(sorted(profiles))}")
+    if _CONSTANT_OVERRIDES:
+        overrides = ", ".join(f"{k}={v:g}" for k, v in sorted(_CONSTANT_OVERRIDES.items()))
+        return replace(profiles[key], **_CONSTANT_OVERRIDES, constants_provenance=f"sensitivity override ({overrides})")
     return profiles[key]
 
 
@@ -200,8 +235,6 @@ def model_profile(name: str, gpu: str | None = None) -> ModelProfile:
     target, origin = gpu_profile(gpu), gpu_profile(src.gpu)
     scale = target.power_limit_default_watts / origin.power_limit_default_watts
     f = src.fit
-    from dataclasses import replace
-
     return replace(
         src, key=f"{base}@{gpu}", gpu=gpu, provenance="transferred",
         fit=replace(f, dynamic_watts=f.dynamic_watts * scale, memory_watts=f.memory_watts * scale),

@@ -1,6 +1,7 @@
 """Physics of the simulated GPU: U-shaped energy in clock, power caps that bind like real ones."""
 
 import numpy as np
+import pytest
 
 from scheduler.sim.physics import idle_power_watts, iteration_work, operating_point
 from scheduler.sim.profiles import gpu_profile, model_profile
@@ -67,3 +68,31 @@ def test_70b_costs_more_per_token_than_8b_at_same_batch():
     e8 = operating_point(H100, M8.fit, w8, 700).joules / 64
     e70 = operating_point(H100, m70.fit, w70, 700).joules * 4 / 64
     assert 4 < e70 / e8 < 15
+
+
+def test_memory_bound_activity_is_a_profile_constant_that_moves_decode_power():
+    """kappa is read from the GPU profile (so a GPU run can fit it), not from a module constant."""
+    from dataclasses import replace
+
+    from scheduler.sim.physics import cost_at
+
+    model = model_profile("llama-3.1-8b@h100-sxm")
+    low, high = replace(H100, memory_bound_sm_activity=0.1), replace(H100, memory_bound_sm_activity=0.6)
+    t_over, t_mem, t_comp = 0.001, 0.005, 0.0005  # decode: mostly memory time
+    _, j_low = cost_at(1.0, low, model.fit, t_over, t_mem, t_comp)
+    _, j_high = cost_at(1.0, high, model.fit, t_over, t_mem, t_comp)
+    assert j_high - j_low == pytest.approx(model.fit.dynamic_watts * 0.5 * t_mem, rel=1e-9)
+
+
+def test_constant_overrides_apply_inside_the_block_only_and_reject_unknown_names():
+    from scheduler.sim.profiles import ProfileError, gpu_constant_overrides
+
+    with gpu_constant_overrides(voltage_floor_fraction=0.75, memory_clock_knee=0.1):
+        p = gpu_profile("h100-sxm")
+        assert (p.voltage_floor_fraction, p.memory_clock_knee) == (0.75, 0.1)
+        assert p.constants_provenance.startswith("sensitivity override")
+    p = gpu_profile("h100-sxm")
+    assert (p.voltage_floor_fraction, p.memory_clock_knee, p.constants_provenance) == (0.6, 0.05, "assumed")
+    with pytest.raises(ProfileError, match="not a GPU modelling constant"):
+        with gpu_constant_overrides(idle_no_model_watts=1.0):
+            pass
