@@ -14,6 +14,7 @@ import pytest
 from scheduler.api.errors import ApiError
 from scheduler.api.inference import InferenceService, Job
 from scheduler.api.router import Routed
+from scheduler.routing.admission import StartQueue
 
 ENERGY = {"joules": 4.0, "dynamic_joules": 3.0, "idle_joules": 1.0, "method": "simulated", "scope": "gpu",
           "device": "gpu0", "node": "n1", "power_limit_watts": 300.0}
@@ -67,6 +68,7 @@ class FakeGateway:
     def __init__(self, handles: dict[str, FakeHandle], abandoned: dict[str, Any] | None = None):
         self.config = SimpleNamespace(routing=SimpleNamespace(replica_timeout_seconds=5.0))
         self.model_handles = handles
+        self.router = SimpleNamespace(starts=StartQueue())  # admission's view of dispatched-not-started requests
         self.rows: list[tuple[str, Any]] = []
         self.abandoned = abandoned
         self.abandoned_asked: list[tuple[str | None, str]] = []

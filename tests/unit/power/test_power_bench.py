@@ -16,7 +16,6 @@ def test_power_replay_smoke(tmp_path):
     assert "budget 2400 W" in Path(out.with_suffix(".md")).read_text()
 
 
-@pytest.mark.skipif(not TRACE.exists() or not power_replay.DEFAULT_CONFIG.exists(), reason="shared trace or sim-fleet config missing")
 def test_band_reruns_the_governor_at_both_ends_of_the_unfitted_constants(tmp_path):
     out = tmp_path / "power-replay"
     assert power_replay.main(["--minutes", "1", "--only", "default,slo-feedback", "--band", "--out", str(out)]) == 0
