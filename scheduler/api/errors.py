@@ -154,6 +154,9 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         headers = dict(exc.headers or {})
         message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words for a body that is not UTF-8 text: say what to send, like every other bad body
+            message, code = "request body is not valid JSON (send UTF-8 encoded JSON)", "invalid_value"
         if exc.status_code == 405:
             allowed = allowed_methods(request)
             headers["Allow"] = ", ".join(allowed)

@@ -162,6 +162,11 @@ class CompletionRequest(_SamplingFields):
 
 
 class RouteExplainRequest(WattlaneControls):
+    # the route checks "exactly one of messages or prompt"; the schema says so too
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["messages"], "not": {"required": ["prompt"]}},
+                  {"required": ["prompt"], "not": {"required": ["messages"]}}]})
+
     model: str = "auto"
     messages: list[ChatMessage] | None = None
     prompt: str | list[str] | None = None

@@ -128,3 +128,12 @@ def test_non_object_body_is_400_saying_so(client, content):
     r = client.post("/v1/chat/completions", content=content,
                     headers={**bearer("client"), "Content-Type": "application/json"})
     assert envelope(r, 400)["message"] == "request body must be a JSON object"
+
+
+@pytest.mark.parametrize("content", [b"\xc7\x8f\xea\x82EM\xdb", b"{not json"])
+def test_a_body_that_is_not_json_text_is_400_saying_so(client, content):
+    """Bytes that are not UTF-8 got FastAPI's 'There was an error parsing the body' with no code (fuzz)."""
+    r = client.post("/v1/chat/completions", content=content,
+                    headers={**bearer("client"), "Content-Type": "application/json"})
+    err = envelope(r, 400, "invalid_value")
+    assert err["message"].startswith("request body is not valid JSON")
