@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 FINISH_TIMEOUT_SECONDS = 2.0
 #: how long an abandoned request's outcome waits for the gateway to collect it
 ABANDONED_TTL_SECONDS = 120.0
+#: how long a finished request's energy stays available to a late abandon_request
+FINISHED_TTL_SECONDS = 30.0
 
 
 class Mailbox:
@@ -42,8 +44,13 @@ class Mailbox:
 
     def put(self, key: str, value: Any) -> None:
         now = time.monotonic()
-        for k in [k for k, (t, _) in self._items.items() if now - t > self.ttl_seconds]:
-            del self._items[k]
+        # entries sit in insertion order, oldest first: expiring from the front costs O(1) per put
+        while self._items:
+            oldest = next(iter(self._items))
+            if now - self._items[oldest][0] <= self.ttl_seconds:
+                break
+            del self._items[oldest]
+        self._items.pop(key, None)
         self._items[key] = (now, value)
         waiter = self._waiters.get(key)
         if waiter is not None:
@@ -94,6 +101,9 @@ class NodeAgent:
         self.power = self._start_power()
         self._request_devices: dict[str, list[str]] = {}
         self._abandoned = Mailbox(ttl_seconds=ABANDONED_TTL_SECONDS)
+        #: accounting in progress, and the outcomes of finish calls their caller no longer waited for
+        self._finishing: dict[str, asyncio.Task] = {}
+        self._finished = Mailbox(ttl_seconds=FINISHED_TTL_SECONDS)
         self._replica_stats: dict[str, dict[str, Any]] = {}
         self._sim_engines: dict[str, Any] = {}
         self._started_s = time.time()
@@ -137,7 +147,30 @@ class NodeAgent:
 
     async def finish_request(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
                              completion_tokens: int | None = None) -> dict[str, Any] | None:
-        """End a request's accounting; final token counts, when given, act as its last progress report."""
+        """End a request's accounting; final token counts, when given, act as its last progress report.
+
+        The accounting runs to its end even when this call is cancelled: Ray cancels the calls a cancelled
+        request made (a client that went away), and a request left half-finished would stay "running" on
+        its devices for ever. The outcome is kept a short while for abandon_request."""
+        running = self._finishing.get(request_id)
+        if running is None:
+            if request_id not in self._request_devices:
+                return await self._finished.take(request_id, 0)
+            running = asyncio.get_running_loop().create_task(
+                self._finish(request_id, t_s, prompt_tokens, completion_tokens))
+            self._finishing[request_id] = running
+            running.add_done_callback(lambda t: self._keep_outcome(request_id, t))
+        return await asyncio.shield(running)
+
+    def _keep_outcome(self, request_id: str, task: asyncio.Task) -> None:
+        """Keep a finished request's energy a short while: a replica cancelled while it waited for this
+        answer (its client went away) asks again through abandon_request, and must get the same joules."""
+        self._finishing.pop(request_id, None)
+        if not task.cancelled() and task.exception() is None and task.result() is not None:
+            self._finished.put(request_id, task.result())
+
+    async def _finish(self, request_id: str, t_s: float, prompt_tokens: int | None,
+                      completion_tokens: int | None) -> dict[str, Any] | None:
         device_ids = self._request_devices.pop(request_id, None)
         if not device_ids:
             return None

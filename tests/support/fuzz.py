@@ -73,34 +73,33 @@ def _headers_for(case, keys: dict[str, str]) -> dict[str, str]:
 INFERENCE_SHARE = {"/v1/chat/completions": 0.25, "/v1/completions": 0.15, "/v1/route/explain": 0.10}
 
 
-def budgets(operations: list, total: int) -> list[int]:
-    """Cases per operation: the inference routes get most, every other operation an even share; sums to total."""
-    fixed = {i: int(total * INFERENCE_SHARE[op.path]) for i, op in enumerate(operations) if op.path in INFERENCE_SHARE}
-    others = [i for i in range(len(operations)) if i not in fixed]
-    rest = total - sum(fixed.values())
-    out = [fixed.get(i, 0) for i in range(len(operations))]
-    for k, i in enumerate(others):
-        out[i] = rest // len(others) + (1 if k < rest % len(others) else 0)
-    return out
-
-
 def fuzz(url: str, keys: dict[str, str], *, max_examples: int) -> FuzzStats:
     """Run max_examples schemathesis cases, spread over every operation, against the server at url.
 
     Raises on the first failing check. Valid (positive) and invalid (negative) requests are mixed: mostly
-    valid ones on the inference routes, where the interesting failures are on the successful path."""
+    valid ones on the inference routes, where the interesting failures are on the successful path. An
+    operation with few distinct inputs (GET /healthz) runs out of new cases early; the inference routes,
+    fuzzed last, take up what it left, so the total is max_examples."""
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=30,
                                            headers=_role_header(keys, "client")).json()["data"]]
     operations = [result.ok() for result in schema.get_all_operations()]
+    others = [op for op in operations if op.path not in INFERENCE_SHARE]
+    inference = [op for op in operations if op.path in INFERENCE_SHARE]
     stats = FuzzStats()
-    for operation, n in zip(operations, budgets(operations, max_examples)):
+    per_other = int(max_examples * (1 - sum(INFERENCE_SHARE.values()))) // max(len(others), 1)
+    for operation in others:
+        _fuzz_operation(url, keys, models, st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
+                                                     operation.as_strategy(GenerationMode.NEGATIVE)),
+                        per_other, stats)
+    left = max_examples - stats.cases
+    weights = [INFERENCE_SHARE[op.path] for op in inference]
+    for k, operation in enumerate(inference):
+        last = k == len(inference) - 1
+        n = max_examples - stats.cases if last else round(left * weights[k] / sum(weights))
         positive = operation.as_strategy(GenerationMode.POSITIVE)
-        negative = operation.as_strategy(GenerationMode.NEGATIVE)
-        if operation.path in INFERENCE_SHARE:
-            cases = st.one_of(positive, positive, positive, negative)  # about three valid requests in four
-        else:
-            cases = st.one_of(positive, negative)
+        # about three valid requests in four: the successful path is where serving bugs live
+        cases = st.one_of(positive, positive, positive, operation.as_strategy(GenerationMode.NEGATIVE))
         _fuzz_operation(url, keys, models, cases, n, stats)
     return stats
 

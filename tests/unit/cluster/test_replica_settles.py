@@ -57,6 +57,7 @@ def make_agent() -> Any:
     agent.node = "n1"
     agent._request_devices = {}
     agent._abandoned = Mailbox(ttl_seconds=60.0)
+    agent._finishing, agent._finished = {}, Mailbox(ttl_seconds=60.0)
     return agent
 
 
@@ -172,3 +173,48 @@ def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_o
         return early, late, missing, len(box)
 
     assert asyncio.run(main()) == (1, 2, None, 0)
+
+
+def test_a_finish_call_cancelled_midway_still_settles_and_keeps_the_energy() -> None:
+    """Ray cancels the agent calls of a request whose client left: cancelled inside finish_request, the
+    request stayed 'running' on its device for ever and its joules never reached the ledger (load test)."""
+    agent = make_agent()
+    release = asyncio.Event()
+    real_finish = agent.attributor.finish_when_covered
+
+    async def slow_finish(*args, **kwargs):
+        await release.wait()  # the meter has not yet covered the request's end
+        return await real_finish(*args, **kwargs)
+
+    agent.attributor.finish_when_covered = slow_finish
+
+    async def main() -> dict:
+        t0 = time.time()
+        agent.start_request("r1", [DEVICE], t0)
+        agent.progress("r1", 10, 5, t0 + 0.2)
+        agent.attributor.on_interval(DEVICE, t0 + 0.1, t0 + 0.3, 4.0)  # a metered interval the request ran in
+        call = asyncio.get_running_loop().create_task(agent.finish_request("r1", t0 + 0.25, 10, 5))
+        await asyncio.sleep(0.01)
+        call.cancel()  # what Ray does to a cancelled request's child calls
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        await agent.abandon_request("r1", t0 + 0.25, 10, 5)
+        return await agent.take_abandoned("r1", 1.0)
+
+    outcome = asyncio.run(main())
+    assert agent.attributor.running(DEVICE) == 0
+    assert outcome["energy"] is not None and outcome["energy"]["joules"] > 0
+
+
+def test_mailbox_expires_old_entries_and_keeps_fresh_ones() -> None:
+    box = Mailbox(ttl_seconds=0.05)
+    box.put("old", 1)
+    time.sleep(0.06)
+    box.put("new", 2)
+    assert len(box) == 1
+
+    async def take() -> tuple:
+        return await box.take("new", 0), await box.take("old", 0)
+
+    assert asyncio.run(take()) == (2, None)
