@@ -17,27 +17,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from scheduler.config_error import ConfigError
+from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carbon_provider
+from scheduler.power.policies import POLICY_NAMES, validate_options
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_CONFIGS_DIR = PACKAGE_DIR.parent / "configs"
 #: shipped inside the package so an installed wheel has the embedded default too
 DEFAULT_CONFIG_PATH = PACKAGE_DIR / "default_configs" / "local.yaml"
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased for the person who wrote the file."""
-
-    def __init__(self, message: str, *, file: str | None = None, key: str | None = None, fix: str | None = None):
-        self.message, self.file, self.key, self.fix = message, file, key, fix
-        parts = []
-        if file:
-            parts.append(f"{file}")
-        if key:
-            parts.append(f"key '{key}'")
-        where = ": ".join(parts)
-        text = f"{where}: {message}" if where else message
-        if fix:
-            text += f"\n  fix: {fix}"
-        super().__init__(text)
 
 
 class _Section(BaseModel):
@@ -127,7 +113,7 @@ class DevicesConfig(_Section):
 
 
 class CarbonConfig(_Section):
-    provider: Literal["codecarbon", "fixed", "csv", "http"] = "codecarbon"
+    provider: Literal[tuple(CARBON_PROVIDERS)] = "codecarbon"  # type: ignore[valid-type]
     #: ISO 3166 alpha-3 country code for codecarbon data (e.g. FRA, USA, DEU)
     country: str | None = "USA"
     #: sub-national region where codecarbon has it (e.g. a US state name, 'california')
@@ -173,14 +159,12 @@ class EnergyConfig(_Section):
 class PowerGroupConfig(_Section):
     name: str
     devices: list[str]
-    policy: Literal["none", "static", "slo-feedback", "budget", "carbon-aware", "parking"] = "none"
+    policy: Literal[POLICY_NAMES] = "none"  # type: ignore[valid-type]
     #: policy parameters (see docs/power.md)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _options_fit_policy(self) -> "PowerGroupConfig":
-        from scheduler.power.options import validate_options  # the power area owns the option schemas
-
         validate_options(self.policy, self.options)  # PolicyOptionsError is a ValueError: reported by key
         return self
 
@@ -277,9 +261,6 @@ class WattlaneConfig(_Section):
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
-
-    def models_by_size(self) -> list[ModelConfig]:
-        return sorted(self.models, key=lambda m: (m.size_rank if m.size_rank is not None else 10**6, m.params_b))
 
     def config_dir(self) -> Path:
         return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
@@ -481,7 +462,7 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
 def _check_simulated_model(config: WattlaneConfig, m: ModelConfig, key: str, shown: str) -> None:
     """The simulated engine's own start-up checks (profile, options, devices per replica), run now."""
     from scheduler.devices.simulated import SimulatedGpu
-    from scheduler.sim.fleet import replica_device_groups
+    from scheduler.sim.builders import replica_device_groups
 
     pool = {d.id: SimulatedGpu(d.id, d.profile, node=d.node) for d in config.devices.simulated if d.id in m.devices}
     try:
@@ -521,8 +502,6 @@ def check_devices_present(config: WattlaneConfig, present: set[str], where: str)
 
 def _check_carbon(config: WattlaneConfig, shown: str) -> None:
     """Build the carbon provider once (offline, no network) so an unknown region stops start-up here."""
-    from scheduler.energy.carbon import CarbonDataError, make_carbon_provider
-
     try:
         provider = make_carbon_provider(config.energy.carbon, config_dir=config.config_dir())
     except ConfigError as exc:

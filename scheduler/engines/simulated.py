@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind, ReplicaStats
+from scheduler.sim.builders import build_core, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
 
 #: the placeholder vocabulary; each word stands for one generated token
@@ -192,8 +193,6 @@ def build_simulated_engine(model: ModelConfig, config: WattlaneConfig, devices: 
     Devices not in `devices` are created from config.devices.simulated (the node agent normally
     owns them and passes them in, so the meter and the governor see the same objects).
     """
-    from scheduler.sim.fleet import build_core, replica_device_groups
-
     pool = dict(devices)
     for d in config.devices.simulated:
         if d.id not in pool:
