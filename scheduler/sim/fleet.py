@@ -17,11 +17,8 @@ replicas (round-robin cycles per model). auto_selection="placement-only" is the 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,41 +29,13 @@ from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 from scheduler.sim.builders import build_core, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
+from scheduler.sim.event_loop import EventLoop, VirtualClock
+from scheduler.sim.fleet_result import FleetResult
 from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
 from scheduler.sim.profiles import ProfileError
 from scheduler.sim.trace import Trace
 
 AUTO_SELECTIONS = ("route", "placement-only")
-
-
-class VirtualClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class EventLoop:
-    """A heap of (time, sequence, callback, argument); callbacks run in time order, ties FIFO."""
-
-    def __init__(self, clock: VirtualClock):
-        self.clock = clock
-        self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
-        self._seq = itertools.count()
-
-    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
-        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
-
-    def run(self) -> None:
-        heap, clock, pop = self._heap, self.clock, heapq.heappop
-        while heap:
-            t, _, fn, arg = pop(heap)
-            clock.now = t
-            fn(arg)
-
-    def __len__(self) -> int:
-        return len(self._heap)
 
 
 class SimReplica(CoreListener):
@@ -108,64 +77,6 @@ class SimReplica(CoreListener):
 
     def stats(self) -> dict:
         return replica_stats(self.core, self.model_id, self.replica_id, self.recent, self.loop.clock.now)
-
-
-@dataclass
-class FleetResult:
-    requests: int
-    completed: int
-    rejected: int
-    virtual_seconds: float
-    wall_seconds: float
-    energy_joules: float
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_seconds: np.ndarray
-    tpot_seconds: np.ndarray
-    slo_ok: int
-    slo: dict[str, float]
-    devices: dict[str, dict[str, Any]]
-    timeline: dict[str, dict[str, list[float]]]
-    replicas: dict[str, dict[str, Any]]
-    preemptions: int
-    governor_steps: int
-    settings: dict[str, Any] = field(default_factory=dict)
-    #: model selection and label-implied quality (route mode); empty for placement-only runs
-    routing: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return float(np.percentile(a, q)) if len(a) else None
-
-        return {
-            "method": "simulated",
-            "requests": self.requests,
-            "completed": self.completed,
-            "rejected": self.rejected,
-            "virtual_seconds": self.virtual_seconds,
-            "wall_seconds": self.wall_seconds,
-            "energy_joules": self.energy_joules,
-            "energy_per_request_joules": self.energy_joules / max(self.completed, 1),
-            "tokens_per_joule": self.completion_tokens / self.energy_joules if self.energy_joules else None,
-            "total_tokens_per_joule": (self.prompt_tokens + self.completion_tokens) / self.energy_joules if self.energy_joules else None,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_p50_seconds": pct(self.ttft_seconds, 50),
-            "ttft_p90_seconds": pct(self.ttft_seconds, 90),
-            "ttft_p99_seconds": pct(self.ttft_seconds, 99),
-            "tpot_p50_seconds": pct(self.tpot_seconds, 50),
-            "tpot_p90_seconds": pct(self.tpot_seconds, 90),
-            "tpot_p99_seconds": pct(self.tpot_seconds, 99),
-            "slo": self.slo,
-            "slo_attainment": self.slo_ok / self.requests if self.requests else None,
-            "preemptions": self.preemptions,
-            "governor_steps": self.governor_steps,
-            "replicas": self.replicas,
-            "devices": self.devices,
-            "timeline": self.timeline,
-            "settings": self.settings,
-            "routing": self.routing,
-        }
 
 
 class FleetSimulator:

@@ -137,3 +137,24 @@ def test_find_cycles_reports_a_cycle():
 def test_scheduler_package_has_no_import_cycles():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles among scheduler modules:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+#: the simulator's model layer, which the live simulated engine runs on
+SIM_MODEL_LAYER = {"scheduler.sim.profiles", "scheduler.sim.physics", "scheduler.sim.core", "scheduler.sim.builders"}
+#: the replay layer that drives it through a trace in virtual time
+SIM_REPLAY_LAYER = {"scheduler.sim.fleet", "scheduler.sim.event_loop", "scheduler.sim.fleet_result", "scheduler.sim.hooks", "scheduler.sim.trace", "scheduler.sim.commands",
+                    "scheduler.sim.prompts", "scheduler.sim.calibration", "scheduler.sim.fit"}
+
+
+def test_simulator_model_layer_does_not_import_the_replay_layer():
+    graph = import_graph()
+    assert SIM_MODEL_LAYER | SIM_REPLAY_LAYER <= set(graph)
+    wrong = {m: sorted(graph[m] & SIM_REPLAY_LAYER) for m in SIM_MODEL_LAYER if graph[m] & SIM_REPLAY_LAYER}
+    assert not wrong, f"model-layer modules importing the replay layer: {wrong}"
+
+
+def test_live_engines_do_not_import_the_replay_layer():
+    graph = import_graph()
+    engines = [m for m in graph if m.startswith("scheduler.engines.")]
+    wrong = {m: sorted(graph[m] & SIM_REPLAY_LAYER) for m in engines if graph[m] & SIM_REPLAY_LAYER}
+    assert not wrong, f"engines importing the simulator's replay layer: {wrong}"
