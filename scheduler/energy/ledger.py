@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from scheduler.sql_filters import where_clause
+
 LEDGER_FILENAME = "ledger.sqlite3"
 
 #: how each energy method's figures were obtained, as reports label them
@@ -258,12 +260,8 @@ class Ledger:
 
     @staticmethod
     def _where(since: float | None, until: float | None, model: str | None, device: str | None, api_key: str | None) -> tuple[str, list[Any]]:
-        clauses, params = [], []
-        for col, op, val in (("time_unix_s", ">=", since), ("time_unix_s", "<", until), ("model", "=", model), ("device", "=", device), ("api_key_id", "=", api_key)):
-            if val is not None:
-                clauses.append(f"{col} {op} ?")
-                params.append(val)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+        return where_clause((("time_unix_s", ">=", since), ("time_unix_s", "<", until), ("model", "=", model),
+                             ("device", "=", device), ("api_key_id", "=", api_key)))
 
     def requests(
         self,

@@ -7,7 +7,6 @@ callable (the node agents' latest DeviceSnapshots), so a scrape never touches a 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -146,7 +145,3 @@ class WattlaneMetrics:
         """The exposition text and its content type, for GET /metrics."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-
-def snapshot_dicts(snapshots: Iterable[Any]) -> list[dict[str, Any]]:
-    """DeviceSnapshot dataclasses as plain dicts (what travels from a Ray actor to the gateway)."""
-    return [dataclasses.asdict(s) if dataclasses.is_dataclass(s) else dict(s) for s in snapshots]

@@ -186,13 +186,24 @@ class Engine(abc.ABC):
     #: (the default) tells clients a seed promises nothing here
     system_fingerprint: str | None = None
 
-    @abc.abstractmethod
-    def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        """Tokens the prompt occupies after templating (used for context checks and routing)."""
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """Tokens the prompt occupies after templating (used for context checks and routing).
 
-    def check_fits(self, request: GenerationRequest) -> int:
-        """Raise ContextLengthError if prompt + max_tokens exceeds the context; return prompt tokens."""
+        An engine that tokenizes locally (llama.cpp, simulated) overrides this and returns the exact
+        count. One that cannot count before sending (an upstream server) keeps this default, None:
+        the server enforces its own context and reports prompt tokens in its usage, which the
+        engine then gives in its EngineEvents; check_fits() skips the local check.
+        """
+        return None
+
+    def check_fits(self, request: GenerationRequest) -> int | None:
+        """Raise ContextLengthError if prompt + max_tokens exceeds the context; return prompt tokens.
+
+        None when this engine cannot count the prompt locally (see count_prompt_tokens).
+        """
         n = self.count_prompt_tokens(request)
+        if n is None:
+            return None
         wanted = request.params.max_tokens or 1
         if n + wanted > self.context_length:
             raise ContextLengthError(n, wanted, self.context_length)
@@ -214,3 +225,14 @@ class Engine(abc.ABC):
 
     async def close(self) -> None:
         """Free the model."""
+
+
+#: A model's `engine` in the config -> "module:function" that builds that engine for one replica,
+#: called as function(model, config, state_dir, devices, replica_index) -> Engine. The config's
+#: allowed engine names are these keys. Entries name the module instead of importing it so that
+#: reading a config does not load llama.cpp (vLLM's model registry is lazy for the same reason).
+#: Adding an engine: one new module with an Engine subclass and its builder, and one line here.
+ENGINE_BUILDERS: dict[str, str] = {
+    "llamacpp": "scheduler.engines.llamacpp:build_llamacpp_engine",
+    "simulated": "scheduler.engines.simulated:build_simulated_replica_engine",
+}

@@ -1,37 +1,19 @@
-"""Builds the configured Engine for one model replica (the only place that maps engine names to classes)."""
+"""Builds the configured Engine for one model replica by looking its name up in ENGINE_BUILDERS."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
-from scheduler.config import ConfigError, ModelConfig, WattlaneConfig, resolve_weights
-from scheduler.engines.base import Engine, ModelKind
+from scheduler.config import ModelConfig, WattlaneConfig
+from scheduler.engines.base import ENGINE_BUILDERS, Engine
 
 
 def build_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
                  replica_index: int = 0) -> Engine:
-    kind = ModelKind(model.kind)
-    if model.engine == "llamacpp":
-        from scheduler.engines.llamacpp import LlamaCppEngine
-
-        weights = resolve_weights(model, config, cache_dir=state_dir / "models")
-        opts = dict(model.engine_options)
-        unknown = set(opts) - {"n_threads", "n_batch"}
-        if unknown:
-            raise ConfigError(
-                f"unknown llamacpp engine option(s): {', '.join(sorted(unknown))}",
-                file=config.source_path, key=f"models (id {model.id}).engine_options", fix="allowed: n_threads, n_batch",
-            )
-        return LlamaCppEngine(
-            model_id=model.id,
-            kind=kind,
-            weights_path=weights,
-            context_length=model.context_length,
-            n_threads=opts.get("n_threads"),
-            n_batch=int(opts.get("n_batch", 256)),
-        )
-    if model.engine == "simulated":
-        from scheduler.engines.simulated import build_simulated_engine
-
-        return build_simulated_engine(model, config, devices or {}, replica_index=replica_index)
-    raise AssertionError(f"engine {model.engine!r} passed config validation but has no builder")
+    spec = ENGINE_BUILDERS.get(model.engine)
+    if spec is None:
+        raise AssertionError(f"engine {model.engine!r} passed config validation but has no builder")
+    module, _, function = spec.partition(":")
+    builder = getattr(importlib.import_module(module), function)
+    return builder(model, config, state_dir, devices, replica_index)

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from scheduler.config import ModelConfig, WattlaneConfig
+from scheduler.config_error import ConfigError
 from scheduler.engines.base import (
     DEFAULT_MAX_TOKENS,  # noqa: F401  (re-exported: the default is shared by every engine)
     ContextLengthError,
@@ -31,6 +33,7 @@ from scheduler.engines.base import (
     ModelKind,
     ReplicaStats,
 )
+from scheduler.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -301,3 +304,28 @@ def _split_on_stops(pending: str, stops: list[str]) -> tuple[str, str, bool]:
                 hold = max(hold, k)
                 break
     return pending[: len(pending) - hold], pending[len(pending) - hold :], False
+
+
+#: the llama.cpp options a model's engine_options may set
+ENGINE_OPTIONS = ("n_threads", "n_batch")
+
+
+def build_llamacpp_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
+                          replica_index: int = 0) -> LlamaCppEngine:
+    """The registered builder (engines/base.py ENGINE_BUILDERS): weights resolved, options checked."""
+    weights = resolve_weights(model, config, cache_dir=state_dir / "models")
+    opts = dict(model.engine_options)
+    unknown = set(opts) - set(ENGINE_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"unknown llamacpp engine option(s): {', '.join(sorted(unknown))}",
+            file=config.source_path, key=f"models (id {model.id}).engine_options", fix=f"allowed: {', '.join(ENGINE_OPTIONS)}",
+        )
+    return LlamaCppEngine(
+        model_id=model.id,
+        kind=ModelKind(model.kind),
+        weights_path=weights,
+        context_length=model.context_length,
+        n_threads=opts.get("n_threads"),
+        n_batch=int(opts.get("n_batch", 256)),
+    )

@@ -13,10 +13,12 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind, ReplicaStats
+from scheduler.sim.builders import build_core, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
 
 #: the placeholder vocabulary; each word stands for one generated token
@@ -192,8 +194,6 @@ def build_simulated_engine(model: ModelConfig, config: WattlaneConfig, devices: 
     Devices not in `devices` are created from config.devices.simulated (the node agent normally
     owns them and passes them in, so the meter and the governor see the same objects).
     """
-    from scheduler.sim.fleet import build_core, replica_device_groups
-
     pool = dict(devices)
     for d in config.devices.simulated:
         if d.id not in pool:
@@ -203,3 +203,9 @@ def build_simulated_engine(model: ModelConfig, config: WattlaneConfig, devices: 
     gpus = groups[replica_index % len(groups)]
     core = build_core(model, config, gpus, key=key)
     return SimulatedEngine(model.id, ModelKind(model.kind), core, model.context_length, replica_id=f"{model.id}#{replica_index % len(groups)}")
+
+
+def build_simulated_replica_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
+                                   replica_index: int = 0) -> SimulatedEngine:
+    """The registered builder (engines/base.py ENGINE_BUILDERS); simulated engines keep no state on disk."""
+    return build_simulated_engine(model, config, devices or {}, replica_index=replica_index)

@@ -3,9 +3,10 @@
 Safety rules it enforces (docs/power.md):
 - every value is checked against the device's constraints before anything is touched; a value
   outside them is refused with DeviceSettingError, never clamped;
-- before the first change to a device its original settings are written durably (atomic replace
-  + fsync) to <state_dir>/power/saved_settings.json; restore_all() puts them back and removes the
-  file; a new actuator finding the file (a crash, kill -9) restores first;
+- before the first change to a device its original settings are written durably
+  (scheduler/power/saved_settings.py); restore_all() puts them back and removes the file; a new
+  actuator finding the file (a crash, kill -9) restores first (exit_handlers.py restores a plain
+  process on exit and SIGTERM/SIGHUP);
 - missing privileges are found by a harmless probe at start (setting the current limit to
   itself), reported once, and the actuator then only recommends;
 - in recommend mode actions are validated, audited as "recommended" and never applied.
@@ -13,11 +14,8 @@ Safety rules it enforces (docs/power.md):
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -33,13 +31,12 @@ from scheduler.devices.base import (
     DeviceSettingError,
 )
 from scheduler.power.audit import AuditRecord, PowerAuditLog
+from scheduler.power.saved_settings import SavedSettingsStore
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["enforce", "recommend"]
-ActionName = Literal["set_power_limit", "reset_power_limit", "set_locked_clocks", "reset_locked_clocks", "restore"]
 
-SAVED_SETTINGS_VERSION = 1
 
 
 @dataclass
@@ -60,23 +57,6 @@ class PowerAction:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _device_key(device: Device) -> str:
-    return f"{device.node}/{device.device_id}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _as_clock_pair(value: Any) -> tuple[float, float] | None:
@@ -102,9 +82,8 @@ class PowerActuator:
         if mode not in ("enforce", "recommend"):
             raise ValueError(f"mode must be 'enforce' or 'recommend', not {mode!r}")
         self._devices = dict(devices)
-        self._dir = Path(state_dir) / "power"
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self.saved_path = self._dir / "saved_settings.json"
+        self._store = SavedSettingsStore(Path(state_dir) / "power")
+        self.saved_path = self._store.path
         self.audit = audit
         self._clock = clock
         self._lock = threading.RLock()
@@ -114,7 +93,9 @@ class PowerActuator:
         self.privilege_error: str | None = None
         self.restore_errors: list[str] = []
         self.restored_on_start: list[PowerAction] = []
-        self._saved: dict[str, dict[str, Any]] = self._load_saved()
+        self.restore_errors.extend(self._store.load())
+        #: device key -> its original settings (the store's entries, kept durable by the store)
+        self._saved: dict[str, dict[str, Any]] = self._store.entries
         if mode == "enforce":
             self._probe_privileges()
         if restore_on_start and self._saved:
@@ -198,58 +179,6 @@ class PowerActuator:
                 "restored_on_start": sorted({a.device_id for a in self.restored_on_start if a.outcome == "applied"}),
                 "restore_errors": list(self.restore_errors),
             }
-
-    # --- durable original settings --------------------------------------------------------------
-    def _load_saved(self) -> dict[str, dict[str, Any]]:
-        if not self.saved_path.exists():
-            return {}
-        try:
-            data = json.loads(self.saved_path.read_text(encoding="utf-8"))
-            return dict(data.get("devices", {}))
-        except (OSError, ValueError) as exc:
-            # An unreadable file must not silently lose the originals: keep it aside for a person.
-            aside = self.saved_path.with_suffix(f".corrupt-{int(time.time())}")
-            self.saved_path.replace(aside)
-            log.error("could not read %s (%s); moved it to %s", self.saved_path, exc, aside)
-            self.restore_errors.append(f"saved settings file unreadable, kept at {aside}: {exc}")
-            return {}
-
-    def _write_saved(self) -> None:
-        if not self._saved:
-            if self.saved_path.exists():
-                self.saved_path.unlink()
-                _fsync_dir(self._dir)
-            return
-        tmp = self.saved_path.with_suffix(".json.tmp")
-        body = json.dumps({"version": SAVED_SETTINGS_VERSION, "devices": self._saved}, indent=2, sort_keys=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.saved_path)
-        _fsync_dir(self._dir)
-
-    def _ensure_saved(self, dev: Device) -> None:
-        key = _device_key(dev)
-        if key in self._saved:
-            return
-        entry: dict[str, Any] = {
-            "node": dev.node,
-            "device_id": dev.device_id,
-            "uuid": dev.uuid(),
-            "saved_at_s": time.time(),
-            "power_limit_watts": None,
-            "locked_clocks_mhz": None,
-            "has_power_limit": dev.supports_power_limit(),
-            "has_locked_clocks": dev.supports_locked_clocks(),
-        }
-        if entry["has_power_limit"]:
-            entry["power_limit_watts"] = dev.power_limit_watts()
-        if entry["has_locked_clocks"]:
-            lock = dev.locked_clocks_mhz()
-            entry["locked_clocks_mhz"] = list(lock) if lock is not None else None
-        self._saved[key] = entry
-        self._write_saved()  # durable BEFORE the caller changes anything
 
     def saved_settings(self) -> dict[str, dict[str, Any]]:
         with self._lock:
@@ -366,7 +295,7 @@ class PowerActuator:
                 log.info("recommend: %s %s %s -> %s (%s)", dev.device_id, action, old_value, new_value, reason)
                 return rec
             try:
-                self._ensure_saved(dev)
+                self._store.save_original(dev)  # durable BEFORE the change below
                 apply()
             except DevicePermissionError as exc:
                 # Privileges went away (or the probe could not see it): stop trying, say so once.
@@ -441,7 +370,7 @@ class PowerActuator:
                     ok = ok and rec.outcome == "applied"
                 if ok:
                     del self._saved[key]
-                    self._write_saved()
+                    self._store.write()
             return actions
 
     def restore_all(self, reason: str = "restore original settings", *, actor: str = "actuator") -> list[PowerAction]:
@@ -471,44 +400,3 @@ def _safe(read: Callable[[], Any]) -> Any:
 
 def _listify(lock: Any) -> list[float] | None:
     return None if lock is None else [float(lock[0]), float(lock[1])]
-
-
-def install_exit_handlers(
-    actuator: PowerActuator, signals: Iterable[int] = (signal.SIGTERM, signal.SIGHUP)
-) -> Callable[[], None]:
-    """For a plain process: restore at interpreter exit and on SIGTERM/SIGHUP. Returns an uninstaller.
-
-    The node agent calls restore_all() itself on shutdown; this is for CLIs and scripts. Must be
-    called from the main thread (Python only delivers signals there).
-    """
-    done = threading.Event()
-
-    def restore_once(reason: str) -> None:
-        if done.is_set():
-            return
-        done.set()
-        try:
-            actuator.restore_all(reason=reason)
-        except Exception:
-            log.exception("restoring device settings failed")
-
-    atexit_cb = lambda: restore_once("restore at process exit")  # noqa: E731
-    atexit.register(atexit_cb)
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        restore_once(f"restore on {signal.Signals(signum).name}")
-        prev = previous.get(signum)
-        if callable(prev):
-            prev(signum, frame)
-        raise SystemExit(128 + signum)
-
-    for sig in signals:
-        previous[sig] = signal.signal(sig, handler)
-
-    def uninstall() -> None:
-        atexit.unregister(atexit_cb)
-        for sig, prev in previous.items():
-            signal.signal(sig, prev)
-
-    return uninstall

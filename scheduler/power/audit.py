@@ -12,11 +12,12 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from scheduler.sql_filters import where_clause
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +118,13 @@ class PowerAuditLog:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Newest first, filtered; the shape GET /v1/power/audit returns under "data"."""
-        clauses, params = [], []
-        for col, op, val in (
+        where, params = where_clause((
             ("time_s", ">=", since_s),
             ("time_s", "<", until_s),
             ("device_id", "=", device_id),
             ("actor", "=", actor),
             ("outcome", "=", outcome),
-        ):
-            if val is not None:
-                clauses.append(f"{col} {op} ?")
-                params.append(val)
-        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        ))
         limit = max(1, min(int(limit), 10_000))
         with self._lock:
             rows = self._db.execute(
@@ -162,6 +158,3 @@ class PowerAuditLog:
         with self._lock:
             self._db.close()
 
-
-def now_s() -> float:
-    return time.time()

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scheduler.power.policies import POLICY_NAMES
+
 power_app = typer.Typer(help="Show and change GPU power limits, locked clocks and power policies.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
@@ -222,7 +224,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 @power_app.command("policy")
 def policy_cmd(
     group: Annotated[Optional[str], typer.Argument(help="group to change (omit to show the policy)")] = None,
-    policy: Annotated[Optional[str], typer.Argument(help="none | static | slo-feedback | budget | carbon-aware | parking")] = None,
+    policy: Annotated[Optional[str], typer.Argument(help=" | ".join(POLICY_NAMES))] = None,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="KEY=VALUE policy option (repeat)")] = None,
     options_json: Annotated[Optional[str], typer.Option("--options", help="all options as a JSON object")] = None,
     devices: Annotated[Optional[str], typer.Option(help="comma-separated device ids (creates the group)")] = None,

@@ -18,14 +18,16 @@ from typing import Any
 from scheduler.config import PowerConfig
 from scheduler.devices.base import Device, DeviceError
 from scheduler.power.actuator import PowerAction, PowerActuator
-from scheduler.power.options import POLICY_NAMES, PolicyOptionsError, validate_options
+from scheduler.power.options import PolicyOptionsError
 from scheduler.power.policies import (
-    POLICY_CLASSES,
+    POLICIES,
+    POLICY_NAMES,
     DeviceLoad,
     DeviceTarget,
     Policy,
     PolicyError,
     fold_stats,
+    validate_options,
 )
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,7 @@ class Governor:
             raw = g.get("options") or {}
             try:
                 opts = validate_options(policy, raw, where=f"{label}.options")
-                pol = POLICY_CLASSES[policy](name, devs, opts, self.devices)
+                pol = POLICIES[policy](name, devs, opts, self.devices)
             except PolicyOptionsError as exc:
                 raise PolicyError(str(exc)) from None
             except PolicyError as exc:

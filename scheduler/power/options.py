@@ -1,18 +1,14 @@
-"""Typed, validated options for each power policy (the `options` mapping of a power group).
+"""The options schema of each power policy (the `options` mapping of a power group).
 
-Kept free of device and governor imports so scheduler/config.py can validate a config file's
-policy options at load time without importing the governor.
+Each policy names its model here as `options_model`; scheduler.power.policies.validate_options
+parses a group's options with it. Kept free of device and governor imports.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-PolicyName = Literal["none", "static", "slo-feedback", "budget", "carbon-aware", "parking"]
-POLICY_NAMES: tuple[str, ...] = ("none", "static", "slo-feedback", "budget", "carbon-aware", "parking")
-
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class PolicyOptionsError(ValueError):
     """Options that do not fit the policy; the message names the key and the fix."""
@@ -120,31 +116,3 @@ class ParkingOptions(_Options):
     idle_seconds: Annotated[float, Field(gt=0)] = 30.0
     #: the clock to park at; default the device's lowest supported clock
     park_clock_mhz: Annotated[float, Field(gt=0)] | None = None
-
-
-OPTION_MODELS: dict[str, type[_Options]] = {
-    "none": NoneOptions,
-    "static": StaticOptions,
-    "slo-feedback": SloFeedbackOptions,
-    "budget": BudgetOptions,
-    "carbon-aware": CarbonAwareOptions,
-    "parking": ParkingOptions,
-}
-
-
-def validate_options(policy: str, options: dict[str, Any] | None, *, where: str = "options") -> _Options:
-    """Parse `options` for `policy`; raise PolicyOptionsError naming the offending key."""
-    if policy not in OPTION_MODELS:
-        raise PolicyOptionsError(f"unknown policy '{policy}'; choose one of {', '.join(POLICY_NAMES)}")
-    try:
-        return OPTION_MODELS[policy].model_validate(options or {})
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                allowed = ", ".join(OPTION_MODELS[policy].model_fields) or "none"
-                msg = f"unknown option for policy '{policy}' (allowed: {allowed})"
-            problems.append(f"{where}.{key}: {msg}" if key else f"{where}: {msg}")
-        raise PolicyOptionsError("; ".join(problems)) from None

@@ -19,6 +19,7 @@ from scheduler.devices.base import Device
 from scheduler.power.actuator import PowerActuator
 from scheduler.power.audit import AuditRecord, PowerAuditLog
 from scheduler.power.governor import Governor
+from scheduler.power.policies import POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class PowerService:
         self.audit_log = PowerAuditLog.in_state_dir(state_dir, on_action=on_action)
         # The actuator restores a crashed run's settings before anything else (see actuator.py).
         self.actuator = PowerActuator(self.devices, state_dir, mode=config.power.mode, audit=self.audit_log)
-        if intensity_provider is None and any(g.policy == "carbon-aware" for g in config.power.groups):
+        if intensity_provider is None and any(POLICIES[g.policy].needs_carbon_intensity for g in config.power.groups):
             intensity_provider = carbon_intensity_from_config(config)
         self.governor = Governor(config.power, self.devices, self.actuator, intensity_provider=intensity_provider)
         self._lock = threading.Lock()

@@ -17,54 +17,25 @@ replicas (round-robin cycles per model). auto_selection="placement-only" is the 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from scheduler.config import ConfigError, WattlaneConfig
+from scheduler.config import WattlaneConfig
+from scheduler.config_error import ConfigError
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+from scheduler.sim.builders import build_core, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
+from scheduler.sim.event_loop import EventLoop, VirtualClock
+from scheduler.sim.fleet_result import FleetResult
 from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
-from scheduler.sim.profiles import ProfileError, model_profile
+from scheduler.sim.profiles import ProfileError
 from scheduler.sim.trace import Trace
 
 AUTO_SELECTIONS = ("route", "placement-only")
-
-
-class VirtualClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class EventLoop:
-    """A heap of (time, sequence, callback, argument); callbacks run in time order, ties FIFO."""
-
-    def __init__(self, clock: VirtualClock):
-        self.clock = clock
-        self._heap: list[tuple[float, int, Callable[[Any], None], Any]] = []
-        self._seq = itertools.count()
-
-    def at(self, t: float, fn: Callable[[Any], None], arg: Any = None) -> None:
-        heapq.heappush(self._heap, (t, next(self._seq), fn, arg))
-
-    def run(self) -> None:
-        heap, clock, pop = self._heap, self.clock, heapq.heappop
-        while heap:
-            t, _, fn, arg = pop(heap)
-            clock.now = t
-            fn(arg)
-
-    def __len__(self) -> int:
-        return len(self._heap)
 
 
 class SimReplica(CoreListener):
@@ -106,64 +77,6 @@ class SimReplica(CoreListener):
 
     def stats(self) -> dict:
         return replica_stats(self.core, self.model_id, self.replica_id, self.recent, self.loop.clock.now)
-
-
-@dataclass
-class FleetResult:
-    requests: int
-    completed: int
-    rejected: int
-    virtual_seconds: float
-    wall_seconds: float
-    energy_joules: float
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_seconds: np.ndarray
-    tpot_seconds: np.ndarray
-    slo_ok: int
-    slo: dict[str, float]
-    devices: dict[str, dict[str, Any]]
-    timeline: dict[str, dict[str, list[float]]]
-    replicas: dict[str, dict[str, Any]]
-    preemptions: int
-    governor_steps: int
-    settings: dict[str, Any] = field(default_factory=dict)
-    #: model selection and label-implied quality (route mode); empty for placement-only runs
-    routing: dict[str, Any] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        def pct(a: np.ndarray, q: float) -> float | None:
-            return float(np.percentile(a, q)) if len(a) else None
-
-        return {
-            "method": "simulated",
-            "requests": self.requests,
-            "completed": self.completed,
-            "rejected": self.rejected,
-            "virtual_seconds": self.virtual_seconds,
-            "wall_seconds": self.wall_seconds,
-            "energy_joules": self.energy_joules,
-            "energy_per_request_joules": self.energy_joules / max(self.completed, 1),
-            "tokens_per_joule": self.completion_tokens / self.energy_joules if self.energy_joules else None,
-            "total_tokens_per_joule": (self.prompt_tokens + self.completion_tokens) / self.energy_joules if self.energy_joules else None,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "ttft_p50_seconds": pct(self.ttft_seconds, 50),
-            "ttft_p90_seconds": pct(self.ttft_seconds, 90),
-            "ttft_p99_seconds": pct(self.ttft_seconds, 99),
-            "tpot_p50_seconds": pct(self.tpot_seconds, 50),
-            "tpot_p90_seconds": pct(self.tpot_seconds, 90),
-            "tpot_p99_seconds": pct(self.tpot_seconds, 99),
-            "slo": self.slo,
-            "slo_attainment": self.slo_ok / self.requests if self.requests else None,
-            "preemptions": self.preemptions,
-            "governor_steps": self.governor_steps,
-            "replicas": self.replicas,
-            "devices": self.devices,
-            "timeline": self.timeline,
-            "settings": self.settings,
-            "routing": self.routing,
-        }
 
 
 class FleetSimulator:
@@ -474,51 +387,3 @@ class _RoutedArrivals:
             "route_seconds_mean": float(secs.mean()),
             "route_seconds_p99": float(np.percentile(secs, 99)),
         }
-
-
-def replica_device_groups(model, config: WattlaneConfig, devices: dict, *, key: str) -> list[list]:
-    """Split a model's device list into its replicas' GPU groups (num_gpus of the profile each)."""
-    prof = model_profile_for(model, config, devices, key=key)
-    tp = prof.num_gpus
-    ids = list(model.devices)
-    if len(ids) != model.replicas * tp:
-        raise ConfigError(
-            f"{model.replicas} replica(s) of {prof.key} need {model.replicas * tp} devices, {len(ids)} listed",
-            file=config.source_path, key=f"{key}.devices", fix=f"list {tp} device id(s) per replica, or change replicas",
-        )
-    missing = [d for d in ids if d not in devices]
-    if missing:
-        raise ConfigError(f"unknown device(s) {', '.join(missing)}", file=config.source_path, key=f"{key}.devices", fix="list them under devices.simulated")
-    return [[devices[d] for d in ids[r * tp:(r + 1) * tp]] for r in range(model.replicas)]
-
-
-ENGINE_OPTIONS = {"profile", "max_num_seqs", "max_batched_tokens", "kv_capacity_tokens", "max_segment_seconds"}
-
-
-def model_profile_for(model, config: WattlaneConfig, devices: dict, *, key: str):
-    opts = model.engine_options
-    unknown = set(opts) - ENGINE_OPTIONS
-    if unknown:
-        raise ConfigError(f"unknown simulated engine option(s): {', '.join(sorted(unknown))}", file=config.source_path,
-                          key=f"{key}.engine_options", fix=f"allowed: {', '.join(sorted(ENGINE_OPTIONS))}")
-    if "profile" not in opts:
-        raise ConfigError("engine 'simulated' needs engine_options.profile", file=config.source_path, key=f"{key}.engine_options",
-                          fix="name a model profile, e.g. profile: llama-3.1-8b")
-    first = devices.get(model.devices[0]) if model.devices else None
-    try:
-        return model_profile(str(opts["profile"]), first.profile.key if first is not None else None)
-    except ProfileError as exc:
-        raise ConfigError(str(exc), file=config.source_path, key=f"{key}.engine_options.profile", fix="use a profile from scheduler/sim/data/models.json") from None
-
-
-def build_core(model, config: WattlaneConfig, gpus: list, *, key: str, listener: CoreListener | None = None) -> BatchCore:
-    prof = model_profile_for(model, config, {g.device_id: g for g in gpus}, key=key)
-    opts = model.engine_options
-    return BatchCore(
-        prof, gpus,
-        max_num_seqs=int(opts.get("max_num_seqs", 256)),
-        max_batched_tokens=int(opts.get("max_batched_tokens", 8192)),
-        kv_capacity_tokens=opts.get("kv_capacity_tokens"),
-        max_segment_seconds=float(opts.get("max_segment_seconds", 0.25)),
-        listener=listener,
-    )

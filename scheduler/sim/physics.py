@@ -22,10 +22,12 @@ iterations at once); the scalar clock search is a separate small loop because it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from scheduler.sim.profiles import GpuProfile, ModelFit, ModelProfile
+if TYPE_CHECKING:  # annotations only: profiles uses this module's voltage curve
+    from scheduler.sim.profiles import GpuProfile, ModelFit, ModelProfile
 
 #: default share of the dynamic SM power spent while warps wait on memory (memory-bound kernels);
 #: each GPU profile carries its own (GpuProfile.memory_bound_sm_activity, fitted by `fit --gpu-run`)

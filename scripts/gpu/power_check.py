@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from scheduler.devices.base import DeviceError  # noqa: E402
 from scheduler.devices.nvml import discover_nvml_gpus, nvml_unavailable_reason  # noqa: E402
-from scheduler.power.actuator import PowerActuator, install_exit_handlers  # noqa: E402
+from scheduler.power.actuator import PowerActuator  # noqa: E402
+from scheduler.power.exit_handlers import install_exit_handlers  # noqa: E402
 from scheduler.power.audit import PowerAuditLog  # noqa: E402
 
 

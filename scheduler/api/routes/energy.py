@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -12,6 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.schemas import EnergyRequestList, MethodList, SummaryList
+from scheduler.energy.ledger import GroupBy
 
 router = APIRouter()
 
@@ -51,7 +52,6 @@ def report_filters(since: TimeQuery = None, until: TimeQuery = None, model: str 
             "api_key": api_key}
 
 
-GroupBy = Literal["model", "device", "api_key", "hour"]
 _ERRORS = error_responses(400, *AUTH_ERRORS, 413)
 
 

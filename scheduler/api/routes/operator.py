@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.schemas import AuditList, DeviceList, PowerActionOut, PowerPolicy
-from scheduler.power.options import POLICY_NAMES
+from scheduler.power.policies import POLICY_NAMES
 
 router = APIRouter()
 

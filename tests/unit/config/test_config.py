@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import ConfigError, load_config, resolve_state_dir
+from scheduler.config import ConfigError, load_config
+from scheduler.state_dir import resolve_state_dir
 
 GOOD_MODEL = """
 models:

@@ -146,7 +146,8 @@ def _child_script(body: str) -> str:
         import sys, time
         sys.path[:0] = [{str(REPO)!r}, {str(HERE)!r}]
         from power_test_devices import FileGpu
-        from scheduler.power.actuator import PowerActuator, install_exit_handlers
+        from scheduler.power.actuator import PowerActuator
+        from scheduler.power.exit_handlers import install_exit_handlers
         """
     ) + textwrap.dedent(body)
 

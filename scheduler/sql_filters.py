@@ -1,0 +1,19 @@
+"""The one filter shape the SQLite stores (energy ledger, power audit log) share: optional column conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+#: (column, operator, value); a None value means "no condition on this column"
+Condition = tuple[str, Literal["=", ">=", "<"], Any]
+
+
+def where_clause(conditions: Iterable[Condition]) -> tuple[str, list[Any]]:
+    """The SQL WHERE clause (with its leading space; empty when nothing applies) and its parameters."""
+    clauses, params = [], []
+    for column, op, value in conditions:
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
