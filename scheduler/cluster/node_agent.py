@@ -26,7 +26,8 @@ from scheduler.energy.meter import DeviceMeter, EnergyInterval
 
 log = logging.getLogger(__name__)
 
-#: how long finish_request waits for the meter to cover a request's end before charging what it has
+#: how long finish_request waits for the meter to cover a request's end before charging what it has (it
+#: reads the counters at once, so this is only for a clock that stepped back or a device read that failed)
 FINISH_TIMEOUT_SECONDS = 2.0
 #: how long an abandoned request's outcome waits for the gateway to collect it
 ABANDONED_TTL_SECONDS = 120.0
@@ -141,6 +142,7 @@ class NodeAgent:
         device_ids = self._request_devices.pop(request_id, None)
         if not device_ids:
             return None
+        self._cover(device_ids, t_s)
         parts = []
         for d in device_ids:
             try:
@@ -167,6 +169,17 @@ class NodeAgent:
             "work_tokens": sum(p.work_tokens for p in parts),
             "power_limit_watts": sum(x for x in limits if x is not None) if any(x is not None for x in limits) else None,
         }
+
+    def _cover(self, device_ids: list[str], t_s: float) -> None:
+        """Read the devices' counters now if the meter has not reached t_s yet, so that a request's
+        energy is exact at once instead of a meter period later (the meter's intervals still tile time)."""
+        meter = getattr(self, "meter", None)
+        if meter is None:
+            return
+        covered = {d: self.attributor.covered_until(d) for d in device_ids}
+        behind = [d for d, c in covered.items() if c is None or c < t_s]
+        if behind:
+            meter.sample_now(behind)
 
     async def abandon_request(self, request_id: str, t_s: float, prompt_tokens: int, completion_tokens: int,
                               energy: dict[str, Any] | None = None) -> None:

@@ -172,3 +172,45 @@ def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_o
         return early, late, missing, len(box)
 
     assert asyncio.run(main()) == (1, 2, None, 0)
+
+
+def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_next_tick():
+    """The request's end is covered by a counter read at once: exact, complete energy with no meter-period wait."""
+    from scheduler.devices.base import Device, DeviceKind, EnergyMethod, EnergyScope
+    from scheduler.energy.meter import DeviceMeter
+
+    class Counter(Device):
+        kind, energy_method, energy_scope, name = (DeviceKind.SIMULATED_GPU, EnergyMethod.SIMULATED,
+                                                   EnergyScope.GPU, "counter")
+        device_id, node, joules = DEVICE, "n1", 0.0
+
+        def energy_joules(self) -> float:
+            return self.joules
+
+        def power_watts(self) -> float:
+            return 0.0
+
+    device = Counter()
+    agent = make_agent()
+    agent.attributor = Attributor(settle_delay_seconds=0.3)
+    agent.meter = DeviceMeter([device], 10.0)  # a tick far away: only a read at the end can cover the request
+    agent.meter.add_callback(agent._on_interval)
+    agent.meter.baseline()
+    t_start = time.time()
+    agent.start_request("r1", [DEVICE], t_start)
+    device.joules = 6.0
+    t_end = time.time()
+
+    async def main():
+        began = time.monotonic()
+        energy = await agent.finish_request("r1", t_end, 8, 2)
+        return energy, time.monotonic() - began
+
+    energy, waited_s = asyncio.run(main())
+    assert waited_s < 0.1, f"finish_request waited {waited_s:.3f} s for the meter"
+    assert energy["complete"] and energy["metered"]
+    # the one interval [baseline, read at the end] was busy from t_start to t_end: that share is the request's
+    t0, t1 = agent.meter.started_s, agent.meter.reading(DEVICE).covered_until_s
+    assert t1 >= t_end
+    assert energy["dynamic_joules"] == pytest.approx(6.0 * (t_end - t_start) / (t1 - t0), rel=1e-6)
+    assert agent.attributor.balance().accounted_joules == pytest.approx(6.0)
