@@ -15,7 +15,8 @@ import pytest
 from scheduler.cluster.node_agent import Mailbox, NodeAgent
 from scheduler.cluster.replica import ModelServer
 from scheduler.energy.attribution import Attributor
-from scheduler.engines.base import Engine, EngineError, EngineEvent, ModelKind
+from scheduler.cluster.messages import ReplicaError, ReplicaErrorKind
+from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind
 
 DEVICE = "gpu0"
 
@@ -106,8 +107,7 @@ def make_server(engine: Engine, agent: Any) -> ModelServer:
     return server
 
 
-PAYLOAD = {"request_id": "r1", "kind": "chat", "messages": [{"role": "user", "content": "hi"}],
-           "params": {"max_tokens": None}}
+REQUEST = GenerationRequest("r1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("error", [TypeError("unsupported operand"), EngineError("out of memory")],
@@ -117,15 +117,15 @@ def test_an_engine_failure_settles_the_request_and_answers_with_an_error_event(e
 
     async def main():
         server = make_server(ScriptedEngine(3, error=error), agent)
-        events = [ev async for ev in server.generate(dict(PAYLOAD))]
+        events = [ev async for ev in server.generate(REQUEST)]
         await asyncio.gather(*server.agent.tasks)
         return events
 
     events = asyncio.run(main())
     last = events[-1]
-    assert last["type"] == "error" and last["status"] == 503 and last["code"] == "engine_error"
-    assert (last["prompt_tokens"], last["completion_tokens"]) == (8, 3)
-    assert last["energy"] is not None and last["energy"]["method"] == "simulated"
+    assert isinstance(last, ReplicaError) and last.kind is ReplicaErrorKind.ENGINE  # no HTTP status here
+    assert (last.prompt_tokens, last.completion_tokens) == (8, 3)
+    assert last.energy is not None and last.energy.method == "simulated"
     assert agent.attributor.running(DEVICE) == 0
 
 
@@ -135,7 +135,7 @@ def test_a_cancelled_request_stops_the_engine_and_leaves_its_energy_for_the_gate
 
     async def main():
         server = make_server(engine, agent)
-        gen = server.generate(dict(PAYLOAD))
+        gen = server.generate(REQUEST)
         seen = []
 
         async def consume():
@@ -155,8 +155,8 @@ def test_a_cancelled_request_stops_the_engine_and_leaves_its_energy_for_the_gate
     outcome = asyncio.run(main())
     assert engine.closed, "the generation must stop"
     assert agent.attributor.running(DEVICE) == 0
-    assert outcome is not None and (outcome["prompt_tokens"], outcome["completion_tokens"]) == (8, 4)
-    assert outcome["energy"] is not None and outcome["energy"]["device"] == DEVICE
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (8, 4)
+    assert outcome.energy is not None and outcome.energy.device == DEVICE
 
 
 def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_otherwise():
@@ -208,9 +208,9 @@ def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_ne
 
     energy, waited_s = asyncio.run(main())
     assert waited_s < 0.1, f"finish_request waited {waited_s:.3f} s for the meter"
-    assert energy["complete"] and energy["metered"]
+    assert energy.complete and energy.metered
     # the one interval [baseline, read at the end] was busy from t_start to t_end: that share is the request's
     t0, t1 = agent.meter.started_s, agent.meter.reading(DEVICE).covered_until_s
     assert t1 >= t_end
-    assert energy["dynamic_joules"] == pytest.approx(6.0 * (t_end - t_start) / (t1 - t0), rel=1e-6)
+    assert energy.dynamic_joules == pytest.approx(6.0 * (t_end - t_start) / (t1 - t0), rel=1e-6)
     assert agent.attributor.balance().accounted_joules == pytest.approx(6.0)
