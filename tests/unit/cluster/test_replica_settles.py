@@ -5,7 +5,6 @@ whose client went away, kept for the gateway's ledger row)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -17,31 +16,9 @@ from scheduler.cluster.replica import ModelServer
 from scheduler.energy.attribution import Attributor
 from scheduler.cluster.messages import ReplicaError, ReplicaErrorKind
 from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind
+from tests.support.serving import Remote
 
 DEVICE = "gpu0"
-
-
-class Remote:
-    """Calls an in-process object's methods the way Ray's actor handles do: obj.method.remote(...)."""
-
-    def __init__(self, target: Any):
-        self._target = target
-        self.tasks: list[asyncio.Task] = []
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._target, name)
-
-        def remote(*args: Any, **kwargs: Any) -> Any:
-            out = method(*args, **kwargs)
-            if inspect.iscoroutine(out):  # runs whether or not the caller awaits it, as on an actor
-                task = asyncio.get_running_loop().create_task(out)
-                self.tasks.append(task)
-                return task
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(out)
-            return fut
-
-        return SimpleNamespace(remote=remote)
 
 
 def make_agent() -> Any:
