@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from fastapi import FastAPI, Request
 
 from scheduler.datafiles import REPOSITORY_DIR
 
@@ -38,7 +39,6 @@ PROMPT = [{"role": "user", "content": "Say hi."}]
 
 def _plain_app(config_json: dict[str, Any], state_dir: str):
     """The baseline: FastAPI ingress -> handle -> a deployment running the same llama.cpp engine."""
-    from fastapi import FastAPI
     from ray import serve
 
     api = FastAPI()
@@ -71,7 +71,10 @@ def _plain_app(config_json: dict[str, Any], state_dir: str):
             self.model = model
 
         @api.post("/v1/chat/completions")
-        async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        async def chat(self, request: Request) -> dict[str, Any]:
+            # named here so that cloudpickle ships Request with the class: FastAPI resolves the string
+            # annotation in the replica, from the globals the function carries
+            body = await Request.json(request)
             out = await self.model.generate.remote(body["messages"], int(body.get("max_tokens") or 16))
             return {"object": "chat.completion", "model": MODEL_ID,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
@@ -110,9 +113,9 @@ def run(requests: int, warmup: int) -> dict[str, Any]:
         ledger = sqlite3.connect(f"file:{state_dir / 'ledger.sqlite3'}?mode=ro", uri=True)
         with httpx.Client(base_url=url, timeout=60.0) as client:
             deadline = time.time() + 300
-            while client.post("/plain/v1/chat/completions", json=body).status_code != 200:
-                if time.time() > deadline:
-                    raise RuntimeError("the plain app did not come up")
+            while (probe := client.post("/plain/v1/chat/completions", json=body)).status_code != 200:
+                if time.time() > deadline or 400 <= probe.status_code < 500:
+                    raise RuntimeError(f"the plain app did not come up ({probe.status_code} {probe.text[:300]})")
                 time.sleep(0.5)
             timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
             missing_footprint = missing_rows = 0
@@ -186,6 +189,11 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
         f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
         f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",
         "",
+        *([f"Before the serving path waited no longer for a meter tick ({b['label']}, same benchmark, same "
+           f"machine, minutes apart): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
+           f"ms p99 against plain {b['plain_ray_serve']['p50_ms']:.1f} / {b['plain_ray_serve']['p99_ms']:.1f}, "
+           f"i.e. {b['added_p50_ms']:.1f} ms p50 and {b['added_p99_ms']:.1f} ms p99 added.", ""]
+          if (b := result.get("before")) else []),
         f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}. Load average (1, 5, 15 min) "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_before'])} before and "
         f"{', '.join(f'{x:.2f}' for x in m['load_average_after'])} after. The machine is shared with other "
@@ -200,8 +208,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--before", type=Path, help="the JSON of a run on an earlier commit, to show beside this one")
+    ap.add_argument("--before-label", default="an earlier commit")
     args = ap.parse_args()
     result = run(args.requests, args.warmup)
+    if args.before:
+        before = json.loads(args.before.read_text())
+        result["before"] = {"label": args.before_label,
+                            **{k: before[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}}
     write(result, args.out)
     print(json.dumps({k: result[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}, indent=2))
 

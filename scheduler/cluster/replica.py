@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: how often a running request reports its cumulative work to the node agent
 PROGRESS_INTERVAL_SECONDS = 0.1
+#: how often, at most, the replica pushes its stats to the node agent
+STATS_PUSH_INTERVAL_SECONDS = 0.1
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
@@ -78,9 +80,29 @@ class ModelServer:
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
 
     def _push_stats(self) -> None:
-        """Tell the node agent (governor, gateway routing) how loaded this replica is now."""
-        if self.agent is not None:
+        """Tell the node agent (governor, gateway routing) how loaded this replica is now.
+
+        At most one push per STATS_PUSH_INTERVAL_SECONDS: its readers look once a second, and a push per
+        request start and end would put two actor calls on every request's path. A change inside the
+        interval goes out in one trailing push at its end, so the last state is always published.
+        """
+        if self.agent is None:
+            return
+        wait_s = getattr(self, "_stats_pushed_s", float("-inf")) + STATS_PUSH_INTERVAL_SECONDS - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the constructor: no loop yet, push now
+            wait_s = 0.0
+        if wait_s <= 0:
+            self._stats_pushed_s = time.monotonic()
             self.agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+        elif not getattr(self, "_stats_push_pending", False):
+            self._stats_push_pending = True
+            loop.call_later(wait_s, self._push_trailing_stats)
+
+    def _push_trailing_stats(self) -> None:
+        self._stats_push_pending = False
+        self._push_stats()
 
     async def ready(self) -> dict[str, Any]:
         return {"model": self.model.id, "replica": self.replica_id, "devices": self.device_ids, "node": self.node}

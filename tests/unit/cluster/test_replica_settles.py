@@ -191,3 +191,31 @@ def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_ne
     assert t1 >= t_end
     assert energy.dynamic_joules == pytest.approx(6.0 * (t_end - t_start) / (t1 - t0), rel=1e-6)
     assert agent.attributor.balance().accounted_joules == pytest.approx(6.0)
+
+
+def test_replica_stats_pushes_are_throttled_and_the_last_state_still_goes_out():
+    """Two pushes per request would put two actor calls on every request's path; the last one must not be lost."""
+    pushed: list[int] = []
+
+    class StatsAgent:
+        def replica_stats(self, replica_id: str, stats: dict) -> None:
+            pushed.append(stats["running"])
+
+    class CountingEngine(ScriptedEngine):
+        running = 0
+
+        def stats(self):
+            return {"running": self.running}
+
+    async def main():
+        engine = CountingEngine(1)
+        server = make_server(engine, StatsAgent())
+        for running in (1, 0, 1, 0, 1, 0):  # six state changes within a few ms
+            engine.running = running
+            server._push_stats()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.25)
+
+    asyncio.run(main())
+    assert len(pushed) <= 3, pushed
+    assert pushed[-1] == 0, "the trailing push publishes the latest state"
