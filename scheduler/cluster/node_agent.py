@@ -181,13 +181,10 @@ class NodeAgent:
     def _cover(self, device_ids: list[str], t_s: float) -> None:
         """Read the devices' counters now if the meter has not reached t_s yet, so that a request's
         energy is exact at once instead of a meter period later (the meter's intervals still tile time)."""
-        meter = getattr(self, "meter", None)
-        if meter is None:
-            return
         covered = {d: self.attributor.covered_until(d) for d in device_ids}
         behind = [d for d, c in covered.items() if c is None or c < t_s]
         if behind:
-            meter.sample_now(behind)
+            self.meter.sample_now(behind)
 
     async def abandon_request(self, request_id: str, t_s: float, prompt_tokens: int, completion_tokens: int,
                               energy: EnergyReport | None = None) -> None:

@@ -14,6 +14,7 @@ import pytest
 from scheduler.cluster.node_agent import Mailbox, NodeAgent
 from scheduler.cluster.replica import ModelServer
 from scheduler.energy.attribution import Attributor
+from scheduler.energy.meter import DeviceMeter
 from scheduler.cluster.messages import ReplicaError, ReplicaErrorKind
 from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind
 from tests.support.serving import Remote
@@ -35,6 +36,7 @@ def make_agent() -> Any:
     agent.node = "n1"
     agent._request_devices = {}
     agent._abandoned = Mailbox(ttl_seconds=60.0)
+    agent.meter = DeviceMeter([], 0.1)  # the interval above covers the test: nothing to read at a request's end
     return agent
 
 
@@ -154,7 +156,6 @@ def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_o
 def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_next_tick():
     """The request's end is covered by a counter read at once: exact, complete energy with no meter-period wait."""
     from scheduler.devices.base import Device, DeviceKind, EnergyMethod, EnergyScope
-    from scheduler.energy.meter import DeviceMeter
 
     class Counter(Device):
         kind, energy_method, energy_scope, name = (DeviceKind.SIMULATED_GPU, EnergyMethod.SIMULATED,
