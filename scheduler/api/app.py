@@ -90,7 +90,7 @@ def create_app(gateway: Any) -> FastAPI:
     app = FastAPI(title="Wattlane", version=__version__,
                   description="Energy-aware, OpenAI-compatible inference gateway")
     app.state.gateway = gateway
-    app.state.service = gateway.service
+    app.state.serving = gateway.serving
     app.state.keys = KeyStore(gateway.config.server.api_keys)
     install_error_handlers(app)
     app.include_router(inference.router)

@@ -103,6 +103,19 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+#: the one mapping from a replica's error kind to the client's status and code (replicas never pick statuses)
+_REPLICA_ERRORS = {
+    "context_length": (400, "context_length_exceeded"),
+    "engine": (503, "engine_error"),
+}
+
+
+def replica_error(kind: str, message: str, param: str | None = None) -> ApiError:
+    """The envelope for a replica's failure (cluster.messages.ReplicaErrorKind, by value)."""
+    status, code = _REPLICA_ERRORS.get(str(getattr(kind, "value", kind)), (503, "engine_error"))
+    return ApiError(status, message, param=param if status == 400 else None, code=code)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:

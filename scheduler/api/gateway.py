@@ -1,7 +1,9 @@
-"""The gateway deployment: Ray Serve's ingress, holding the model handles, router, ledger and metrics.
+"""The gateway deployment: Ray Serve's ingress; it builds the serving object and keeps live readings.
 
-Serve constructs it with one DeploymentHandle per model; __serve_build_asgi_app__ then builds the
-FastAPI app around this instance, so the routes reach their state through request.app.state.
+Serve constructs it with one DeploymentHandle per model; it wires them with the model selection and
+the accounting (carbon, ledger, metrics) into an api.serving.Serving, and __serve_build_asgi_app__
+builds the FastAPI app around it (the routes reach it through request.app.state). It also refreshes
+the node agents' device readings and replica stats each second, for routing, /metrics and /v1/devices.
 """
 
 from __future__ import annotations
@@ -12,16 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scheduler.api.inference import InferenceResult, InferenceService, Job
-from scheduler.api.router import GatewayRouter
+from scheduler.api.accounting import ABANDONED_WAIT_SECONDS, Accounting
+from scheduler.api.model_selection import ModelSelection
+from scheduler.api.serving import Serving
 from scheduler.cluster import runtime
 from scheduler.config import WattlaneConfig
 
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 5.0
-#: how long to wait for a node agent to settle an abandoned request (its meter must cover the end first)
-ABANDONED_WAIT_SECONDS = 10.0
 
 
 class Gateway:
@@ -31,10 +32,8 @@ class Gateway:
         self.state_dir = Path(state_dir)
         self.model_handles = model_handles
         self.started_s = int(time.time())
-        self.router = GatewayRouter(self.config)
         #: live ReplicaStats per replica id, as the replicas last pushed them to their node agents
         self.replica_stats: dict[str, dict[str, Any]] = {}
-        self.service = InferenceService(self)
         from scheduler.energy.carbon import make_carbon_provider
         from scheduler.energy.ledger import Ledger
         from scheduler.energy.metrics import WattlaneMetrics
@@ -46,6 +45,10 @@ class Gateway:
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
         self._power_seen: dict[tuple[str, str], int] = {}
+        self.serving = Serving(
+            self.config, ModelSelection(self.config),
+            Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned),
+            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
@@ -141,69 +144,22 @@ class Gateway:
         problems = [r for r in results if r]
         return not problems, problems
 
-    # --- accounting -------------------------------------------------------------------------------
-    async def carbon_for(self, energy: dict[str, Any], t_s: float) -> dict[str, Any] | None:
-        if energy.get("joules") is None:
-            return None
-        footprint = await asyncio.to_thread(self.carbon.footprint, energy["joules"], t_s)
-        return footprint.as_usage()
-
-    async def abandoned_outcome(self, node: str | None, request_id: str) -> dict[str, Any] | None:
-        """Energy and tokens of an abandoned request, as its replica left them with its node agent."""
-        agent = await asyncio.to_thread(runtime.get_node_agent, node) if node else None
-        if agent is None:
-            return None
-        return await agent.take_abandoned.remote(request_id, ABANDONED_WAIT_SECONDS)
-
-    async def record(self, job: Job, result: InferenceResult, status: str, energy_raw: dict[str, Any] | None = None) -> None:
-        """Ledger row (durable before we return) and metrics for one finished request."""
-        from scheduler.energy.ledger import LedgerRow
-
-        e = result.energy or {}
-        c = result.carbon or {}
-        row = LedgerRow(
-            request_id=result.request_id,
-            time_unix_s=time.time(),
-            model=result.model,
-            device=str(result.routing.get("device") or ""),
-            node=str(result.routing.get("node") or ""),
-            status=status,
-            api_key_id=job.api_key_id,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            ttft_seconds=result.ttft_seconds,
-            tpot_seconds=result.tpot_seconds,
-            latency_seconds=result.latency_seconds,
-            joules=e.get("joules"),
-            dynamic_joules=e.get("dynamic_joules"),
-            idle_joules=e.get("idle_joules"),
-            energy_method=e.get("method"),
-            energy_scope=e.get("scope"),
-            gco2e=c.get("gco2e"),
-            intensity_gco2e_per_kwh=c.get("intensity_gco2e_per_kwh"),
-            pue=c.get("pue"),
-            carbon_source=c.get("source"),
-            carbon_region=c.get("region"),
-            power_limit_watts=(energy_raw or {}).get("power_limit_watts"),
-            routing_reason=result.routing.get("reason"),
-            priority=job.controls.get("priority"),
-        )
-        await self.ledger.arecord(row)
-        self.metrics.observe_request(
-            model=result.model, status=status, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,
-            tpot_seconds=result.tpot_seconds, joules=e.get("joules"), dynamic_joules=e.get("dynamic_joules"),
-            idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
-        )
-
     async def __del__(self) -> None:  # Serve calls this when the gateway replica shuts down
         if self._refresher is not None:
             self._refresher.cancel()
         try:  # abandoned requests still being settled get their rows before the ledger closes
-            await asyncio.wait_for(self.service.settled(), ABANDONED_WAIT_SECONDS + 5)
+            await asyncio.wait_for(self.serving.settled(), ABANDONED_WAIT_SECONDS + 5)
         except asyncio.TimeoutError:
             log.warning("shutting down before every abandoned request was recorded")
         self.ledger.close()
         close = getattr(self.carbon, "close", None)
         if close is not None:
             close()
+
+
+async def _take_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
+    """What an abandoned request left with its node agent (None when the agent is gone)."""
+    agent = await asyncio.to_thread(runtime.get_node_agent, node)
+    if agent is None:
+        return None
+    return await agent.take_abandoned.remote(request_id, timeout_seconds)

@@ -7,7 +7,6 @@ but cannot honour (n > 1, image content) are rejected with a clear 400 by the ro
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -153,9 +152,6 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("exactly one prompt per request is supported")
         return v
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-
     def effective_max_tokens(self) -> int | None:
         # OpenAI's legacy completions default to 16 tokens
         return self.max_tokens if self.max_tokens is not None else 16
@@ -178,10 +174,6 @@ class RouteExplainRequest(WattlaneControls):
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now_s() -> int:
-    return int(time.time())
 
 
 def usage_block(

@@ -45,6 +45,7 @@ class CandidateOut(_Open):
     predicted_energy_joules: float | None = None
     predicted_ttft_seconds: float | None = None
     predicted_tpot_seconds: float | None = None
+    #: time the request would wait behind prompts queued on the chosen replica
     predicted_queue_seconds: float | None = None
     energy_source: str | None = None
     replica_index: int | None = None

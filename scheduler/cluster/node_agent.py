@@ -17,16 +17,25 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
+from scheduler.cluster.messages import (
+    AbandonedWork,
+    EnergyReport,
+    ReplicaErrorKind,
+    SimEngineFailure,
+    SimEngineStats,
+)
 from scheduler.power.audit import AuditRecord
 from scheduler.power.service import PowerService
 from scheduler.config import WattlaneConfig
 from scheduler.devices.base import Device
 from scheduler.energy.attribution import Attributor
 from scheduler.energy.meter import DeviceMeter, EnergyInterval
+from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-#: how long finish_request waits for the meter to cover a request's end before charging what it has
+#: how long finish_request waits for the meter to cover a request's end before charging what it has (it
+#: reads the counters at once, so this is only for a clock that stepped back or a device read that failed)
 FINISH_TIMEOUT_SECONDS = 2.0
 #: how long an abandoned request's outcome waits for the gateway to collect it
 ABANDONED_TTL_SECONDS = 120.0
@@ -99,12 +108,7 @@ class NodeAgent:
         self.meter.add_callback(self._on_interval)
         self.meter.start()
         self.power = self._start_power()
-        self._request_devices: dict[str, list[str]] = {}
-        self._abandoned = Mailbox(ttl_seconds=ABANDONED_TTL_SECONDS)
-        #: accounting in progress, and the outcomes of finish calls their caller no longer waited for
-        self._finishing: dict[str, asyncio.Task] = {}
-        self._finished = Mailbox(ttl_seconds=FINISHED_TTL_SECONDS)
-        self._replica_stats: dict[str, dict[str, Any]] = {}
+        self._init_request_accounting()
         self._sim_engines: dict[str, Any] = {}
         self._started_s = time.time()
         self._stopped = False
@@ -128,6 +132,15 @@ class NodeAgent:
     # --- request accounting (called by replicas) ---------------------------------------------
     # A request on a multi-GPU replica (tensor parallel) is tracked once per device under
     # "<id>@<device>", and its energy is the sum: each GPU's joules are shared on that GPU.
+    def _init_request_accounting(self) -> None:
+        """The per-request state (also what in-process tests of the accounting set up without Ray)."""
+        self._request_devices: dict[str, list[str]] = {}
+        self._abandoned = Mailbox(ttl_seconds=ABANDONED_TTL_SECONDS)
+        #: accounting in progress, and finished requests' energy kept for a late abandon_request
+        self._finishing: dict[str, asyncio.Task] = {}
+        self._finished = Mailbox(ttl_seconds=FINISHED_TTL_SECONDS)
+        self._replica_stats: dict[str, dict[str, Any]] = {}
+
     def start_request(self, request_id: str, device_ids: list[str], t_s: float) -> None:
         self._request_devices[request_id] = list(device_ids)
         for d in device_ids:
@@ -146,7 +159,7 @@ class NodeAgent:
             self.attributor.progress(f"{request_id}@{d}", prompt_tokens, completion_tokens, t_s)
 
     async def finish_request(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
-                             completion_tokens: int | None = None) -> dict[str, Any] | None:
+                             completion_tokens: int | None = None) -> EnergyReport | None:
         """End a request's accounting; final token counts, when given, act as its last progress report.
 
         The accounting runs to its end even when this call is cancelled: Ray cancels the calls a cancelled
@@ -170,10 +183,11 @@ class NodeAgent:
             self._finished.put(request_id, task.result())
 
     async def _finish(self, request_id: str, t_s: float, prompt_tokens: int | None,
-                      completion_tokens: int | None) -> dict[str, Any] | None:
+                      completion_tokens: int | None) -> EnergyReport | None:
         device_ids = self._request_devices.pop(request_id, None)
         if not device_ids:
             return None
+        self._cover(device_ids, t_s)
         parts = []
         for d in device_ids:
             try:
@@ -187,30 +201,37 @@ class NodeAgent:
         devices = [self.devices[d] for d in device_ids if d in self.devices]
         first = devices[0] if devices else None
         limits = [x.power_limit_watts() for x in devices]
-        return {
-            "joules": sum(p.joules for p in parts),
-            "dynamic_joules": sum(p.dynamic_joules for p in parts),
-            "idle_joules": sum(p.idle_joules for p in parts),
-            "method": first.energy_method.value if first else None,
-            "scope": first.energy_scope.value if first else None,
-            "device": ",".join(device_ids),
-            "node": self.node,
-            "metered": all(p.metered for p in parts),
-            "complete": all(p.complete for p in parts),
-            "work_tokens": sum(p.work_tokens for p in parts),
-            "power_limit_watts": sum(x for x in limits if x is not None) if any(x is not None for x in limits) else None,
-        }
+        return EnergyReport(
+            joules=sum(p.joules for p in parts),
+            dynamic_joules=sum(p.dynamic_joules for p in parts),
+            idle_joules=sum(p.idle_joules for p in parts),
+            method=first.energy_method.value if first else None,
+            scope=first.energy_scope.value if first else None,
+            device=",".join(device_ids),
+            node=self.node,
+            metered=all(p.metered for p in parts),
+            complete=all(p.complete for p in parts),
+            work_tokens=sum(p.work_tokens for p in parts),
+            power_limit_watts=sum(x for x in limits if x is not None) if any(x is not None for x in limits) else None,
+        )
+
+    def _cover(self, device_ids: list[str], t_s: float) -> None:
+        """Read the devices' counters now if the meter has not reached t_s yet, so that a request's
+        energy is exact at once instead of a meter period later (the meter's intervals still tile time)."""
+        covered = {d: self.attributor.covered_until(d) for d in device_ids}
+        behind = [d for d, c in covered.items() if c is None or c < t_s]
+        if behind:
+            self.meter.sample_now(behind)
 
     async def abandon_request(self, request_id: str, t_s: float, prompt_tokens: int, completion_tokens: int,
-                              energy: dict[str, Any] | None = None) -> None:
+                              energy: EnergyReport | None = None) -> None:
         """A request whose client went away: finish its accounting (unless its replica already did,
         then `energy` is given) and keep the outcome until the gateway takes it for the ledger."""
         if energy is None:
             energy = await self.finish_request(request_id, t_s, prompt_tokens, completion_tokens)
-        self._abandoned.put(request_id, {"energy": energy, "prompt_tokens": prompt_tokens,
-                                         "completion_tokens": completion_tokens})
+        self._abandoned.put(request_id, AbandonedWork(energy, prompt_tokens, completion_tokens))
 
-    async def take_abandoned(self, request_id: str, timeout_seconds: float) -> dict[str, Any] | None:
+    async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
         """The outcome abandon_request kept for request_id, waiting up to timeout_seconds for it."""
         return await self._abandoned.take(request_id, timeout_seconds)
 
@@ -228,28 +249,27 @@ class NodeAgent:
         return {"key": key, "context_length": engine.context_length,
                 "device_ids": [g.device_id for g in engine.core.gpus]}
 
-    def sim_count_prompt_tokens(self, key: str, payload: dict[str, Any]) -> int:
-        from scheduler.cluster.sim_host import request_from_payload
+    def sim_count_prompt_tokens(self, key: str, request: GenerationRequest) -> int:
+        return self._sim_engines[key].count_prompt_tokens(request)
 
-        return self._sim_engines[key].count_prompt_tokens(request_from_payload(payload))
-
-    async def sim_generate(self, key: str, payload: dict[str, Any]):
-        from scheduler.cluster.sim_host import request_from_payload
+    async def sim_generate(self, key: str, request: GenerationRequest):
+        """The hosted engine's EngineEvents; SimEngineStats before the last one; SimEngineFailure if it fails."""
         from scheduler.engines.base import ContextLengthError, EngineError
 
         engine = self._sim_engines[key]
         try:
-            async for ev in engine.generate(request_from_payload(payload)):
+            async for ev in engine.generate(request):
                 if ev.finished:
-                    yield {"stats": dict(engine.stats())}
-                yield asdict(ev)
+                    yield SimEngineStats(dict(engine.stats()))
+                yield ev
         except ContextLengthError as exc:
-            yield {"error": "context", "args": [exc.prompt_tokens, exc.max_tokens, exc.context_length]}
+            yield SimEngineFailure(ReplicaErrorKind.CONTEXT_LENGTH, str(exc),
+                                   (exc.prompt_tokens, exc.max_tokens, exc.context_length))
         except EngineError as exc:
-            yield {"error": "engine", "message": str(exc)}
+            yield SimEngineFailure(ReplicaErrorKind.ENGINE, str(exc))
         except Exception as exc:  # an engine bug: the replica answers 503 and settles the request
             log.exception("simulated engine %s failed", key)
-            yield {"error": "engine", "message": f"{type(exc).__name__}: {exc}"}
+            yield SimEngineFailure(ReplicaErrorKind.ENGINE, f"{type(exc).__name__}: {exc}")
 
     # --- readings ----------------------------------------------------------------------------
     async def gateway_view(self) -> dict[str, Any]:
@@ -284,16 +304,40 @@ class NodeAgent:
         b = self.attributor.balance()
         return asdict(b) | {"accounted_joules": b.accounted_joules}
 
-    # --- power (operator API and governor) ----------------------------------------------------
-    _POWER_METHODS = frozenset({"set_power_limit", "reset_power_limit", "set_locked_clocks", "reset_locked_clocks",
-                                "get_policy", "put_policy", "audit", "status"})
+    # --- power (operator API) ---------------------------------------------------------------------
+    def _own(self, device_id: str) -> None:
+        if device_id not in self.devices:
+            raise KeyError(f"device '{device_id}' is not on node {self.node}")
 
-    async def power_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if method not in self._POWER_METHODS:
-            raise ValueError(f"unknown power method {method!r}")
-        if method.endswith(("power_limit", "locked_clocks")) and kwargs.get("device_id") not in self.devices:
-            raise KeyError(f"device '{kwargs.get('device_id')}' is not on node {self.node}")
-        return await asyncio.to_thread(getattr(self.power, method), *args, **kwargs)
+    async def set_power_limit(self, device_id: str, watts: float, actor: str = "operator",
+                              reason: str = "") -> dict[str, Any]:
+        self._own(device_id)
+        return await asyncio.to_thread(self.power.set_power_limit, device_id, watts, actor=actor, reason=reason)
+
+    async def reset_power_limit(self, device_id: str, actor: str = "operator", reason: str = "") -> dict[str, Any]:
+        self._own(device_id)
+        return await asyncio.to_thread(self.power.reset_power_limit, device_id, actor=actor, reason=reason)
+
+    async def set_locked_clocks(self, device_id: str, min_mhz: float, max_mhz: float, actor: str = "operator",
+                                reason: str = "") -> dict[str, Any]:
+        self._own(device_id)
+        return await asyncio.to_thread(self.power.set_locked_clocks, device_id, min_mhz, max_mhz, actor=actor,
+                                       reason=reason)
+
+    async def reset_locked_clocks(self, device_id: str, actor: str = "operator", reason: str = "") -> dict[str, Any]:
+        self._own(device_id)
+        return await asyncio.to_thread(self.power.reset_locked_clocks, device_id, actor=actor, reason=reason)
+
+    async def power_policy(self) -> dict[str, Any]:
+        """The power policy and the governor's status, in one round trip."""
+        return {**await asyncio.to_thread(self.power.get_policy), "status": await asyncio.to_thread(self.power.status)}
+
+    async def put_power_policy(self, body: dict[str, Any], actor: str = "operator") -> dict[str, Any]:
+        return await asyncio.to_thread(self.power.put_policy, body, actor=actor)
+
+    async def power_audit(self, since: float | None = None, device: str | None = None,
+                          limit: int = 100) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.power.audit, since=since, device=device, limit=limit)
 
     # --- lifecycle -----------------------------------------------------------------------------
     def shutdown(self) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The model replica: a Ray Serve deployment that hosts one Engine and reports its work for attribution.
 
-It streams plain dicts to the gateway (start, delta, end or error) so that nothing but data crosses
-the process boundary, and it tells the node agent which device its work ran on, so the agent can
-share each metering interval's joules among the requests that ran in it.
+It takes an engines.base.GenerationRequest and streams typed events back (cluster.messages: start,
+deltas, then end or error; an error has a kind, and the gateway alone picks the HTTP status), and it
+tells the node agent which device its work ran on, so the agent can share each metering interval's
+joules among the requests that ran in it.
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ import ray
 from ray import serve
 
 from scheduler.cluster import runtime
+from scheduler.cluster.messages import (
+    EnergyReport,
+    ReplicaDelta,
+    ReplicaEnd,
+    ReplicaError,
+    ReplicaErrorKind,
+    ReplicaEvent,
+    ReplicaStart,
+)
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
     ContextLengthError,
     EngineError,
     GenerationRequest,
     ModelKind,
-    SamplingParams,
 )
 
 log = logging.getLogger(__name__)
 
 #: how often a running request reports its cumulative work to the node agent
 PROGRESS_INTERVAL_SECONDS = 0.1
+#: how often, at most, the replica pushes its stats to the node agent
+STATS_PUSH_INTERVAL_SECONDS = 0.1
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
@@ -69,9 +80,29 @@ class ModelServer:
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
 
     def _push_stats(self) -> None:
-        """Tell the node agent (governor, gateway routing) how loaded this replica is now."""
-        if self.agent is not None:
+        """Tell the node agent (governor, gateway routing) how loaded this replica is now.
+
+        At most one push per STATS_PUSH_INTERVAL_SECONDS: its readers look once a second, and a push per
+        request start and end would put two actor calls on every request's path. A change inside the
+        interval goes out in one trailing push at its end, so the last state is always published.
+        """
+        if self.agent is None:
+            return
+        wait_s = getattr(self, "_stats_pushed_s", float("-inf")) + STATS_PUSH_INTERVAL_SECONDS - time.monotonic()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # the constructor: no loop yet, push now
+            wait_s = 0.0
+        if wait_s <= 0:
+            self._stats_pushed_s = time.monotonic()
             self.agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+        elif not getattr(self, "_stats_push_pending", False):
+            self._stats_push_pending = True
+            loop.call_later(wait_s, self._push_trailing_stats)
+
+    def _push_trailing_stats(self) -> None:
+        self._stats_push_pending = False
+        self._push_stats()
 
     async def ready(self) -> dict[str, Any]:
         return {"model": self.model.id, "replica": self.replica_id, "devices": self.device_ids, "node": self.node}
@@ -87,21 +118,22 @@ class ModelServer:
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
         return stats
 
-    def _learn_energy(self, energy: dict[str, Any] | None) -> None:
+    def _learn_energy(self, energy: EnergyReport | None) -> None:
         """Moving average of dynamic joules per unit of work, from this replica's finished requests."""
-        if not energy or not energy.get("work_tokens") or energy.get("dynamic_joules") is None:
+        if energy is None or not energy.work_tokens:
             return
-        sample = energy["dynamic_joules"] / energy["work_tokens"]
+        sample = energy.dynamic_joules / energy.work_tokens
         prev = self._joules_per_work_token
         self._joules_per_work_token = sample if prev is None else 0.8 * prev + 0.2 * sample
 
     async def stats(self) -> dict[str, Any]:
         return self.record_routing_stats()
 
-    async def count_prompt_tokens(self, payload: dict[str, Any]) -> int:
-        return self.engine.count_prompt_tokens(_request_from_payload(payload))
+    async def count_prompt_tokens(self, request: GenerationRequest) -> int:
+        return self.engine.count_prompt_tokens(request)
 
-    async def generate(self, payload: dict[str, Any], placement: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, request: GenerationRequest, placement: dict[str, Any] | None = None
+                       ) -> AsyncIterator[ReplicaEvent]:
         """Run one request. `placement` is the router's hint for Serve's request router; unused here.
 
         Every way out settles the request with the node agent, so its device's running count comes
@@ -109,17 +141,16 @@ class ModelServer:
         carries the energy and tokens of the work done; a cancelled stream (the client went away)
         leaves them with the agent, where the gateway collects them for the ledger.
         """
-        request = _request_from_payload(payload)
         device = ",".join(self.device_ids)
         rid = request.request_id
         agent = self.agent
         started = time.time()
         last_report = 0.0
         prompt_tokens = completion_tokens = 0
-        energy: dict[str, Any] | None = None
+        energy: EnergyReport | None = None
         settled = False
-        yield {"type": "start", "replica": self.replica_id, "device": device, "node": self.node, "time_s": started,
-               "system_fingerprint": self.engine.system_fingerprint}
+        yield ReplicaStart(replica=self.replica_id, device=device, node=self.node, time_s=started,
+                           system_fingerprint=self.engine.system_fingerprint)
         if agent is not None:
             agent.start_request.remote(rid, self.device_ids, started)
             self._push_stats()
@@ -128,58 +159,45 @@ class ModelServer:
             async with contextlib.aclosing(self.engine.generate(request)) as events:
                 async for ev in events:
                     prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
-                    if agent is not None and (ev.finished or ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS):
+                    if agent is not None and not ev.finished and ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS:
                         last_report = ev.time_s
                         agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
                     if ev.finished:
                         settled = True
-                        energy = await self._finish_energy(rid, ev.time_s)
+                        # the final counts travel with the finish call: one round trip, not two
+                        energy = await self._finish_energy(rid, ev.time_s, ev.prompt_tokens, ev.completion_tokens)
                         self._learn_energy(energy)
                         self._push_stats()
-                        yield {
-                            "type": "end",
-                            "text": ev.text,
-                            "prompt_tokens": ev.prompt_tokens,
-                            "completion_tokens": ev.completion_tokens,
-                            "finish_reason": ev.finish_reason,
-                            "time_s": ev.time_s,
-                            "mean_logprob": ev.mean_logprob,
-                            "energy": energy,
-                        }
+                        yield ReplicaEnd(text=ev.text, prompt_tokens=ev.prompt_tokens,
+                                         completion_tokens=ev.completion_tokens, finish_reason=ev.finish_reason,
+                                         time_s=ev.time_s, mean_logprob=ev.mean_logprob, energy=energy)
                         return
-                    yield {
-                        "type": "delta",
-                        "text": ev.text,
-                        "prompt_tokens": ev.prompt_tokens,
-                        "completion_tokens": ev.completion_tokens,
-                        "time_s": ev.time_s,
-                    }
+                    yield ReplicaDelta(text=ev.text, prompt_tokens=ev.prompt_tokens,
+                                       completion_tokens=ev.completion_tokens, time_s=ev.time_s)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
             self._abandon(rid, prompt_tokens, completion_tokens, energy if settled else None)
             raise
         except ContextLengthError as exc:
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=400, message=str(exc),
-                                          param="messages" if request.kind == ModelKind.CHAT else "prompt",
-                                          code="context_length_exceeded")
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
+                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
         except EngineError as exc:
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=503,
-                                          message=f"model {self.model.id} failed: {exc}", code="engine_error")
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+                                          f"model {self.model.id} failed: {exc}")
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, status=503,
-                                          message=f"model {self.model.id} failed: {type(exc).__name__}",
-                                          code="engine_error")
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+                                          f"model {self.model.id} failed: {type(exc).__name__}")
 
-    async def _error_event(self, rid: str, prompt_tokens: int, completion_tokens: int, *, status: int, message: str,
-                           code: str, param: str | None = None) -> dict[str, Any]:
+    async def _error_event(self, rid: str, prompt_tokens: int, completion_tokens: int, kind: ReplicaErrorKind,
+                           message: str, param: str | None = None) -> ReplicaError:
         energy = await self._finish_energy(rid, time.time(), prompt_tokens, completion_tokens)
         self._push_stats()
-        return {"type": "error", "status": status, "message": message, "param": param, "code": code,
-                "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "energy": energy}
+        return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens, energy=energy, param=param)
 
     async def _finish_energy(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
-                             completion_tokens: int | None = None) -> dict[str, Any] | None:
+                             completion_tokens: int | None = None) -> EnergyReport | None:
         if self.agent is None:
             return None
         try:
@@ -189,7 +207,7 @@ class ModelServer:
             return None
 
     def _abandon(self, request_id: str, prompt_tokens: int, completion_tokens: int,
-                 energy: dict[str, Any] | None) -> None:
+                 energy: EnergyReport | None) -> None:
         """Settle a cancelled request with the agent (fire and forget: this task is being cancelled)."""
         if self.agent is not None:
             self.agent.abandon_request.remote(request_id, time.time(), prompt_tokens, completion_tokens, energy)
@@ -197,14 +215,3 @@ class ModelServer:
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.engine.close()
 
-
-def _request_from_payload(p: dict[str, Any]) -> GenerationRequest:
-    params = SamplingParams(**p.get("params", {}))
-    return GenerationRequest(
-        request_id=p["request_id"],
-        kind=ModelKind(p["kind"]),
-        messages=p.get("messages"),
-        prompt=p.get("prompt"),
-        params=params,
-        prompt_tokens_hint=p.get("prompt_tokens_hint"),
-    )

@@ -8,10 +8,18 @@ that streams the agent-hosted engine's events. Real engines (llama.cpp) run in t
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
-from scheduler.engines.base import Engine, EngineEvent, GenerationRequest, ModelKind, ReplicaStats
+from scheduler.cluster.messages import ReplicaErrorKind, SimEngineFailure, SimEngineStats
+from scheduler.engines.base import (
+    ContextLengthError,
+    Engine,
+    EngineError,
+    EngineEvent,
+    GenerationRequest,
+    ModelKind,
+    ReplicaStats,
+)
 
 
 class AgentHostedEngine(Engine):
@@ -32,47 +40,29 @@ class AgentHostedEngine(Engine):
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         import ray
 
-        return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, _payload(request))))
+        return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request)))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         import ray
 
-        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, _payload(request))
+        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, request)
         finished = False
         try:
             async for ref in gen:
                 item = await ref
-                if "error" in item:
-                    from scheduler.engines.base import ContextLengthError, EngineError
-
+                if isinstance(item, SimEngineFailure):
                     finished = True
-                    if item["error"] == "context":
-                        raise ContextLengthError(*item["args"])
-                    raise EngineError(item["message"])
-                if "stats" in item:
-                    self._stats = item["stats"]
+                    if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:
+                        raise ContextLengthError(*item.context)
+                    raise EngineError(item.message)
+                if isinstance(item, SimEngineStats):
+                    self._stats = ReplicaStats(**item.stats)
                     continue
-                event = EngineEvent(**item)
-                finished = event.finished
-                yield event
+                finished = item.finished
+                yield item
         finally:
             if not finished:  # closed early (the client went away): stop the simulated generation too
                 ray.cancel(gen)
 
     def stats(self) -> ReplicaStats:
         return self._stats
-
-
-def _payload(request: GenerationRequest) -> dict[str, Any]:
-    d = asdict(request)
-    d["kind"] = request.kind.value
-    return d
-
-
-def request_from_payload(d: dict[str, Any]) -> GenerationRequest:
-    from scheduler.engines.base import SamplingParams
-
-    return GenerationRequest(
-        request_id=d["request_id"], kind=ModelKind(d["kind"]), messages=d.get("messages"), prompt=d.get("prompt"),
-        params=SamplingParams(**d["params"]), prompt_tokens_hint=d.get("prompt_tokens_hint"),
-    )

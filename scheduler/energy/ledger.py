@@ -7,7 +7,9 @@ after: SQLite in WAL mode with synchronous=NORMAL loses nothing on a process cra
 crash or power loss can drop the last commits).
 
 Writes never block the event loop: one writer thread owns the write connection and commits in
-groups (everything queued within group_commit_seconds goes in one transaction). Reads open their
+groups: a row that finds the writer idle is committed at once (a lone request never waits for a
+window), and rows that queue up while a commit runs go together in the next transaction (for at most
+group_commit_seconds of gathering). Reads open their
 own connection per call (WAL lets them run beside the writer); call them from a worker thread.
 A connection is only ever used by the thread that opened it: a streaming export (aexport_csv) gets
 a thread of its own that opens, reads and closes its connection, however many exports run at once.
@@ -188,12 +190,12 @@ class Ledger:
             if item is None:
                 break
             batch = [item]
-            # group commit: gather what arrives within the window into one transaction
+            # group commit: take what queued while the last commit ran, but never wait for more (a lone
+            # row would pay the whole window in latency, and the ledger commit is on the response path)
             deadline = time.monotonic() + self.group_commit_seconds
-            while len(batch) < self.max_batch:
-                timeout = deadline - time.monotonic()
+            while len(batch) < self.max_batch and time.monotonic() < deadline:
                 try:
-                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is None:

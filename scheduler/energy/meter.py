@@ -12,6 +12,10 @@ joules are power x dt instead (the device's power reading, else the last interva
 the counter is re-baselined, and the problem is logged once per device. If the wall clock steps back,
 the tick is merged into the next one, so no interval is ever empty, reversed or negative.
 
+A request's end need not wait for the next tick: sample_now(device_ids) reads those devices' counters at
+once and emits the interval from the last tick to now, exactly as a tick would (the tiling and the sum
+are unchanged; one interval is just split in two), so the attribution can close the request at once.
+
 Readers (the request path, /v1/devices, Prometheus) get totals and the last power without waiting:
 the state lock is held only to copy numbers, never while a device is being read. Callbacks run on the
 sampling thread and must be quick (an append, a queue put); an exception in one is logged, not fatal.
@@ -218,6 +222,27 @@ class DeviceMeter:
                 interval = self._sample_device(state)
                 if interval is not None:
                     emitted.append(interval)
+            self._emit(emitted)
+        return emitted
+
+    def sample_now(self, device_ids: Sequence[str]) -> list[EnergyInterval]:
+        """Read these devices now, out of turn, and emit their intervals up to now (a request just ended).
+
+        The thread's next tick starts where this one ends, so intervals still tile time and sum to the
+        counter's movement. An unknown device id is ignored (it has no meter here).
+        """
+        emitted: list[EnergyInterval] = []
+        with self._sample_lock:
+            for device_id in device_ids:
+                state = self._states.get(device_id)
+                if state is not None:
+                    interval = self._sample_device(state, on_demand=True)
+                    if interval is not None:
+                        emitted.append(interval)
+            self._emit(emitted)  # under the lock: the attribution sees one device's intervals in time order
+        return emitted
+
+    def _emit(self, emitted: list[EnergyInterval]) -> None:
         callbacks = self._callbacks
         for interval in emitted:
             for callback in callbacks:
@@ -227,9 +252,8 @@ class DeviceMeter:
                     if id(callback) not in self._failed_callbacks:
                         self._failed_callbacks.add(id(callback))
                         log.exception("meter callback %r failed (logged once; it keeps being called)", callback)
-        return emitted
 
-    def _sample_device(self, state: _DeviceState) -> EnergyInterval | None:
+    def _sample_device(self, state: _DeviceState, on_demand: bool = False) -> EnergyInterval | None:
         device = state.device
         counter = self._read_counter(device, state)
         t_s = self._clock()
@@ -258,6 +282,9 @@ class DeviceMeter:
             source=source,
         )
         power = energy / dt_s if dt_s > 0 else state.last_power_watts
+        if on_demand and dt_s < self.interval_seconds / 2:
+            # a counter's resolution makes a sliver's average power noise; keep the last tick's figure
+            power = state.last_power_watts
         with self._state_lock:
             state.t_s, state.mono_s, state.counter_joules = t_s, mono_s, counter
             state.total_joules += energy

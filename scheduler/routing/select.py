@@ -119,11 +119,6 @@ class RouteDecision:
         """The next larger kept model (the cascade's escalation target)."""
         return self.fallbacks[0][0] if self.fallbacks else None
 
-    def routing_object(self) -> dict[str, Any]:
-        """The response's `routing` field: model, device, node, reason."""
-        c = self.chosen
-        return {"model": self.model_id, "device": c.device if c else None, "node": c.node if c else None, "reason": self.reason}
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model_id,

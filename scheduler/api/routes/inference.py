@@ -1,4 +1,8 @@
-"""POST /v1/chat/completions and POST /v1/completions: OpenAI-shaped JSON and SSE streams."""
+"""POST /v1/chat/completions, /v1/completions and /v1/route/explain: thin handlers over api.serving.
+
+Each handler turns its validated body into a Job (one function, generation_request, for every
+endpoint), hands it to the Serving object, and renders the result as OpenAI JSON or an SSE stream.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
-from scheduler.api.inference import InferenceResult, Job, StreamSession
+from scheduler.api.serving import InferenceResult, Job, StreamSession
 from scheduler.api.protocol import (
     SSE_DESCRIPTION,
     ChatCompletionRequest,
@@ -23,6 +27,7 @@ from scheduler.api.protocol import (
 )
 from scheduler.api.request_ids import request_id_of
 from scheduler.api.schemas import RouteExplanation
+from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 
 router = APIRouter()
 #: 200 is JSON, or with stream=true an SSE stream (the handlers return the Response themselves)
@@ -48,15 +53,36 @@ def _controls(body: Any) -> dict[str, Any]:
     return out
 
 
-def _params(body: Any, max_tokens: int | None) -> dict[str, Any]:
-    return {
-        "max_tokens": max_tokens,
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
-        "seed": body.seed,
-        "stop": body.stop or [],
-        "logprobs": bool(body.logprobs),
-    }
+def _params(body: Any) -> SamplingParams:
+    if isinstance(body, RouteExplainRequest):  # nothing runs: only the length matters to routing
+        return SamplingParams(max_tokens=body.max_tokens)
+    return SamplingParams(
+        max_tokens=body.effective_max_tokens(),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=list(body.stop or []),
+        logprobs=bool(body.logprobs),
+    )
+
+
+def generation_request(body: Any, request_id: str) -> GenerationRequest:
+    """The one mapping from a chat, completion or route-explain body to what an engine runs (and routing reads)."""
+    if getattr(body, "messages", None) is not None:
+        try:
+            # OpenAI's newer "developer" role is the system prompt to every chat template we run
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in body.messages]
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
+        return GenerationRequest(request_id=request_id, kind=ModelKind.CHAT, messages=messages, params=_params(body))
+    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt or [])
+    return GenerationRequest(request_id=request_id, kind=ModelKind.COMPLETION, prompt=prompt, params=_params(body))
+
+
+def _job(body: Any, request_id: str, principal: Principal) -> Job:
+    return Job(request_id=request_id, model=body.model, request=generation_request(body, request_id),
+               api_key_id=principal.key_id, controls=_controls(body), key_defaults=dict(principal.defaults))
 
 
 def _headers(result_or_session: Any, request_id: str) -> dict[str, str]:
@@ -94,9 +120,9 @@ def _completion_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
 async def _respond(request: Request, job: Job, *, stream: bool, include_usage: bool, obj: str,
                    message: Callable[[InferenceResult], dict[str, Any]], chunk: ChoiceFn, opening: dict[str, Any] | None):
     """Run the job and answer as JSON, or as an SSE stream of `obj`.chunk objects."""
-    service = request.app.state.service
+    serving = request.app.state.serving
     if not stream:
-        result = await service.run(job)
+        result = await serving.run(job)
         payload = {
             "id": job.request_id, "object": obj, "created": result.created_s, "model": result.model,
             "choices": [message(result)],
@@ -104,7 +130,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
             "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
         return JSONResponse(payload, headers={**_headers(result, job.request_id), **_energy_headers(result)})
-    session = await service.open(job)
+    session = await serving.open(job)
     chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
     return StreamingResponse(_stream(session, include_usage, chunk_obj, chunk, opening), media_type="text/event-stream",
                              headers={**_headers(session, job.request_id), "Cache-Control": "no-cache"})
@@ -161,18 +187,7 @@ def _include_usage(body: Any) -> bool:
              responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(require("client"))):
-    try:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
-    rid = request_id_of(request)
-    job = Job(
-        request_id=rid, endpoint="chat", model=body.model, api_key_id=principal.key_id,
-        controls=_controls(body), key_defaults=dict(principal.defaults),
-        payload={"request_id": rid, "kind": "chat", "messages": messages,
-                 "params": _params(body, body.effective_max_tokens())},
-        prompt_text="\n".join(m["content"] for m in messages),
-    )
+    job = _job(body, request_id_of(request), principal)
     return await _respond(
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="chat.completion",
         message=lambda r: {"index": 0, "message": {"role": "assistant", "content": r.text},
@@ -185,15 +200,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 @router.post("/v1/completions", response_model=CompletionResponse,
              responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(require("client"))):
-    rid = request_id_of(request)
-    prompt = body.prompt_text()
-    job = Job(
-        request_id=rid, endpoint="completion", model=body.model, api_key_id=principal.key_id,
-        controls=_controls(body), key_defaults=dict(principal.defaults),
-        payload={"request_id": rid, "kind": "completion", "prompt": prompt,
-                 "params": _params(body, body.effective_max_tokens())},
-        prompt_text=prompt,
-    )
+    job = _job(body, request_id_of(request), principal)
+    prompt = job.request.prompt or ""
     prefix = prompt if body.echo else ""
     return await _respond(
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
@@ -210,23 +218,9 @@ async def route_explain(body: RouteExplainRequest, request: Request, principal: 
     if (body.messages is None) == (body.prompt is None):
         raise ApiError(400, "give exactly one of 'messages' (chat) or 'prompt' (completion)", param="messages",
                        code="invalid_value")
-    if body.messages is not None:
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
-        payload = {"kind": "chat", "messages": messages, "params": {"max_tokens": body.max_tokens}}
-        endpoint = "chat"
-    else:
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt or [])
-        payload = {"kind": "completion", "prompt": prompt, "params": {"max_tokens": body.max_tokens}}
-        endpoint = "completion"
-    job = Job(request_id="explain", endpoint=endpoint, model=body.model, payload=payload,
-              api_key_id=principal.key_id, controls=_controls(body), key_defaults=dict(principal.defaults))
-    gw = request.app.state.gateway
-    gw.ensure_refresher()
-    decision = gw.router.decide(job, gw.replicas_by_model())
+    serving = request.app.state.serving
+    controls, decision = serving.explain(_job(body, "explain", principal))
     out = decision.to_dict()
     out["object"] = "route.decision"
-    out["controls"] = gw.router.controls(job).to_dict()
+    out["controls"] = controls.to_dict()
     return out

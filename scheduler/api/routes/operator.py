@@ -5,6 +5,7 @@ The gateway never touches a device: every change goes to the node agent that own
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -82,29 +83,33 @@ async def list_devices(request: Request, node: NodeQuery = None, _: Principal = 
     return {"object": "list", "data": snaps}
 
 
-async def _power(request: Request, method: str, *args: Any, node: str | None = None, **kwargs: Any) -> Any:
-    """Call the power service of the node agent that owns the device (or of `node`/the first node)."""
+async def _agent(request: Request, node: str | None = None, device_id: str | None = None) -> Any:
+    """The node agent that owns the device (or the agent of `node`, or the first one): 404/503 if none."""
     gw = request.app.state.gateway
-    device_id = kwargs.get("device_id")
     agents = gw.agents() if node is not None or device_id is None else {}
     if node is not None and node not in agents:
         raise _node_not_found(node, list(agents))
-    if device_id is not None:
-        if not any(s.get("device_id") == device_id for s in gw.device_snapshots):
-            await gw.refresh_devices()
-        snap = next((s for s in gw.device_snapshots if s.get("device_id") == device_id), {})
-        owner = snap.get("agent_node") or snap.get("node")
-        agent = gw.agent_for_device(device_id) if node is None or owner == node else None
-        if agent is None:
-            where = f" on node '{node}'" if node is not None else ""
-            raise ApiError(404, f"device '{device_id}' does not exist{where}; GET /v1/devices lists them",
-                           param="id", code="device_not_found")
-    else:
+    if device_id is None:
         agent = agents[node] if node is not None else next(iter(agents.values()), None)
         if agent is None:
             raise ApiError(503, "no node agent is running", code="no_node_agent")
+        return agent
+    if not any(s.get("device_id") == device_id for s in gw.device_snapshots):
+        await gw.refresh_devices()
+    snap = next((s for s in gw.device_snapshots if s.get("device_id") == device_id), {})
+    owner = snap.get("agent_node") or snap.get("node")
+    agent = gw.agent_for_device(device_id) if node is None or owner == node else None
+    if agent is None:
+        where = f" on node '{node}'" if node is not None else ""
+        raise ApiError(404, f"device '{device_id}' does not exist{where}; GET /v1/devices lists them",
+                       param="id", code="device_not_found")
+    return agent
+
+
+async def _answer(call: Awaitable[Any]) -> Any:
+    """Await a node agent's answer; its device/power errors become the envelope."""
     try:
-        result = await agent.power_call.remote(method, *args, **kwargs)
+        result = await call
     except Exception as exc:
         raise _power_error(exc) from None
     if isinstance(result, dict) and result.get("outcome") in ("applied", "recommended"):
@@ -139,46 +144,49 @@ def _actor(principal: Principal) -> str:
 @router.put("/v1/devices/{device_id}/power-limit", response_model=PowerActionOut, responses=_ERRORS)
 async def set_power_limit(device_id: str, body: PowerLimitBody, request: Request, node: NodeQuery = None,
                           principal: Principal = Depends(require("operator"))):
-    return await _power(request, "set_power_limit", node=node, device_id=device_id, watts=body.watts,
-                        actor=_actor(principal), reason=body.reason or "operator request")
+    agent = await _agent(request, node, device_id)
+    return await _answer(agent.set_power_limit.remote(device_id, body.watts, actor=_actor(principal),
+                                                      reason=body.reason or "operator request"))
 
 
 @router.delete("/v1/devices/{device_id}/power-limit", response_model=PowerActionOut, responses=_ERRORS)
 async def reset_power_limit(device_id: str, request: Request, node: NodeQuery = None,
                             principal: Principal = Depends(require("operator"))):
-    return await _power(request, "reset_power_limit", node=node, device_id=device_id, actor=_actor(principal),
-                        reason="operator reset to default")
+    agent = await _agent(request, node, device_id)
+    return await _answer(agent.reset_power_limit.remote(device_id, actor=_actor(principal),
+                                                        reason="operator reset to default"))
 
 
 @router.put("/v1/devices/{device_id}/locked-clocks", response_model=PowerActionOut, responses=_ERRORS)
 async def set_locked_clocks(device_id: str, body: LockedClocksBody, request: Request, node: NodeQuery = None,
                             principal: Principal = Depends(require("operator"))):
-    return await _power(request, "set_locked_clocks", node=node, device_id=device_id, min_mhz=body.min_mhz,
-                        max_mhz=body.max_mhz, actor=_actor(principal), reason=body.reason or "operator request")
+    agent = await _agent(request, node, device_id)
+    return await _answer(agent.set_locked_clocks.remote(device_id, body.min_mhz, body.max_mhz, actor=_actor(principal),
+                                                        reason=body.reason or "operator request"))
 
 
 @router.delete("/v1/devices/{device_id}/locked-clocks", response_model=PowerActionOut, responses=_ERRORS)
 async def reset_locked_clocks(device_id: str, request: Request, node: NodeQuery = None,
                               principal: Principal = Depends(require("operator"))):
-    return await _power(request, "reset_locked_clocks", node=node, device_id=device_id, actor=_actor(principal),
-                        reason="operator reset")
+    agent = await _agent(request, node, device_id)
+    return await _answer(agent.reset_locked_clocks.remote(device_id, actor=_actor(principal), reason="operator reset"))
 
 
 @router.get("/v1/power/policy", response_model=PowerPolicy, response_model_exclude_unset=True, responses=_ERRORS)
 async def get_policy(request: Request, node: NodeQuery = None, _: Principal = Depends(require("operator"))):
-    policy = await _power(request, "get_policy", node=node)
-    return {**policy, "status": await _power(request, "status", node=node)}
+    return await _answer((await _agent(request, node)).power_policy.remote())
 
 
 @router.put("/v1/power/policy", response_model=PowerPolicy, response_model_exclude_unset=True, responses=_ERRORS)
 async def put_policy(request: Request, body: PolicyUpdate, node: NodeQuery = None,
                      principal: Principal = Depends(require("operator"))):
-    return await _power(request, "put_policy", body.model_dump(exclude_unset=True), node=node, actor=_actor(principal))
+    agent = await _agent(request, node)
+    return await _answer(agent.put_power_policy.remote(body.model_dump(exclude_unset=True), actor=_actor(principal)))
 
 
 @router.get("/v1/power/audit", response_model=AuditList, responses=_ERRORS)
 async def power_audit(request: Request, since: float | None = None, device: str | None = None,
                       limit: int = Query(100, ge=1, le=10000), node: NodeQuery = None,
                       _: Principal = Depends(require("operator"))):
-    rows = await _power(request, "audit", node=node, since=since, device=device, limit=limit)
+    rows = await _answer((await _agent(request, node)).power_audit.remote(since=since, device=device, limit=limit))
     return {"object": "list", "data": rows}

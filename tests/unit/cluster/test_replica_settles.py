@@ -5,7 +5,6 @@ whose client went away, kept for the gateway's ledger row)."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -15,32 +14,12 @@ import pytest
 from scheduler.cluster.node_agent import Mailbox, NodeAgent
 from scheduler.cluster.replica import ModelServer
 from scheduler.energy.attribution import Attributor
-from scheduler.engines.base import Engine, EngineError, EngineEvent, ModelKind
+from scheduler.energy.meter import DeviceMeter
+from scheduler.cluster.messages import ReplicaError, ReplicaErrorKind
+from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind
+from tests.support.serving import Remote
 
 DEVICE = "gpu0"
-
-
-class Remote:
-    """Calls an in-process object's methods the way Ray's actor handles do: obj.method.remote(...)."""
-
-    def __init__(self, target: Any):
-        self._target = target
-        self.tasks: list[asyncio.Task] = []
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._target, name)
-
-        def remote(*args: Any, **kwargs: Any) -> Any:
-            out = method(*args, **kwargs)
-            if inspect.iscoroutine(out):  # runs whether or not the caller awaits it, as on an actor
-                task = asyncio.get_running_loop().create_task(out)
-                self.tasks.append(task)
-                return task
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_result(out)
-            return fut
-
-        return SimpleNamespace(remote=remote)
 
 
 def make_agent() -> Any:
@@ -53,11 +32,9 @@ def make_agent() -> Any:
                                              energy_scope=SimpleNamespace(value="gpu"),
                                              power_limit_watts=lambda: 300.0)}
     agent.power = SimpleNamespace(work_arrived=lambda d: None, report_replica_stats=lambda r, s: None)
-    agent._replica_stats = {}
     agent.node = "n1"
-    agent._request_devices = {}
-    agent._abandoned = Mailbox(ttl_seconds=60.0)
-    agent._finishing, agent._finished = {}, Mailbox(ttl_seconds=60.0)
+    agent._init_request_accounting()
+    agent.meter = DeviceMeter([], 0.1)  # the interval above covers the test: nothing to read at a request's end
     return agent
 
 
@@ -107,8 +84,7 @@ def make_server(engine: Engine, agent: Any) -> ModelServer:
     return server
 
 
-PAYLOAD = {"request_id": "r1", "kind": "chat", "messages": [{"role": "user", "content": "hi"}],
-           "params": {"max_tokens": None}}
+REQUEST = GenerationRequest("r1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("error", [TypeError("unsupported operand"), EngineError("out of memory")],
@@ -118,15 +94,15 @@ def test_an_engine_failure_settles_the_request_and_answers_with_an_error_event(e
 
     async def main():
         server = make_server(ScriptedEngine(3, error=error), agent)
-        events = [ev async for ev in server.generate(dict(PAYLOAD))]
+        events = [ev async for ev in server.generate(REQUEST)]
         await asyncio.gather(*server.agent.tasks)
         return events
 
     events = asyncio.run(main())
     last = events[-1]
-    assert last["type"] == "error" and last["status"] == 503 and last["code"] == "engine_error"
-    assert (last["prompt_tokens"], last["completion_tokens"]) == (8, 3)
-    assert last["energy"] is not None and last["energy"]["method"] == "simulated"
+    assert isinstance(last, ReplicaError) and last.kind is ReplicaErrorKind.ENGINE  # no HTTP status here
+    assert (last.prompt_tokens, last.completion_tokens) == (8, 3)
+    assert last.energy is not None and last.energy.method == "simulated"
     assert agent.attributor.running(DEVICE) == 0
 
 
@@ -136,7 +112,7 @@ def test_a_cancelled_request_stops_the_engine_and_leaves_its_energy_for_the_gate
 
     async def main():
         server = make_server(engine, agent)
-        gen = server.generate(dict(PAYLOAD))
+        gen = server.generate(REQUEST)
         seen = []
 
         async def consume():
@@ -156,8 +132,8 @@ def test_a_cancelled_request_stops_the_engine_and_leaves_its_energy_for_the_gate
     outcome = asyncio.run(main())
     assert engine.closed, "the generation must stop"
     assert agent.attributor.running(DEVICE) == 0
-    assert outcome is not None and (outcome["prompt_tokens"], outcome["completion_tokens"]) == (8, 4)
-    assert outcome["energy"] is not None and outcome["energy"]["device"] == DEVICE
+    assert outcome is not None and (outcome.prompt_tokens, outcome.completion_tokens) == (8, 4)
+    assert outcome.energy is not None and outcome.energy.device == DEVICE
 
 
 def test_mailbox_hands_over_a_value_put_before_or_after_the_take_and_times_out_otherwise():
@@ -204,7 +180,7 @@ def test_a_finish_call_cancelled_midway_still_settles_and_keeps_the_energy() -> 
 
     outcome = asyncio.run(main())
     assert agent.attributor.running(DEVICE) == 0
-    assert outcome["energy"] is not None and outcome["energy"]["joules"] > 0
+    assert outcome.energy is not None and outcome.energy.joules > 0
 
 
 def test_mailbox_expires_old_entries_and_keeps_fresh_ones() -> None:
@@ -218,3 +194,72 @@ def test_mailbox_expires_old_entries_and_keeps_fresh_ones() -> None:
         return await box.take("new", 0), await box.take("old", 0)
 
     assert asyncio.run(take()) == (2, None)
+
+
+def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_next_tick():
+    """The request's end is covered by a counter read at once: exact, complete energy with no meter-period wait."""
+    from scheduler.devices.base import Device, DeviceKind, EnergyMethod, EnergyScope
+
+    class Counter(Device):
+        kind, energy_method, energy_scope, name = (DeviceKind.SIMULATED_GPU, EnergyMethod.SIMULATED,
+                                                   EnergyScope.GPU, "counter")
+        device_id, node, joules = DEVICE, "n1", 0.0
+
+        def energy_joules(self) -> float:
+            return self.joules
+
+        def power_watts(self) -> float:
+            return 0.0
+
+    device = Counter()
+    agent = make_agent()
+    agent.attributor = Attributor(settle_delay_seconds=0.3)
+    agent.meter = DeviceMeter([device], 10.0)  # a tick far away: only a read at the end can cover the request
+    agent.meter.add_callback(agent._on_interval)
+    agent.meter.baseline()
+    t_start = time.time()
+    agent.start_request("r1", [DEVICE], t_start)
+    device.joules = 6.0
+    t_end = time.time()
+
+    async def main():
+        began = time.monotonic()
+        energy = await agent.finish_request("r1", t_end, 8, 2)
+        return energy, time.monotonic() - began
+
+    energy, waited_s = asyncio.run(main())
+    assert waited_s < 0.1, f"finish_request waited {waited_s:.3f} s for the meter"
+    assert energy.complete and energy.metered
+    # the one interval [baseline, read at the end] was busy from t_start to t_end: that share is the request's
+    t0, t1 = agent.meter.started_s, agent.meter.reading(DEVICE).covered_until_s
+    assert t1 >= t_end
+    assert energy.dynamic_joules == pytest.approx(6.0 * (t_end - t_start) / (t1 - t0), rel=1e-6)
+    assert agent.attributor.balance().accounted_joules == pytest.approx(6.0)
+
+
+def test_replica_stats_pushes_are_throttled_and_the_last_state_still_goes_out():
+    """Two pushes per request would put two actor calls on every request's path; the last one must not be lost."""
+    pushed: list[int] = []
+
+    class StatsAgent:
+        def replica_stats(self, replica_id: str, stats: dict) -> None:
+            pushed.append(stats["running"])
+
+    class CountingEngine(ScriptedEngine):
+        running = 0
+
+        def stats(self):
+            return {"running": self.running}
+
+    async def main():
+        engine = CountingEngine(1)
+        server = make_server(engine, StatsAgent())
+        for running in (1, 0, 1, 0, 1, 0):  # six state changes within a few ms
+            engine.running = running
+            server._push_stats()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.25)
+
+    asyncio.run(main())
+    assert len(pushed) <= 3, pushed
+    assert pushed[-1] == 0, "the trailing push publishes the latest state"

@@ -393,3 +393,43 @@ def test_finish_when_covered_waits_for_the_meter_without_blocking() -> None:
     a.start("b", "gpu0", 2.0)
     timed_out = asyncio.run(a.finish_when_covered("b", 9.0, timeout_seconds=0.05))
     assert not timed_out.complete
+
+
+def test_reading_the_meter_when_a_request_ends_closes_it_at_once_and_conserves() -> None:
+    """The node agent reads the counter at a request's end (DeviceMeter.sample_now) instead of waiting
+    for the next tick: the request is complete without a wait, and every metered joule is accounted for."""
+    from scheduler.energy.meter import DeviceMeter
+    from tests.unit.energy.test_meter import FakeClocks, ScriptedDevice
+
+    dev = ScriptedDevice("gpu0")
+    clocks = FakeClocks()
+    meter = DeviceMeter([dev], 0.1, clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
+    a = Attributor(settle_delay_seconds=0.3, idle_amortization_seconds=60.0)
+    meter.add_callback(lambda iv: a.on_interval(iv.device_id, iv.t0_s, iv.t1_s, iv.energy_joules))
+    meter.baseline()
+    t0 = clocks.wall
+    results = []
+    for i in range(20):  # requests that end between ticks, one after another
+        rid = f"r{i}"
+        a.start(rid, "gpu0", clocks.wall)
+        clocks.advance(0.04)
+        dev.counter_joules += 4.0
+        a.progress(rid, 10, 3, clocks.wall)
+        end_s = clocks.wall
+        assert (a.covered_until("gpu0") or 0.0) < end_s
+        meter.sample_now(["gpu0"])
+        results.append(a.finish(rid, end_s, prefill_tokens_done=10, decode_tokens_done=3))
+        clocks.advance(0.07)  # a tick with nothing running: idle
+        dev.counter_joules += 1.0
+        meter.sample_once()
+    assert all(r.complete and r.metered for r in results)
+    # each request alone on the device for its 40 ms: it is charged exactly that busy energy
+    assert all(r.dynamic_joules == approx(4.0) for r in results)
+    for _ in range(10):  # later ticks settle everything
+        clocks.advance(0.1)
+        meter.sample_once()
+    b = a.balance()
+    assert b.metered_joules == approx(dev.counter_joules - 1000.0)
+    assert b.accounted_joules == approx(b.metered_joules)
+    assert sum(r.joules for r in results) + b.idle_pool_joules + b.unsettled_joules == approx(b.metered_joules)
+    assert clocks.wall > t0

@@ -245,3 +245,12 @@ def test_a_ledger_written_with_the_old_unique_index_keeps_reused_ids(tmp_path: P
     with Ledger(tmp_path) as lg:
         lg.record(row(2, request_id="same")).result(timeout=5)
         assert len(lg.requests(request_id="same")) == 2
+
+
+def test_a_lone_row_commits_at_once_without_waiting_for_the_group_window(tmp_path: Path) -> None:
+    """The commit is on the response path: a row that finds the writer idle must not wait for company."""
+    with Ledger(tmp_path / "l.sqlite3", group_commit_seconds=2.0) as lg:
+        began = time.monotonic()
+        lg.record(row(1)).result(timeout=5)
+        assert time.monotonic() - began < 0.5
+        assert lg.count() == 1

@@ -251,3 +251,26 @@ def test_meter_on_the_cpu_estimate_device_counts_up():
     total = sum(iv.energy_joules for iv in got)
     # the estimate lies between 10% and 100% of the model's maximum CPU power
     assert 0.1 * cpu.power_model.max_cpu_watts * duration * 0.9 <= total <= cpu.power_model.max_cpu_watts * duration * 1.1
+
+
+def test_sample_now_splits_an_interval_and_keeps_the_tiling_and_the_sum():
+    """A request's end reads the counter out of turn: the tick's interval is split in two, nothing lost."""
+    dev, other = ScriptedDevice("dev0"), ScriptedDevice("dev1")
+    meter, clocks, got = make_meter(dev, other)
+    start_counter, start_t = dev.counter_joules, clocks.wall
+    clocks.advance(0.1)
+    dev.counter_joules += 10.0
+    meter.sample_once()
+    clocks.advance(0.03)
+    dev.counter_joules += 3.0
+    out = meter.sample_now(["dev0", "not-here"])
+    assert [(iv.device_id, iv.energy_joules) for iv in out] == [("dev0", pytest.approx(3.0))]
+    assert out[0].t1_s == clocks.wall and meter.reading("dev0").covered_until_s == clocks.wall
+    assert meter.reading("dev1").covered_until_s < clocks.wall  # only the devices asked for are read
+    assert meter.last_power_watts("dev0") == pytest.approx(100.0)  # a 30 ms sliver does not set the power
+    clocks.advance(0.07)
+    dev.counter_joules += 7.0
+    meter.sample_once()
+    mine = [iv for iv in got if iv.device_id == "dev0"]
+    assert [iv.t0_s for iv in mine] == [start_t] + [iv.t1_s for iv in mine[:-1]]  # no gap, no overlap
+    assert sum(iv.energy_joules for iv in mine) == pytest.approx(dev.counter_joules - start_counter)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from scheduler.api.errors import ApiError
-from scheduler.api.router import GatewayRouter
+from scheduler.api.model_selection import ModelSelection
+from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 from scheduler.config import WattlaneConfig
 from scheduler.routing.admission import StartQueue, admit, wait_limit_seconds
 from scheduler.routing.placement import PlacementRequest, predict
@@ -101,8 +102,9 @@ def fleet_config(admission: str) -> WattlaneConfig:
 
 def job(model: str = "big", priority: str | None = None) -> SimpleNamespace:
     controls = {"priority": priority} if priority else {}
-    return SimpleNamespace(endpoint="chat", model=model, controls=controls, key_defaults={},
-                           payload={"messages": [{"role": "user", "content": "hello"}], "params": {"max_tokens": 16}})
+    request = GenerationRequest("r1", ModelKind.CHAT, messages=[{"role": "user", "content": "hello"}],
+                                params=SamplingParams(max_tokens=16))
+    return SimpleNamespace(model=model, controls=controls, key_defaults={}, request=request)
 
 
 def stats(model: str) -> dict:
@@ -111,13 +113,13 @@ def stats(model: str) -> dict:
 
 
 def test_router_refuses_what_cannot_start_in_time_with_retry_after():
-    router = GatewayRouter(fleet_config("slo"))
+    router = ModelSelection(fleet_config("slo"))
     clock = Clock()
     router.starts = busy_queue(clock, "big", started_per_second=10, pending=50)  # 5 s of queue ahead
     replicas = {"small": [stats("small")], "big": [stats("big")]}
 
     def route(j):
-        return router.route(j, replicas)
+        return router.select(j, replicas)
 
     with pytest.raises(ApiError) as info:
         route(job("big"))
@@ -133,7 +135,7 @@ def test_router_refuses_what_cannot_start_in_time_with_retry_after():
 
 
 def test_queue_admission_keeps_todays_behaviour():
-    router = GatewayRouter(fleet_config("queue"))
+    router = ModelSelection(fleet_config("queue"))
     clock = Clock()
     router.starts = busy_queue(clock, "big", started_per_second=10, pending=50)
-    assert router.route(job("big"), {"small": [stats("small")], "big": [stats("big")]}).model == "big"
+    assert router.select(job("big"), {"small": [stats("small")], "big": [stats("big")]}).model == "big"

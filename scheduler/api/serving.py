@@ -1,8 +1,10 @@
-"""The inference path behind the HTTP routes: choose a model, run it on a replica, account, record.
+"""Serve one chat or completion request: choose a model, run it on a replica, account for it.
 
-request -> route (routing.select) -> engine replica (Serve handle, streamed events) ->
-attribution (joules from the node agent) -> carbon -> ledger row -> metrics -> response.
-The routes turn an InferenceResult (or its stream of deltas) into OpenAI-shaped JSON or SSE.
+route handler -> Serving.run / Serving.open -> ModelSelection.select -> the model's deployment handle
+(a GenerationRequest in, typed events out: cluster.messages) -> Accounting.record -> the result.
+Serving owns the request's logic (retry on the next candidate, cascade, timing, the row every ended
+request gets); the routes (api/routes/inference.py) only turn its results into OpenAI JSON or SSE.
+Its dependencies are given, not looked up: tests drive it with in-process handles and no Ray.
 """
 
 from __future__ import annotations
@@ -10,32 +12,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ray.serve.exceptions import BackPressureError
-
-from scheduler.api.errors import ApiError
-from scheduler.api.router import Routed
+from scheduler.api.accounting import Accounting
+from scheduler.api.errors import ApiError, replica_error
+from scheduler.api.model_selection import ModelSelection, Routed
+from scheduler.cluster.messages import (
+    EnergyReport,
+    ReplicaEnd,
+    ReplicaError,
+    ReplicaErrorKind,
+    ReplicaEvent,
+    ReplicaStart,
+)
+from scheduler.config import WattlaneConfig
+from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
 
 
 @dataclass
 class Job:
-    """One accepted request, as the service sees it."""
+    """One accepted request, as the serving path sees it."""
 
     request_id: str
-    endpoint: str  # "chat" | "completion"
-    model: str  # requested: an id or "auto"
-    payload: dict[str, Any]  # what the replica gets (kind, messages/prompt, params)
+    #: requested: a model id or "auto"
+    model: str
+    #: what the replica gets: chat messages or a completion prompt, and the sampling parameters
+    request: GenerationRequest
     api_key_id: str
     #: the request's own controls (min_quality, slo, priority, max_energy_joules), as sent
     controls: dict[str, Any] = field(default_factory=dict)
     #: the API key's defaults for the same controls
     key_defaults: dict[str, Any] = field(default_factory=dict)
-    prompt_text: str = ""
     #: when the gateway accepted it (time.monotonic()): TTFT and latency count from here, on one clock
     accepted_monotonic_s: float = field(default_factory=time.monotonic)
 
@@ -70,17 +83,15 @@ class StreamSession:
     be another machine's, or simulated), so TTFT and latency are what the client saw and never negative.
     """
 
-    def __init__(self, service: "InferenceService", job: Job, routed: Routed, events: Any, start: dict[str, Any],
-                 first: dict[str, Any]):
-        self.service, self.job, self.routed = service, job, routed
+    def __init__(self, serving: "Serving", job: Job, routed: Routed, events: Any, start: ReplicaStart,
+                 first: ReplicaEvent):
+        self._serving, self.job, self.routed = serving, job, routed
         self._events = events
-        self.start = start
         self._first = first
         self.result: InferenceResult | None = None
-        self.routing = {"model": routed.model, "device": start.get("device"), "node": start.get("node"),
-                        "reason": routed.reason}
+        self.routing = {"model": routed.model, "device": start.device, "node": start.node, "reason": routed.reason}
         #: None unless the engine promises that a seed reproduces the text
-        self.system_fingerprint: str | None = start.get("system_fingerprint")
+        self.system_fingerprint: str | None = start.system_fingerprint
         self.started_s = time.time()
         #: time.monotonic() when the latest event reached the gateway (the first one just did)
         self._received_s = time.monotonic()
@@ -89,22 +100,22 @@ class StreamSession:
         self._completion_tokens = 0
         self._text: list[str] = []
 
-    def _seen(self, ev: dict[str, Any]) -> None:
-        self._prompt_tokens = max(self._prompt_tokens, int(ev.get("prompt_tokens") or 0))
-        self._completion_tokens = max(self._completion_tokens, int(ev.get("completion_tokens") or 0))
+    def _seen(self, ev: ReplicaEvent) -> None:
+        self._prompt_tokens = max(self._prompt_tokens, getattr(ev, "prompt_tokens", 0))
+        self._completion_tokens = max(self._completion_tokens, getattr(ev, "completion_tokens", 0))
         if self._completion_tokens > 0 and self._first_token_s is None:
             self._first_token_s = self._received_s
 
-    async def _next(self) -> dict[str, Any]:
+    async def _next(self) -> ReplicaEvent:
+        model = self.routed.model
         try:
             ev = await self._events.__anext__()
         except StopAsyncIteration:
-            raise ApiError(503, f"model {self.routed.model} ended the stream without a result",
-                           code="engine_error") from None
+            raise replica_error(ReplicaErrorKind.ENGINE, f"model {model} ended the stream without a result") from None
         except (ApiError, asyncio.CancelledError):
             raise
         except Exception as exc:  # the replica died mid-stream: answer in the envelope, not with a traceback
-            raise ApiError(503, f"model {self.routed.model} failed: {type(exc).__name__}", code="engine_error") from None
+            raise replica_error(ReplicaErrorKind.ENGINE, f"model {model} failed: {type(exc).__name__}") from None
         self._received_s = time.monotonic()
         return ev
 
@@ -116,19 +127,19 @@ class StreamSession:
         the generation is stopped and a background task records what it cost).
         """
         status = "error"
-        failure: dict[str, Any] | None = None
+        failure: ReplicaError | None = None
         try:
             ev = self._first
             while True:
                 self._seen(ev)
-                if ev["type"] == "error":
+                if isinstance(ev, ReplicaError):
                     failure = ev
-                    raise ApiError(ev["status"], ev["message"], param=ev.get("param"), code=ev.get("code"))
-                if ev.get("text"):
-                    self._text.append(ev["text"])
-                    yield ev["text"]
-                if ev["type"] == "end":
-                    self.result = await self.service.complete(self, ev)
+                    raise replica_error(ev.kind, ev.message, ev.param)
+                if ev.text:
+                    self._text.append(ev.text)
+                    yield ev.text
+                if isinstance(ev, ReplicaEnd):
+                    self.result = await self._serving._complete(self, ev)
                     status = "ok"
                     return
                 ev = await self._next()
@@ -140,22 +151,42 @@ class StreamSession:
                 self._events.cancel()
             if status == "cancelled":
                 # no await here: a cancelled task (or a closing generator) cannot wait for the ledger
-                self.service.settle_abandoned(self.job, self.routing, self.started_s, self._partial())
+                self._serving._settle_abandoned(self.job, self.routing, self.started_s, self._prompt_tokens,
+                                                self._completion_tokens, self._first_token_s)
             elif status == "error":
-                await self.service.record_ended(self.job, self.routing, self.started_s, "error",
-                                                failure or self._partial(), text="".join(self._text))
+                await self._serving._record_ended(
+                    self.job, self.routing, self.started_s, "error",
+                    prompt_tokens=failure.prompt_tokens if failure else self._prompt_tokens,
+                    completion_tokens=failure.completion_tokens if failure else self._completion_tokens,
+                    energy=failure.energy if failure else None, first_token_s=self._first_token_s,
+                    text="".join(self._text))
 
-    def _partial(self) -> dict[str, Any]:
-        """What the gateway itself saw of the work, for when the replica's own figures are missing."""
-        return {"prompt_tokens": self._prompt_tokens, "completion_tokens": self._completion_tokens,
-                "first_token_s": self._first_token_s}
 
+class Serving:
+    """The serving object: its dependencies are explicit (see the module docstring)."""
 
-class InferenceService:
-    def __init__(self, gateway: Any):
-        self.gw = gateway
+    def __init__(self, config: WattlaneConfig, selection: ModelSelection, accounting: Accounting,
+                 handles: Mapping[str, Any], replicas_by_model: ReplicasByModel = lambda: None,
+                 on_request: Callable[[], None] = lambda: None):
+        self.config = config
+        self.selection = selection
+        self.accounting = accounting
+        #: model id -> its deployment handle (Serve's DeploymentHandle, or an in-process stand-in)
+        self.handles = handles
+        self._replicas_by_model = replicas_by_model
+        #: called on every request (the gateway starts its device refresher lazily)
+        self._on_request = on_request
         #: background tasks that record abandoned requests (kept referenced until they finish)
         self._settling: set[asyncio.Task] = set()
+
+    def select(self, job: Job) -> Routed:
+        self._on_request()
+        return self.selection.select(job, self._replicas_by_model())
+
+    def explain(self, job: Job) -> tuple[Any, Any]:
+        """(controls, decision) for /v1/route/explain: the same selection, without running anything."""
+        self._on_request()
+        return self.selection.explain(job, self._replicas_by_model())
 
     # --- running ------------------------------------------------------------------------------
     async def open(self, job: Job, routed: Routed | None = None) -> StreamSession:
@@ -164,8 +195,7 @@ class InferenceService:
         A replica that fails or times out before its first event is retried once on the next
         candidate model of the routing decision; if that fails too, 503 with the reason.
         """
-        self.gw.ensure_refresher()
-        routed = routed or self.gw.router.route(job, self.gw.replicas_by_model())
+        routed = routed or self.select(job)
         attempts = [routed.model] + routed.fallback_models[:1]
         failures: list[str] = []
         for i, model in enumerate(attempts):
@@ -180,47 +210,51 @@ class InferenceService:
                 routed.reason += f"; retried on {model} after {routed.model} failed"
                 routed.model = model
             session = StreamSession(self, job, routed, events, start, first)
-            if first["type"] == "error":
+            if isinstance(first, ReplicaError):
                 session._seen(first)
-                await self.record_ended(job, session.routing, session.started_s, "error", first)
-                raise ApiError(first["status"], first["message"], param=first.get("param"), code=first.get("code"))
+                await self._record_ended(job, session.routing, session.started_s, "error",
+                                         prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens,
+                                         energy=first.energy)
+                raise replica_error(first.kind, first.message, first.param)
             return session
         raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
                        headers={"Retry-After": "5"})
 
-    async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        handle = self.gw.model_handles[model]
-        start: dict[str, Any] | None = None
+    async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, ReplicaStart, ReplicaEvent]:
+        from ray.serve.exceptions import BackPressureError
+
+        timeout_s = self.config.routing.replica_timeout_seconds
+        start: ReplicaStart | None = None
         try:
-            with self.gw.router.starts.track(model) as started:  # admission's view of Serve's queue
-                events = handle.options(stream=True).generate.remote(job.payload, placement=routed.placement)
-                start = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
+                events = self.handles[model].options(stream=True).generate.remote(job.request, placement=routed.placement)
+                start = await asyncio.wait_for(events.__anext__(), timeout_s)
                 started()
-            first = await asyncio.wait_for(events.__anext__(), self.gw.config.routing.replica_timeout_seconds)
+            first = await asyncio.wait_for(events.__anext__(), timeout_s)
             return events, start, first
         except asyncio.CancelledError:  # the client left while the request waited for its replica
             events.cancel()
-            routing = {"model": model, "device": (start or {}).get("device"), "node": (start or {}).get("node"),
-                       "reason": routed.reason}
-            self.settle_abandoned(job, routing, time.time(), {})
+            routing = {"model": model, "device": start.device if start else None,
+                       "node": start.node if start else None, "reason": routed.reason}
+            self._settle_abandoned(job, routing, time.time(), 0, 0, None)
             raise
         except StopAsyncIteration:
             raise _ReplicaFailure("ended the stream without a result") from None
         except asyncio.TimeoutError:
             events.cancel()
-            raise _ReplicaFailure(f"no answer within {self.gw.config.routing.replica_timeout_seconds:g} s") from None
+            raise _ReplicaFailure(f"no answer within {timeout_s:g} s") from None
         except ApiError:
             raise
         except BackPressureError:
-            raise _ReplicaFailure(f"queue full ({self.gw.config.model(model).max_queued_requests} requests waiting)") from None
+            raise _ReplicaFailure(f"queue full ({self.config.model(model).max_queued_requests} requests waiting)") from None
         except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
             raise _ReplicaFailure(type(exc).__name__) from None
 
     async def run(self, job: Job) -> InferenceResult:
-        routed = self.gw.router.route(job, self.gw.replicas_by_model())
+        routed = self.select(job)
         cascade = self._cascade_target(job, routed)
         if cascade:
-            job.payload["params"]["logprobs"] = True
+            job.request.params.logprobs = True
         session = await self.open(job, routed)
         async for _ in session.deltas():
             pass
@@ -234,20 +268,20 @@ class InferenceService:
         from scheduler.routing.cascade import cascade_applies
 
         nxt = routed.decision.next_model if job.model == "auto" else None
-        return nxt if cascade_applies(routed.controls.priority, self.gw.config.routing, nxt) else None
+        return nxt if cascade_applies(routed.controls.priority, self.config.routing, nxt) else None
 
     async def _maybe_escalate(self, job: Job, routed: Routed, first: InferenceResult, target: str) -> InferenceResult:
         """Run the next model when the small one was unsure; both attempts' energy is charged."""
         from scheduler.routing.cascade import should_escalate
 
-        verdict = should_escalate(first.mean_logprob, self.gw.config.routing.cascade_min_mean_logprob,
+        verdict = should_escalate(first.mean_logprob, self.config.routing.cascade_min_mean_logprob,
                                   completion_tokens=first.completion_tokens)
         if not verdict.escalate:
             first.routing["reason"] += f"; cascade: kept ({verdict.reason})"
             return first
-        second_job = Job(request_id=f"{job.request_id}-cascade", endpoint=job.endpoint, model=target,
-                         payload={**job.payload, "request_id": f"{job.request_id}-cascade"}, api_key_id=job.api_key_id,
-                         controls=job.controls, key_defaults=job.key_defaults, prompt_text=job.prompt_text)
+        second_id = f"{job.request_id}-cascade"
+        second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
+                         api_key_id=job.api_key_id, controls=job.controls, key_defaults=job.key_defaults)
         second = await self.run(second_job)
         second.request_id = job.request_id
         second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "
@@ -261,74 +295,68 @@ class InferenceService:
         second.completion_tokens += first.completion_tokens
         return second
 
-    # --- accounting ---------------------------------------------------------------------------
-    async def complete(self, s: StreamSession, end: dict[str, Any]) -> InferenceResult:
-        n_out = end["completion_tokens"]
-        ended_s = s._received_s
-        latency, ttft, tpot = _timing(s.job.accepted_monotonic_s, s._first_token_s, ended_s, n_out)
-        energy = end.get("energy")
-        carbon = await self.gw.carbon_for(energy, time.time()) if energy else None
+    # --- accounting (one Accounting.record per ended request) -------------------------------------
+    async def _complete(self, s: StreamSession, end: ReplicaEnd) -> InferenceResult:
+        latency, ttft, tpot = _timing(s.job.accepted_monotonic_s, s._first_token_s, s._received_s,
+                                      end.completion_tokens)
         result = InferenceResult(
             request_id=s.job.request_id,
             model=s.routed.model,
             text="".join(s._text),
-            finish_reason=end.get("finish_reason") or "stop",
-            prompt_tokens=end["prompt_tokens"],
-            completion_tokens=n_out,
+            finish_reason=end.finish_reason or "stop",
+            prompt_tokens=end.prompt_tokens,
+            completion_tokens=end.completion_tokens,
             routing=s.routing,
-            energy=_public_energy(energy),
-            carbon=carbon,
+            energy=end.energy.public() if end.energy else None,
+            carbon=None,
             ttft_seconds=ttft,
             tpot_seconds=tpot,
             latency_seconds=latency,
             created_s=int(s.started_s),
-            mean_logprob=end.get("mean_logprob"),
+            mean_logprob=end.mean_logprob,
             system_fingerprint=s.system_fingerprint,
         )
-        await self.gw.record(s.job, result, status="ok", energy_raw=energy)
-        return result
+        return await self.accounting.record(s.job, result, "ok", end.energy)
 
-    async def record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str,
-                           outcome: dict[str, Any] | None, *, text: str = "") -> None:
-        """Ledger row for a request that did not finish normally, with the energy and tokens of the work
-        it did (`outcome`: an error event, or what the node agent kept for an abandoned request)."""
-        outcome = outcome or {}
-        ended_s = time.monotonic()
-        energy = outcome.get("energy")
-        first_token_s = outcome.get("first_token_s")
-        latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, ended_s, 0)
+    async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
+                            prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
+                            first_token_s: float | None = None, text: str = "") -> None:
+        """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did."""
+        latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, time.monotonic(), 0)
+        result = InferenceResult(
+            request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, routing=routing,
+            energy=energy.public() if energy else None, carbon=None, ttft_seconds=ttft, tpot_seconds=None,
+            latency_seconds=latency, created_s=int(created_s),
+        )
         try:
-            carbon = await self.gw.carbon_for(energy, time.time()) if energy else None
-            result = InferenceResult(
-                request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
-                prompt_tokens=int(outcome.get("prompt_tokens") or 0),
-                completion_tokens=int(outcome.get("completion_tokens") or 0), routing=routing,
-                energy=_public_energy(energy), carbon=carbon, ttft_seconds=ttft, tpot_seconds=None,
-                latency_seconds=latency, created_s=int(created_s),
-            )
-            await self.gw.record(job, result, status=status, energy_raw=energy)
+            await self.accounting.record(job, result, status, energy)
         except Exception:  # recording a failure must never mask the failure itself
             log.exception("could not record %s request %s", status, job.request_id)
 
-    def settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, seen: dict[str, Any]) -> None:
+    def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
+                          completion_tokens: int, first_token_s: float | None) -> None:
         """Record a request its client abandoned, in the background: the replica stops it and leaves the
         energy and tokens of the work done with its node agent, which this collects for the ledger."""
-        task = asyncio.get_running_loop().create_task(self._settle_abandoned(job, routing, created_s, seen),
-                                                      name=f"settle-{job.request_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s),
+            name=f"settle-{job.request_id}")
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, seen: dict[str, Any]) -> None:
-        outcome: dict[str, Any] | None = None
+    async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
+                      completion_tokens: int, first_token_s: float | None) -> None:
+        work = None
         try:
-            outcome = await self.gw.abandoned_outcome(routing.get("node"), job.request_id)
+            work = await self.accounting.abandoned_work(routing.get("node"), job.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
-        outcome = outcome or {}
-        merged = {**seen, "energy": outcome.get("energy")}
-        for k in ("prompt_tokens", "completion_tokens"):  # the replica saw at least what reached the gateway
-            merged[k] = max(int(seen.get(k) or 0), int(outcome.get(k) or 0))
-        await self.record_ended(job, routing, created_s, "cancelled", merged)
+        # the replica saw at least what reached the gateway
+        await self._record_ended(
+            job, routing, created_s, "cancelled",
+            prompt_tokens=max(prompt_tokens, work.prompt_tokens if work else 0),
+            completion_tokens=max(completion_tokens, work.completion_tokens if work else 0),
+            energy=work.energy if work else None, first_token_s=first_token_s)
 
     async def settled(self) -> None:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""
@@ -345,10 +373,3 @@ def _timing(accepted_s: float, first_token_s: float | None, ended_s: float, comp
     if first_token_s is not None and completion_tokens > 1:
         tpot = max(0.0, ended_s - first_token_s) / (completion_tokens - 1)
     return latency, ttft, tpot
-
-
-def _public_energy(energy: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not energy:
-        return None
-    keys = ("joules", "dynamic_joules", "idle_joules", "method", "scope", "device")
-    return {k: energy.get(k) for k in keys}

@@ -1,7 +1,8 @@
-"""The gateway's routing step: request controls, then routing.select.route over live replica stats.
+"""Choose the model for a request: its controls, then routing.select.route over live replica stats.
 
-This module only adapts HTTP-side objects (Job, Principal defaults, ApiError) to the routing
+This module only adapts the serving path's objects (Job, API-key defaults, ApiError) to the routing
 library; the decision itself is routing.select.route, the same code the fleet simulator runs.
+"Router" elsewhere means HTTP routes (api/routes/) or Serve's replica chooser (routing/serve_router.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 from scheduler.api.errors import ApiError
 from scheduler.config import WattlaneConfig
+from scheduler.engines.base import ModelKind
 from scheduler.routing.adequacy import load_predictor
 from scheduler.routing.admission import StartQueue, admit, wait_limit_seconds
 from scheduler.routing.controls import RequestControlError, RequestControls, merge_request_controls
@@ -41,11 +43,11 @@ class Routed:
         return out
 
 
-class GatewayRouter:
+class ModelSelection:
     def __init__(self, config: WattlaneConfig):
         self.config = config
         self.predictor = load_predictor(config.routing.predictor_path)
-        #: requests handed to each model's replicas and not started yet (inference.py reports them)
+        #: requests handed to each model's replicas and not started yet (api.serving reports them)
         self.starts = StartQueue()
 
     def controls(self, job: Any) -> RequestControls:
@@ -54,27 +56,15 @@ class GatewayRouter:
         except RequestControlError as exc:
             raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
-    def route_request(self, job: Any) -> RouteRequest:
-        payload = job.payload
-        params = payload.get("params", {})
-        if job.endpoint == "chat":
-            text, chars = prompt_text_from_messages(payload.get("messages") or [])
-            n_messages = len(payload.get("messages") or [])
-        else:
-            text = payload.get("prompt") or ""
-            chars, n_messages = len(text), 1
-        return RouteRequest(
-            kind=job.endpoint, model=job.model, prompt_text=text, all_text_chars=chars, num_messages=n_messages,
-            max_tokens=params.get("max_tokens") or 256,
-        )
-
-    def decide(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> RouteDecision:
-        return route(self.config.models, self.route_request(job), self.controls(job), self.predictor, replicas_by_model)
-
-    def route(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
-        """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
+    def explain(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None
+                ) -> tuple[RequestControls, RouteDecision]:
+        """The controls and the decision for a request, refusals included, without acting on them."""
         controls = self.controls(job)
-        decision = route(self.config.models, self.route_request(job), controls, self.predictor, replicas_by_model)
+        return controls, route(self.config.models, route_request(job), controls, self.predictor, replicas_by_model)
+
+    def select(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
+        """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
+        controls, decision = self.explain(job, replicas_by_model)
         if decision.error is not None:
             e = decision.error
             headers = {"Retry-After": "5"} if e.status in (429, 503) else None
@@ -107,3 +97,18 @@ class GatewayRouter:
             decision.reason += f"; admitted on {verdict.model} ({verdict.reason}): {decision.model_id} cannot start it in time"
             decision.model_id = verdict.model
             decision.fallbacks = [(m, r) for m, r in decision.fallbacks if m != verdict.model]
+
+
+def route_request(job: Any) -> RouteRequest:
+    """What routing needs to know of a request's GenerationRequest (chat messages or a completion prompt)."""
+    request = job.request
+    if request.kind == ModelKind.CHAT:
+        text, chars = prompt_text_from_messages(request.messages or [])
+        n_messages = len(request.messages or [])
+    else:
+        text = request.prompt or ""
+        chars, n_messages = len(text), 1
+    return RouteRequest(
+        kind=request.kind.value, model=job.model, prompt_text=text, all_text_chars=chars, num_messages=n_messages,
+        max_tokens=request.params.max_tokens or 256,
+    )

@@ -1,0 +1,224 @@
+"""Measure what Wattlane's gateway adds over a plain Ray Serve app running the same engine and model.
+
+    python -m benchmarks.gateway_overhead   # writes docs/results/gateway-overhead.md and .json
+
+One Ray session, one Serve HTTP proxy, two applications:
+- plain (route prefix /plain): a FastAPI ingress deployment that forwards the chat to a deployment
+  holding the same LlamaCppEngine with the same weights, and answers the text and token counts;
+- Wattlane's embedded default (route prefix /): the real gateway, routing, replica, node agent,
+  energy attribution, carbon and ledger.
+The same non-streaming chat (max_tokens 1) is sent sequentially over one keep-alive HTTP connection,
+alternating plain and Wattlane so that both see the same machine load. Every Wattlane answer is
+checked for usage.energy and usage.carbon, and its ledger row is read right after the answer (the
+row must already be committed: Wattlane awaits the commit before the last byte).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI, Request
+
+from scheduler.datafiles import REPOSITORY_DIR
+
+RESULTS_DIR = REPOSITORY_DIR / "docs" / "results"
+MODEL_ID = "smollm2-135m-instruct"
+PROMPT = [{"role": "user", "content": "Say hi."}]
+
+
+def _plain_app(config_json: dict[str, Any], state_dir: str):
+    """The baseline: FastAPI ingress -> handle -> a deployment running the same llama.cpp engine."""
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="plain_model", ray_actor_options={"num_cpus": 0})
+    class PlainModel:
+        def __init__(self, config: dict[str, Any], state: str):
+            from scheduler.config import WattlaneConfig
+            from scheduler.engines.factory import build_engine
+
+            cfg = WattlaneConfig.model_validate(config)
+            self.engine = build_engine(cfg.model(MODEL_ID), cfg, Path(state))
+
+        async def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+            from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+
+            request = GenerationRequest("plain", ModelKind.CHAT, messages=messages,
+                                        params=SamplingParams(max_tokens=max_tokens))
+            text, last = [], None
+            async for ev in self.engine.generate(request):
+                text.append(ev.text)
+                last = ev
+            return {"text": "".join(text), "prompt_tokens": last.prompt_tokens,
+                    "completion_tokens": last.completion_tokens}
+
+    @serve.deployment(name="plain_ingress", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class PlainIngress:
+        def __init__(self, model: Any):
+            self.model = model
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request) -> dict[str, Any]:
+            # named here so that cloudpickle ships Request with the class: FastAPI resolves the string
+            # annotation in the replica, from the globals the function carries
+            body = await Request.json(request)
+            out = await self.model.generate.remote(body["messages"], int(body.get("max_tokens") or 16))
+            return {"object": "chat.completion", "model": MODEL_ID,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                                 "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"]}}
+
+    return PlainIngress.bind(PlainModel.bind(config_json, state_dir))
+
+
+def _percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.array(samples_s) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
+
+
+def run(requests: int, warmup: int) -> dict[str, Any]:
+    from ray import serve
+
+    from scheduler.cluster.lifecycle import Deployment
+    from scheduler.config import load_config
+    from tests.support.server import free_port
+
+    state_dir = Path(tempfile.mkdtemp(prefix="wattlane-overhead-"))
+    os.environ["WATTLANE_STATE_DIR"] = str(state_dir)
+    cfg = load_config(None)
+    port = free_port()
+    cfg.server.host, cfg.server.port = "127.0.0.1", port
+    dep = Deployment(cfg, state_dir)
+    load_before = os.getloadavg()
+    try:
+        dep.start(host="127.0.0.1", port=port)
+        serve.run(_plain_app(cfg.model_dump(mode="json"), str(state_dir)), name="plain", route_prefix="/plain",
+                  blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": MODEL_ID, "messages": PROMPT, "max_tokens": 1}
+        ledger = sqlite3.connect(f"file:{state_dir / 'ledger.sqlite3'}?mode=ro", uri=True)
+        with httpx.Client(base_url=url, timeout=60.0) as client:
+            deadline = time.time() + 300
+            while (probe := client.post("/plain/v1/chat/completions", json=body)).status_code != 200:
+                if time.time() > deadline or 400 <= probe.status_code < 500:
+                    raise RuntimeError(f"the plain app did not come up ({probe.status_code} {probe.text[:300]})")
+                time.sleep(0.5)
+            timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
+            missing_footprint = missing_rows = 0
+            for i in range(warmup + requests):
+                for name, path in (("plain", "/plain/v1/chat/completions"), ("wattlane", "/v1/chat/completions")):
+                    t0 = time.perf_counter()
+                    r = client.post(path, json=body)
+                    elapsed = time.perf_counter() - t0
+                    if r.status_code != 200:
+                        raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
+                    if name == "wattlane":
+                        usage = r.json()["usage"]
+                        if not (usage.get("energy", {}).get("joules") is not None and usage.get("carbon")):
+                            missing_footprint += 1
+                        rid = r.headers["x-request-id"]
+                        if ledger.execute("SELECT COUNT(*) FROM requests WHERE request_id = ?", (rid,)).fetchone()[0] != 1:
+                            missing_rows += 1
+                    if i >= warmup:
+                        timings[name].append(elapsed)
+        ledger.close()
+    finally:
+        load_after = os.getloadavg()
+        dep.stop()
+    plain, watt = _percentiles(timings["plain"]), _percentiles(timings["wattlane"])
+    return {
+        "benchmark": "gateway_overhead",
+        "model": MODEL_ID,
+        "requests_each": requests,
+        "warmup_each": warmup,
+        "max_tokens": 1,
+        "plain_ray_serve": plain,
+        "wattlane": watt,
+        "added_p50_ms": watt["p50_ms"] - plain["p50_ms"],
+        "added_p99_ms": watt["p99_ms"] - plain["p99_ms"],
+        "added_median_of_pairs_ms": statistics.median(w - p for w, p in zip(timings["wattlane"], timings["plain"])) * 1000,
+        "wattlane_answers_without_energy_or_carbon": missing_footprint,
+        "wattlane_answers_whose_ledger_row_was_not_committed": missing_rows,
+        "target": {"added_p50_ms": 1.0, "added_p99_ms": 3.0},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_before": load_before, "load_average_after": load_after},
+        "time_unix_s": time.time(),
+    }
+
+
+def write(result: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gateway-overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    p, w = result["plain_ray_serve"], result["wattlane"]
+    m = result["machine"]
+    met = result["added_p50_ms"] <= 1.0 and result["added_p99_ms"] <= 3.0
+    lines = [
+        "# Gateway overhead: Wattlane vs a plain Ray Serve app",
+        "",
+        f"`python -m benchmarks.gateway_overhead`: {result['requests_each']} sequential non-streaming chats each "
+        f"(max_tokens {result['max_tokens']}, after {result['warmup_each']} warm-up requests each) to "
+        f"`{result['model']}` on llama.cpp, alternating a plain Ray Serve app (FastAPI ingress -> handle -> "
+        "a deployment running the same engine and weights) and Wattlane's embedded default, on one Ray "
+        "session and one Serve proxy.",
+        "",
+        "| | p50 (ms) | p99 (ms) | mean (ms) |",
+        "|---|---:|---:|---:|",
+        f"| plain Ray Serve | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | {p['mean_ms']:.1f} |",
+        f"| Wattlane | {w['p50_ms']:.1f} | {w['p99_ms']:.1f} | {w['mean_ms']:.1f} |",
+        f"| **added by Wattlane** | **{result['added_p50_ms']:.1f}** | **{result['added_p99_ms']:.1f}** | "
+        f"{w['mean_ms'] - p['mean_ms']:.1f} |",
+        "",
+        f"Median of the per-pair differences: {result['added_median_of_pairs_ms']:.1f} ms. "
+        f"Target: at most 1 ms p50 and 3 ms p99 added: {'met' if met else 'not met'}.",
+        "",
+        f"Every Wattlane answer carried usage.energy and usage.carbon "
+        f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
+        f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",
+        "",
+        *([f"Before the serving path waited no longer for a meter tick ({b['label']}, same benchmark, same "
+           f"machine, minutes apart): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
+           f"ms p99 against plain {b['plain_ray_serve']['p50_ms']:.1f} / {b['plain_ray_serve']['p99_ms']:.1f}, "
+           f"i.e. {b['added_p50_ms']:.1f} ms p50 and {b['added_p99_ms']:.1f} ms p99 added.", ""]
+          if (b := result.get("before")) else []),
+        f"Machine: {m['cpus']} CPUs, {m['platform']}, Python {m['python']}. Load average (1, 5, 15 min) "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_before'])} before and "
+        f"{', '.join(f'{x:.2f}' for x in m['load_average_after'])} after. The machine is shared with other "
+        "work, so the tails (p99) are noisy; alternating the two apps gives both the same noise.",
+        "",
+    ]
+    (out_dir / "gateway-overhead.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--before", type=Path, help="the JSON of a run on an earlier commit, to show beside this one")
+    ap.add_argument("--before-label", default="an earlier commit")
+    args = ap.parse_args()
+    result = run(args.requests, args.warmup)
+    if args.before:
+        before = json.loads(args.before.read_text())
+        result["before"] = {"label": args.before_label,
+                            **{k: before[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}}
+    write(result, args.out)
+    print(json.dumps({k: result[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

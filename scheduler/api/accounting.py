@@ -1,0 +1,86 @@
+"""Account for one ended request: its carbon, its durable ledger row and its metrics, in one call.
+
+The serving path calls Accounting.record once per request, however it ended (ok, error, cancelled),
+and gets the result back with its carbon filled in; it never reaches into the gateway for these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from scheduler.cluster.messages import AbandonedWork, EnergyReport
+from scheduler.energy.ledger import Ledger, LedgerRow
+from scheduler.energy.metrics import WattlaneMetrics
+
+if TYPE_CHECKING:
+    from scheduler.api.serving import InferenceResult, Job
+
+log = logging.getLogger(__name__)
+
+#: how long to wait for a node agent to settle an abandoned request
+ABANDONED_WAIT_SECONDS = 10.0
+
+#: (node, request_id, timeout_seconds) -> the work an abandoned request left with its node agent
+AbandonedLookup = Callable[[str, str, float], Awaitable["AbandonedWork | None"]]
+
+
+class Accounting:
+    def __init__(self, carbon: Any, ledger: Ledger, metrics: WattlaneMetrics, abandoned: AbandonedLookup | None = None):
+        self.carbon = carbon
+        self.ledger = ledger
+        self.metrics = metrics
+        self._abandoned = abandoned
+
+    async def record(self, job: "Job", result: "InferenceResult", status: str,
+                     energy: EnergyReport | None) -> "InferenceResult":
+        """Carbon for the request's joules, then its ledger row (durable when this returns), then metrics."""
+        if energy is not None and result.carbon is None:
+            footprint = await asyncio.to_thread(self.carbon.footprint, energy.joules, time.time())
+            result = replace(result, carbon=footprint.as_usage())
+        e = result.energy or {}
+        c = result.carbon or {}
+        await self.ledger.arecord(LedgerRow(
+            request_id=result.request_id,
+            time_unix_s=time.time(),
+            model=result.model,
+            device=str(result.routing.get("device") or ""),
+            node=str(result.routing.get("node") or ""),
+            status=status,
+            api_key_id=job.api_key_id,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            ttft_seconds=result.ttft_seconds,
+            tpot_seconds=result.tpot_seconds,
+            latency_seconds=result.latency_seconds,
+            joules=e.get("joules"),
+            dynamic_joules=e.get("dynamic_joules"),
+            idle_joules=e.get("idle_joules"),
+            energy_method=e.get("method"),
+            energy_scope=e.get("scope"),
+            gco2e=c.get("gco2e"),
+            intensity_gco2e_per_kwh=c.get("intensity_gco2e_per_kwh"),
+            pue=c.get("pue"),
+            carbon_source=c.get("source"),
+            carbon_region=c.get("region"),
+            power_limit_watts=energy.power_limit_watts if energy is not None else None,
+            routing_reason=result.routing.get("reason"),
+            priority=job.controls.get("priority"),
+        ))
+        self.metrics.observe_request(
+            model=result.model, status=status, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,
+            tpot_seconds=result.tpot_seconds, joules=e.get("joules"), dynamic_joules=e.get("dynamic_joules"),
+            idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
+        )
+        return result
+
+    async def abandoned_work(self, node: str | None, request_id: str) -> AbandonedWork | None:
+        """Energy and tokens of an abandoned request, as its replica left them with its node agent."""
+        if not node or self._abandoned is None:
+            return None
+        return await self._abandoned(node, request_id, ABANDONED_WAIT_SECONDS)

@@ -1,0 +1,313 @@
+"""The serving core, fast and without Ray: the real Serving, ModelServer, NodeAgent accounting and
+SimulatedEngine in one process (tests/support/serving.py); only Ray's handles are in-process stand-ins.
+
+Every accepted request ends with one ledger row (ok, error or cancelled) that carries the work it
+did; failures before the first event move to the next candidate; errors reach the client through
+the one kind -> status mapping; SSE carries the energy and carbon in its last chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from scheduler.api.errors import ApiError
+from scheduler.api.serving import Job
+from scheduler.cluster.messages import EnergyReport, ReplicaDelta, ReplicaEnd, ReplicaStart
+from scheduler.engines.base import ContextLengthError, EngineError, GenerationRequest, ModelKind, SamplingParams
+from tests.support.serving import Fleet
+
+SMALL, LARGE = "llama-3.1-8b", "llama-3.1-70b"
+
+
+def job(rid: str = "chatcmpl-1", *, model: str = "auto", max_tokens: int = 4, priority: str | None = None) -> Job:
+    request = GenerationRequest(rid, ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
+                                params=SamplingParams(max_tokens=max_tokens))
+    return Job(request_id=rid, model=model, request=request, api_key_id="k",
+               controls={"priority": priority} if priority else {})
+
+
+def run(fleet_test) -> Any:
+    """Run `fleet_test(fleet)` on a fresh fleet and close it (abandoned requests settled first)."""
+    import tempfile
+
+    async def main():
+        fleet = Fleet(Path(tempfile.mkdtemp()))
+        try:
+            return await fleet_test(fleet)
+        finally:
+            await fleet.aclose()
+
+    return asyncio.run(main())
+
+
+class DeadHandle:
+    """A deployment whose replica died: the call fails before any event."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def options(self, **_: Any) -> "DeadHandle":
+        return self
+
+    @property
+    def generate(self) -> "DeadHandle":
+        return self
+
+    def remote(self, request: Any, placement: Any = None) -> "DeadHandle":
+        self.calls += 1
+        return self
+
+    async def __anext__(self) -> Any:
+        raise RuntimeError("actor died")
+
+    def cancel(self) -> None:
+        pass
+
+
+def failing_engine(fleet: Fleet, model: str, error: BaseException, after_tokens: int) -> None:
+    """Make the model's real engine fail after `after_tokens` tokens (the replica still settles the request)."""
+    server = fleet.handles[model].server
+    real = server.engine.generate
+
+    async def generate(request):
+        async for ev in real(request):
+            if ev.completion_tokens > after_tokens:
+                raise error
+            yield ev
+
+    server.engine.generate = generate
+
+
+def test_a_chat_is_answered_with_energy_and_carbon_and_its_row_is_committed_before_the_answer():
+    async def check(fleet: Fleet):
+        began = time.monotonic()
+        result = await fleet.serving.run(job())
+        rows = fleet.rows()  # no wait: the row was durable before run() returned
+        return result, rows, time.monotonic() - began
+
+    result, rows, elapsed_s = run(check)
+    assert result.model == SMALL and result.completion_tokens == 4 and result.finish_reason == "length"
+    assert result.energy["method"] == "simulated" and result.energy["joules"] > 0
+    assert result.carbon["gco2e"] > 0 and result.carbon["region"] == "FRA"
+    assert [(r["request_id"], r["status"]) for r in rows] == [("chatcmpl-1", "ok")]
+    assert rows[0]["joules"] == pytest.approx(result.energy["joules"])
+    assert rows[0]["gco2e"] == pytest.approx(result.carbon["gco2e"])
+    assert 0 <= result.ttft_seconds <= result.latency_seconds
+    assert elapsed_s < 2.0, "the energy must not wait for a meter tick (the meter here never ticks)"
+
+
+def test_a_replica_that_fails_before_its_first_event_is_retried_on_the_next_candidate():
+    async def check(fleet: Fleet):
+        dead = fleet.serving.handles[SMALL] = DeadHandle()
+        result = await fleet.serving.run(job())
+        return result, dead.calls, fleet.rows()
+
+    result, calls, rows = run(check)
+    assert calls == 1
+    assert result.model == LARGE and f"retried on {LARGE} after {SMALL} failed" in result.routing["reason"]
+    assert [(r["model"], r["status"]) for r in rows] == [(LARGE, "ok")]
+
+
+def test_when_every_candidate_fails_the_answer_is_503_no_capacity_with_retry_after():
+    async def check(fleet: Fleet):
+        fleet.serving.handles[SMALL] = DeadHandle()
+        fleet.serving.handles[LARGE] = DeadHandle()
+        with pytest.raises(ApiError) as exc:
+            await fleet.serving.run(job())
+        return exc.value
+
+    err = run(check)
+    assert err.status == 503 and err.body()["error"]["code"] == "no_capacity"
+    assert err.headers == {"Retry-After": "5"} and "RuntimeError" in err.body()["error"]["message"]
+
+
+@pytest.mark.parametrize("error, after, status, code, param", [
+    (EngineError("out of memory"), 2, 503, "engine_error", None),
+    (TypeError("an engine bug"), 2, 503, "engine_error", None),
+    (ContextLengthError(9000, 100, 8192), 0, 400, "context_length_exceeded", "messages"),
+], ids=["engine-error-mid-stream", "engine-bug-mid-stream", "context-length-at-start"])
+def test_replica_errors_reach_the_client_through_one_mapping_and_are_recorded_with_their_energy(
+        error, after, status, code, param):
+    async def check(fleet: Fleet):
+        failing_engine(fleet, SMALL, error, after)
+        with pytest.raises(ApiError) as exc:
+            await fleet.serving.run(job(max_tokens=8))
+        return exc.value, fleet.rows(), fleet.handles[LARGE].streams
+
+    err, rows, large_streams = run(check)
+    body = err.body()["error"]
+    assert (err.status, body["code"], body["param"]) == (status, code, param)
+    assert not large_streams, "a replica that answered is not retried elsewhere"
+    assert [r["status"] for r in rows] == ["error"]
+    assert min(after, 1) <= rows[0]["completion_tokens"] <= after  # the tokens the replica saw before it failed
+    assert rows[0]["energy_method"] == "simulated" and rows[0]["joules"] is not None
+
+
+def test_cascade_escalates_an_unsure_small_model_and_charges_both_attempts():
+    async def check(fleet: Fleet):
+        fleet.config.routing.cascade = True  # the simulated engine reports no log-probabilities: unsure
+        result = await fleet.serving.run(job(priority="batch"))
+        return result, fleet.rows()
+
+    result, rows = run(check)
+    assert result.model == LARGE and f"escalated from {SMALL} to {LARGE}" in result.routing["reason"]
+    by_id = {r["request_id"]: r for r in rows}
+    assert set(by_id) == {"chatcmpl-1", "chatcmpl-1-cascade"}
+    assert by_id["chatcmpl-1"]["model"] == SMALL and by_id["chatcmpl-1-cascade"]["model"] == LARGE
+    assert result.energy["joules"] == pytest.approx(by_id["chatcmpl-1"]["joules"] + by_id["chatcmpl-1-cascade"]["joules"])
+    assert result.completion_tokens == 8
+
+
+def test_a_client_that_disconnects_stops_the_generation_and_gets_a_cancelled_row_with_the_work_done(caplog):
+    """Starlette cancels a streaming response's task group when the client goes away; every await
+    after that is cancelled again. The row must still be written, with the energy the replica left."""
+    async def check(fleet: Fleet):
+        got: list[str] = []
+        session = await fleet.serving.open(job(max_tokens=2000))
+        async with anyio.create_task_group() as tg:
+            async def consume():
+                async for text in session.deltas():
+                    got.append(text)
+                    if len(got) == 3:
+                        tg.cancel_scope.cancel()  # the client disconnected
+            tg.start_soon(consume)
+        await fleet.serving.settled()
+        stream = fleet.handles[SMALL].streams[0]
+        return got, fleet.rows(), stream.cancelled, fleet.agent.attributor.running()
+
+    with caplog.at_level(logging.WARNING):
+        got, rows, cancelled, running = run(check)
+    assert cancelled, "the generation must be stopped"
+    assert running == 0, "the node agent settled the request"
+    assert [r["status"] for r in rows] == ["cancelled"]
+    assert rows[0]["joules"] > 0 and rows[0]["energy_method"] == "simulated"
+    assert 3 <= rows[0]["completion_tokens"] < 2000
+    assert not [r for r in caplog.records if r.exc_info], "no traceback for a client that left"
+
+
+def test_a_client_that_leaves_before_the_first_event_still_gets_a_row():
+    class Silent(DeadHandle):
+        async def __anext__(self) -> Any:
+            await asyncio.sleep(3600)
+
+    async def check(fleet: Fleet):
+        fleet.serving.handles[SMALL] = Silent()
+        task = asyncio.create_task(fleet.serving.open(job()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await fleet.serving.settled()
+        return fleet.rows()
+
+    assert [r["status"] for r in run(check)] == ["cancelled"]
+
+
+class ScriptedHandle(DeadHandle):
+    """A deployment that answers with given events (typed, as the replica sends them), `gap_s` apart."""
+
+    def __init__(self, events: list[Any], gap_s: float):
+        super().__init__()
+        self.events, self.gap_s = list(events), gap_s
+
+    async def __anext__(self) -> Any:
+        if not self.events:
+            raise StopAsyncIteration
+        if self.calls and len(self.events) < 5:
+            await asyncio.sleep(self.gap_s)
+        return self.events.pop(0)
+
+
+def test_ttft_and_latency_are_measured_on_the_gateways_clock():
+    """The engine stamps events on its own clock (another machine's, or simulated time that lags
+    behind): those stamps must not be mixed with the gateway's. TTFT >= 0 and TTFT <= latency."""
+    skew = -6.3
+    energy = EnergyReport(4.0, 3.0, 1.0, "simulated", "gpu", "gpu0", "n1", True, True, 3.0)
+    events = [ReplicaStart("small#0", "gpu0", "n1", skew), ReplicaDelta("", 10, 0, skew),
+              ReplicaDelta("a ", 10, 1, skew + 0.01), ReplicaDelta("b ", 10, 2, skew + 0.02),
+              ReplicaEnd("c ", 10, 3, "length", skew + 0.03, None, energy)]
+
+    async def check(fleet: Fleet):
+        fleet.serving.handles[SMALL] = ScriptedHandle(events, gap_s=0.05)
+        return await fleet.serving.run(job()), fleet.rows()
+
+    result, rows = run(check)
+    assert [r["status"] for r in rows] == ["ok"] and rows[0]["joules"] == pytest.approx(4.0)
+    assert 0.05 <= result.ttft_seconds <= result.latency_seconds
+    assert result.latency_seconds >= 0.15
+    assert result.tpot_seconds == pytest.approx((result.latency_seconds - result.ttft_seconds) / 2, abs=0.02)
+
+
+# --- through HTTP: the routes' SSE framing over the same serving path ---------------------------------
+
+
+def _events(lines: list[str]) -> list[Any]:
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_sse_stream_frames_chunks_and_puts_usage_energy_and_carbon_last(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.support.gateway_app import bearer, build
+
+    app, gw = build(tmp_path)
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/chat/completions", json=body, headers=bearer("client")) as r:
+                assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+                raw = list(r.iter_lines())
+                rows_at_end = gw.ledger.requests(limit=None)
+    finally:
+        gw.close()
+    events = _events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    rid = r.headers["x-request-id"]
+    assert all(c["id"] == rid and c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-2])
+    assert len(text.split()) == 5
+    final, usage = chunks[-2], chunks[-1]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["energy"]["method"] == "simulated" and final["carbon"]["gco2e"] > 0
+    assert final["choices"][0]["logprobs"]["energy"] == final["energy"]  # where LangChain keeps it
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+    assert usage["usage"]["energy"] == final["energy"] and usage["usage"]["carbon"] == final["carbon"]
+    # the ledger row was committed before the last byte
+    assert [(x["request_id"], x["status"]) for x in rows_at_end] == [(rid, "ok")]
+    assert rows_at_end[0]["joules"] == pytest.approx(final["energy"]["joules"])
+
+
+def test_an_error_after_the_headers_is_reported_in_band_in_the_envelope(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from tests.support.gateway_app import bearer, build
+
+    app, gw = build(tmp_path)
+    failing_engine(gw.fleet, SMALL, EngineError("out of memory"), 2)
+    body = {"model": SMALL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": True}
+    try:
+        with TestClient(app) as client:
+            with client.stream("POST", "/v1/chat/completions", json=body, headers=bearer("client")) as r:
+                raw = list(r.iter_lines())
+    finally:
+        gw.close()
+    events = _events(raw)
+    assert events[-1] == "[DONE]"
+    assert events[-2] == {"error": {"message": f"model {SMALL} failed: out of memory", "type": "service_unavailable",
+                                    "param": None, "code": "engine_error"}}
