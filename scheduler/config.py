@@ -223,6 +223,10 @@ class ServerConfig(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     state_dir: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
+    #: inference requests one gateway replica holds at once; past it, 503 + Retry-After before the body
+    #: is read (None: no limit). Admission refuses what the models cannot start in time; this refuses
+    #: what the gateway itself cannot even look at in time, cheaply, when it is flooded.
+    max_inflight_requests: Annotated[int, Field(ge=1)] | None = None
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
 
 

@@ -84,6 +84,39 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+#: the routes that do inference: the ones a flood is made of, and the only ones the in-flight limit counts
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+class InflightLimit:
+    """Refuses an inference request at once (503 no_capacity + Retry-After) while max_inflight are in flight.
+
+    It runs before the body is read, routing or auth: under a flood, a refusal must cost the gateway
+    almost nothing, or the requests it refuses queue for its CPU as long as the ones it serves.
+    """
+
+    def __init__(self, app: ASGIApp, max_inflight: int | None, retry_after_seconds: int = 1):
+        self.app = app
+        self.max_inflight = max_inflight
+        self.retry_after_seconds = retry_after_seconds
+        self.inflight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.max_inflight is None or scope["type"] != "http" or scope.get("path") not in INFERENCE_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            await ApiError(503, f"the gateway is at its limit of {self.max_inflight} requests in flight; retry "
+                           "after the Retry-After seconds", code="no_capacity",
+                           headers={"Retry-After": str(self.retry_after_seconds)}).response()(scope, receive, send)
+            return
+        self.inflight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
 def create_app(gateway: Any) -> FastAPI:
     from scheduler.api.routes import inference, service
 
@@ -99,5 +132,6 @@ def create_app(gateway: Any) -> FastAPI:
         app.include_router(extra)
     app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     app.add_middleware(BodySizeLimit, max_body_bytes=gateway.config.server.max_body_bytes)
+    app.add_middleware(InflightLimit, max_inflight=gateway.config.server.max_inflight_requests)
     app.add_middleware(RequestIdMiddleware)  # outermost: every answer, a 413 included, carries the id
     return app
