@@ -12,4 +12,4 @@ def test_schema_fuzz_llamacpp(server) -> None:
     # the steering reaches the successful path on every inference endpoint, not only the error paths
     for path in INFERENCE_PATHS:
         assert stats.ok_by_path[path] >= 20, (path, stats.ok_by_path)
-    assert sum(n for s, n in stats.statuses.items() if 400 <= s < 500) >= 100, stats.statuses
+    assert sum(n for (_, s), n in stats.by_path_status.items() if 400 <= s < 500) >= 100, stats.by_path_status

@@ -34,7 +34,6 @@ MAX_FUZZ_TOKENS = 2
 @dataclass
 class FuzzStats:
     cases: int = 0
-    statuses: Counter = field(default_factory=Counter)
     ok_by_path: Counter = field(default_factory=Counter)
     by_path_status: Counter = field(default_factory=Counter)
     #: one error message per (path, status), to see what the fuzz mostly hits
