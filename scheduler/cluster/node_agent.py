@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 FINISH_TIMEOUT_SECONDS = 2.0
 #: how long an abandoned request's outcome waits for the gateway to collect it
 ABANDONED_TTL_SECONDS = 120.0
+#: how long the gateway's take_abandoned waits for the replica's abandon_request before settling itself
+ABANDON_GRACE_SECONDS = 2.0
 #: how long a finished request's energy stays available to a late abandon_request
 FINISHED_TTL_SECONDS = 30.0
 
@@ -232,8 +234,17 @@ class NodeAgent:
         self._abandoned.put(request_id, AbandonedWork(energy, prompt_tokens, completion_tokens))
 
     async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
-        """The outcome abandon_request kept for request_id, waiting up to timeout_seconds for it."""
-        return await self._abandoned.take(request_id, timeout_seconds)
+        """The outcome abandon_request kept for request_id, waiting a short while for it.
+
+        The replica's abandon_request can itself be lost: Ray cancels the calls a cancelled request
+        makes, and that call is made while it is being cancelled. Then the request is settled here, up
+        to now and with the token counts of its last progress report, so that it stops drawing energy
+        and its joules still reach the ledger."""
+        work = await self._abandoned.take(request_id, min(timeout_seconds, ABANDON_GRACE_SECONDS))
+        if work is not None:
+            return work
+        energy = await self.finish_request(request_id, time.time())
+        return None if energy is None else AbandonedWork(energy, 0, 0)
 
     # --- simulated engines (they drive the simulated GPUs this agent owns) --------------------
     async def sim_open(self, model: dict[str, Any], replica_index: int) -> dict[str, Any]:

@@ -263,3 +263,20 @@ def test_replica_stats_pushes_are_throttled_and_the_last_state_still_goes_out():
     asyncio.run(main())
     assert len(pushed) <= 3, pushed
     assert pushed[-1] == 0, "the trailing push publishes the latest state"
+
+
+def test_an_abandon_call_that_never_arrives_is_settled_when_the_gateway_asks() -> None:
+    """Ray can cancel the replica's own abandon_request (it is sent while the request is cancelled): the
+    request then stayed 'running' and its cancelled row had no energy (integration test, 1 run in 3)."""
+    agent = make_agent()
+
+    async def main():
+        t0 = time.time()
+        agent.start_request("r2", [DEVICE], t0)
+        agent.progress("r2", 10, 5, t0 + 0.2)
+        agent.attributor.on_interval(DEVICE, t0 + 0.1, t0 + 0.3, 4.0)
+        return await agent.take_abandoned("r2", 0.05)  # the gateway asks; no abandon_request ever came
+
+    work = asyncio.run(main())
+    assert agent.attributor.running(DEVICE) == 0
+    assert work is not None and work.energy is not None and work.energy.joules > 0
