@@ -99,6 +99,15 @@ class StreamSession:
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._text: list[str] = []
+        self._end: ReplicaEnd | None = None
+        self._recording: asyncio.Task | None = None
+
+    def _record_finished(self) -> asyncio.Task:
+        """The finished request's ledger row, written once, in a task the serving object tracks to the end."""
+        if self._recording is None:
+            self._recording = self._serving._in_background(self._serving._complete(self, self._end),
+                                                           f"record-{self.job.request_id}")
+        return self._recording
 
     def _seen(self, ev: ReplicaEvent) -> None:
         self._prompt_tokens = max(self._prompt_tokens, getattr(ev, "prompt_tokens", 0))
@@ -135,11 +144,14 @@ class StreamSession:
                 if isinstance(ev, ReplicaError):
                     failure = ev
                     raise replica_error(ev.kind, ev.message, ev.param)
+                if isinstance(ev, ReplicaEnd):
+                    self._end = ev  # the work is done: from here on the request's row is the finished one
                 if ev.text:
                     self._text.append(ev.text)
                     yield ev.text
                 if isinstance(ev, ReplicaEnd):
-                    self.result = await self._serving._complete(self, ev)
+                    # shielded: a client that leaves now must not stop the row of work that is finished
+                    self.result = await asyncio.shield(self._record_finished())
                     status = "ok"
                     return
                 ev = await self._next()
@@ -149,7 +161,9 @@ class StreamSession:
         finally:
             if status != "ok":
                 self._events.cancel()
-            if status == "cancelled":
+            if status == "cancelled" and self._end is not None:
+                self._record_finished()  # finished work whose client left: one row, the finished one
+            elif status == "cancelled":
                 # no await here: a cancelled task (or a closing generator) cannot wait for the ledger
                 self._serving._settle_abandoned(self.job, self.routing, self.started_s, self._prompt_tokens,
                                                 self._completion_tokens, self._first_token_s)
@@ -338,11 +352,15 @@ class Serving:
                           completion_tokens: int, first_token_s: float | None) -> None:
         """Record a request its client abandoned, in the background: the replica stops it and leaves the
         energy and tokens of the work done with its node agent, which this collects for the ledger."""
-        task = asyncio.get_running_loop().create_task(
-            self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s),
-            name=f"settle-{job.request_id}")
+        self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s),
+                            f"settle-{job.request_id}")
+
+    def _in_background(self, coro: Any, name: str) -> asyncio.Task:
+        """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
 
     async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
                       completion_tokens: int, first_token_s: float | None) -> None:

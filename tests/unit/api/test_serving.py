@@ -193,6 +193,31 @@ def test_a_client_that_disconnects_stops_the_generation_and_gets_a_cancelled_row
     assert not [r for r in caplog.records if r.exc_info], "no traceback for a client that left"
 
 
+@pytest.mark.parametrize("leave", ["at the last text", "while the row is written"])
+def test_a_client_that_leaves_after_the_work_finished_gets_one_row(leave):
+    """A stream whose client left once the replica had finished got two rows, 'ok' and 'cancelled', each
+    with the whole request's joules: its energy counted twice (load test, 2 of 80 abandoned streams)."""
+    async def check(fleet: Fleet):
+        got: list[str] = []
+        session = await fleet.serving.open(job(max_tokens=3))
+        async with anyio.create_task_group() as tg:
+            async def consume():
+                async for text in session.deltas():
+                    got.append(text)
+                    if leave == "at the last text" and session._end is not None:
+                        tg.cancel_scope.cancel()  # the client left as the last piece reached it
+                    elif leave == "while the row is written" and session._end is not None:
+                        await asyncio.sleep(0)
+                        tg.cancel_scope.cancel()
+            tg.start_soon(consume)
+        await fleet.serving.settled()
+        return fleet.rows()
+
+    rows = run(check)
+    assert [r["status"] for r in rows] == ["ok"], rows
+    assert rows[0]["joules"] > 0 and rows[0]["completion_tokens"] == 3
+
+
 def test_a_client_that_leaves_before_the_first_event_still_gets_a_row():
     class Silent(DeadHandle):
         async def __anext__(self) -> Any:
