@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,7 +12,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.server import free_port
+from tests.support.served import served
 
 pytestmark = pytest.mark.slow
 
@@ -29,31 +27,8 @@ def fleet(tmp_path_factory):
     big = next(m for m in cfg["models"] if m["id"] == "llama-3.1-70b")
     big.update(max_ongoing_requests=1, max_queued_requests=1)  # a tiny queue, to see backpressure
     cfg["routing"]["admission"] = "queue"  # Serve's queue bound alone (SLO admission: tests/e2e/test_overload_admission.py)
-    path = tmp / "fleet.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WATTLANE_"))}
-    env.update(WATTLANE_STATE_DIR=str(tmp / "state"), PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "scheduler", "serve", "--config", str(path), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            raise AssertionError("fleet not ready")
-        time.sleep(1)
-    yield url, tmp / "state"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0, out
+    with served(cfg, tmp) as srv:
+        yield srv.url, srv.state_dir
 
 
 def chat(url: str, model: str, max_tokens: int) -> dict:
