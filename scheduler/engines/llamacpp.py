@@ -24,7 +24,6 @@ from typing import Any
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.config_error import ConfigError
 from scheduler.engines.base import (
-    DEFAULT_MAX_TOKENS,  # noqa: F401  (re-exported: the default is shared by every engine)
     ContextLengthError,
     Engine,
     EngineError,
