@@ -42,4 +42,15 @@ def share_budget(budget_watts: float, mins: Sequence[float], maxs: Sequence[floa
             remaining -= maxs[i] - alloc[i]
             alloc[i] = float(maxs[i])
             open_.remove(i)
-    return [max(float(mins[i]), float(math.floor(alloc[i] + 1e-6))) for i in range(n)]
+    out = [max(float(mins[i]), float(math.floor(alloc[i] + 1e-6))) for i in range(n)]
+    # the tolerance that keeps 549.9999999 W from becoming 549 W can round a share up past the budget:
+    # take those watts back, one at a time, from the devices furthest above their minimum
+    excess = sum(out) - budget_watts
+    while excess > 1e-9:
+        above = [i for i in range(n) if out[i] - 1.0 >= mins[i]]
+        if not above:
+            break
+        i = max(above, key=lambda k: out[k] - mins[k])
+        out[i] -= 1.0
+        excess -= 1.0
+    return out

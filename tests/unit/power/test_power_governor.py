@@ -259,3 +259,12 @@ def test_config_rejects_bad_policy_options():
 
     with pytest.raises(ValidationError, match="budget_watts"):
         PowerGroupConfig(name="g", devices=["gpu0"], policy="budget", options={})
+
+
+def test_share_budget_rounding_never_lands_over_a_budget_just_under_a_whole_watt():
+    """Found by hypothesis: 1810 W handed out against a 1809.5 W budget; a share of 549.9999999 W was
+    rounded up to 550 W by the tolerance that keeps it from becoming 549 W."""
+    assert share_budget(549.9999995, [100.0], [1000.0], [1.0]) == [549.0]
+    alloc = share_budget(1809.9999995, [52.0, 108.0, 200.0, 200.0, 200.0], [52.0, 108.0, 550.0, 550.0, 550.0],
+                         [0.0, 0.0, 1.0, 1.0, 1.0])
+    assert sum(alloc) <= 1809.9999995 and alloc[:2] == [52.0, 108.0]
