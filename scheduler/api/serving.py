@@ -10,6 +10,7 @@ Its dependencies are given, not looked up: tests drive it with in-process handle
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -356,8 +357,12 @@ class Serving:
                             f"settle-{job.request_id}")
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
-        """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it)."""
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
+
+        It runs in a fresh context: Ray finds the task that makes a remote call through a context
+        variable, and when a client leaves it cancels the calls of that request's task, a background
+        task created from it included (the abandoned work's energy was lost that way)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name, context=contextvars.Context())
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
         return task

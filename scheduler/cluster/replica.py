@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -210,7 +211,9 @@ class ModelServer:
                  energy: EnergyReport | None) -> None:
         """Settle a cancelled request with the agent (fire and forget: this task is being cancelled)."""
         if self.agent is not None:
-            self.agent.abandon_request.remote(request_id, time.time(), prompt_tokens, completion_tokens, energy)
+            # outside this request's context, or Ray cancels the call along with the request it belongs to
+            contextvars.Context().run(self.agent.abandon_request.remote, request_id, time.time(), prompt_tokens,
+                                      completion_tokens, energy)
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.engine.close()
