@@ -45,10 +45,19 @@ class Gateway:
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
         self._power_seen: dict[tuple[str, str], int] = {}
+        from scheduler.teams.guard import TeamGuard
+        from scheduler.teams.keys import KeyCache, KeyRegistry
+        from scheduler.teams.store import TeamsStore
+
+        # run-time keys, limits and budgets: one SQLite file that every gateway replica and the CLI share
+        self.teams_store = TeamsStore(self.state_dir)
+        self.key_cache = KeyCache(self.teams_store)
+        self.key_registry = KeyRegistry(self.teams_store, {k.id for k in self.config.server.api_keys})
         self.serving = Serving(
             self.config, ModelSelection(self.config),
             Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned),
-            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
+            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher,
+            teams=TeamGuard(self.teams_store, grams_per_joule=lambda: self.carbon.footprint(1.0, time.time()).gco2e))
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
@@ -57,8 +66,9 @@ class Gateway:
 
     def extra_routers(self) -> list[Any]:
         from scheduler.api.routes import dashboard, energy, operator
+        from scheduler.teams import routes as teams
 
-        return [energy.router, operator.router, dashboard.router]
+        return [energy.router, operator.router, dashboard.router, teams.router]
 
     # --- node agents and live readings -----------------------------------------------------------
     def agents(self) -> dict[str, Any]:

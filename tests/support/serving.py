@@ -30,6 +30,8 @@ from scheduler.energy.ledger import Ledger
 from scheduler.energy.meter import DeviceMeter
 from scheduler.energy.metrics import WattlaneMetrics
 from scheduler.engines.simulated import build_simulated_engine
+from scheduler.teams.guard import TeamGuard
+from scheduler.teams.store import TeamsStore
 
 NODE = "sim-node0"
 
@@ -172,9 +174,12 @@ class Fleet:
         async def take_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
             return await self.agent_handle.take_abandoned.remote(request_id, timeout_seconds)
 
-        self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, self.metrics,
-                                     abandoned=take_abandoned)
-        self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles)
+        carbon = make_carbon_provider(config.energy.carbon)
+        self.accounting = Accounting(carbon, self.ledger, self.metrics, abandoned=take_abandoned)
+        # the gateway's teams admission on the state directory's real teams database (acts only on jobs with a quota)
+        self.teams_store = TeamsStore(state_dir)
+        self.guard = TeamGuard(self.teams_store, grams_per_joule=lambda: carbon.footprint(1.0).gco2e)
+        self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles, teams=self.guard)
 
     def rows(self) -> list[dict[str, Any]]:
         return self.ledger.requests(limit=None)
