@@ -3,7 +3,8 @@
 Keys are stored only as sha256 hashes: in the config (server.api_keys), and, created at run time,
 in the state directory's teams database (scheduler/teams/keys.py; seen by every gateway replica
 within KEY_CACHE_SECONDS of a change). With no key anywhere the server binds to 127.0.0.1 (see
-cluster/runtime.py) and every caller acts as an anonymous operator; the first key turns this off.
+cluster/runtime.py) and every caller acts as an anonymous operator; the first key, config or run-time,
+turns this off for good (revoking the last run-time key does not turn it back on).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class KeyStore:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._by_hash) or (self._runtime is not None and self._runtime.any_active())
+        return bool(self._by_hash) or (self._runtime is not None and self._runtime.any_ever())
 
     def _quota(self, key_id: str, key: KeyQuota) -> Quota | None:
         return quota_for(self._config, key_id, key) if self._config is not None else None

@@ -72,15 +72,16 @@ def use(conn: sqlite3.Connection, subject: Subject, budget: BudgetConfig, now_s:
     return BudgetUse(subject, budget, row[0] if row else 0.0, reserved, end)
 
 
-def cost_estimate(conn: sqlite3.Connection, subject: Subject) -> tuple[float, float]:
-    """(joules, gCO2e) one request of the subject has cost lately; (0, 0) before its first."""
+def cost_estimate(conn: sqlite3.Connection, subject: Subject) -> tuple[float, float] | None:
+    """(joules, gCO2e) one request of the subject has cost lately; None before its first measured one."""
     row = conn.execute("SELECT joules_per_request, gco2e_per_request FROM cost_estimate WHERE subject = ?",
                        (subject.name,)).fetchone()
-    return (row[0], row[1]) if row else (0.0, 0.0)
+    return (row[0], row[1]) if row else None
 
 
-def add_spend(conn: sqlite3.Connection, subject_name: str, joules: float, gco2e: float, at_s: float) -> None:
-    """Count a finished request's joules and grams in the subject's day and month, and in its cost average."""
+def add_spend(conn: sqlite3.Connection, subject_name: str, joules: float, gco2e: float, at_s: float, *,
+              measured: bool = True) -> None:
+    """Count a finished request's joules and grams in the subject's day and month, and (measured) in its cost average."""
     for period in PERIODS:
         start, _ = period_bounds(period, at_s)
         conn.execute(
@@ -88,6 +89,8 @@ def add_spend(conn: sqlite3.Connection, subject_name: str, joules: float, gco2e:
             "ON CONFLICT (subject, period, period_start_unix_s) DO UPDATE SET joules = joules + excluded.joules, "
             "gco2e = gco2e + excluded.gco2e, requests = requests + 1",
             (subject_name, period, start, joules, gco2e))
+    if not measured:
+        return
     w = COST_AVERAGE_WEIGHT
     conn.execute(
         "INSERT INTO cost_estimate (subject, joules_per_request, gco2e_per_request) VALUES (?, ?, ?) "

@@ -13,7 +13,9 @@ Why SQLite rather than a Ray actor: the check and the reservation are one BEGIN 
 single-threaded actor hop on every request; the CLI works on the same file with the server up or
 down; and spend and limits survive restarts. Overshoot bound: limits none (a request's tokens are
 reserved as prompt estimate + max_tokens); budgets, what the requests running when a budget runs out
-spend beyond their reservations (each reserves at least the subject's moving average per request).
+spend beyond their reservations (each reserves at least the subject's moving average per request, and
+until a subject has one measured request each replica runs only one of its requests at a time, so with
+requests of like cost no more than one request per replica is admitted beyond the budget).
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ STATE_CACHE_SECONDS = 0.5
 #: a reservation its gateway never settled (the process died) stops counting after this
 RESERVATION_TTL_SECONDS = 900.0
 BUDGET_WARNING_HEADER = "x-wattlane-budget-warning"
+#: before a budgeted subject has a measured request, each replica runs one of its requests at a time
+#: (the others wait, polling): the only spend no reservation backs is one request per replica
+FIRST_MEASUREMENT_POLL_SECONDS = 0.05
+FIRST_MEASUREMENT_WAIT_SECONDS = 60.0
+#: reserve_now's answer while this replica's first request of a budgeted subject runs
+FIRST_MEASUREMENT_PENDING = limits.Refusal("first measurement pending", 1)
 
 
 def replica_holder() -> str:
@@ -76,7 +84,7 @@ class Ticket:
         if self.settled:
             return
         self.settled = True
-        await asyncio.to_thread(self.guard.settle_now, self, joules or 0.0, gco2e or 0.0, tokens)
+        await asyncio.to_thread(self.guard.settle_now, self, joules, gco2e, tokens)
 
     def release(self) -> None:
         """The request ended before any work (no ledger row): free its reservation, in the background."""
@@ -121,12 +129,21 @@ class TeamGuard:
         chosen = decision.chosen
         predicted_joules = (chosen.predicted_energy_joules if chosen is not None else None) or 0.0
         tokens = decision.prompt_tokens + decision.output_tokens
-        reserving = asyncio.ensure_future(asyncio.to_thread(self.reserve_now, ticket, predicted_joules, tokens))
-        try:
-            refusal = await asyncio.shield(reserving)
-        except asyncio.CancelledError:  # the client left: whatever the transaction reserved is freed when it ends
-            reserving.add_done_callback(lambda _: ticket.release())
-            raise
+        waited_s = 0.0
+        while True:
+            reserving = asyncio.ensure_future(asyncio.to_thread(self.reserve_now, ticket, predicted_joules, tokens))
+            try:
+                refusal = await asyncio.shield(reserving)
+            except asyncio.CancelledError:  # the client left: whatever the transaction reserved is freed when it ends
+                reserving.add_done_callback(lambda _: ticket.release())
+                raise
+            if refusal is not FIRST_MEASUREMENT_PENDING:
+                break
+            if waited_s >= FIRST_MEASUREMENT_WAIT_SECONDS:
+                refusal = limits.Refusal("the budget's first request is still being measured", 1, code="budget_exceeded")
+                break
+            await asyncio.sleep(FIRST_MEASUREMENT_POLL_SECONDS)
+            waited_s += FIRST_MEASUREMENT_POLL_SECONDS
         if refusal is not None:
             job.admission = None
             raise ApiError(429, refusal.message + f"; retry after {refusal.retry_after_seconds} s",
@@ -183,7 +200,13 @@ class TeamGuard:
                 refusal = limits.check(conn, s, now_s, tokens)
                 if refusal is not None:
                     return refusal
-                avg_joules, avg_gco2e = budgets.cost_estimate(conn, s)
+                avg = budgets.cost_estimate(conn, s) if s.budgets else (0.0, 0.0)
+                if avg is None:  # nothing measured yet: one request per replica until the first is
+                    if conn.execute("SELECT 1 FROM inflight WHERE subject = ? AND holder = ? AND expires_unix_s > ? "
+                                    "LIMIT 1", (s.name, self.holder, now_s)).fetchone():
+                        return FIRST_MEASUREMENT_PENDING
+                    avg = (0.0, 0.0)
+                avg_joules, avg_gco2e = avg
                 joules = max(predicted_joules, avg_joules)
                 gco2e = max(predicted_joules * grams_per_joule, avg_gco2e)
                 for b in s.budgets:
@@ -211,14 +234,15 @@ class TeamGuard:
         ticket.reserved = True
         return None
 
-    def settle_now(self, ticket: Ticket, joules: float, gco2e: float, tokens: int) -> None:
+    def settle_now(self, ticket: Ticket, joules: float | None, gco2e: float | None, tokens: int) -> None:
+        """None: not known (the request failed before its energy was); it spends nothing and teaches no estimate."""
         now_s = time.time()
         with self.store.write() as conn:
             conn.execute("DELETE FROM inflight WHERE ticket = ?", (ticket.ticket_id,))
             for window_id in ticket.window_ids.values():
                 limits.settle_tokens(conn, window_id, tokens)
             for s in ticket.quota.subjects:
-                budgets.add_spend(conn, s.name, joules, gco2e, now_s)
+                budgets.add_spend(conn, s.name, joules or 0.0, gco2e or 0.0, now_s, measured=joules is not None)
         ticket.reserved = False
         for s in ticket.quota.subjects:  # this replica's next soft decision sees its own spend at once
             self._state.pop(s.name, None)

@@ -169,6 +169,7 @@ class KeyCache:
         self.ttl_seconds = ttl_seconds
         self._by_hash: dict[str, RuntimeKey] = {}
         self._version: int | None = None
+        self._ever = False
         self._checked_monotonic = -1e9
         self._lock = threading.Lock()
 
@@ -182,13 +183,15 @@ class KeyCache:
             if version != self._version:
                 rows = conn.execute(f"SELECT {_COLUMNS}, key_sha256 FROM api_keys WHERE revoked_unix_s IS NULL").fetchall()
                 self._by_hash = {r[9]: _row_key(r[:9]) for r in rows}
+                self._ever = bool(rows) or conn.execute("SELECT 1 FROM api_keys LIMIT 1").fetchone() is not None
                 self._version = version
             self._checked_monotonic = now
 
-    def any_active(self) -> bool:
+    def any_ever(self) -> bool:
+        """Whether a run-time key was ever created: from then on every caller needs a key, even after the
+        last one is revoked (revoking a key must never open the server to anonymous callers)."""
         self._refresh()
-        now_s = time.time()
-        return any(k.active(now_s) for k in self._by_hash.values())
+        return self._ever
 
     def lookup(self, key_sha256: str) -> RuntimeKey | None:
         """The active key with this hash, or None (unknown, revoked or expired)."""
