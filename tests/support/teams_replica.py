@@ -1,7 +1,8 @@
 """One gateway replica's teams admission, as its own process, for tests of what replicas share.
 
-python -m tests.support.teams_replica STATE_DIR HOLDER BUDGET_JOULES COST_JOULES PREDICTED_JOULES CONCURRENCY START_UNIX_S
-waits until START_UNIX_S (so that replicas started one after the other run at once), then runs the real TeamGuard on the state directory's teams database: CONCURRENCY tasks send requests of
+python -m tests.support.teams_replica STATE_DIR HOLDER BUDGET_JOULES COST_JOULES PREDICTED_JOULES CONCURRENCY
+prints "ready" and waits for the file STATE_DIR/go (so that replicas started one after the other run at
+once), then runs the real TeamGuard on the state directory's teams database: CONCURRENCY tasks send requests of
 one key (each "runs" 50 ms and costs COST_JOULES, routing predicted PREDICTED_JOULES) until the key's
 day budget answers that it is spent; prints {"accepted": n, "refused": m} as JSON.
 """
@@ -12,6 +13,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from scheduler.api.errors import ApiError
@@ -61,6 +63,9 @@ async def replica(state_dir: str, holder: str, budget_joules: float, cost_joules
 
 
 if __name__ == "__main__":
-    state, holder, budget, cost, predicted, concurrency, start = sys.argv[1:8]
-    time.sleep(max(0.0, float(start) - time.time()))
+    state, holder, budget, cost, predicted, concurrency = sys.argv[1:7]
+    print("ready", flush=True)
+    go = Path(state) / "go"
+    while not go.exists():
+        time.sleep(0.005)
     print(json.dumps(asyncio.run(replica(state, holder, float(budget), float(cost), float(predicted), int(concurrency)))))
