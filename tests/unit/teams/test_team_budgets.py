@@ -141,7 +141,7 @@ def test_a_low_budget_downgrades_to_the_smallest_model_that_meets_the_floor():
             normal = await fleet.serving.run(_job("before", quota))
             assert normal.model == "llama-3.1-70b"  # min_quality 0.99: only the large model reaches it
             with fleet.teams_store.write() as conn:  # the day's budget is 60% spent
-                budgets.add_spend(conn, "team:research", 0.6e9, 0.0, time.time())
+                budgets.add_spend(conn, "team:research", 0.6e9, 0.0, time.time(), measured=False)
             job = _job("after", quota)
             low = await fleet.serving.run(job)
             controls, decision = fleet.serving.selection.explain(job, None)

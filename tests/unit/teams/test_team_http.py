@@ -71,7 +71,7 @@ def test_a_low_team_budget_downgrades_then_a_spent_one_refuses(client):
     r = c.post("/v1/chat/completions", json=CHAT, headers=team_key)
     assert r.status_code == 200 and r.json()["model"] == "llama-3.1-70b" and BUDGET_WARNING_HEADER not in r.headers
     with gw.teams_store.write() as conn:
-        budgets.add_spend(conn, "team:research", 0.7e9, 0.0, time.time())
+        budgets.add_spend(conn, "team:research", 0.7e9, 0.0, time.time(), measured=False)
     r = c.post("/v1/chat/completions", json=CHAT, headers=team_key)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -79,7 +79,7 @@ def test_a_low_team_budget_downgrades_then_a_spent_one_refuses(client):
     assert body["routing"]["reason"].startswith("budget downgrade (team 'research' energy_joules budget per day: 70% used")
     assert "70% used" in r.headers[BUDGET_WARNING_HEADER] and r.headers[BUDGET_WARNING_HEADER].endswith("downgraded")
     with gw.teams_store.write() as conn:
-        budgets.add_spend(conn, "team:research", 0.3e9, 0.0, time.time())
+        budgets.add_spend(conn, "team:research", 0.3e9, 0.0, time.time(), measured=False)
     r = c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=team_key)
     e = error_of(r, 429)
     assert e["code"] == "budget_exceeded" and "resets at the start of the next day" in e["message"]

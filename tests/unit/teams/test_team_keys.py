@@ -119,3 +119,36 @@ def test_a_key_changed_by_hand_to_invalid_limits_is_refused_not_run_unlimited(tm
     with pytest.raises(ApiError) as exc:
         store.authenticate(bearer(secret))
     assert exc.value.status == 403 and "requests_per_minute" in exc.value.message
+
+
+def test_the_cli_creates_lists_rotates_and_revokes_on_the_state_directory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    runner = CliRunner()
+
+    def run(*args: str):
+        r = runner.invoke(app, ["keys", *args, "--state-dir", str(tmp_path)])
+        return r.exit_code, r.stdout + (r.stderr if r.stderr_bytes else "")
+
+    code, text = run("create", "--id", "ci", "--rpm", "60", "--budget", "energy_joules=5e5/day", "--json")
+    assert code == 0, text
+    created = json.loads(text)
+    assert created["limits"] == {"requests_per_minute": 60}
+    assert created["budgets"] == [{"energy_joules": 5e5, "period": "day"}]
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    assert store.authenticate(bearer(created["key"])).quota.subjects[0].name == "key:ci"
+    code, text = run("rotate", "ci", "--json")
+    assert code == 0 and json.loads(text)["key"] != created["key"]
+    code, text = run("list", "--json")
+    assert [(k["id"], k["status"]) for k in json.loads(text)] == [("ci", "active")] and created["key"] not in text
+    assert run("revoke", "ci")[0] == 0
+    assert json.loads(run("list", "--json")[1])[0]["status"] == "revoked"
+    for bad in (["create", "--budget", "joules=5"], ["create", "--team", "nobody"], ["revoke", "nobody"],
+                ["create", "--rpm", "0"]):
+        code, text = run(*bad)
+        assert code == 1 and "error:" in text, (bad, text)
