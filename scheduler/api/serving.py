@@ -312,7 +312,14 @@ class Serving:
         second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
                          api_key_id=job.api_key_id, controls=job.controls, key_defaults=job.key_defaults,
                          quota=job.quota)
-        second = await self.run(second_job)
+        try:
+            second = await self.run(second_job)
+        except ApiError as exc:
+            if exc.status != 429:
+                raise
+            # the caller's limits or budgets allow no second attempt: the first answer stands
+            first.routing["reason"] += f"; cascade: not escalated ({exc.message})"
+            return first
         second.request_id = job.request_id
         second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "
                                     f"({verdict.reason})")

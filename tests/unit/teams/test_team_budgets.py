@@ -158,3 +158,24 @@ def test_a_low_budget_downgrades_to_the_smallest_model_that_meets_the_floor():
         finally:
             await fleet.aclose()
     asyncio.run(main())
+
+
+def test_a_cascade_the_limits_refuse_keeps_the_first_answer_and_counts_both_attempts_that_ran():
+    async def main():
+        fleet = Fleet(Path(tempfile.mkdtemp()))
+        fleet.config.routing.cascade = True  # the simulated engine reports no log-probabilities: it escalates
+        quota = Quota((Subject("key:bot", "key 'bot'", RateLimitsConfig(requests_per_minute=1), ()),))
+        request = GenerationRequest("c1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
+                                    params=SamplingParams(max_tokens=4))
+        job = Job(request_id="c1", model="auto", request=request, api_key_id="bot", controls={"priority": "batch"},
+                  quota=quota)
+        try:
+            result = await fleet.serving.run(job)
+            return result, fleet.rows()
+        finally:
+            await fleet.aclose()
+
+    result, rows = asyncio.run(main())
+    assert result.model == "llama-3.1-8b"
+    assert "cascade: not escalated (key 'bot' is over its limit of requests_per_minute=1" in result.routing["reason"]
+    assert [r["request_id"] for r in rows] == ["c1"]
