@@ -125,7 +125,15 @@ class TeamGuard:
                                            f"quality >= floor {quota.downgrade_min_quality:.2f}")
         job.admission = ticket
         routed = select(job)
-        decision = routed.decision
+        refusal = await self._reserve(ticket, routed.decision)
+        if refusal is not None:
+            job.admission = None
+            raise ApiError(429, refusal.message + f"; retry after {refusal.retry_after_seconds} s",
+                           code=refusal.code, headers={"Retry-After": str(refusal.retry_after_seconds)})
+        return routed
+
+    async def _reserve(self, ticket: Ticket, decision: Any) -> limits.Refusal | None:
+        """reserve_now in a worker thread, waiting while this replica's first request of an unmeasured budget runs."""
         chosen = decision.chosen
         predicted_joules = (chosen.predicted_energy_joules if chosen is not None else None) or 0.0
         tokens = decision.prompt_tokens + decision.output_tokens
@@ -144,11 +152,7 @@ class TeamGuard:
                 break
             await asyncio.sleep(FIRST_MEASUREMENT_POLL_SECONDS)
             waited_s += FIRST_MEASUREMENT_POLL_SECONDS
-        if refusal is not None:
-            job.admission = None
-            raise ApiError(429, refusal.message + f"; retry after {refusal.retry_after_seconds} s",
-                           code=refusal.code, headers={"Retry-After": str(refusal.retry_after_seconds)})
-        return routed
+        return refusal
 
     def _budget_refusal(self, use: budgets.BudgetUse) -> ApiError:
         now_s = time.time()
