@@ -1,4 +1,4 @@
-"""`wattlane serve` (start or join Ray, deploy the gateway and the models), `wattlane agent` and `wattlane keys hash`."""
+"""`wattlane serve` (start or join Ray, deploy the gateway and models), `wattlane agent`, `wattlane keys hash`."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def agent_cmd(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded local.yaml)")] = None,
     state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="where the agent keeps device settings to restore (env WATTLANE_STATE_DIR)")] = None,
 ) -> None:
-    """Run this host's node agent (devices, meter, power governor) in a Ray cluster; Ctrl-C stops it and restores device settings.
+    """Run this host's node agent (devices, meter, governor) in a Ray cluster; Ctrl-C stops it, restoring devices.
 
     For a GPU host whose gateway runs elsewhere: make the host a node of the cluster
     (`ray start --address=<head>`), then run this. The agent is a named, detached actor pinned to
@@ -208,9 +208,10 @@ def agent_cmd(
             raise typer.Exit(1)
         agent = start_node_agent(cfg, sdir, node_id, hostname, owns_simulated=False, detached=True)
         found = ray.get(agent.ready.remote(), timeout=300)
+        devices = ", ".join(found["devices"]) or "none"
         out.print(f"[bold green]Wattlane node agent running[/] on {found['node']} as "
-                  f"{runtime.NAMESPACE}/{runtime.agent_name(hostname)} (devices: {', '.join(found['devices']) or 'none'}; "
-                  f"state: {sdir})  ·  Ctrl-C to stop", soft_wrap=True)
+                  f"{runtime.NAMESPACE}/{runtime.agent_name(hostname)} (devices: {devices}; state: {sdir})"
+                  "  ·  Ctrl-C to stop", soft_wrap=True)
         sys.stdout.flush()
         while not stop.wait(1.0):
             try:  # a dead agent or a cluster gone away ends this command instead of leaving it idle

@@ -1,4 +1,4 @@
-"""Load read from an upstream inference server itself: its /metrics (vLLM, SGLang, TGI, llama.cpp) and llama.cpp's /slots.
+"""Load read from an upstream server itself: /metrics of vLLM, SGLang, TGI and llama.cpp, and llama.cpp's /slots.
 
 `parse_server_metrics` turns one Prometheus scrape into a `ServerLoad` (parsed with
 prometheus-client's text parser); `ServerLoadPoller` scrapes a server on a short period in the

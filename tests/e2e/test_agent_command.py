@@ -1,4 +1,4 @@
-"""`wattlane agent --address` runs a host's node agent in a cluster it joins; another driver finds it; Ctrl-C ends it."""
+"""`wattlane agent --address` runs a host's node agent in a cluster; another driver finds it; Ctrl-C ends it."""
 
 from __future__ import annotations
 

@@ -44,7 +44,8 @@ def test_serve_joins_an_existing_cluster_and_leaves_it_up(tmp_path):
             time.sleep(1)
         r = httpx.post(url + "/v1/chat/completions", timeout=120,
                        json={"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["usage"]["energy"]["joules"] > 0
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["energy"]["joules"] > 0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, out

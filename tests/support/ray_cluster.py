@@ -1,4 +1,4 @@
-"""A Ray cluster of the test's own, started with `ray start --head` the way an operator does, and ended without `ray stop`."""
+"""A test's own Ray cluster, started with `ray start --head` as an operator does, and ended without `ray stop`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Upstream servers' load: parsers on samples of each server's real output, and the poller against a live HTTP server."""
+"""Upstream servers' load: parsers on samples of each server's output, and the poller against a live server."""
 
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def test_llamacpp_slots_sample_and_older_state_field():
     slots = json.loads(sample("llamacpp_slots.json"))
     slots[1]["is_processing"] = False
     assert parse_llamacpp_slots(slots).running_requests == 1
-    assert parse_llamacpp_slots([{"id": 0, "state": 1}, {"id": 1, "state": 0}, {"id": 2, "state": 0}]).running_requests == 1
+    older = [{"id": 0, "state": 1}, {"id": 1, "state": 0}, {"id": 2, "state": 0}]
+    assert parse_llamacpp_slots(older).running_requests == 1
     with pytest.raises(MetricsParseError):
         parse_llamacpp_slots({"error": {"code": 501, "message": "This server does not support slots endpoint."}})
 
