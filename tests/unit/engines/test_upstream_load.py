@@ -195,6 +195,8 @@ class _Upstream:
                 return PlainTextResponse("upstream exploded", status_code=500)
             if self.mode == "garbage":
                 return PlainTextResponse("<html>maintenance</html>")
+            if self.mode == "no-metrics":  # llama-server started without --metrics
+                return PlainTextResponse("not found", status_code=404)
             return PlainTextResponse(self.metrics, media_type="text/plain; version=0.0.4")
 
         async def slots(_request):
@@ -264,6 +266,19 @@ def test_poller_keeps_latest_goes_stale_on_failures_and_recovers():
             assert poller.latest.total_slots == 2  # /slots filled what /metrics does not say
             await poller.stop()
             assert not poller.running
+
+    asyncio.run(scenario())
+
+
+def test_llamacpp_poller_without_metrics_endpoint_reads_slots():
+    async def scenario():
+        async with _Upstream() as up:
+            up.mode = "no-metrics"
+            poller = ServerLoadPoller.for_base_url(up.url + "/v1", server="llamacpp")
+            load = await poller.poll_once()
+            assert (load.running_requests, load.total_slots, load.waiting_requests) == (2, 2, None)
+            assert "404" in poller.last_error and poller.consecutive_failures == 0
+            await poller.stop()
 
     asyncio.run(scenario())
 
