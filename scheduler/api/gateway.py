@@ -54,7 +54,9 @@ class Gateway:
         self.serving = Serving(
             self.config, ModelSelection(self.config),
             Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned,
-                       baseline=SavingsBaseline(self.config.models, self.replicas_by_model), tracer=self.tracer),
+                       baseline=SavingsBaseline(self.config.models, self.replicas_by_model,
+                                                 prefill_token_weight=self.config.energy.prefill_token_weight),
+                       tracer=self.tracer),
             model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
 
     def __serve_build_asgi_app__(self):

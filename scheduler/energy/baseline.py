@@ -17,8 +17,13 @@ deployment without that choice: every request on the largest model. The definiti
   - `largest-model/replica-stats`: the mean of what each model's live replicas publish
     (ReplicaStats joules_per_prefill_token, joules_per_decode_token: llama.cpp's moving average of
     its measured attributed joules, the simulator's GPU and model profile);
+  - `largest-model/observed`: when either model publishes no figures, each model's joules per work
+    token (prompt tokens x energy.prefill_token_weight + completion tokens) as this gateway has
+    accounted them, a moving average over its recent requests (at least OBSERVED_MIN_REQUESTS each);
   - `largest-model/size-prior`: routing.placement.prior_joules_per_token(params_b), the power law
-    through ML.ENERGY H100 measurements, when either model has no live figures.
+    through ML.ENERGY H100 measurements, when neither of the above covers both models. It is the
+    roughest: it puts Llama-3.1-70B at 6.7x the 8B per token, where one 20-token request on the
+    simulated H100 fleet at low load cost 3 to 5 times as much on the 70B, so it can overstate savings.
   - `largest-model/served`: the request ran on the baseline model: the baseline is its own joules.
   - `largest-model/cascade-repeat`: a cascade's second attempt; the baseline deployment would not
     have run the request again, so its baseline is 0 J and all of its joules count as a loss.
@@ -42,7 +47,12 @@ from scheduler.routing.select import serves_kind, size_order
 
 METHOD_PREFIX = "largest-model"
 REPLICA_STATS = f"{METHOD_PREFIX}/replica-stats"
+OBSERVED = f"{METHOD_PREFIX}/observed"
 SIZE_PRIOR = f"{METHOD_PREFIX}/size-prior"
+#: requests of a model the observed average needs before it stands for that model
+OBSERVED_MIN_REQUESTS = 3
+#: weight of the newest request in the observed moving average (about the last 20 requests count)
+OBSERVED_EWMA_WEIGHT = 0.05
 SERVED = f"{METHOD_PREFIX}/served"
 CASCADE_REPEAT = f"{METHOD_PREFIX}/cascade-repeat"
 
@@ -78,11 +88,32 @@ def _replica_figures(stats: Sequence[Mapping[str, Any]]) -> tuple[float, float] 
 class SavingsBaseline:
     """Estimates each request's baseline joules from the configured models and their live figures."""
 
-    def __init__(self, models: Sequence[ModelConfig], replicas: ReplicaSource | None = None):
+    def __init__(self, models: Sequence[ModelConfig], replicas: ReplicaSource | None = None, *,
+                 prefill_token_weight: float = 0.25):
         #: largest first, so the first that fits is the baseline model
         self._largest_first = list(reversed(size_order(models)))
         self._by_id = {m.id: m for m in models}
         self._replicas = replicas
+        self.prefill_token_weight = prefill_token_weight
+        #: model id -> (moving average of joules per work token, requests seen)
+        self._observed: dict[str, tuple[float, int]] = {}
+
+    def observe(self, model: str, prompt_tokens: int, completion_tokens: int, joules: float | None) -> None:
+        """Fold one accounted request into its model's observed joules per work token."""
+        work = prompt_tokens * self.prefill_token_weight + completion_tokens
+        if joules is None or not math.isfinite(joules) or joules <= 0 or work <= 0:
+            return
+        sample = joules / work
+        mean, n = self._observed.get(model, (sample, 0))
+        # a plain mean until the average has enough requests, then an exponential moving average
+        w = max(1.0 / (n + 1), OBSERVED_EWMA_WEIGHT)
+        self._observed[model] = (mean + w * (sample - mean), n + 1)
+
+    def _observed_figures(self, model_id: str) -> tuple[float, float] | None:
+        mean, n = self._observed.get(model_id, (0.0, 0))
+        if n < OBSERVED_MIN_REQUESTS:
+            return None
+        return mean * self.prefill_token_weight, mean
 
     def baseline_model(self, request_kind: str, total_tokens: int) -> ModelConfig | None:
         for m in self._largest_first:
@@ -122,4 +153,7 @@ class SavingsBaseline:
             s, b = _replica_figures(live.get(served.id, ())), _replica_figures(live.get(base.id, ()))
             if s is not None and b is not None:
                 return s, b, REPLICA_STATS
+        s, b = self._observed_figures(served.id), self._observed_figures(base.id)
+        if s is not None and b is not None:
+            return s, b, OBSERVED
         return prior_joules_per_token(served.params_b), prior_joules_per_token(base.params_b), SIZE_PRIOR

@@ -175,7 +175,9 @@ class Fleet:
             return await self.agent_handle.take_abandoned.remote(request_id, timeout_seconds)
 
         self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, self.metrics,
-                                     abandoned=take_abandoned, baseline=SavingsBaseline(config.models), tracer=tracer)
+                                     abandoned=take_abandoned, tracer=tracer,
+                                     baseline=SavingsBaseline(config.models,
+                                                              prefill_token_weight=config.energy.prefill_token_weight))
         self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles)
 
     def rows(self) -> list[dict[str, Any]]:
