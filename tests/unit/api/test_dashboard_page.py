@@ -235,7 +235,8 @@ def grafana_queries() -> list[tuple[str, str]]:
 
 def concrete(expr: str) -> str:
     """A panel query with Grafana's macros and variables filled in, as Grafana sends it to Prometheus."""
-    return expr.replace("$__rate_interval", "1m").replace("$__range", "6h").replace("$model", ".*").replace("$device", ".*")
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "6h").replace("$model", ".*")
+            .replace("$device", ".*").replace("$team", ".*"))
 
 
 def test_grafana_queries_use_only_series_that_wattlane_exposes():
@@ -245,7 +246,9 @@ def test_grafana_queries_use_only_series_that_wattlane_exposes():
     m.set_device_source(lambda: [{"device_id": "gpu0", "node": "n0", "kind": "gpu", "power_watts": 1.0, "energy_joules": 1.0,
                                   "power_limit_watts": 2.0, "sm_clock_mhz": 3.0}])
     m.observe_request(model="m", status="ok", prompt_tokens=1, completion_tokens=1, ttft_seconds=0.1, tpot_seconds=0.01,
-                      joules=1.0, dynamic_joules=0.5, idle_joules=0.5, gco2e=0.001)
+                      joules=1.0, dynamic_joules=0.5, idle_joules=0.5, gco2e=0.001, api_key="k", team="t",
+                      baseline_joules=3.0)
+    m.set_budget_used(scope="team", name="t", kind="energy", used_ratio=0.5)
     m.set_replica_queue(model="m", replica="r", running=1, waiting=0)
     m.power_action(device="gpu0", action="set_power_limit")
     m.set_grid_intensity(region="USA", gco2e_per_kwh=380.0)
