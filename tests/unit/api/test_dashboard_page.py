@@ -186,7 +186,8 @@ def live_reports(ledger):
     record_all(ledger, [
         row(0, time_unix_s=now - 60, model="tiny-chat", joules=2.5),
         row(1, time_unix_s=now - 50, model="tiny-chat", energy_method="cpu-estimate", energy_scope="cpu", joules=7.5),
-        row(2, time_unix_s=now - 40, model="gpu-model", device="sim-h100-0", energy_method="simulated", joules=40.0),
+        row(2, time_unix_s=now - 40, model="gpu-model", device="sim-h100-0", energy_method="simulated", joules=40.0,
+            team="blue", baseline_model="big-model", baseline_joules=100.0, baseline_method="largest-model/size-prior"),
     ])
     app = make_app(ledger, extra_routers=[operator.router])
     with socket.socket() as s:
@@ -219,6 +220,13 @@ def test_page_renders_mixed_methods_visibly_with_a_reader_key(live_reports, tmp_
     gpu = re.search(r'<tr data-group="gpu-model">(.*?)</tr>', dom, flags=re.S).group(1)
     assert "MIXED" not in gpu and "simulated · simulated" in gpu
     assert "need an operator key" in dom  # /v1/devices is operator-only: said, not hidden
+    # energy saved, per team, key and model: only the request with a baseline, labelled an estimate
+    team = re.search(r'<table id="savings-team-table">.*?<tr data-group="blue">(.*?)</tr>', dom, flags=re.S).group(1)
+    assert re.search(r'data-field="saved_joules"[^>]*>60</td>', team)
+    assert re.search(r'data-field="saved_fraction"[^>]*>60 %</td>', team)
+    key = re.search(r'<table id="savings-key-table">.*?<tr data-group="client-key">(.*?)</tr>', dom, flags=re.S).group(1)
+    assert re.search(r'data-field="requests_with_baseline"[^>]*>1</td>', key)
+    assert re.search(r'<span class="big" id="total-saved">60 J</span>', dom)
 
 
 # --- the Grafana dashboard --------------------------------------------------------------------
