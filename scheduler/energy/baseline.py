@@ -22,8 +22,9 @@ deployment without that choice: every request on the largest model. The definiti
     accounted them, a moving average over its recent requests (at least OBSERVED_MIN_REQUESTS each);
   - `largest-model/size-prior`: routing.placement.prior_joules_per_token(params_b), the power law
     through ML.ENERGY H100 measurements, when neither of the above covers both models. It is the
-    roughest: it puts Llama-3.1-70B at 6.7x the 8B per token, where one 20-token request on the
-    simulated H100 fleet at low load cost 3 to 5 times as much on the 70B, so it can overstate savings.
+    roughest: it knows nothing of the hardware. On the simulated fleet it puts Llama-3.1-70B at 6.7x
+    the 8B per token, where the replicas' figures gave 8.8x and a measured 70B request 8.9x the 8B one
+    (docs/energy.md, Savings).
   - `largest-model/served`: the request ran on the baseline model: the baseline is its own joules.
   - `largest-model/cascade-repeat`: a cascade's second attempt; the baseline deployment would not
     have run the request again, so its baseline is 0 J and all of its joules count as a loss.

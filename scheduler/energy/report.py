@@ -231,10 +231,16 @@ def charts(report: Report) -> dict[str, bytes]:
         ax.set_title("Carbon by intensity source and region")
         save(fig, "carbon-by-source.png")
     if report.hours:
+        from datetime import timedelta
+
         fig, ax = plt.subplots(figsize=(8, 4))
-        hours = [datetime.fromisoformat(h["hour"].replace("Z", "+00:00")) for h in report.hours]
-        ax.bar(hours, [h["joules"] for h in report.hours], width=1 / 24 * 0.8, align="edge", label="energy used")
-        ax.plot(hours, [h["baseline_joules"] for h in report.hours], "k--", marker="o", label="baseline (estimate)")
+        # each hour's bar is centred on its half hour; the baseline is a dash over the same bar
+        centres = [datetime.fromisoformat(h["hour"].replace("Z", "+00:00")) + timedelta(minutes=30) for h in report.hours]
+        ax.bar(centres, [h["joules"] for h in report.hours], width=0.8 / 24, label="energy used")
+        ax.plot(centres, [h["baseline_joules"] for h in report.hours], linestyle="none", marker="_", markersize=28,
+                markeredgewidth=2.5, color="black", label="baseline (estimate)")
+        ax.set_xlim(min(centres) - timedelta(hours=1), max(centres) + timedelta(hours=1))
+        ax.set_ylim(bottom=0)
         ax.set_ylabel("joules")
         ax.set_title("Energy per hour (UTC)")
         ax.legend()
