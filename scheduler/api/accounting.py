@@ -55,7 +55,8 @@ class Accounting:
         if self.baseline is not None:
             base = self.baseline.estimate(
                 served_model=result.model, request_kind=job.request.kind.value, prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, joules=e.get("joules"), cascade_repeat=job.cascade_of is not None)
+                completion_tokens=result.completion_tokens, joules=e.get("joules"),
+                cascade_repeat=job.cascade_of is not None)
             self.baseline.observe(result.model, result.prompt_tokens, result.completion_tokens, e.get("joules"))
         row = LedgerRow(
             request_id=result.request_id,

@@ -11,16 +11,19 @@ from rich.console import Console
 err = Console(stderr=True)
 
 
+Opt = typer.Option
+
+
 def report(
-    out: Annotated[Path, typer.Option("--out", "-o", help="file to write (markdown also writes <stem>-charts/*.png)")],
-    since: Annotated[Optional[str], typer.Option(help="start, unix seconds or ISO 8601 (UTC if naive); default: the first row")] = None,
-    until: Annotated[Optional[str], typer.Option(help="end (exclusive), same forms; default: after the last row")] = None,
-    group_by: Annotated[str, typer.Option("--group-by", help="team | key | model | device")] = "team",
-    fmt: Annotated[str, typer.Option("--format", help="md | html (one self-contained file) | csv")] = "md",
-    charts: Annotated[bool, typer.Option("--charts/--no-charts", help="PNG charts in md and html (needs matplotlib)")] = True,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (for its state directory)")] = None,
-    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="the state directory whose ledger to read (env WATTLANE_STATE_DIR)")] = None,
-    ledger_path: Annotated[Optional[Path], typer.Option("--ledger", help="a ledger file to read instead (ledger.sqlite3)")] = None,
+    out: Annotated[Path, Opt("--out", "-o", help="file to write (markdown also writes <stem>-charts/*.png)")],
+    since: Annotated[Optional[str], Opt(help="start, unix seconds or ISO 8601 (UTC if naive); default: all")] = None,
+    until: Annotated[Optional[str], Opt(help="end (exclusive), same forms; default: after the last row")] = None,
+    group_by: Annotated[str, Opt("--group-by", help="team | key | model | device")] = "team",
+    fmt: Annotated[str, Opt("--format", help="md | html (one self-contained file) | csv")] = "md",
+    charts: Annotated[bool, Opt("--charts/--no-charts", help="PNG charts in md and html (needs matplotlib)")] = True,
+    config: Annotated[Optional[Path], Opt("--config", "-c", help="YAML config (for its state directory)")] = None,
+    state_dir: Annotated[Optional[str], Opt("--state-dir", help="whose ledger to read (WATTLANE_STATE_DIR)")] = None,
+    ledger_path: Annotated[Optional[Path], Opt("--ledger", help="a ledger file to read instead")] = None,
 ) -> None:
     """Totals, per-team/key/model breakdowns, tokens per joule, savings against the baseline, carbon by source."""
     from scheduler.energy.report import GROUP_BY, build_report, parse_time, write_report

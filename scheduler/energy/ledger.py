@@ -111,7 +111,8 @@ _SQL_TYPES = {
 
 
 def _sql_type(column: str) -> str:
-    return _SQL_TYPES.get(column, "REAL" if column.endswith(("_seconds", "joules", "gco2e", "_kwh", "pue", "_watts")) else "TEXT")
+    numeric = column.endswith(("_seconds", "joules", "gco2e", "_kwh", "pue", "_watts"))
+    return _SQL_TYPES.get(column, "REAL" if numeric else "TEXT")
 
 
 _SCHEMA = (

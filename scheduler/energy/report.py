@@ -151,8 +151,8 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]], str]]
     name = _GROUP_TITLES[report.group_by]
     totals = ("Totals", ["Figure", "Value"], [
         ["Requests", f"{t['requests']} ({t['requests'] - t['requests_with_energy']} without an energy figure)"],
-        ["Energy", f"{fmt_joules(t['joules'])} ({fmt_num(t['joules'] / 3.6e6)} kWh; dynamic {fmt_joules(t['dynamic_joules'])}, "
-                   f"idle share {fmt_joules(t['idle_joules'])})"],
+        ["Energy", f"{fmt_joules(t['joules'])} ({fmt_num(t['joules'] / 3.6e6)} kWh; "
+                   f"dynamic {fmt_joules(t['dynamic_joules'])}, idle share {fmt_joules(t['idle_joules'])})"],
         ["Carbon", f"{fmt_num(t['gco2e'])} g CO2e"],
         ["Tokens", f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion"],
         ["Tokens per joule", fmt_num(t["tokens_per_joule"])],
@@ -162,8 +162,9 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]], str]]
     ], "")
     groups = (f"Per {name.lower()}", [name, "Requests", "Energy", "Idle share", "g CO2e", "Tokens", "Tokens/J",
                                       "Baseline (est.)", "Saved (est.)", "Saved %"],
-              [[g[report.group_by] or "(none)", str(g["requests"]), fmt_joules(g["joules"]), fmt_joules(g["idle_joules"]),
-                fmt_num(g["gco2e"]), str(g["prompt_tokens"] + g["completion_tokens"]), fmt_num(g["tokens_per_joule"]),
+              [[g[report.group_by] or "(none)", str(g["requests"]), fmt_joules(g["joules"]),
+                fmt_joules(g["idle_joules"]), fmt_num(g["gco2e"]), str(g["prompt_tokens"] + g["completion_tokens"]),
+                fmt_num(g["tokens_per_joule"]),
                 fmt_joules(g["baseline_joules"]), fmt_joules(g["saved_joules"]), fmt_pct(g["saved_fraction"])]
                for g in report.groups],
               "Baseline and savings are estimates (see How the figures were obtained).")
@@ -235,7 +236,8 @@ def charts(report: Report) -> dict[str, bytes]:
 
         fig, ax = plt.subplots(figsize=(8, 4))
         # each hour's bar is centred on its half hour; the baseline is a dash over the same bar
-        centres = [datetime.fromisoformat(h["hour"].replace("Z", "+00:00")) + timedelta(minutes=30) for h in report.hours]
+        centres = [datetime.fromisoformat(h["hour"].replace("Z", "+00:00")) + timedelta(minutes=30)
+                   for h in report.hours]
         ax.bar(centres, [h["joules"] for h in report.hours], width=0.8 / 24, label="energy used")
         ax.plot(centres, [h["baseline_joules"] for h in report.hours], linestyle="none", marker="_", markersize=28,
                 markeredgewidth=2.5, color="black", label="baseline (estimate)")
@@ -268,7 +270,8 @@ def render_markdown(report: Report, chart_dir_name: str | None = None, chart_nam
         lines += [""] + ([note, ""] if note else [])
     if chart_dir_name is not None and chart_names:
         lines += ["## Charts", ""]
-        lines += [f"![{n.removesuffix('.png').replace('-', ' ')}]({chart_dir_name}/{n})" for n in CHART_ORDER if n in chart_names]
+        lines += [f"![{n.removesuffix('.png').replace('-', ' ')}]({chart_dir_name}/{n})"
+                  for n in CHART_ORDER if n in chart_names]
         lines.append("")
     return "\n".join(lines)
 

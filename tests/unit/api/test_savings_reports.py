@@ -149,3 +149,34 @@ def test_bad_report_options_are_clear_errors(cli, tmp_path):
     assert res.exit_code == 2 and "--since must be unix seconds or ISO 8601" in res.output
     res = CliRunner().invoke(cli, ["report", "--group-by", "hour", "--out", str(tmp_path / "x.md")])
     assert res.exit_code == 2 and "--group-by must be one of team, key, model, device" in res.output
+
+
+def test_a_cascade_counts_the_request_once_in_the_baseline_and_its_repeat_as_extra_energy(tmp_path):
+    import asyncio
+
+    from scheduler.api.serving import Job
+    from scheduler.energy.baseline import CASCADE_REPEAT
+    from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+    from tests.support.serving import Fleet
+
+    async def main():
+        fleet = Fleet(tmp_path)
+        fleet.config.routing.cascade = True  # the simulated engine reports no log-probabilities: it escalates
+        request = GenerationRequest("chatcmpl-1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
+                                    params=SamplingParams(max_tokens=4))
+        try:
+            await fleet.serving.run(Job(request_id="chatcmpl-1", model="auto", request=request, api_key_id="k",
+                                        team="research", controls={"priority": "batch", "min_quality": 0.0}))
+            return fleet.rows(), fleet.ledger.totals()
+        finally:
+            await fleet.aclose()
+
+    rows, totals = asyncio.run(main())
+    by_id = {r["request_id"]: r for r in rows}
+    first, repeat = by_id["chatcmpl-1"], by_id["chatcmpl-1-cascade"]
+    assert first["model"] == SMALL and first["baseline_model"] == LARGE and first["baseline_joules"] > first["joules"]
+    assert repeat["model"] == LARGE and repeat["team"] == "research"
+    assert (repeat["baseline_joules"], repeat["baseline_method"]) == (0.0, CASCADE_REPEAT)
+    # one baseline for the one request; both attempts' joules against it
+    assert totals["baseline_joules"] == pytest.approx(first["baseline_joules"])
+    assert totals["saved_joules"] == pytest.approx(first["baseline_joules"] - first["joules"] - repeat["joules"])
