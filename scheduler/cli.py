@@ -30,6 +30,7 @@ _COMMAND_MODULES = [
     "scheduler.sim.commands",
     "scheduler.routing.commands",
     "scheduler.teams.commands",
+    "scheduler.energy.commands",
 ]
 
 

@@ -252,7 +252,8 @@ class ApiKeyConfig(_Section):
     role: Literal["client", "reader", "operator"] = "client"
     #: per-key request defaults (min_quality, slo, priority, max_energy_joules)
     defaults: dict[str, Any] = Field(default_factory=dict)
-    #: the team the key belongs to (one of `teams`): its limits and budgets apply too
+    #: the team the key belongs to: the ledger, summaries and reports group by it; once `teams` is
+    #: configured it must be one of them, and that team's limits and budgets apply too
     team: Annotated[str, Field(pattern=TEAM_NAME_PATTERN)] | None = None
     #: this key's own limits and budgets (its team's when_low and floor apply to them)
     limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
@@ -299,6 +300,25 @@ class ServerConfig(_Section):
     gateway_replicas: Annotated[int, Field(ge=1, le=64)] = 1
 
 
+# --- telemetry -----------------------------------------------------------------------------------
+
+
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces of each request (GenAI conventions + energy and carbon); needs wattlane[otel]."""
+
+    #: OTLP/HTTP collector base URL (traces go to <url>/v1/traces; a URL already ending in /v1/traces is
+    #: used as given), e.g. http://127.0.0.1:4318. None: no traces, and no OpenTelemetry import at all.
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    #: extra HTTP headers on every export (e.g. an authorization header the collector wants)
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    #: give up on one export batch after this long (the spans of that batch are dropped, never the request)
+    otlp_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+    #: the resource's service.name
+    service_name: Annotated[str, Field(min_length=1)] = "wattlane"
+    #: share of requests traced (a trace-id ratio sampler); 1.0 traces every request
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
 class RayConfig(_Section):
     #: None: start a local Ray instance; "auto" or "ray://host:port": join an existing cluster
     address: str | None = None
@@ -315,6 +335,7 @@ class WattlaneConfig(_Section):
     power: PowerConfig = Field(default_factory=PowerConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     teams: list[TeamConfig] = Field(default_factory=list)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     #: set by load_config: the file this came from, for error messages and relative paths
     source_path: str | None = Field(default=None, exclude=True)
@@ -415,6 +436,7 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
     _check_cross_references(config, shown)
     _check_teams(config, shown)
     _check_carbon(config, shown)
+    _check_telemetry(config, shown)
     if check_files:
         for i, m in enumerate(config.models):
             if m.weights is not None:
@@ -521,7 +543,8 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
 
 
 def _check_teams(config: WattlaneConfig, shown: str) -> None:
-    """Team names are unique, and every configured key's team is one of them."""
+    """Team names are unique, and once teams are configured every key's team is one of them (a typo would
+    otherwise leave the key outside its team's limits and budgets)."""
     names: set[str] = set()
     for i, t in enumerate(config.teams):
         if t.name in names:
@@ -535,7 +558,7 @@ def _check_teams(config: WattlaneConfig, shown: str) -> None:
             raise ConfigError(f"API key id '{k.id}' appears twice", file=shown, key=key + ".id",
                               fix="give every key its own id")
         ids.add(k.id)
-        if k.team is not None and k.team not in names:
+        if k.team is not None and names and k.team not in names:
             raise ConfigError(f"team '{k.team}' is not one of teams ({', '.join(sorted(names)) or 'none'})",
                               file=shown, key=key + ".team", fix="add the team under teams, or correct the name")
 
@@ -579,6 +602,22 @@ def check_devices_present(config: WattlaneConfig, present: set[str], where: str)
             file=config.source_path or "config", key=key,
             fix="name a GPU that exists (gpu0 is the first visible one; CUDA_VISIBLE_DEVICES renumbers them) or serve on the machine that has it",
         )
+
+
+def _check_telemetry(config: WattlaneConfig, shown: str) -> None:
+    """Traces configured but the [otel] extra missing: say so at start-up, not at the first request."""
+    import importlib.util
+
+    if not config.telemetry.otlp_endpoint:
+        return
+    try:
+        found = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
+        raise ConfigError("telemetry.otlp_endpoint is set but the OpenTelemetry packages are not installed",
+                          file=shown, key="telemetry.otlp_endpoint",
+                          fix="pip install 'wattlane[otel]', or remove telemetry.otlp_endpoint")
 
 
 def _check_carbon(config: WattlaneConfig, shown: str) -> None:

@@ -97,8 +97,12 @@ class TeamGuard:
     def __init__(self, store: TeamsStore, *, holder: str | None = None,
                  grams_per_joule: Callable[[], float] = lambda: 0.0,
                  reservation_ttl_seconds: float = RESERVATION_TTL_SECONDS,
-                 state_cache_seconds: float = STATE_CACHE_SECONDS):
+                 state_cache_seconds: float = STATE_CACHE_SECONDS,
+                 on_budget_use: Callable[..., None] | None = None):
         self.store = store
+        #: called (scope, name, kind, used_ratio) with each budget's use as this replica reads it: the
+        #: wattlane_budget_used_ratio gauge (the fullest budget per scope, name and kind: day or month)
+        self._on_budget_use = on_budget_use
         self.holder = holder or replica_holder()
         self._grams_per_joule = grams_per_joule
         self.reservation_ttl_seconds = reservation_ttl_seconds
@@ -183,7 +187,19 @@ class TeamGuard:
                 mine = [u for u in fresh if u.subject.name == s.name]
                 self._state[s.name] = (now, mine)
                 out.extend(mine)
+            self._publish(fresh)
         return out
+
+    def _publish(self, uses: list[budgets.BudgetUse]) -> None:
+        if self._on_budget_use is None:
+            return
+        fullest: dict[tuple[str, str, str], float] = {}
+        for u in uses:
+            scope, _, name = u.subject.name.partition(":")
+            kind = "energy" if u.budget.quantity == "energy_joules" else "carbon"
+            fullest[(scope, name, kind)] = max(fullest.get((scope, name, kind), 0.0), u.fraction)
+        for (scope, name, kind), ratio in fullest.items():
+            self._on_budget_use(scope=scope, name=name, kind=kind, used_ratio=ratio)
 
     def _read_use(self, subjects: list[Any]) -> list[budgets.BudgetUse]:
         conn = self.store.conn()

@@ -203,11 +203,15 @@ class KeyCache:
 def validate_key_fields(config: Any, team: str | None, defaults: dict[str, Any] | None,
                         limits: dict[str, Any] | None, budgets: list[dict[str, Any]] | None) -> None:
     """The checks a config key gets, for a run-time one: a configured team, known defaults, valid limits and budgets."""
+    from scheduler.config import TEAM_NAME_PATTERN
     from scheduler.routing.controls import RequestControlError, merge_request_controls
     from scheduler.teams.quotas import QuotaError, parse_key_quota
 
-    if team is not None and config.team(team) is None:
-        names = ", ".join(t.name for t in config.teams) or "none configured"
+    if team is not None and not re.match(TEAM_NAME_PATTERN, team):
+        raise KeyError_(f"team {team!r} must be 1-64 characters of A-Z a-z 0-9 . _ - (starting with a letter or digit)",
+                        param="team")
+    if team is not None and config.teams and config.team(team) is None:
+        names = ", ".join(t.name for t in config.teams)
         raise KeyError_(f"team '{team}' is not one of the config's teams ({names}); add it under teams", param="team")
     try:
         merge_request_controls(defaults or {}, {}, config.routing)

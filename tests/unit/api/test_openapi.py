@@ -176,7 +176,7 @@ def test_errors_answer_as_documented(served):
         ("PUT", "/v1/devices/nope/power-limit", "operator", {"json": {"watts": 5}}, 404),
         ("PUT", "/v1/devices/gpu0/power-limit", "operator", {"json": {"watts": 5}, "params": {"node": "x"}}, 404),
         ("PUT", "/v1/power/policy", "operator", {"json": {"mode": "turbo"}}, 400),
-        ("POST", "/v1/keys", "operator", {"json": {"team": "no-such-team"}}, 400),
+        ("POST", "/v1/keys", "operator", {"json": {"limits": {"requests_per_minute": 0}}}, 400),
         ("POST", "/v1/keys", "operator", {"json": {"id": "client-key"}}, 409),
         ("DELETE", "/v1/keys/nobody", "operator", {}, 404),
     ]:

@@ -20,6 +20,11 @@ def load(tmp_path, text):
     return load_config(p)
 
 
+def test_without_teams_a_key_s_team_is_a_label_for_reports(tmp_path):
+    cfg = load(tmp_path, f"server: {{api_keys: [{KEY}, team: blue}}]}}\n")
+    assert cfg.server.api_keys[0].team == "blue" and cfg.team("blue") is None
+
+
 def test_a_team_with_limits_and_budgets_loads(tmp_path):
     cfg = load(tmp_path, f"""
 teams:
@@ -38,7 +43,8 @@ server:
 
 
 @pytest.mark.parametrize("text, key, words", [
-    (f"server: {{api_keys: [{KEY}, team: nobody}}]}}\n", "server.api_keys[0] (id bot).team", "add the team under teams"),
+    (f"teams: [{{name: search}}]\nserver: {{api_keys: [{KEY}, team: nobody}}]}}\n", "server.api_keys[0] (id bot).team",
+     "add the team under teams"),
     ("teams: [{name: a}, {name: a}]\n", "teams[1].name", "appears twice"),
     ("teams: [{name: a, budgets: [{energy_joules: 1, gco2e: 1}]}]\n", "teams[0].budgets[0]", "exactly one of"),
     ("teams: [{name: a, budgets: [{energy_joules: 1, period: week}]}]\n", "teams[0].budgets[0].period", "'day'"),

@@ -78,6 +78,8 @@ def test_a_low_team_budget_downgrades_then_a_spent_one_refuses(client):
     assert body["model"] == body["routing"]["model"] == "llama-3.1-8b"
     assert body["routing"]["reason"].startswith("budget downgrade (team 'research' energy_joules budget per day: 70% used")
     assert "70% used" in r.headers[BUDGET_WARNING_HEADER] and r.headers[BUDGET_WARNING_HEADER].endswith("downgraded")
+    gauge = gw.metrics.budget_used.labels(scope="team", name="research", kind="energy")._value.get()
+    assert 0.7 <= gauge < 0.71  # wattlane_budget_used_ratio, for the dashboard's budget panel
     with gw.teams_store.write() as conn:
         budgets.add_spend(conn, "team:research", 0.3e9, 0.0, time.time(), measured=False)
     r = c.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=team_key)

@@ -148,7 +148,7 @@ def test_the_cli_creates_lists_rotates_and_revokes_on_the_state_directory(tmp_pa
     assert [(k["id"], k["status"]) for k in json.loads(text)] == [("ci", "active")] and created["key"] not in text
     assert run("revoke", "ci")[0] == 0
     assert json.loads(run("list", "--json")[1])[0]["status"] == "revoked"
-    for bad in (["create", "--budget", "joules=5"], ["create", "--team", "nobody"], ["revoke", "nobody"],
+    for bad in (["create", "--budget", "joules=5"], ["create", "--team", "bad team"], ["revoke", "nobody"],
                 ["create", "--rpm", "0"]):
         code, text = run(*bad)
         assert code == 1 and "error:" in text, (bad, text)
