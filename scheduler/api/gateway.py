@@ -51,13 +51,23 @@ class Gateway:
             from scheduler.telemetry.otel import tracer_from_config
 
             self.tracer = tracer_from_config(self.config.telemetry, server_port=self.config.server.port)
+        from scheduler.teams.guard import TeamGuard
+        from scheduler.teams.keys import KeyCache, KeyRegistry
+        from scheduler.teams.store import TeamsStore
+
+        # run-time keys, limits and budgets: one SQLite file that every gateway replica and the CLI share
+        self.teams_store = TeamsStore(self.state_dir)
+        self.key_cache = KeyCache(self.teams_store)
+        self.key_registry = KeyRegistry(self.teams_store, {k.id for k in self.config.server.api_keys})
         self.serving = Serving(
             self.config, ModelSelection(self.config),
             Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned,
                        baseline=SavingsBaseline(self.config.models, self.replicas_by_model,
                                                  prefill_token_weight=self.config.energy.prefill_token_weight),
                        tracer=self.tracer),
-            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
+            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher,
+            teams=TeamGuard(self.teams_store, grams_per_joule=lambda: self.carbon.footprint(1.0, time.time()).gco2e,
+                            on_budget_use=self.metrics.set_budget_used))
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
@@ -66,8 +76,9 @@ class Gateway:
 
     def extra_routers(self) -> list[Any]:
         from scheduler.api.routes import dashboard, energy, operator
+        from scheduler.teams import routes as teams
 
-        return [energy.router, operator.router, dashboard.router]
+        return [energy.router, operator.router, dashboard.router, teams.router]
 
     # --- node agents and live readings -----------------------------------------------------------
     def agents(self) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def build_app(config: WattlaneConfig, state_dir: Path):
     gateway = serve.deployment(
         serve.ingress()(Gateway),
         name="gateway",
-        num_replicas=1,
+        # replicas are separate processes; they share the state directory's ledger and teams database
+        num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
     )

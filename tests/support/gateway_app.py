@@ -16,6 +16,7 @@ from typing import Any
 from scheduler.api.auth import hash_key
 from scheduler.cluster.node_agent import NodeAgent
 from scheduler.config import ApiKeyConfig, WattlaneConfig
+from scheduler.teams.keys import KeyCache, KeyRegistry
 from tests.support.serving import Fleet, Remote
 
 KEYS = {"client": "unit-client-key", "reader": "unit-reader-key", "operator": "unit-operator-key"}
@@ -47,6 +48,9 @@ class GatewayForTests:
         self.ledger = self.fleet.ledger
         self.metrics = self.fleet.metrics
         self.serving = self.fleet.serving
+        self.teams_store = self.fleet.teams_store
+        self.key_cache = KeyCache(self.teams_store)
+        self.key_registry = KeyRegistry(self.teams_store, {k.id for k in self.config.server.api_keys})
         self.model_handles = self.fleet.handles
         self.replica_stats: dict[str, Any] = {}
         self.device_snapshots: list[dict[str, Any]] = []
@@ -58,8 +62,9 @@ class GatewayForTests:
     # what the routes call on the real Gateway
     def extra_routers(self) -> list[Any]:
         from scheduler.api.routes import dashboard, energy, operator
+        from scheduler.teams import routes as teams
 
-        return [energy.router, operator.router, dashboard.router]
+        return [energy.router, operator.router, dashboard.router, teams.router]
 
     def agents(self) -> dict[str, Remote]:
         return {node: agent_for(svc) for node, svc in self.power_nodes.items()}
