@@ -74,8 +74,14 @@ async def energy_requests(request: Request, limit: int = Query(100, ge=1, le=100
 @router.get("/v1/energy/summary", response_model=SummaryList, response_model_exclude_unset=True, responses=_ERRORS)
 async def energy_summary(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
                          filters: dict = Depends(report_filters)):
-    rows = await asyncio.to_thread(request.app.state.gateway.ledger.summary, group_by, **filters)
-    return {"object": "list", "group_by": group_by, "data": rows}
+    gw = request.app.state.gateway
+    rows = await asyncio.to_thread(gw.ledger.summary, group_by, **filters)
+    await gw.record_startups()
+    # start-up energy belongs to no model or API key: it is reported beside the groups, never inside them
+    startup = [] if filters["model"] or filters["api_key"] else await asyncio.to_thread(
+        gw.ledger.startups, since=filters["since"], until=filters["until"], device=filters["device"])
+    return {"object": "list", "group_by": group_by, "data": rows, "startup": startup,
+            "startup_joules": sum(s["joules"] for s in startup)}
 
 
 @router.get("/v1/energy/methods", response_model=MethodList, response_model_exclude_unset=True, responses=_ERRORS)
