@@ -67,15 +67,39 @@ def build_app(config: WattlaneConfig, state_dir: Path):
     return gateway.bind(cfg, str(state_dir), handles)
 
 
-def start_node_agents(config: WattlaneConfig, state_dir: Path) -> list[Any]:
-    """One node agent per alive Ray node, pinned to it; returns their handles after they are ready."""
-    import ray
+def start_node_agent(config: WattlaneConfig, state_dir: Path, node_id: str, hostname: str,
+                     owns_simulated: bool, detached: bool = False) -> Any:
+    """One node agent on the Ray node `node_id`, named for `hostname` so the gateway and replicas find it.
+
+    `detached`: the agent outlives the driver that started it (`wattlane agent` on a GPU host), so
+    a gateway driver elsewhere can come and go. Returns the handle at once; await `ready`.
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from scheduler.cluster.node_agent import NodeAgent
 
-    cfg = config.model_dump(mode="json")
-    agents = []
+    options: dict[str, Any] = dict(
+        name=runtime.agent_name(hostname),
+        namespace=runtime.NAMESPACE,
+        num_cpus=0,
+        max_concurrency=64,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    )
+    if detached:
+        options["lifetime"] = "detached"
+    return NodeAgent.options(**options).remote(config.model_dump(mode="json"), str(state_dir), hostname,
+                                               owns_simulated)
+
+
+def start_node_agents(config: WattlaneConfig, state_dir: Path) -> tuple[list[Any], list[Any]]:
+    """One node agent per alive Ray node, pinned to it, once they are ready: (all of them, those started here).
+
+    A node whose agent already runs (started by `wattlane agent` on that host) keeps it; the
+    caller stops only the agents it started.
+    """
+    import ray
+
+    agents, started = [], []
     head = ray.get_runtime_context().get_node_id()
     for node in ray.nodes():
         if not node.get("Alive"):
@@ -85,16 +109,11 @@ def start_node_agents(config: WattlaneConfig, state_dir: Path) -> list[Any]:
         if existing is not None:
             agents.append(existing)
             continue
-        agent = NodeAgent.options(
-            name=runtime.agent_name(hostname),
-            namespace=runtime.NAMESPACE,
-            num_cpus=0,
-            max_concurrency=64,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False),
-        ).remote(cfg, str(state_dir), hostname, node["NodeID"] == head)
+        agent = start_node_agent(config, state_dir, node["NodeID"], hostname, owns_simulated=node["NodeID"] == head)
         agents.append(agent)
+        started.append(agent)
     ray.get([a.ready.remote() for a in agents])
-    return agents
+    return agents, started
 
 
 def stop_node_agents(agents: list[Any], timeout_s: float = 15.0) -> None:
