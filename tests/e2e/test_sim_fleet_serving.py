@@ -63,10 +63,10 @@ def first_request_pays_no_startup(url: str, energy: dict, answered_s: float) -> 
     startup = {s["device"]: s for s in httpx.get(url + "/v1/energy/summary", timeout=30).json()["startup"]}
     assert {d for d in startup} >= {energy["device"]}, startup
     row = startup[energy["device"]]
-    assert row["method_kind"] == "simulated" and row["ready_unix_s"] > row["started_unix_s"]
     idle_watts = gpu_profile("h100-sxm").idle_loaded_watts
-    assert row["joules"] > 0.5 * idle_watts * (row["ready_unix_s"] - row["started_unix_s"])
     assert energy["idle_joules"] <= idle_watts * (answered_s - row["ready_unix_s"]) + 1.0, (energy, row)
+    assert row["method_kind"] == "simulated" and row["ready_unix_s"] > row["started_unix_s"]
+    assert row["joules"] > 0.5 * idle_watts * (row["ready_unix_s"] - row["started_unix_s"])
 
 
 def test_power_limit_set_and_reset_on_a_simulated_gpu(fleet):
