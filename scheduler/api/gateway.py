@@ -46,6 +46,8 @@ class Gateway:
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
         self._power_seen: dict[tuple[str, str], int] = {}
+        #: (node, device, agent start) whose start-up energy is in the ledger
+        self._startups_recorded: set[tuple[str, str, float]] = set()
         self.tracer = None
         if self.config.telemetry.otlp_endpoint:
             from scheduler.telemetry.otel import tracer_from_config
@@ -113,10 +115,30 @@ class Gateway:
             self._sync_power_actions(node, view["power_action_totals"])
         self.device_snapshots = snaps
         self.replica_stats = fresh
+        await self._record_startups()
         for replica_id, st in fresh.items():
             self.metrics.set_replica_queue(model=st.get("model_id", ""), replica=replica_id,
                                            running=int(st.get("running", 0)), waiting=int(st.get("waiting", 0)))
         return snaps
+
+    async def record_startups(self) -> None:
+        """Put each device's start-up energy in the ledger once it is final (docs/energy.md, Start-up energy)."""
+        if not self.device_snapshots:
+            await self.refresh_devices()  # it records them
+        else:
+            await self._record_startups()
+
+    async def _record_startups(self) -> None:
+        for snap in self.device_snapshots:
+            if not snap.get("startup_settled"):
+                continue
+            key = (snap.get("agent_node") or snap["node"], snap["device_id"], float(snap["started_unix_s"]))
+            if key in self._startups_recorded:
+                continue
+            await asyncio.to_thread(self.ledger.record_startup, node=key[0], device=key[1], started_unix_s=key[2],
+                                    ready_unix_s=float(snap["ready_unix_s"]), joules=float(snap["startup_energy_joules"]),
+                                    energy_method=snap.get("energy_method"), energy_scope=snap.get("energy_scope"))
+            self._startups_recorded.add(key)
 
     def _sync_power_actions(self, node: str, totals: dict[str, int]) -> None:
         """The agents count actions; the counter here advances by what is new since the last look."""

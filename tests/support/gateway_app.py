@@ -58,6 +58,7 @@ class GatewayForTests:
         self.power_nodes = power_nodes or {}
         self.ready = True
         self.metrics.set_device_source(lambda: self.device_snapshots)
+        self._startups_recorded: set[tuple[str, str, float]] = set()
 
     # what the routes call on the real Gateway
     def extra_routers(self) -> list[Any]:
@@ -84,6 +85,11 @@ class GatewayForTests:
                 snaps.append(snap)
         self.device_snapshots = snaps
         return snaps
+
+    async def record_startups(self) -> None:
+        from scheduler.api.gateway import Gateway
+
+        await Gateway._record_startups(self)  # type: ignore[arg-type]  # the real code, on this double's snapshots
 
     def ensure_refresher(self) -> None:
         pass
