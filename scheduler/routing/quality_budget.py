@@ -12,7 +12,8 @@ sending every request with a >= t to the small model keeps the mean at the targe
 (how far the served mean has fallen below the target, repaid by tightening the threshold).
 shed_threshold(): the same at target - overload_allowance, without debt: when no adequate model
 can meet the SLO, route() may shed a request to a smaller model that can, if its predicted quality
-reaches this threshold; the debt it leaves is repaid afterwards.
+reaches this threshold; the debt it leaves is repaid afterwards. Shedding stops while the served
+mean is below target - overload_allowance.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ class QualityBudget:
             return float("inf")
         a = np.sort(adequacies)[::-1]
         # sending the top k small costs sum(1 - a) over them; allowed: n x (1 - goal)
-        k = int(np.searchsorted(np.cumsum(1.0 - a), len(a) * (1.0 - goal), side="right"))
+        cost = np.cumsum(1.0 - a)
+        allowed = len(a) * (1.0 - goal)
+        k = int(np.searchsorted(cost, allowed, side="right"))
+        if k >= len(a):  # the whole window fits: what is left covers one more request of gain up to the rest
+            return max(0.0, 1.0 - (allowed - float(cost[-1])))
         return float(a[k - 1]) if k >= 1 else float("inf")
 
     def _refresh(self) -> tuple[float, float]:
@@ -70,8 +75,10 @@ class QualityBudget:
             a = np.fromiter(self._adequacy, float, len(self._adequacy))
             mean = self.served_mean
             debt = max(0.0, self.target - mean) if mean is not None else 0.0
-            self._cached = (self._threshold_for(a, min(1.0, self.target + debt)),
-                            self._threshold_for(a, self.target - self.overload_allowance))
+            floor = self.target - self.overload_allowance
+            # no shedding once the served mean has already fallen below what overload may cost
+            shed = self._threshold_for(a, floor) if mean is None or mean >= floor else float("inf")
+            self._cached = (self._threshold_for(a, min(1.0, self.target + debt)), shed)
         return self._cached
 
     def threshold(self) -> float:
