@@ -92,3 +92,12 @@ def test_bad_arguments_are_refused_before_any_replay():
         bench.plan(["conversation"], [4.0], ["baseline"], 20.0, 0, False)
     with pytest.raises(bench.BenchError, match="loads must be positive"):
         bench.plan(["conversation"], [0.0], ["baseline"], 1.0, 0, False)
+
+
+def test_packaged_fleet_configs_match_the_repository_copies():
+    # an installed `wattlane bench fleet` (no repository) replays on the packaged copies
+    from scheduler import datafiles
+    from scheduler.datafiles import REPOSITORY_DIR
+
+    for name in bench.FLEETS.values():
+        assert datafiles.sim_fleet_config().with_name(name).read_text() == (REPOSITORY_DIR / "configs" / name).read_text()
