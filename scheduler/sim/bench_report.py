@@ -99,6 +99,7 @@ def render_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.set_xlabel("load (x recorded rate)")
             ax.set_ylabel(ylabel)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(loads, [f"{x:g}x" for x in loads])
             ax.grid(alpha=0.3)
         axes[0][-1].legend(fontsize=7, loc="best")
         fig.tight_layout()

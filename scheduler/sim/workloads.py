@@ -18,7 +18,8 @@ deterministic, with these statistics:
   modelling assumptions, not fitted to the coding trace (its burst statistics were not available
   here): bursts at BURST_RATE_FACTOR x the calm rate, BURST_TIME_SHARE of the time, mean burst
   length BURST_MEAN_SECONDS; the mean rate is held at `rate`. Inter-arrival times then have a
-  coefficient of variation of about 1.3-1.5 (Poisson: 1; the recorded conversation trace: 1.09).
+  coefficient of variation of about 1.1-1.2 (Poisson: 1; the recorded conversation trace: 1.09), and
+  request counts per 10 s vary several times more than a Poisson stream's (index of dispersion > 2).
 """
 
 from __future__ import annotations
