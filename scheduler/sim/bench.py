@@ -329,8 +329,15 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
 def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int = 0,
               band: bool = False, workers: int = 1, progress: Any = None) -> dict[str, Any]:
     """Every job of the plan (in a process pool when workers > 1); returns the whole result document."""
+    import resource
+
     jobs = plan(workloads, loads, policies, minutes, seed, band)
     t0 = time.perf_counter()
+
+    def cpu() -> float:  # this process and its reaped workers: the machine-independent cost of the run
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    cpu0 = cpu()
     results: list[dict[str, Any]] = []
     if workers <= 1:
         for j in jobs:
@@ -360,7 +367,8 @@ def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], 
                       "policies": {p: {k2: v for k2, v in r.items() if k2 != "job"} for p, r in c["policies"].items()}}
                   for k, c in cells.items()},
         "sensitivity_band": band_summary(results, cells),
-        "run": {"wall_seconds": time.perf_counter() - t0, "jobs": len(jobs), "cpu_cores": cores, "python": platform.python_version()},
+        "run": {"wall_seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - cpu0, "jobs": len(jobs), "cpu_cores": cores,
+                "python": platform.python_version()},
     }
 
 

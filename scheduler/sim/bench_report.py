@@ -25,8 +25,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
     lines = [
         "# Fleet bench: energy, latency and quality per policy set against the baseline and an oracle (method: simulated)",
         "",
-        f"Command: `{doc.get('command', 'wattlane bench fleet')}` (generated {doc['generated_at']}; {doc['run']['wall_seconds']:.0f} s wall "
-        f"for {doc['run']['jobs']} replays on {doc['run']['cpu_cores']} cores, {st['workers']} worker(s)).",
+        f"Command: `{doc.get('command', 'wattlane bench fleet')}` (generated {doc['generated_at']}; {doc['run']['wall_seconds']:.0f} s wall"
+        + (f", {doc['run']['cpu_seconds']:.0f} CPU-seconds" if "cpu_seconds" in doc["run"] else "")
+        + f" for {doc['run']['jobs']} replays on {doc['run']['cpu_cores']} cores, {st['workers']} worker(s)).",
         f"Every figure is simulated (scheduler/sim; docs/sim.md). Window: {st['minutes']:g} virtual minutes per run at every load; seed {st['seed']}.",
         "Energy is the GPU energy of all 8 GPUs over the run (idle included) per completed request; dynamic = drawn while running",
         "batches, idle = drawn with no batch (parked included). SLO attainment: share of all requests with TTFT and TPOT both within",

@@ -36,6 +36,7 @@ def test_energy_components_sum_to_total_and_gpu_hours_cover_the_run(doc):
             assert r["gpu_hours_busy"] + r["gpu_hours_idle"] >= 8 * r["virtual_seconds"] / 3600 * (1 - 1e-9)
             assert r["gpu_hours_parked"] <= r["gpu_hours_idle"] + 1e-12
             assert r["energy_per_output_token_joules"] == pytest.approx(r["energy_joules"] / r["completion_tokens"])
+    assert doc["run"]["cpu_seconds"] > 0
 
 
 def test_shares_sum_to_one_and_quality_is_against_the_baseline(doc):
