@@ -98,7 +98,6 @@ class Job:
 def build_trace(workload: str, load: float, minutes: float, seed: int):
     """The requests of one (workload, load) cell: the same for every policy."""
     from scheduler.datafiles import conversation_trace
-    from scheduler.sim.trace import load_trace
     from scheduler.sim.workloads import prompt_heavy_trace
 
     if workload == "conversation":
@@ -231,13 +230,18 @@ def metrics(result, min_quality: float | None) -> dict[str, Any]:
     }
 
 
-#: plausible ends of the unfitted GPU constants: benchmarks/power_replay.py's SENSITIVITY_BAND
+#: benchmarks/power_replay.py's SENSITIVITY_BAND, for an installed package without the benchmarks folder
+#: (tests/unit/sim/test_fleet_bench.py checks that the two agree)
+PACKAGED_BAND = {"low": {"voltage_floor_fraction": 0.5, "memory_clock_knee": 0.02, "memory_bound_sm_activity": 0.15},
+                 "high": {"voltage_floor_fraction": 0.75, "memory_clock_knee": 0.15, "memory_bound_sm_activity": 0.5}}
+
+
 def _band() -> dict[str, dict[str, float]]:
+    """Plausible ends of the unfitted GPU constants: the same band as `python -m benchmarks.power_replay --band`."""
     try:
         from benchmarks.power_replay import SENSITIVITY_BAND as band
-    except ImportError:  # installed without the benchmarks folder: the same values
-        band = {"low": {"voltage_floor_fraction": 0.5, "memory_clock_knee": 0.02, "memory_bound_sm_activity": 0.15},
-                "high": {"voltage_floor_fraction": 0.75, "memory_clock_knee": 0.15, "memory_bound_sm_activity": 0.5}}
+    except ImportError:
+        band = PACKAGED_BAND
     return band
 
 

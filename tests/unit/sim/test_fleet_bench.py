@@ -102,3 +102,9 @@ def test_packaged_fleet_configs_match_the_repository_copies():
 
     for name in bench.FLEETS.values():
         assert datafiles.sim_fleet_config().with_name(name).read_text() == (REPOSITORY_DIR / "configs" / name).read_text()
+
+
+def test_band_is_the_power_replay_band():
+    from benchmarks.power_replay import SENSITIVITY_BAND
+
+    assert bench.SENSITIVITY_BAND == SENSITIVITY_BAND == bench.PACKAGED_BAND
