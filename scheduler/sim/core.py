@@ -172,8 +172,9 @@ class BatchCore:
         A mixed iteration (decode + prefill chunk) is one TPOT for every running request, so the
         chunk is the largest that keeps it within (1 - headroom) x the TPOT target at the current
         decode batch; max_num_seqs becomes the largest batch whose decode step fits the same target.
-        When the prompts queued here would take longer than half the TTFT target to prefill at that
-        chunk size, the chunk goes back to max_batched_tokens (TTFT is then the binding target).
+        With nothing decoding the chunk is max_batched_tokens (no TPOT to protect). When the prompts
+        queued here would take longer than half the TTFT target to prefill at the chunk used beside a
+        batch of 16, the chunk goes back to max_batched_tokens (TTFT is then the binding target).
         Times are worked out once, at the GPUs' current settings, per decode-batch bucket of
         powers of two with context_tokens_per_sequence tokens each.
         """
@@ -186,7 +187,9 @@ class BatchCore:
             if n and t_dec <= target:
                 best_seqs = n
             lo, hi = 64, self.max_batched_tokens
-            if n and t_dec > target:
+            if n == 0:
+                lo = hi  # nothing decoding: no TPOT to protect, prefill at full size
+            elif t_dec > target:
                 hi = lo
             while hi - lo > 64:
                 mid = (lo + hi) // 2
@@ -201,9 +204,12 @@ class BatchCore:
         self._slo_chunks = chunks
         self._slo_ttft_seconds = ttft_seconds
         self.max_num_seqs = max(best_seqs, 1)
-        w = iteration_work(self.model, decode_tokens=0, decode_context_tokens=0, prefill_tokens=chunks[0][1],
-                           prefill_attention_pairs=chunks[0][1] ** 2 / 2.0, prefill_sequences=1)
-        self._slo_prefill_tokens_per_second = chunks[0][1] / self.operating_point(w)[0]
+        # prefill rate at the chunk used beside a typical running batch, for the queue test in _chunk_budget
+        n, chunk = next(((n, c) for n, c in chunks if n >= 16), chunks[-1])
+        w = iteration_work(self.model, decode_tokens=n, decode_context_tokens=n * context_tokens_per_sequence, prefill_tokens=chunk,
+                           prefill_attention_pairs=chunk * chunk / 2.0, prefill_sequences=1)
+        wd = iteration_work(self.model, decode_tokens=n, decode_context_tokens=n * context_tokens_per_sequence)
+        self._slo_prefill_tokens_per_second = chunk / max(self.operating_point(w)[0] - self.operating_point(wd)[0], 1e-9)
 
     def _chunk_budget(self, n_run: int) -> int:
         if self._slo_chunks is None:
