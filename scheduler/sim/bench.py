@@ -384,7 +384,12 @@ def write_outputs(doc: dict[str, Any], out_dir: Path, command: str) -> list[Path
     paths = [out_dir / "fleet-bench.json", out_dir / "fleet-bench.md"]
     paths[0].write_text(json.dumps(doc, indent=1, default=_json_default) + "\n", encoding="utf-8")
     paths[1].write_text(render_markdown(doc), encoding="utf-8")
-    paths += render_plots(doc, out_dir)
+    try:
+        paths += render_plots(doc, out_dir)
+    except ImportError:
+        import warnings
+
+        warnings.warn("no PNG plots: they need matplotlib (pip install 'wattlane[bench]'); JSON and Markdown are written", stacklevel=2)
     return paths
 
 
