@@ -31,6 +31,7 @@ _COMMAND_MODULES = [
     "scheduler.routing.commands",
     "scheduler.teams.commands",
     "scheduler.energy.commands",
+    "scheduler.sim.bench",
 ]
 
 
