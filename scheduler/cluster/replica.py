@@ -216,14 +216,15 @@ class ModelServer:
                     if ev.finished:
                         settled = True
                         energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens)
-                        self._learn_energy(energy)
-                        self._push_stats()
                         yield ReplicaEnd(
                             text=ev.text if deltas else "".join(texts) + ev.text, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
                             else time.monotonic() - first_token_mono)
+                        # after the answer went out: none of this is on its path
+                        self._learn_energy(energy)
+                        self._push_stats()
                         return
                     if reports is not None:
                         reports.progress(ev)
@@ -235,6 +236,7 @@ class ModelServer:
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
             self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None)
+            self._push_stats()
             raise
         except ContextLengthError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
