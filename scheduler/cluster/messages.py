@@ -89,6 +89,14 @@ class RequestFinish:
 
 
 @dataclass(frozen=True)
+class AbandonRequest:
+    """A request whose client went away: its finish, and its energy if the replica already had it."""
+
+    finish: RequestFinish
+    energy: EnergyReport | None = None
+
+
+@dataclass(frozen=True)
 class GatewayView:
     """What the gateway refreshes from one node agent each second, in one round trip."""
 

@@ -2,7 +2,8 @@
 
 It is the only component that changes device settings (through power.actuator), and it restores
 them when it stops and, after a crash, when it starts again. Replicas on the node report request
-start/progress/finish here; the meter's intervals arrive on a background thread.
+start/progress/finish here, over a Unix socket (cluster.agent_link) or, failing that, Ray calls that
+take the same messages; the meter's intervals arrive on a background thread.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
+from scheduler.cluster.agent_link import AgentLinkServer, socket_path
 from scheduler.cluster.messages import (
     AbandonedWork,
     EnergyReport,
@@ -92,6 +94,9 @@ class Mailbox:
 
 @ray.remote
 class NodeAgent:
+    #: serves the replicas' request-path messages once the first replica asks for its address
+    _link_server: AgentLinkServer | None = None
+
     def __init__(self, config: dict[str, Any], state_dir: str, node: str, owns_simulated: bool = True):
         runtime.configure_process_logging()
         self.config = WattlaneConfig.model_validate(config)
@@ -137,6 +142,19 @@ class NodeAgent:
 
     async def ready(self) -> dict[str, Any]:
         return {"node": self.node, "devices": list(self.devices)}
+
+    async def link_address(self) -> str:
+        """The Unix socket the replicas on this node send their request messages to (started on first ask)."""
+        if self._link_server is None:
+            server = AgentLinkServer(self, socket_path())
+            await server.start()
+            self._link_server = server
+        return self._link_server.path
+
+    def close_link(self) -> None:
+        if self._link_server is not None:
+            self._link_server.close()
+            self._link_server = None
 
     # --- request accounting (called by replicas) ---------------------------------------------
     # A request on a multi-GPU replica (tensor parallel) is tracked once per device under
@@ -372,6 +390,7 @@ class NodeAgent:
         if self._stopped:
             return {"restored": True}
         self._stopped = True
+        self.close_link()
         restored = self.power.stop()
         self.power.close()
         self.meter.stop()

@@ -22,7 +22,9 @@ import ray
 from ray import serve
 
 from scheduler.cluster import runtime
+from scheduler.cluster.agent_link import AgentLink
 from scheduler.cluster.messages import (
+    AbandonRequest,
     EnergyReport,
     ReplicaDelta,
     ReplicaEnd,
@@ -49,6 +51,8 @@ PROGRESS_INTERVAL_SECONDS = 0.1
 #: how long a request's start waits to travel with its engine's first event (the prompt it took on)
 #: before it goes alone: the agent counts a queued request as running, and a parked device wakes for it
 START_REPORT_DELAY_SECONDS = 0.05
+#: how long a replica waits before it tries again to connect to its node agent's link
+LINK_RETRY_SECONDS = 10.0
 #: how often, at most, the replica pushes its stats to the node agent
 STATS_PUSH_INTERVAL_SECONDS = 0.1
 
@@ -59,29 +63,42 @@ def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
 
 
 class _AgentReports:
-    """One request's messages to its node agent, each a fire-and-forget call but the last.
+    """One request's messages to its node agent, each one-way but the last.
 
-    The start goes with the engine's first event, which carries the prompt's tokens (one call, not
+    The start goes with the engine's first event, which carries the prompt's tokens (one message, not
     two), or alone after START_REPORT_DELAY_SECONDS if the engine has not started it by then. Progress
     follows at most every PROGRESS_INTERVAL_SECONDS. The finish, awaited for the energy, carries the
-    final counts and the start again: the agent starts a request it never heard of (a start call that
-    Ray dropped, or one not yet sent) before finishing it, and ignores a start it already has. Ray
-    delivers one caller's calls to an actor in order, so a start is never overtaken by its progress.
+    final counts and the start again: the agent starts a request it never heard of (a start that was
+    lost, or not yet sent) before finishing it, and ignores a start it already has. They go over the
+    agent link (one connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's
+    calls to an actor in order too).
     """
 
-    def __init__(self, agent: Any, start: RequestStart):
+    def __init__(self, agent: Any, link: AgentLink | None, start: RequestStart):
         self.agent = agent
+        self.link = link
         self.start = start
         self.started = False
         self.last_report_s = start.t_s
         self._timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY_SECONDS, self._send_start)
 
+    def _send(self, msg: RequestStart | RequestProgress) -> None:
+        if self.link is not None:
+            try:
+                self.link.send(msg)
+                return
+            except ConnectionError:
+                self.link = None
+        if isinstance(msg, RequestStart):
+            self.agent.start_request.remote(msg)
+        else:
+            self.agent.progress.remote(msg)
+
     def _send_start(self, ev: Any = None) -> None:
         self._timer.cancel()
         self.started = True
-        msg = self.start if ev is None else replace(self.start, prompt_tokens=ev.prompt_tokens,
-                                                    completion_tokens=ev.completion_tokens, progress_t_s=ev.time_s)
-        self.agent.start_request.remote(msg)
+        self._send(self.start if ev is None else replace(
+            self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens, progress_t_s=ev.time_s))
 
     def progress(self, ev: Any) -> None:
         """A running request's engine event (not its last)."""
@@ -90,12 +107,34 @@ class _AgentReports:
             self._send_start(ev)
         elif ev.time_s - self.last_report_s >= PROGRESS_INTERVAL_SECONDS:
             self.last_report_s = ev.time_s
-            self.agent.progress.remote(RequestProgress(self.start.request_id, ev.prompt_tokens,
-                                                       ev.completion_tokens, ev.time_s))
+            self._send(RequestProgress(self.start.request_id, ev.prompt_tokens, ev.completion_tokens, ev.time_s))
 
     def finish(self, t_s: float, prompt_tokens: int, completion_tokens: int) -> RequestFinish:
         self._timer.cancel()
         return RequestFinish(self.start.request_id, t_s, prompt_tokens, completion_tokens, start=self.start)
+
+    async def energy(self, msg: RequestFinish) -> EnergyReport | None:
+        """The agent's answer to the finish: over the link, or a Ray call if the link is down or breaks."""
+        if self.link is not None:
+            try:
+                return await self.link.call(msg)
+            except ConnectionError as exc:
+                log.warning("agent link lost (%s); request %s goes through Ray", exc, msg.request_id)
+        try:
+            return await self.agent.finish_request.remote(msg)
+        except ray.exceptions.RayError as exc:
+            log.warning("node agent could not attribute %s: %s", msg.request_id, exc)
+            return None
+
+    def abandon(self, msg: RequestFinish, energy: EnergyReport | None) -> None:
+        if self.link is not None:
+            try:
+                self.link.send(AbandonRequest(msg, energy))
+                return
+            except ConnectionError:
+                pass
+        # outside this request's context, or Ray cancels the call along with the request it belongs to
+        contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
 
 
 class ModelServer:
@@ -204,7 +243,7 @@ class ModelServer:
                            system_fingerprint=self.engine.system_fingerprint)
         reports = None
         if self.agent is not None:
-            reports = _AgentReports(self.agent, RequestStart(rid, tuple(self.device_ids), started))
+            reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
             self._push_stats()
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
@@ -261,20 +300,41 @@ class ModelServer:
         """The request's energy, from its node agent: one round trip, which also carries the final counts."""
         if reports is None:
             return None
-        msg = reports.finish(t_s, prompt_tokens, completion_tokens)
-        try:
-            return await self.agent.finish_request.remote(msg)
-        except ray.exceptions.RayError as exc:
-            log.warning("node agent could not attribute %s: %s", msg.request_id, exc)
-            return None
+        return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
                  energy: EnergyReport | None) -> None:
-        """Settle a cancelled request with the agent (fire and forget: this task is being cancelled)."""
+        """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
         if reports is not None:
-            msg = reports.finish(time.time(), prompt_tokens, completion_tokens)
-            # outside this request's context, or Ray cancels the call along with the request it belongs to
-            contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
+            reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+
+    # --- the agent link -------------------------------------------------------------------------
+    _link: AgentLink | None = None
+    _link_retry_s = 0.0
+    _link_connecting: "asyncio.Task | None" = None
+
+    def _agent_link(self) -> AgentLink | None:
+        """The link to the node agent if it is up; otherwise start (re)connecting, at most every
+        LINK_RETRY_SECONDS, and let this request use Ray calls meanwhile."""
+        link = self._link
+        if link is not None and link.alive:
+            return link
+        now = time.monotonic()
+        if self._link_connecting is None and now >= self._link_retry_s:
+            self._link_retry_s = now + LINK_RETRY_SECONDS
+            # in a context of its own: Ray would cancel the agent call along with the request that made it
+            self._link_connecting = asyncio.get_running_loop().create_task(self._connect_link(),
+                                                                          context=contextvars.Context())
+        return None
+
+    async def _connect_link(self) -> None:
+        try:
+            path = await self.agent.link_address.remote()
+            self._link = await AgentLink.connect(path)
+        except Exception as exc:  # an agent on another machine, or an old one: Ray calls do the job
+            log.warning("replica %s: no link to the node agent (%s); using Ray calls", self.replica_id, exc)
+        finally:
+            self._link_connecting = None
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.engine.close()

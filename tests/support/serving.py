@@ -196,6 +196,10 @@ class Fleet:
         await self.serving.settled()
         await asyncio.gather(*self.agent_handle.tasks, return_exceptions=True)
         for h in self.handles.values():
+            if isinstance(h, InProcessHandle) and h.server._link is not None:
+                h.server._link.close()
+        self.agent.close_link()
+        for h in self.handles.values():
             if isinstance(h, InProcessHandle):
                 await h.server.engine.close()
         self.ledger.close()

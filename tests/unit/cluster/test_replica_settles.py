@@ -359,7 +359,8 @@ def test_a_request_costs_its_agent_one_start_carrying_the_prompt_and_one_finish(
 
     events = asyncio.run(main())
     assert isinstance(events[-1], ReplicaEnd) and events[-1].energy is not None
-    names = [name for name, _ in recorder.calls if name != "replica_stats"]
+    # the first request goes by Ray calls while the link to the agent connects
+    names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
     assert names == ["start_request", "finish_request"], names
     start = recorder.calls[[n for n, _ in recorder.calls].index("start_request")][1]
     assert (start.prompt_tokens, start.completion_tokens) == (8, 1) and start.progress_t_s is not None
@@ -384,7 +385,7 @@ def test_a_request_its_engine_has_not_started_is_reported_running_after_a_short_
         return running_while_queued
 
     assert asyncio.run(main()) == 1
-    names = [name for name, _ in recorder.calls if name != "replica_stats"]
+    names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
     assert names[0] == "start_request" and names[-1] == "finish_request"
     start = next(msg for name, msg in recorder.calls if name == "start_request")
     assert start.progress_t_s is None  # sent alone, before the engine's first event
@@ -414,3 +415,31 @@ def test_a_request_cancelled_before_its_start_was_sent_is_still_settled_with_ene
     outcome = asyncio.run(main())
     assert outcome is not None and outcome.energy is not None and outcome.energy.device == DEVICE
     assert agent.attributor.running(DEVICE) == 0
+
+
+def test_requests_go_over_the_agent_link_once_it_is_up_and_through_ray_when_it_breaks() -> None:
+    """The link carries the same messages as the Ray calls: same accounting, and a broken link costs
+    no request its energy (the finish then goes through Ray, carrying its start)."""
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(ScriptedEngine(3), recorder)
+        first = [ev async for ev in server.generate(REQUEST)]
+        while server._link is None or not server._link.alive:  # connected in the background
+            await asyncio.sleep(0.01)
+        ray_calls = len(recorder.calls)
+        second = [ev async for ev in server.generate(GenerationRequest("r2", ModelKind.CHAT, messages=[]))]
+        over_link = [name for name, _ in recorder.calls[ray_calls:] if name != "replica_stats"]
+        server._link._writer.transport.abort()  # the agent's end goes away mid-life
+        await asyncio.sleep(0.01)
+        third = [ev async for ev in server.generate(GenerationRequest("r3", ModelKind.CHAT, messages=[]))]
+        await asyncio.gather(*server.agent.tasks)
+        recorder.agent.close_link()
+        return first[-1], second[-1], third[-1], over_link
+
+    first, second, third, over_link = asyncio.run(main())
+    assert over_link == [], "no Ray call for a request while the link is up"
+    for end in (first, second, third):
+        assert isinstance(end, ReplicaEnd) and end.energy is not None and end.energy.device == DEVICE
+    assert recorder.agent.attributor.running(DEVICE) == 0
+    assert [name for name, _ in recorder.calls if name == "finish_request"] == ["finish_request"] * 2
