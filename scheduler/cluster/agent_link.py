@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import itertools
 import logging
 import os
@@ -44,6 +45,19 @@ def socket_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"wattlane-agent-{os.getpid()}-{secrets.token_hex(4)}.sock")
 
 
+def _remove_dead_sockets() -> None:
+    """Delete the sockets of agents whose process is gone (one killed with SIGKILL leaves its file)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "wattlane-agent-*-*.sock")):
+        pid = os.path.basename(path).split("-")[2]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge
+
+
 def _frame(call_id: int, message: Any) -> bytes:
     body = pickle.dumps((call_id, message), protocol=pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(body)) + body
@@ -66,8 +80,9 @@ class AgentLinkServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        _remove_dead_sockets()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a dead agent's socket (pids are reused)
+            os.unlink(self.path)
         old_umask = os.umask(0o177)  # only this user may connect: the messages are pickles
         try:
             self._server = await asyncio.start_unix_server(self._serve, path=self.path)

@@ -5,6 +5,7 @@ whose client went away, kept for the gateway's ledger row)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -443,3 +444,29 @@ def test_requests_go_over_the_agent_link_once_it_is_up_and_through_ray_when_it_b
         assert isinstance(end, ReplicaEnd) and end.energy is not None and end.energy.device == DEVICE
     assert recorder.agent.attributor.running(DEVICE) == 0
     assert [name for name, _ in recorder.calls if name == "finish_request"] == ["finish_request"] * 2
+
+
+def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from scheduler.cluster import agent_link
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"wattlane-agent-{dead.stdout.strip()}-0000.sock"
+    stale.touch()
+    live = tmp_path / f"wattlane-agent-{os.getpid()}-1111.sock"
+    live.touch()
+
+    async def main() -> str:
+        server = agent_link.AgentLinkServer(make_agent(), agent_link.socket_path())
+        await server.start()
+        path = server.path
+        assert os.path.exists(path)
+        server.close()
+        return path
+
+    path = asyncio.run(main())
+    assert not stale.exists() and live.exists() and not os.path.exists(path)
