@@ -1,6 +1,6 @@
 """Measure what Wattlane's gateway adds over a plain Ray Serve app running the same engine and model.
 
-    python -m benchmarks.gateway_overhead   # writes docs/results/gateway-overhead.md and .json
+    python -m benchmarks.gateway_overhead   # writes docs/results/gateway-overhead.md and .json (~3 min)
 
 One Ray session, one Serve HTTP proxy, two applications:
 - plain (route prefix /plain): a FastAPI ingress deployment that forwards the chat to a deployment
@@ -8,7 +8,8 @@ One Ray session, one Serve HTTP proxy, two applications:
 - Wattlane's embedded default (route prefix /): the real gateway, routing, replica, node agent,
   energy attribution, carbon and ledger.
 The same non-streaming chat (max_tokens 1) is sent sequentially over one keep-alive HTTP connection,
-alternating plain and Wattlane so that both see the same machine load. Every Wattlane answer is
+alternating plain and Wattlane (and which goes first) so that both see the same machine load, in
+several rounds on the one deployment. Every Wattlane answer is
 checked for usage.energy and usage.carbon, and its ledger row is read right after the answer (the
 row must already be committed: Wattlane awaits the commit before the last byte).
 """
@@ -90,7 +91,7 @@ def _percentiles(samples_s: list[float]) -> dict[str, float]:
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min()), "max_ms": float(ms.max())}
 
 
-def run(requests: int, warmup: int) -> dict[str, Any]:
+def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
     from ray import serve
 
     from scheduler.cluster.lifecycle import Deployment
@@ -117,40 +118,59 @@ def run(requests: int, warmup: int) -> dict[str, Any]:
                 if time.time() > deadline or 400 <= probe.status_code < 500:
                     raise RuntimeError(f"the plain app did not come up ({probe.status_code} {probe.text[:300]})")
                 time.sleep(0.5)
-            timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
+            pair = (("plain", "/plain/v1/chat/completions"), ("wattlane", "/v1/chat/completions"))
+            rounds: list[dict[str, list[float]]] = []
             missing_footprint = missing_rows = 0
-            for i in range(warmup + requests):
-                for name, path in (("plain", "/plain/v1/chat/completions"), ("wattlane", "/v1/chat/completions")):
-                    t0 = time.perf_counter()
-                    r = client.post(path, json=body)
-                    elapsed = time.perf_counter() - t0
-                    if r.status_code != 200:
-                        raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
-                    if name == "wattlane":
-                        usage = r.json()["usage"]
-                        if not (usage.get("energy", {}).get("joules") is not None and usage.get("carbon")):
-                            missing_footprint += 1
-                        rid = r.headers["x-request-id"]
-                        if ledger.execute("SELECT COUNT(*) FROM requests WHERE request_id = ?", (rid,)).fetchone()[0] != 1:
-                            missing_rows += 1
-                    if i >= warmup:
-                        timings[name].append(elapsed)
+            for round_index in range(rounds_count):
+                timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
+                for i in range((warmup if round_index == 0 else 0) + requests):
+                    # which app goes first alternates too, so neither always follows the other's leftovers
+                    for name, path in pair if i % 2 == 0 else pair[::-1]:
+                        t0 = time.perf_counter()
+                        r = client.post(path, json=body)
+                        elapsed = time.perf_counter() - t0
+                        if r.status_code != 200:
+                            raise RuntimeError(f"{name}: {r.status_code} {r.text[:300]}")
+                        if name == "wattlane":
+                            usage = r.json()["usage"]
+                            if not (usage.get("energy", {}).get("joules") is not None and usage.get("carbon")):
+                                missing_footprint += 1
+                            rid = r.headers["x-request-id"]
+                            if ledger.execute("SELECT COUNT(*) FROM requests WHERE request_id = ?", (rid,)).fetchone()[0] != 1:
+                                missing_rows += 1
+                        if round_index > 0 or i >= warmup:
+                            timings[name].append(elapsed)
+                rounds.append(timings)
         ledger.close()
     finally:
         load_after = os.getloadavg()
         dep.stop()
-    plain, watt = _percentiles(timings["plain"]), _percentiles(timings["wattlane"])
+    plain = _percentiles([t for r in rounds for t in r["plain"]])
+    watt = _percentiles([t for r in rounds for t in r["wattlane"]])
+    per_round = []
+    for r in rounds:
+        p, w = _percentiles(r["plain"]), _percentiles(r["wattlane"])
+        per_round.append({"plain_p50_ms": p["p50_ms"], "plain_p99_ms": p["p99_ms"], "wattlane_p50_ms": w["p50_ms"],
+                          "wattlane_p99_ms": w["p99_ms"], "added_p50_ms": w["p50_ms"] - p["p50_ms"],
+                          "added_p99_ms": w["p99_ms"] - p["p99_ms"]})
     return {
         "benchmark": "gateway_overhead",
+        "command": "python -m benchmarks.gateway_overhead" + (f" --rounds {rounds_count}" if rounds_count != 3 else "")
+                   + (f" --requests {requests}" if requests != 200 else ""),
         "model": MODEL_ID,
         "requests_each": requests,
+        "rounds": rounds_count,
         "warmup_each": warmup,
         "max_tokens": 1,
         "plain_ray_serve": plain,
         "wattlane": watt,
         "added_p50_ms": watt["p50_ms"] - plain["p50_ms"],
         "added_p99_ms": watt["p99_ms"] - plain["p99_ms"],
-        "added_median_of_pairs_ms": statistics.median(w - p for w, p in zip(timings["wattlane"], timings["plain"])) * 1000,
+        "added_median_of_pairs_ms": statistics.median(
+            w - p for r in rounds for w, p in zip(r["wattlane"], r["plain"])) * 1000,
+        "per_round": per_round,
+        "added_p50_ms_median_of_rounds": statistics.median(r["added_p50_ms"] for r in per_round),
+        "added_p99_ms_median_of_rounds": statistics.median(r["added_p99_ms"] for r in per_round),
         "wattlane_answers_without_energy_or_carbon": missing_footprint,
         "wattlane_answers_whose_ledger_row_was_not_committed": missing_rows,
         "target": {"added_p50_ms": 1.0, "added_p99_ms": 3.0},
@@ -169,11 +189,14 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
     lines = [
         "# Gateway overhead: Wattlane vs a plain Ray Serve app",
         "",
-        f"`python -m benchmarks.gateway_overhead`: {result['requests_each']} sequential non-streaming chats each "
+        f"Command: `{result.get('command', 'python -m benchmarks.gateway_overhead')}`. {result['rounds']} rounds of "
+        f"{result['requests_each']} sequential non-streaming chats to each app "
         f"(max_tokens {result['max_tokens']}, after {result['warmup_each']} warm-up requests each) to "
         f"`{result['model']}` on llama.cpp, alternating a plain Ray Serve app (FastAPI ingress -> handle -> "
         "a deployment running the same engine and weights) and Wattlane's embedded default, on one Ray "
         "session and one Serve proxy.",
+        "",
+        "All rounds pooled:",
         "",
         "| | p50 (ms) | p99 (ms) | mean (ms) |",
         "|---|---:|---:|---:|",
@@ -182,6 +205,17 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
         f"| **added by Wattlane** | **{result['added_p50_ms']:.1f}** | **{result['added_p99_ms']:.1f}** | "
         f"{w['mean_ms'] - p['mean_ms']:.1f} |",
         "",
+        "Each round:",
+        "",
+        "| round | plain p50 | Wattlane p50 | added p50 | plain p99 | Wattlane p99 | added p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {i + 1} | {r['plain_p50_ms']:.1f} | {r['wattlane_p50_ms']:.1f} | {r['added_p50_ms']:.1f} | "
+          f"{r['plain_p99_ms']:.1f} | {r['wattlane_p99_ms']:.1f} | {r['added_p99_ms']:.1f} |"
+          for i, r in enumerate(result.get("per_round", []))],
+        "",
+        f"Median over rounds: {result.get('added_p50_ms_median_of_rounds', result['added_p50_ms']):.1f} ms p50 and "
+        f"{result.get('added_p99_ms_median_of_rounds', result['added_p99_ms']):.1f} ms p99 added.",
+        "",
         f"Median of the per-pair differences: {result['added_median_of_pairs_ms']:.1f} ms. "
         f"Target: at most 1 ms p50 and 3 ms p99 added: {'met' if met else 'not met'}.",
         "",
@@ -189,8 +223,7 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
         f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
         f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",
         "",
-        *([f"Before the serving path waited no longer for a meter tick ({b['label']}, same benchmark, same "
-           f"machine, minutes apart): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
+        *([f"Before ({b['label']}; the same benchmark on the same machine, minutes apart): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
            f"ms p99 against plain {b['plain_ray_serve']['p50_ms']:.1f} / {b['plain_ray_serve']['p99_ms']:.1f}, "
            f"i.e. {b['added_p50_ms']:.1f} ms p50 and {b['added_p99_ms']:.1f} ms p99 added.", ""]
           if (b := result.get("before")) else []),
@@ -205,19 +238,21 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--requests", type=int, default=200, help="requests to each app per round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of interleaved requests, on one deployment")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
     ap.add_argument("--before", type=Path, help="the JSON of a run on an earlier commit, to show beside this one")
     ap.add_argument("--before-label", default="an earlier commit")
     args = ap.parse_args()
-    result = run(args.requests, args.warmup)
+    result = run(args.requests, args.warmup, args.rounds)
     if args.before:
         before = json.loads(args.before.read_text())
         result["before"] = {"label": args.before_label,
                             **{k: before[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}}
     write(result, args.out)
-    print(json.dumps({k: result[k] for k in ("plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("command", "plain_ray_serve", "wattlane", "added_p50_ms", "added_p99_ms",
+                                             "per_round")}, indent=2))
 
 
 if __name__ == "__main__":

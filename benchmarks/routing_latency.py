@@ -28,7 +28,8 @@ from scheduler.routing.controls import merge_request_controls
 from scheduler.routing.select import RouteRequest, route
 
 RESULTS_DIR = REPOSITORY_DIR / "docs" / "results"
-BUDGET_SECONDS = 0.002
+#: route() CPU time at p99 (the serving-path issue: within 1 ms at 8 replicas per model)
+BUDGET_SECONDS = 0.001
 
 
 def _models() -> list[ModelConfig]:

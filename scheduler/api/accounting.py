@@ -46,21 +46,26 @@ class Accounting:
     async def record(self, job: "Job", result: "InferenceResult", status: str,
                      energy: EnergyReport | None) -> "InferenceResult":
         """Carbon for the request's joules, then its ledger row (durable when this returns), then metrics."""
+        now_s = time.time()
         if energy is not None and result.carbon is None:
-            footprint = await asyncio.to_thread(self.carbon.footprint, energy.joules, time.time())
-            result = replace(result, carbon=footprint.as_usage())
-        e = result.energy or {}
-        c = result.carbon or {}
+            # in memory for every provider but a live one between refreshes: no thread hop then
+            footprint = self.carbon.footprint_cached(energy.joules, now_s)
+            if footprint is None:
+                footprint = await asyncio.to_thread(self.carbon.footprint, energy.joules, now_s)
+            result = replace(result, carbon=footprint)
+        e, c = result.energy, result.carbon
+        joules = e.joules if e else None
+        gco2e = c.gco2e if c else None
         base = None
         if self.baseline is not None:
             base = self.baseline.estimate(
                 served_model=result.model, request_kind=job.request.kind.value, prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, joules=e.get("joules"),
+                completion_tokens=result.completion_tokens, joules=joules,
                 cascade_repeat=job.cascade_of is not None)
-            self.baseline.observe(result.model, result.prompt_tokens, result.completion_tokens, e.get("joules"))
+            self.baseline.observe(result.model, result.prompt_tokens, result.completion_tokens, joules)
         row = LedgerRow(
             request_id=result.request_id,
-            time_unix_s=time.time(),
+            time_unix_s=now_s,
             model=result.model,
             device=str(result.routing.get("device") or ""),
             node=str(result.routing.get("node") or ""),
@@ -72,16 +77,16 @@ class Accounting:
             ttft_seconds=result.ttft_seconds,
             tpot_seconds=result.tpot_seconds,
             latency_seconds=result.latency_seconds,
-            joules=e.get("joules"),
-            dynamic_joules=e.get("dynamic_joules"),
-            idle_joules=e.get("idle_joules"),
-            energy_method=e.get("method"),
-            energy_scope=e.get("scope"),
-            gco2e=c.get("gco2e"),
-            intensity_gco2e_per_kwh=c.get("intensity_gco2e_per_kwh"),
-            pue=c.get("pue"),
-            carbon_source=c.get("source"),
-            carbon_region=c.get("region"),
+            joules=joules,
+            dynamic_joules=e.dynamic_joules if e else None,
+            idle_joules=e.idle_joules if e else None,
+            energy_method=e.method if e else None,
+            energy_scope=e.scope if e else None,
+            gco2e=gco2e,
+            intensity_gco2e_per_kwh=c.intensity_gco2e_per_kwh if c else None,
+            pue=c.pue if c else None,
+            carbon_source=c.source if c else None,
+            carbon_region=c.region if c else None,
             power_limit_watts=energy.power_limit_watts if energy is not None else None,
             routing_reason=result.routing.get("reason"),
             priority=job.controls.get("priority"),
@@ -92,15 +97,15 @@ class Accounting:
         await self.ledger.arecord(row)
         if job.admission is not None:  # the caller's budgets count what this row counts
             try:
-                await job.admission.settle(e.get("joules"), c.get("gco2e"), result.prompt_tokens + result.completion_tokens)
+                await job.admission.settle(joules, gco2e, result.prompt_tokens + result.completion_tokens)
             except Exception:  # an unsettled reservation expires by itself; the answer must still go out
                 log.exception("could not settle the limits and budgets of request %s", result.request_id)
         self.metrics.observe_request(
             model=result.model, status=status, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,
-            tpot_seconds=result.tpot_seconds, joules=e.get("joules"), dynamic_joules=e.get("dynamic_joules"),
-            idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
-            api_key=job.api_key_id, team=job.team, baseline_joules=row.baseline_joules,
+            tpot_seconds=result.tpot_seconds, joules=joules,
+            dynamic_joules=e.dynamic_joules if e else None, idle_joules=e.idle_joules if e else None,
+            gco2e=gco2e, api_key=job.api_key_id, team=job.team, baseline_joules=row.baseline_joules,
         )
         if self.tracer is not None:
             self.tracer.request_ended(job, result, row)

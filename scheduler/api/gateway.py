@@ -18,6 +18,7 @@ from scheduler.api.accounting import ABANDONED_WAIT_SECONDS, Accounting
 from scheduler.api.model_selection import ModelSelection
 from scheduler.api.serving import Serving
 from scheduler.cluster import runtime
+from scheduler.cluster.messages import GatewayView
 from scheduler.config import WattlaneConfig
 from scheduler.energy.baseline import SavingsBaseline
 
@@ -108,11 +109,11 @@ class Gateway:
         snaps: list[dict[str, Any]] = []
         fresh: dict[str, dict[str, Any]] = {}
         for (node, _), view in zip(agents, views):
-            if not isinstance(view, dict):  # an agent that does not answer keeps its old data out
+            if not isinstance(view, GatewayView):  # an agent that does not answer keeps its old data out
                 continue
-            snaps.extend(view["devices"])
-            fresh.update(view["replica_stats"])
-            self._sync_power_actions(node, view["power_action_totals"])
+            snaps.extend(view.devices)
+            fresh.update(view.replica_stats)
+            self._sync_power_actions(node, view.power_action_totals)
         self.device_snapshots = snaps
         self.replica_stats = fresh
         await self._record_startups()

@@ -29,6 +29,7 @@ from scheduler.cluster.messages import (
     ReplicaStart,
 )
 from scheduler.config import WattlaneConfig
+from scheduler.energy.carbon import CarbonFootprint
 from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -71,14 +72,24 @@ class InferenceResult:
     prompt_tokens: int
     completion_tokens: int
     routing: dict[str, Any]
-    energy: dict[str, Any] | None
-    carbon: dict[str, Any] | None
+    #: what the node agent charged (usage.energy is its .public()); None when nothing attributed it
+    energy: EnergyReport | None
+    #: the energy's footprint (usage.carbon is its .as_usage()); filled in by Accounting.record
+    carbon: CarbonFootprint | None
     ttft_seconds: float | None
     tpot_seconds: float | None
     latency_seconds: float
     created_s: int
     mean_logprob: float | None = None
     system_fingerprint: str | None = None
+
+    def usage_energy(self) -> dict[str, Any] | None:
+        """usage.energy of the response (protocol.EnergyUsage)."""
+        return None if self.energy is None else self.energy.public()
+
+    def usage_carbon(self) -> dict[str, Any] | None:
+        """usage.carbon of the response (protocol.CarbonUsage)."""
+        return None if self.carbon is None else self.carbon.as_usage()
 
 
 class _ReplicaFailure(Exception):
@@ -122,7 +133,8 @@ class StreamSession:
         self._prompt_tokens = max(self._prompt_tokens, getattr(ev, "prompt_tokens", 0))
         self._completion_tokens = max(self._completion_tokens, getattr(ev, "completion_tokens", 0))
         if self._completion_tokens > 0 and self._first_token_s is None:
-            self._first_token_s = self._received_s
+            # without deltas the first token never arrived on its own: date it back from the end event
+            self._first_token_s = self._received_s - (getattr(ev, "first_token_to_end_seconds", None) or 0.0)
 
     async def _next(self) -> ReplicaEvent:
         model = self.routed.model
@@ -201,6 +213,8 @@ class Serving:
         self._replicas_by_model = replicas_by_model
         #: called on every request (the gateway starts its device refresher lazily)
         self._on_request = on_request
+        #: model id -> (its handle, that handle with stream=True)
+        self._stream_handles: dict[str, tuple[Any, Any]] = {}
         #: background tasks that record abandoned requests (kept referenced until they finish)
         self._settling: set[asyncio.Task] = set()
 
@@ -220,8 +234,11 @@ class Serving:
         return self.selection.explain(job, self._replicas_by_model())
 
     # --- running ------------------------------------------------------------------------------
-    async def open(self, job: Job, routed: Routed | None = None) -> StreamSession:
+    async def open(self, job: Job, routed: Routed | None = None, deltas: bool = True) -> StreamSession:
         """Route and start the generation; raises ApiError before any byte is sent.
+
+        deltas=False asks the replica for the whole text in its end event (run() does: a non-streaming
+        answer needs nothing earlier), so the session yields it as one piece.
 
         A replica that fails or times out before its first event is retried once on the next
         candidate model of the routing decision; if that fails too, 503 with the reason.
@@ -231,7 +248,7 @@ class Serving:
         failures: list[str] = []
         for i, model in enumerate(attempts):
             try:
-                events, start, first = await self._start(job, model, routed)
+                events, start, first = await self._start(job, model, routed, deltas)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
@@ -253,14 +270,24 @@ class Serving:
         raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
                        headers={"Retry-After": "5"})
 
-    async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, ReplicaStart, ReplicaEvent]:
+    def _stream_handle(self, model: str) -> Any:
+        """The model's handle with stream=True, made once: options() builds a new handle on every call."""
+        base = self.handles[model]
+        cached = self._stream_handles.get(model)
+        if cached is None or cached[0] is not base:
+            cached = self._stream_handles[model] = (base, base.options(stream=True))
+        return cached[1]
+
+    async def _start(self, job: Job, model: str, routed: Routed, deltas: bool = True
+                     ) -> tuple[Any, ReplicaStart, ReplicaEvent]:
         from ray.serve.exceptions import BackPressureError
 
         timeout_s = self.config.routing.replica_timeout_seconds
         start: ReplicaStart | None = None
         try:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
-                events = self.handles[model].options(stream=True).generate.remote(job.request, placement=routed.placement)
+                events = self._stream_handle(model).generate.remote(job.request, placement=routed.placement,
+                                                                    deltas=deltas)
                 start = await asyncio.wait_for(events.__anext__(), timeout_s)
                 started()
             first = await asyncio.wait_for(events.__anext__(), timeout_s)
@@ -288,7 +315,7 @@ class Serving:
         cascade = self._cascade_target(job, routed)
         if cascade:
             job.request.params.logprobs = True
-        session = await self.open(job, routed)
+        session = await self.open(job, routed, deltas=False)
         async for _ in session.deltas():
             pass
         assert session.result is not None
@@ -328,10 +355,11 @@ class Serving:
         second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "
                                     f"({verdict.reason})")
         if first.energy and second.energy:
-            for k in ("joules", "dynamic_joules", "idle_joules"):
-                second.energy[k] = (first.energy.get(k) or 0.0) + (second.energy.get(k) or 0.0)
+            a, b = first.energy, second.energy
+            second.energy = replace(b, joules=a.joules + b.joules, dynamic_joules=a.dynamic_joules + b.dynamic_joules,
+                                    idle_joules=a.idle_joules + b.idle_joules, work_tokens=a.work_tokens + b.work_tokens)
         if first.carbon and second.carbon:
-            second.carbon["gco2e"] = first.carbon["gco2e"] + second.carbon["gco2e"]
+            second.carbon = replace(second.carbon, gco2e=first.carbon.gco2e + second.carbon.gco2e)
         second.prompt_tokens += first.prompt_tokens
         second.completion_tokens += first.completion_tokens
         return second
@@ -348,7 +376,7 @@ class Serving:
             prompt_tokens=end.prompt_tokens,
             completion_tokens=end.completion_tokens,
             routing=s.routing,
-            energy=end.energy.public() if end.energy else None,
+            energy=end.energy,
             carbon=None,
             ttft_seconds=ttft,
             tpot_seconds=tpot,
@@ -367,7 +395,7 @@ class Serving:
         result = InferenceResult(
             request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, routing=routing,
-            energy=energy.public() if energy else None, carbon=None, ttft_seconds=ttft, tpot_seconds=None,
+            energy=energy, carbon=None, ttft_seconds=ttft, tpot_seconds=None,
             latency_seconds=latency, created_s=int(created_s),
         )
         try:

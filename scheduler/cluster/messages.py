@@ -1,9 +1,12 @@
 """The typed messages that cross Ray boundaries on the request path: gateway <-> replica <-> node agent.
 
 The gateway sends a replica an engines.base.GenerationRequest; the replica answers with a stream of
-ReplicaStart, ReplicaDelta... then one ReplicaEnd or ReplicaError. The node agent answers a finished
-request with an EnergyReport and keeps an abandoned one's AbandonedWork for the gateway. Errors carry
-a kind, never an HTTP status: the gateway alone maps kinds to statuses (api.errors.replica_error).
+ReplicaStart, ReplicaDelta... then one ReplicaEnd or ReplicaError (a request that wants no deltas, a
+non-streaming one, gets ReplicaStart and the end only). The replica tells its node agent about the
+request with RequestStart, RequestProgress and RequestFinish; the agent answers the finish with an
+EnergyReport and keeps an abandoned request's AbandonedWork for the gateway, which pulls a GatewayView
+from every agent each second. Errors carry a kind, never an HTTP status: the gateway alone maps kinds
+to statuses (api.errors.replica_error).
 """
 
 from __future__ import annotations
@@ -48,6 +51,64 @@ class EnergyReport:
 
 
 @dataclass(frozen=True)
+class RequestStart:
+    """A request began on a replica's devices (sent once its engine has taken it, or after a short wait)."""
+
+    request_id: str
+    device_ids: tuple[str, ...]
+    #: when the replica received it (time.time() on the node)
+    t_s: float
+    #: cumulative work already done when this is sent, at progress_t_s: the prompt the engine took
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    progress_t_s: float | None = None
+
+
+@dataclass(frozen=True)
+class RequestProgress:
+    """A running request's cumulative token counts at t_s (every PROGRESS_INTERVAL_SECONDS at most)."""
+
+    request_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    t_s: float
+
+
+@dataclass(frozen=True)
+class RequestFinish:
+    """A request ended at t_s with these final counts (they act as its last progress report).
+
+    `start` is set when the agent was not told of the request yet (its start message had not been
+    sent when it ended): the agent starts it then, so a request is never lost for want of its start."""
+
+    request_id: str
+    t_s: float
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    start: RequestStart | None = None
+
+
+@dataclass(frozen=True)
+class AbandonRequest:
+    """A request whose client went away: its finish, and its energy if the replica already had it."""
+
+    finish: RequestFinish
+    energy: EnergyReport | None = None
+
+
+@dataclass(frozen=True)
+class GatewayView:
+    """What the gateway refreshes from one node agent each second, in one round trip."""
+
+    #: one dict per device: its DeviceSnapshot fields plus energy_joules_metered, running_requests, agent_node
+    devices: list[dict]
+    #: replica id -> the ReplicaStats it last pushed
+    replica_stats: dict[str, dict]
+    #: "device|action" -> how many power actions the agent has applied or recommended
+    power_action_totals: dict[str, int]
+
+
+@dataclass(frozen=True)
 class AbandonedWork:
     """An abandoned request's energy and tokens, as its replica left them with the node agent."""
 
@@ -76,6 +137,7 @@ class ReplicaDelta:
 
 @dataclass(frozen=True)
 class ReplicaEnd:
+    #: the last piece of text; the whole text when the request asked for no deltas
     text: str
     prompt_tokens: int
     completion_tokens: int
@@ -83,6 +145,9 @@ class ReplicaEnd:
     time_s: float
     mean_logprob: float | None
     energy: EnergyReport | None
+    #: seconds from the first token to this event (the replica's monotonic clock), when the gateway did
+    #: not see that token arrive (no deltas were sent): it dates the first token on its own clock from it
+    first_token_to_end_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 It is the only component that changes device settings (through power.actuator), and it restores
 them when it stops and, after a crash, when it starts again. Replicas on the node report request
-start/progress/finish here; the meter's intervals arrive on a background thread.
+start/progress/finish here, over a Unix socket (cluster.agent_link) or, failing that, Ray calls that
+take the same messages; the meter's intervals arrive on a background thread.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
+from scheduler.cluster.agent_link import AgentLinkServer, socket_path
 from scheduler.cluster.messages import (
     AbandonedWork,
     EnergyReport,
+    GatewayView,
     ReplicaErrorKind,
+    RequestFinish,
+    RequestProgress,
+    RequestStart,
     SimEngineFailure,
     SimEngineStats,
 )
@@ -82,9 +88,15 @@ class Mailbox:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
 
 @ray.remote
 class NodeAgent:
+    #: serves the replicas' request-path messages once the first replica asks for its address
+    _link_server: AgentLinkServer | None = None
+
     def __init__(self, config: dict[str, Any], state_dir: str, node: str, owns_simulated: bool = True):
         runtime.configure_process_logging()
         self.config = WattlaneConfig.model_validate(config)
@@ -137,6 +149,19 @@ class NodeAgent:
         """The service answers from t_s (default now): idle energy before it is start-up energy."""
         self.attributor.mark_ready(time.time() if t_s is None else t_s)
 
+    async def link_address(self) -> str:
+        """The Unix socket the replicas on this node send their request messages to (started on first ask)."""
+        if self._link_server is None:
+            server = AgentLinkServer(self, socket_path())
+            await server.start()
+            self._link_server = server
+        return self._link_server.path
+
+    def close_link(self) -> None:
+        if self._link_server is not None:
+            self._link_server.close()
+            self._link_server = None
+
     # --- request accounting (called by replicas) ---------------------------------------------
     # A request on a multi-GPU replica (tensor parallel) is tracked once per device under
     # "<id>@<device>", and its energy is the sum: each GPU's joules are shared on that GPU.
@@ -149,11 +174,21 @@ class NodeAgent:
         self._finished = Mailbox(ttl_seconds=FINISHED_TTL_SECONDS)
         self._replica_stats: dict[str, dict[str, Any]] = {}
 
-    def start_request(self, request_id: str, device_ids: list[str], t_s: float) -> None:
-        self._request_devices[request_id] = list(device_ids)
-        for d in device_ids:
+    def start_request(self, msg: RequestStart) -> None:
+        """A request began; `msg` may carry the work its engine has already taken on (the prompt)."""
+        rid = msg.request_id
+        if rid in self._request_devices or rid in self._finishing or rid in self._finished:
+            return  # already started, or ended before this message arrived: never start it twice
+        self._start(msg)
+
+    def _start(self, msg: RequestStart) -> None:
+        rid = msg.request_id
+        self._request_devices[rid] = list(msg.device_ids)
+        for d in msg.device_ids:
             try:
-                self.attributor.start(f"{request_id}@{d}", d, t_s)
+                self.attributor.start(f"{rid}@{d}", d, msg.t_s)
+                if msg.progress_t_s is not None:
+                    self.attributor.progress(f"{rid}@{d}", msg.prompt_tokens, msg.completion_tokens, msg.progress_t_s)
             except ValueError as exc:
                 log.warning("start_request: %s", exc)
             self.power.work_arrived(d)
@@ -162,25 +197,28 @@ class NodeAgent:
         self._replica_stats[replica_id] = stats
         self.power.report_replica_stats(replica_id, stats)
 
-    def progress(self, request_id: str, prompt_tokens: int, completion_tokens: int, t_s: float) -> None:
-        for d in self._request_devices.get(request_id, ()):
-            self.attributor.progress(f"{request_id}@{d}", prompt_tokens, completion_tokens, t_s)
+    def progress(self, msg: RequestProgress) -> None:
+        for d in self._request_devices.get(msg.request_id, ()):
+            self.attributor.progress(f"{msg.request_id}@{d}", msg.prompt_tokens, msg.completion_tokens, msg.t_s)
 
-    async def finish_request(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
-                             completion_tokens: int | None = None) -> EnergyReport | None:
-        """End a request's accounting; final token counts, when given, act as its last progress report.
+    async def finish_request(self, msg: RequestFinish) -> EnergyReport | None:
+        """End a request's accounting; its final token counts act as its last progress report.
 
-        The accounting runs to its end even when this call is cancelled: Ray cancels the calls a cancelled
+        A request whose start was never sent (it ended first) is started here, from msg.start. The
+        accounting runs to its end even when this call is cancelled: Ray cancels the calls a cancelled
         request made (a client that went away), and a request left half-finished would stay "running" on
         its devices for ever. The outcome is kept a short while for abandon_request."""
-        running = self._finishing.get(request_id)
+        rid = msg.request_id
+        running = self._finishing.get(rid)
         if running is None:
-            if request_id not in self._request_devices:
-                return await self._finished.take(request_id, 0)
+            if rid not in self._request_devices:
+                if msg.start is None or rid in self._finished:
+                    return await self._finished.take(rid, 0)
+                self._start(msg.start)
             running = asyncio.get_running_loop().create_task(
-                self._finish(request_id, t_s, prompt_tokens, completion_tokens))
-            self._finishing[request_id] = running
-            running.add_done_callback(lambda t: self._keep_outcome(request_id, t))
+                self._finish(rid, msg.t_s, msg.prompt_tokens, msg.completion_tokens))
+            self._finishing[rid] = running
+            running.add_done_callback(lambda t: self._keep_outcome(rid, t))
         return await asyncio.shield(running)
 
     def _keep_outcome(self, request_id: str, task: asyncio.Task) -> None:
@@ -231,13 +269,12 @@ class NodeAgent:
         if behind:
             self.meter.sample_now(behind)
 
-    async def abandon_request(self, request_id: str, t_s: float, prompt_tokens: int, completion_tokens: int,
-                              energy: EnergyReport | None = None) -> None:
+    async def abandon_request(self, msg: RequestFinish, energy: EnergyReport | None = None) -> None:
         """A request whose client went away: finish its accounting (unless its replica already did,
         then `energy` is given) and keep the outcome until the gateway takes it for the ledger."""
         if energy is None:
-            energy = await self.finish_request(request_id, t_s, prompt_tokens, completion_tokens)
-        self._abandoned.put(request_id, AbandonedWork(energy, prompt_tokens, completion_tokens))
+            energy = await self.finish_request(msg)
+        self._abandoned.put(msg.request_id, AbandonedWork(energy, msg.prompt_tokens or 0, msg.completion_tokens or 0))
 
     async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
         """The outcome abandon_request kept for request_id, waiting a short while for it.
@@ -249,7 +286,7 @@ class NodeAgent:
         work = await self._abandoned.take(request_id, min(timeout_seconds, ABANDON_GRACE_SECONDS))
         if work is not None:
             return work
-        energy = await self.finish_request(request_id, time.time())
+        energy = await self.finish_request(RequestFinish(request_id, time.time()))
         return None if energy is None else AbandonedWork(energy, 0, 0)
 
     # --- simulated engines (they drive the simulated GPUs this agent owns) --------------------
@@ -289,14 +326,11 @@ class NodeAgent:
             yield SimEngineFailure(ReplicaErrorKind.ENGINE, f"{type(exc).__name__}: {exc}")
 
     # --- readings ----------------------------------------------------------------------------
-    async def gateway_view(self) -> dict[str, Any]:
+    async def gateway_view(self) -> GatewayView:
         """Everything the gateway refreshes each second, in one round trip: device readings, the
         replicas' latest stats (it routes on them) and power-action totals (for its metrics)."""
-        return {
-            "devices": await self._devices_snapshot(),
-            "replica_stats": dict(self._replica_stats),
-            "power_action_totals": dict(self.power_action_counts),
-        }
+        return GatewayView(devices=await self._devices_snapshot(), replica_stats=dict(self._replica_stats),
+                           power_action_totals=dict(self.power_action_counts))
 
     async def _devices_snapshot(self) -> list[dict[str, Any]]:
         def read() -> list[dict[str, Any]]:
@@ -366,6 +400,7 @@ class NodeAgent:
         if self._stopped:
             return {"restored": True}
         self._stopped = True
+        self.close_link()
         restored = self.power.stop()
         self.power.close()
         self.meter.stop()

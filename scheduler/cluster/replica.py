@@ -14,6 +14,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ import ray
 from ray import serve
 
 from scheduler.cluster import runtime
+from scheduler.cluster.agent_link import AgentLink
 from scheduler.cluster.messages import (
+    AbandonRequest,
     EnergyReport,
     ReplicaDelta,
     ReplicaEnd,
@@ -29,6 +32,9 @@ from scheduler.cluster.messages import (
     ReplicaErrorKind,
     ReplicaEvent,
     ReplicaStart,
+    RequestFinish,
+    RequestProgress,
+    RequestStart,
 )
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
@@ -42,6 +48,11 @@ log = logging.getLogger(__name__)
 
 #: how often a running request reports its cumulative work to the node agent
 PROGRESS_INTERVAL_SECONDS = 0.1
+#: how long a request's start waits to travel with its engine's first event (the prompt it took on)
+#: before it goes alone: the agent counts a queued request as running, and a parked device wakes for it
+START_REPORT_DELAY_SECONDS = 0.05
+#: how long a replica waits before it tries again to connect to its node agent's link
+LINK_RETRY_SECONDS = 10.0
 #: how often, at most, the replica pushes its stats to the node agent
 STATS_PUSH_INTERVAL_SECONDS = 0.1
 
@@ -49,6 +60,81 @@ STATS_PUSH_INTERVAL_SECONDS = 0.1
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
     """A local-engine replica runs on one of its model's devices, spread by rank."""
     return [model.devices[rank % len(model.devices)]]
+
+
+class _AgentReports:
+    """One request's messages to its node agent, each one-way but the last.
+
+    The start goes with the engine's first event, which carries the prompt's tokens (one message, not
+    two), or alone after START_REPORT_DELAY_SECONDS if the engine has not started it by then. Progress
+    follows at most every PROGRESS_INTERVAL_SECONDS. The finish, awaited for the energy, carries the
+    final counts and the start again: the agent starts a request it never heard of (a start that was
+    lost, or not yet sent) before finishing it, and ignores a start it already has. They go over the
+    agent link (one connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's
+    calls to an actor in order too).
+    """
+
+    def __init__(self, agent: Any, link: AgentLink | None, start: RequestStart):
+        self.agent = agent
+        self.link = link
+        self.start = start
+        self.started = False
+        self.last_report_s = start.t_s
+        self._timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY_SECONDS, self._send_start)
+
+    def _send(self, msg: RequestStart | RequestProgress) -> None:
+        if self.link is not None:
+            try:
+                self.link.send(msg)
+                return
+            except ConnectionError:
+                self.link = None
+        if isinstance(msg, RequestStart):
+            self.agent.start_request.remote(msg)
+        else:
+            self.agent.progress.remote(msg)
+
+    def _send_start(self, ev: Any = None) -> None:
+        self._timer.cancel()
+        self.started = True
+        self._send(self.start if ev is None else replace(
+            self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens, progress_t_s=ev.time_s))
+
+    def progress(self, ev: Any) -> None:
+        """A running request's engine event (not its last)."""
+        if not self.started:
+            self.last_report_s = ev.time_s
+            self._send_start(ev)
+        elif ev.time_s - self.last_report_s >= PROGRESS_INTERVAL_SECONDS:
+            self.last_report_s = ev.time_s
+            self._send(RequestProgress(self.start.request_id, ev.prompt_tokens, ev.completion_tokens, ev.time_s))
+
+    def finish(self, t_s: float, prompt_tokens: int, completion_tokens: int) -> RequestFinish:
+        self._timer.cancel()
+        return RequestFinish(self.start.request_id, t_s, prompt_tokens, completion_tokens, start=self.start)
+
+    async def energy(self, msg: RequestFinish) -> EnergyReport | None:
+        """The agent's answer to the finish: over the link, or a Ray call if the link is down or breaks."""
+        if self.link is not None:
+            try:
+                return await self.link.call(msg)
+            except ConnectionError as exc:
+                log.warning("agent link lost (%s); request %s goes through Ray", exc, msg.request_id)
+        try:
+            return await self.agent.finish_request.remote(msg)
+        except ray.exceptions.RayError as exc:
+            log.warning("node agent could not attribute %s: %s", msg.request_id, exc)
+            return None
+
+    def abandon(self, msg: RequestFinish, energy: EnergyReport | None) -> None:
+        if self.link is not None:
+            try:
+                self.link.send(AbandonRequest(msg, energy))
+                return
+            except ConnectionError:
+                pass
+        # outside this request's context, or Ray cancels the call along with the request it belongs to
+        contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
 
 
 class ModelServer:
@@ -133,87 +219,122 @@ class ModelServer:
     async def count_prompt_tokens(self, request: GenerationRequest) -> int:
         return self.engine.count_prompt_tokens(request)
 
-    async def generate(self, request: GenerationRequest, placement: dict[str, Any] | None = None
-                       ) -> AsyncIterator[ReplicaEvent]:
+    async def generate(self, request: GenerationRequest, placement: dict[str, Any] | None = None,
+                       deltas: bool = True) -> AsyncIterator[ReplicaEvent]:
         """Run one request. `placement` is the router's hint for Serve's request router; unused here.
+
+        With deltas=False (a non-streaming request) the text goes in the end event, whole: two stream
+        items per request (start, end) instead of one per token, each of which costs the gateway a Ray
+        round of its own.
 
         Every way out settles the request with the node agent, so its device's running count comes
         back down and its joules are charged: the end event carries the energy; an error event
         carries the energy and tokens of the work done; a cancelled stream (the client went away)
         leaves them with the agent, where the gateway collects them for the ledger.
         """
-        device = ",".join(self.device_ids)
         rid = request.request_id
-        agent = self.agent
         started = time.time()
-        last_report = 0.0
+        first_token_mono: float | None = None
         prompt_tokens = completion_tokens = 0
+        texts: list[str] = []
         energy: EnergyReport | None = None
         settled = False
-        yield ReplicaStart(replica=self.replica_id, device=device, node=self.node, time_s=started,
+        yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
                            system_fingerprint=self.engine.system_fingerprint)
-        if agent is not None:
-            agent.start_request.remote(rid, self.device_ids, started)
+        reports = None
+        if self.agent is not None:
+            reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
             self._push_stats()
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
             async with contextlib.aclosing(self.engine.generate(request)) as events:
                 async for ev in events:
                     prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
-                    if agent is not None and not ev.finished and ev.time_s - last_report >= PROGRESS_INTERVAL_SECONDS:
-                        last_report = ev.time_s
-                        agent.progress.remote(rid, ev.prompt_tokens, ev.completion_tokens, ev.time_s)
+                    if first_token_mono is None and completion_tokens > 0:
+                        first_token_mono = time.monotonic()
                     if ev.finished:
                         settled = True
-                        # the final counts travel with the finish call: one round trip, not two
-                        energy = await self._finish_energy(rid, ev.time_s, ev.prompt_tokens, ev.completion_tokens)
+                        energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens)
+                        yield ReplicaEnd(
+                            text=ev.text if deltas else "".join(texts) + ev.text, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
+                            mean_logprob=ev.mean_logprob, energy=energy,
+                            first_token_to_end_seconds=None if deltas or first_token_mono is None
+                            else time.monotonic() - first_token_mono)
+                        # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
-                        yield ReplicaEnd(text=ev.text, prompt_tokens=ev.prompt_tokens,
-                                         completion_tokens=ev.completion_tokens, finish_reason=ev.finish_reason,
-                                         time_s=ev.time_s, mean_logprob=ev.mean_logprob, energy=energy)
                         return
-                    yield ReplicaDelta(text=ev.text, prompt_tokens=ev.prompt_tokens,
-                                       completion_tokens=ev.completion_tokens, time_s=ev.time_s)
+                    if reports is not None:
+                        reports.progress(ev)
+                    if deltas:
+                        yield ReplicaDelta(text=ev.text, prompt_tokens=prompt_tokens,
+                                           completion_tokens=completion_tokens, time_s=ev.time_s)
+                    elif ev.text:
+                        texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
-            self._abandon(rid, prompt_tokens, completion_tokens, energy if settled else None)
+            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None)
+            self._push_stats()
             raise
         except ContextLengthError as exc:
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
+            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
         except EngineError as exc:
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}")
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
-            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {type(exc).__name__}")
 
-    async def _error_event(self, rid: str, prompt_tokens: int, completion_tokens: int, kind: ReplicaErrorKind,
-                           message: str, param: str | None = None) -> ReplicaError:
-        energy = await self._finish_energy(rid, time.time(), prompt_tokens, completion_tokens)
+    async def _error_event(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
+                           kind: ReplicaErrorKind, message: str, param: str | None = None) -> ReplicaError:
+        energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens)
         self._push_stats()
         return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, energy=energy, param=param)
 
-    async def _finish_energy(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
-                             completion_tokens: int | None = None) -> EnergyReport | None:
-        if self.agent is None:
+    async def _finish_energy(self, reports: "_AgentReports | None", t_s: float, prompt_tokens: int,
+                             completion_tokens: int) -> EnergyReport | None:
+        """The request's energy, from its node agent: one round trip, which also carries the final counts."""
+        if reports is None:
             return None
-        try:
-            return await self.agent.finish_request.remote(request_id, t_s, prompt_tokens, completion_tokens)
-        except ray.exceptions.RayError as exc:
-            log.warning("node agent could not attribute %s: %s", request_id, exc)
-            return None
+        return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
-    def _abandon(self, request_id: str, prompt_tokens: int, completion_tokens: int,
+    def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
                  energy: EnergyReport | None) -> None:
-        """Settle a cancelled request with the agent (fire and forget: this task is being cancelled)."""
-        if self.agent is not None:
-            # outside this request's context, or Ray cancels the call along with the request it belongs to
-            contextvars.Context().run(self.agent.abandon_request.remote, request_id, time.time(), prompt_tokens,
-                                      completion_tokens, energy)
+        """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
+        if reports is not None:
+            reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+
+    # --- the agent link -------------------------------------------------------------------------
+    _link: AgentLink | None = None
+    _link_retry_s = 0.0
+    _link_connecting: "asyncio.Task | None" = None
+
+    def _agent_link(self) -> AgentLink | None:
+        """The link to the node agent if it is up; otherwise start (re)connecting, at most every
+        LINK_RETRY_SECONDS, and let this request use Ray calls meanwhile."""
+        link = self._link
+        if link is not None and link.alive:
+            return link
+        now = time.monotonic()
+        if self._link_connecting is None and now >= self._link_retry_s:
+            self._link_retry_s = now + LINK_RETRY_SECONDS
+            # in a context of its own: Ray would cancel the agent call along with the request that made it
+            self._link_connecting = asyncio.get_running_loop().create_task(self._connect_link(),
+                                                                          context=contextvars.Context())
+        return None
+
+    async def _connect_link(self) -> None:
+        try:
+            path = await self.agent.link_address.remote()
+            self._link = await AgentLink.connect(path)
+        except Exception as exc:  # an agent on another machine, or an old one: Ray calls do the job
+            log.warning("replica %s: no link to the node agent (%s); using Ray calls", self.replica_id, exc)
+        finally:
+            self._link_connecting = None
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
         await self.engine.close()

@@ -98,8 +98,22 @@ class CarbonProvider(abc.ABC):
     def intensity(self, at: float | datetime | None = None) -> CarbonIntensity:
         """The intensity in force at `at` (unix seconds or datetime; None: now)."""
 
+    #: intensity() never does I/O (the data is in memory): the serving path may call it on its event loop
+    in_memory = False
+
+    def cached_intensity(self, at: float | datetime | None = None) -> CarbonIntensity | None:
+        """intensity(at) if it is known without I/O, else None (then call intensity() off the event loop)."""
+        return self.intensity(at) if self.in_memory else None
+
+    def footprint_cached(self, joules: float, at: float | datetime | None = None) -> CarbonFootprint | None:
+        """footprint() when it needs no I/O (see cached_intensity), else None."""
+        ci = self.cached_intensity(at)
+        return None if ci is None else self._footprint(joules, ci)
+
     def footprint(self, joules: float, at: float | datetime | None = None) -> CarbonFootprint:
-        ci = self.intensity(at)
+        return self._footprint(joules, self.intensity(at))
+
+    def _footprint(self, joules: float, ci: CarbonIntensity) -> CarbonFootprint:
         return CarbonFootprint(
             gco2e=gco2e(joules, self.pue, ci.gco2e_per_kwh),
             intensity_gco2e_per_kwh=ci.gco2e_per_kwh,
@@ -110,6 +124,8 @@ class CarbonProvider(abc.ABC):
 
 
 class FixedIntensity(CarbonProvider):
+    in_memory = True
+
     def __init__(self, gco2e_per_kwh: float, *, region: str = "fixed", pue: float = 1.0):
         super().__init__(pue)
         if not (gco2e_per_kwh >= 0 and math.isfinite(gco2e_per_kwh)):
@@ -152,6 +168,8 @@ def codecarbon_regions(country_iso3: str) -> list[str]:
 
 class CodecarbonIntensity(CarbonProvider):
     """A country's (or sub-national region's) yearly average from codecarbon's offline data."""
+
+    in_memory = True
 
     def __init__(self, country: str, region: str | None = None, *, pue: float = 1.0):
         super().__init__(pue)
@@ -204,6 +222,8 @@ class CodecarbonIntensity(CarbonProvider):
 class CodecarbonCloudIntensity(CarbonProvider):
     """A cloud provider region's figure from codecarbon's bundled impact table."""
 
+    in_memory = True
+
     def __init__(self, provider: str, region: str, *, pue: float = 1.0):
         super().__init__(pue)
         from codecarbon.input import DataSource
@@ -245,6 +265,8 @@ class CsvIntensity(CarbonProvider):
     A row applies from its timestamp until the next row; the last row for one hour. Naive
     timestamps are UTC. Asking for a time outside the series raises CarbonDataError.
     """
+
+    in_memory = True
 
     KEY = "energy.carbon.csv_path"
 
@@ -354,6 +376,15 @@ class HttpIntensity(CarbonProvider):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"carbonIntensity {value} is not a non-negative number")
         return CarbonIntensity(value, "electricitymaps", str(body.get("zone") or self.zone))
+
+    def cached_intensity(self, at: float | datetime | None = None) -> CarbonIntensity | None:
+        """The value intensity() would serve without asking the endpoint, or None when it would ask."""
+        if not self._lock.acquire(blocking=False):  # a refresh is under way: wait for it off the loop
+            return None
+        try:
+            return self._served if self._served is not None and time.monotonic() < self._fresh_until else None
+        finally:
+            self._lock.release()
 
     def intensity(self, at: float | datetime | None = None) -> CarbonIntensity:
         """The latest value (a live provider has no history; `at` is ignored)."""

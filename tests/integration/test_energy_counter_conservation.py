@@ -19,7 +19,7 @@ CONCURRENCY = 8
 
 def _counters(agent) -> tuple[float, float, set[str]]:
     """(sum of device counters, sum of the meter's totals, device ids), all read in one snapshot."""
-    devices = ray.get(agent.gateway_view.remote())["devices"]
+    devices = ray.get(agent.gateway_view.remote()).devices
     metered = [d for d in devices if d.get("energy_joules") is not None and d.get("energy_joules_metered") is not None]
     return (sum(d["energy_joules"] for d in metered), sum(d["energy_joules_metered"] for d in metered),
             {d["device_id"] for d in metered})

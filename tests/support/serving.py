@@ -73,10 +73,13 @@ class InProcessStream:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._task = asyncio.get_running_loop().create_task(self._pump(agen))
         self.cancelled = False
+        #: every event the replica sent (each one a Ray round of its own in a deployment)
+        self.sent: list[Any] = []
 
     async def _pump(self, agen: Any) -> None:
         try:
             async for ev in agen:
+                self.sent.append(ev)
                 await self._queue.put(("event", _over_the_wire(ev)))
             await self._queue.put(("end", None))
         except Exception as exc:
@@ -111,8 +114,8 @@ class InProcessHandle:
 
     @property
     def generate(self) -> SimpleNamespace:
-        def remote(request: Any, placement: Any = None) -> InProcessStream:
-            stream = InProcessStream(self.server.generate(_over_the_wire(request), placement=placement))
+        def remote(request: Any, placement: Any = None, deltas: bool = True) -> InProcessStream:
+            stream = InProcessStream(self.server.generate(_over_the_wire(request), placement=placement, deltas=deltas))
             self.streams.append(stream)
             return stream
 
@@ -192,6 +195,10 @@ class Fleet:
     async def aclose(self) -> None:
         await self.serving.settled()
         await asyncio.gather(*self.agent_handle.tasks, return_exceptions=True)
+        for h in self.handles.values():
+            if isinstance(h, InProcessHandle) and h.server._link is not None:
+                h.server._link.close()
+        self.agent.close_link()
         for h in self.handles.values():
             if isinstance(h, InProcessHandle):
                 await h.server.engine.close()

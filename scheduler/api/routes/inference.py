@@ -98,10 +98,10 @@ def _headers(result_or_session: Any, job: Job) -> dict[str, str]:
 
 def _energy_headers(result: InferenceResult) -> dict[str, str]:
     h = {}
-    if result.energy and result.energy.get("joules") is not None:
-        h["X-Wattlane-Energy-Joules"] = f"{result.energy['joules']:.6g}"
-    if result.carbon and result.carbon.get("gco2e") is not None:
-        h["X-Wattlane-Carbon-gCO2e"] = f"{result.carbon['gco2e']:.6g}"
+    if result.energy is not None and result.energy.joules is not None:
+        h["X-Wattlane-Energy-Joules"] = f"{result.energy.joules:.6g}"
+    if result.carbon is not None and result.carbon.gco2e is not None:
+        h["X-Wattlane-Carbon-gCO2e"] = f"{result.carbon.gco2e:.6g}"
     return h
 
 
@@ -129,7 +129,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
         payload = {
             "id": job.request_id, "object": obj, "created": result.created_s, "model": result.model,
             "choices": [message(result)],
-            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
+            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.usage_energy(), result.usage_carbon()),
             "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
         return JSONResponse(payload, headers={**_headers(result, job), **_energy_headers(result)})
@@ -160,7 +160,7 @@ async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: 
     yield _sse(final)
     if include_usage:
         yield _sse({**base, "choices": [],
-                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon)})
+                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.usage_energy(), result.usage_carbon())})
     yield b"data: [DONE]\n\n"
 
 
@@ -173,7 +173,7 @@ def _attach_footprint(final_chunk: dict[str, Any], result: InferenceResult) -> N
     keeps the choice's `logprobs` object (response_metadata["logprobs"]); Wattlane returns no token
     logprobs, so that object's OpenAI keys stay null and the figures ride beside them.
     """
-    footprint = {k: v for k, v in (("energy", result.energy), ("carbon", result.carbon)) if v is not None}
+    footprint = {k: v for k, v in (("energy", result.usage_energy()), ("carbon", result.usage_carbon())) if v is not None}
     if not footprint:
         return
     final_chunk.update(footprint)

@@ -62,7 +62,7 @@ class DeadHandle:
     def generate(self) -> "DeadHandle":
         return self
 
-    def remote(self, request: Any, placement: Any = None) -> "DeadHandle":
+    def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> "DeadHandle":
         self.calls += 1
         return self
 
@@ -96,11 +96,11 @@ def test_a_chat_is_answered_with_energy_and_carbon_and_its_row_is_committed_befo
 
     result, rows, elapsed_s = run(check)
     assert result.model == SMALL and result.completion_tokens == 4 and result.finish_reason == "length"
-    assert result.energy["method"] == "simulated" and result.energy["joules"] > 0
-    assert result.carbon["gco2e"] > 0 and result.carbon["region"] == "FRA"
+    assert result.energy.method == "simulated" and result.energy.joules > 0
+    assert result.carbon.gco2e > 0 and result.carbon.region == "FRA"
     assert [(r["request_id"], r["status"]) for r in rows] == [("chatcmpl-1", "ok")]
-    assert rows[0]["joules"] == pytest.approx(result.energy["joules"])
-    assert rows[0]["gco2e"] == pytest.approx(result.carbon["gco2e"])
+    assert rows[0]["joules"] == pytest.approx(result.energy.joules)
+    assert rows[0]["gco2e"] == pytest.approx(result.carbon.gco2e)
     assert 0 <= result.ttft_seconds <= result.latency_seconds
     assert elapsed_s < 2.0, "the energy must not wait for a meter tick (the meter here never ticks)"
 
@@ -163,7 +163,7 @@ def test_cascade_escalates_an_unsure_small_model_and_charges_both_attempts():
     by_id = {r["request_id"]: r for r in rows}
     assert set(by_id) == {"chatcmpl-1", "chatcmpl-1-cascade"}
     assert by_id["chatcmpl-1"]["model"] == SMALL and by_id["chatcmpl-1-cascade"]["model"] == LARGE
-    assert result.energy["joules"] == pytest.approx(by_id["chatcmpl-1"]["joules"] + by_id["chatcmpl-1-cascade"]["joules"])
+    assert result.energy.joules == pytest.approx(by_id["chatcmpl-1"]["joules"] + by_id["chatcmpl-1-cascade"]["joules"])
     assert result.completion_tokens == 8
 
 
@@ -356,3 +356,25 @@ def test_background_ledger_work_runs_outside_the_request_context():
         return seen
 
     assert run(check) == ["none"]
+
+
+def test_a_non_streaming_answer_takes_two_replica_events_and_still_dates_its_first_token():
+    """A non-streaming chat needs nothing before its end: the replica sends its start and one end event
+    with the whole text, whatever the length (each event costs a Ray round in a deployment), and the
+    first token is dated from the replica's own measure, so TTFT is not the whole latency."""
+    async def check(fleet: Fleet):
+        result = await fleet.serving.run(job("chatcmpl-1", model=SMALL, max_tokens=12))
+        session = await fleet.serving.open(job("chatcmpl-2", model=SMALL, max_tokens=12))
+        streamed = [text async for text in session.deltas()]
+        return result, session.result, streamed, fleet.handles[SMALL].streams, fleet.rows()
+
+    result, streamed_result, streamed, streams, rows = run(check)
+    assert [type(ev).__name__ for ev in streams[0].sent] == ["ReplicaStart", "ReplicaEnd"]
+    assert any(isinstance(ev, ReplicaDelta) and ev.text for ev in streams[1].sent), "a stream still gets deltas"
+    assert result.completion_tokens == streamed_result.completion_tokens == 12
+    assert result.text and len(result.text) == len("".join(streamed))
+    assert 0 < result.ttft_seconds < result.latency_seconds
+    assert result.tpot_seconds == pytest.approx((result.latency_seconds - result.ttft_seconds) / 11)
+    by_id = {r["request_id"]: r for r in rows}
+    assert [by_id[k]["status"] for k in ("chatcmpl-1", "chatcmpl-2")] == ["ok", "ok"]
+    assert by_id["chatcmpl-1"]["joules"] == pytest.approx(result.energy.joules)

@@ -5,6 +5,7 @@ whose client went away, kept for the gateway's ledger row)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -15,7 +16,15 @@ from scheduler.cluster.node_agent import Mailbox, NodeAgent
 from scheduler.cluster.replica import ModelServer
 from scheduler.energy.attribution import Attributor
 from scheduler.energy.meter import DeviceMeter
-from scheduler.cluster.messages import ReplicaError, ReplicaErrorKind
+from scheduler.cluster.messages import (
+    ReplicaEnd,
+    ReplicaError,
+    ReplicaErrorKind,
+    ReplicaStart,
+    RequestFinish,
+    RequestProgress,
+    RequestStart,
+)
 from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind
 from tests.support.serving import Remote
 
@@ -166,16 +175,16 @@ def test_a_finish_call_cancelled_midway_still_settles_and_keeps_the_energy() -> 
 
     async def main() -> dict:
         t0 = time.time()
-        agent.start_request("r1", [DEVICE], t0)
-        agent.progress("r1", 10, 5, t0 + 0.2)
+        agent.start_request(RequestStart("r1", (DEVICE,), t0))
+        agent.progress(RequestProgress("r1", 10, 5, t0 + 0.2))
         agent.attributor.on_interval(DEVICE, t0 + 0.1, t0 + 0.3, 4.0)  # a metered interval the request ran in
-        call = asyncio.get_running_loop().create_task(agent.finish_request("r1", t0 + 0.25, 10, 5))
+        call = asyncio.get_running_loop().create_task(agent.finish_request(RequestFinish("r1", t0 + 0.25, 10, 5)))
         await asyncio.sleep(0.01)
         call.cancel()  # what Ray does to a cancelled request's child calls
         with pytest.raises(asyncio.CancelledError):
             await call
         release.set()
-        await agent.abandon_request("r1", t0 + 0.25, 10, 5)
+        await agent.abandon_request(RequestFinish("r1", t0 + 0.25, 10, 5))
         return await agent.take_abandoned("r1", 1.0)
 
     outcome = asyncio.run(main())
@@ -218,13 +227,13 @@ def test_finish_request_reads_the_meter_at_the_end_instead_of_waiting_for_the_ne
     agent.meter.add_callback(agent._on_interval)
     agent.meter.baseline()
     t_start = time.time()
-    agent.start_request("r1", [DEVICE], t_start)
+    agent.start_request(RequestStart("r1", (DEVICE,), t_start))
     device.joules = 6.0
     t_end = time.time()
 
     async def main():
         began = time.monotonic()
-        energy = await agent.finish_request("r1", t_end, 8, 2)
+        energy = await agent.finish_request(RequestFinish("r1", t_end, 8, 2))
         return energy, time.monotonic() - began
 
     energy, waited_s = asyncio.run(main())
@@ -272,11 +281,192 @@ def test_an_abandon_call_that_never_arrives_is_settled_when_the_gateway_asks() -
 
     async def main():
         t0 = time.time()
-        agent.start_request("r2", [DEVICE], t0)
-        agent.progress("r2", 10, 5, t0 + 0.2)
+        agent.start_request(RequestStart("r2", (DEVICE,), t0))
+        agent.progress(RequestProgress("r2", 10, 5, t0 + 0.2))
         agent.attributor.on_interval(DEVICE, t0 + 0.1, t0 + 0.3, 4.0)
         return await agent.take_abandoned("r2", 0.05)  # the gateway asks; no abandon_request ever came
 
     work = asyncio.run(main())
     assert agent.attributor.running(DEVICE) == 0
     assert work is not None and work.energy is not None and work.energy.joules > 0
+
+
+def _agent_with_pending_interval(t0: float) -> Any:
+    """An agent whose one metered interval, [t0 - 0.2, t0 + 0.1] with 3 J, is still unsettled."""
+    agent = make_agent()
+    agent.attributor = Attributor(settle_delay_seconds=0.3)
+    agent.attributor.on_interval(DEVICE, t0 - 0.2, t0 + 0.1, 3.0)
+    return agent
+
+
+def test_a_finish_whose_start_never_arrived_is_charged_as_if_it_had() -> None:
+    """The finish carries the start: a request whose start call was lost or not yet sent is started
+    then, and charged the same joules as one the agent knew of; a start arriving after it is ignored."""
+    t0 = time.time()
+    start = RequestStart("r3", (DEVICE,), t0)
+    told, untold = _agent_with_pending_interval(t0), _agent_with_pending_interval(t0)
+    told.start_request(start)
+
+    async def finish(agent: Any):
+        return await agent.finish_request(RequestFinish("r3", t0 + 0.05, 8, 2, start=start))
+
+    expected, energy = asyncio.run(finish(told)), asyncio.run(finish(untold))
+    # alone on the device for 0.05 s of a 0.3 s interval: a sixth of its 3 J
+    assert energy.dynamic_joules == pytest.approx(expected.dynamic_joules) == pytest.approx(0.5)
+    assert energy.complete and energy.metered
+    untold.start_request(start)  # late: Ray delivered it after the finish
+    assert untold.attributor.running(DEVICE) == 0
+    assert untold.attributor.balance().accounted_joules == pytest.approx(3.0)
+
+
+class RecordingAgent:
+    """The real agent's request accounting, recording which calls reached it, in order."""
+
+    def __init__(self) -> None:
+        self.agent = make_agent()
+        self.calls: list[tuple[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.agent, name)
+
+        def record(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args[0] if args else None))
+            return method(*args, **kwargs)
+
+        return record
+
+
+class SlowStartEngine(ScriptedEngine):
+    """Takes `delay_s` before its first event (it waits for the model, behind other requests)."""
+
+    def __init__(self, tokens: int, delay_s: float):
+        super().__init__(tokens)
+        self.delay_s = delay_s
+
+    async def generate(self, request):
+        await asyncio.sleep(self.delay_s)
+        async for ev in super().generate(request):
+            yield ev
+
+
+def test_a_request_costs_its_agent_one_start_carrying_the_prompt_and_one_finish() -> None:
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(ScriptedEngine(3), recorder)
+        events = [ev async for ev in server.generate(REQUEST)]
+        await asyncio.gather(*server.agent.tasks)
+        return events
+
+    events = asyncio.run(main())
+    assert isinstance(events[-1], ReplicaEnd) and events[-1].energy is not None
+    # the first request goes by Ray calls while the link to the agent connects
+    names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
+    assert names == ["start_request", "finish_request"], names
+    start = recorder.calls[[n for n, _ in recorder.calls].index("start_request")][1]
+    assert (start.prompt_tokens, start.completion_tokens) == (8, 1) and start.progress_t_s is not None
+    assert recorder.agent.attributor.running(DEVICE) == 0
+
+
+def test_a_request_its_engine_has_not_started_is_reported_running_after_a_short_wait() -> None:
+    """A queued request counts as running on its device (the governor and a parked device see it)."""
+    from scheduler.cluster.replica import START_REPORT_DELAY_SECONDS
+
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(SlowStartEngine(2, delay_s=START_REPORT_DELAY_SECONDS + 0.15), recorder)
+        gen = server.generate(REQUEST)
+        assert isinstance(await gen.__anext__(), ReplicaStart)
+        consumer = asyncio.create_task(_drain(gen))
+        await asyncio.sleep(START_REPORT_DELAY_SECONDS + 0.05)
+        running_while_queued = recorder.agent.attributor.running(DEVICE)
+        await consumer
+        await asyncio.gather(*server.agent.tasks)
+        return running_while_queued
+
+    assert asyncio.run(main()) == 1
+    names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
+    assert names[0] == "start_request" and names[-1] == "finish_request"
+    start = next(msg for name, msg in recorder.calls if name == "start_request")
+    assert start.progress_t_s is None  # sent alone, before the engine's first event
+    assert recorder.agent.attributor.running(DEVICE) == 0
+
+
+async def _drain(gen: Any) -> list:
+    return [ev async for ev in gen]
+
+
+def test_a_request_cancelled_before_its_start_was_sent_is_still_settled_with_energy() -> None:
+    agent = make_agent()
+
+    async def main():
+        server = make_server(SlowStartEngine(2, delay_s=3600), agent)
+        gen = server.generate(REQUEST)
+        await gen.__anext__()  # the start event: the engine now waits, the agent has heard nothing
+        task = asyncio.create_task(_drain(gen))
+        await asyncio.sleep(0.01)
+        assert agent.attributor.running(DEVICE) == 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.gather(*server.agent.tasks)
+        return await agent.take_abandoned("r1", timeout_seconds=1.0)
+
+    outcome = asyncio.run(main())
+    assert outcome is not None and outcome.energy is not None and outcome.energy.device == DEVICE
+    assert agent.attributor.running(DEVICE) == 0
+
+
+def test_requests_go_over_the_agent_link_once_it_is_up_and_through_ray_when_it_breaks() -> None:
+    """The link carries the same messages as the Ray calls: same accounting, and a broken link costs
+    no request its energy (the finish then goes through Ray, carrying its start)."""
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(ScriptedEngine(3), recorder)
+        first = [ev async for ev in server.generate(REQUEST)]
+        while server._link is None or not server._link.alive:  # connected in the background
+            await asyncio.sleep(0.01)
+        ray_calls = len(recorder.calls)
+        second = [ev async for ev in server.generate(GenerationRequest("r2", ModelKind.CHAT, messages=[]))]
+        over_link = [name for name, _ in recorder.calls[ray_calls:] if name != "replica_stats"]
+        server._link._writer.transport.abort()  # the agent's end goes away mid-life
+        await asyncio.sleep(0.01)
+        third = [ev async for ev in server.generate(GenerationRequest("r3", ModelKind.CHAT, messages=[]))]
+        await asyncio.gather(*server.agent.tasks)
+        recorder.agent.close_link()
+        return first[-1], second[-1], third[-1], over_link
+
+    first, second, third, over_link = asyncio.run(main())
+    assert over_link == [], "no Ray call for a request while the link is up"
+    for end in (first, second, third):
+        assert isinstance(end, ReplicaEnd) and end.energy is not None and end.energy.device == DEVICE
+    assert recorder.agent.attributor.running(DEVICE) == 0
+    assert [name for name, _ in recorder.calls if name == "finish_request"] == ["finish_request"] * 2
+
+
+def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from scheduler.cluster import agent_link
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"wattlane-agent-{dead.stdout.strip()}-0000.sock"
+    stale.touch()
+    live = tmp_path / f"wattlane-agent-{os.getpid()}-1111.sock"
+    live.touch()
+
+    async def main() -> str:
+        server = agent_link.AgentLinkServer(make_agent(), agent_link.socket_path())
+        await server.start()
+        path = server.path
+        assert os.path.exists(path)
+        server.close()
+        return path
+
+    path = asyncio.run(main())
+    assert not stale.exists() and live.exists() and not os.path.exists(path)

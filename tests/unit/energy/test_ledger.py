@@ -254,3 +254,41 @@ def test_a_lone_row_commits_at_once_without_waiting_for_the_group_window(tmp_pat
         lg.record(row(1)).result(timeout=5)
         assert time.monotonic() - began < 0.5
         assert lg.count() == 1
+
+
+def test_arecord_commits_on_the_callers_thread_when_idle_and_checkpoints_on_the_writer(tmp_path: Path,
+                                                                                       monkeypatch) -> None:
+    """A hand-over to the writer thread and back costs two thread wake-ups on the response path; the
+    checkpoint, the one write that syncs, must still never run in a caller's commit."""
+    import scheduler.energy.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY_COMMITS", 5)
+    commit_threads: list[str] = []
+    checkpoint_threads: list[str] = []
+    with Ledger(tmp_path / "l.sqlite3") as lg:
+        real_commit, real_checkpoint = lg._commit, lg._checkpoint
+
+        def commit(rows):
+            commit_threads.append(threading.current_thread().name)
+            real_commit(rows)
+
+        def checkpoint():
+            checkpoint_threads.append(threading.current_thread().name)
+            real_checkpoint()
+
+        lg._commit, lg._checkpoint = commit, checkpoint
+
+        async def main() -> None:
+            for i in range(12):
+                await lg.arecord(row(i))
+                assert lg.count() == i + 1  # durable when arecord returns
+
+        asyncio.run(main())
+        deadline = time.monotonic() + 5
+        while len(checkpoint_threads) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert commit_threads[:5] == ["MainThread"] * 5
+    # a row that arrives while a checkpoint holds the connection queues for the writer instead of waiting
+    assert commit_threads.count("wattlane-ledger-writer") <= len(checkpoint_threads)
+    assert checkpoint_threads and set(checkpoint_threads) == {"wattlane-ledger-writer"}
+    assert Ledger(tmp_path / "l.sqlite3").count() == 12
