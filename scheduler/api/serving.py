@@ -84,6 +84,11 @@ class InferenceResult:
 class _ReplicaFailure(Exception):
     """A replica failed before producing anything; the request may be retried elsewhere."""
 
+    def __init__(self, message: str, replica: str | None = None):
+        super().__init__(message)
+        #: the replica that failed, when its start event named it
+        self.replica = replica
+
 
 class StreamSession:
     """A running generation: iterate deltas, then read .result once exhausted.
@@ -223,44 +228,84 @@ class Serving:
     async def open(self, job: Job, routed: Routed | None = None) -> StreamSession:
         """Route and start the generation; raises ApiError before any byte is sent.
 
-        A replica that fails or times out before its first event is retried once on the next
-        candidate model of the routing decision; if that fails too, 503 with the reason.
+        A replica that fails or times out before its first event is retried once: on another endpoint of
+        the same model when it is an upstream model with more than one (that replica is avoided), else on
+        the next candidate model of the routing decision; if that fails too, 503 with the reason. An
+        upstream replica that answers with an engine error before any token is retried the same way.
         """
         routed = routed or await self._admitted(job)
-        attempts = [routed.model] + routed.fallback_models[:1]
         failures: list[str] = []
-        for i, model in enumerate(attempts):
+        model, avoid = routed.model, []
+        for attempt in range(2):
             try:
-                events, start, first = await self._start(job, model, routed)
+                events, start, first = await self._start(job, model, routed, avoid)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
+                retry = self._retry_target(routed, model, exc.replica) if attempt == 0 else None
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
-                            "; retrying on " + attempts[i + 1] if i + 1 < len(attempts) else "")
+                            f"; retrying on {retry[0]}" if retry else "")
+                if retry is None:
+                    break
+                model, avoid = retry
                 continue
+            if (attempt == 0 and isinstance(first, ReplicaError) and first.kind == ReplicaErrorKind.ENGINE
+                    and first.completion_tokens == 0 and self._is_upstream(model)):
+                retry = self._retry_target(routed, model, start.replica)
+                if retry is not None:
+                    failures.append(f"{model}: {first.message}")
+                    log.warning("request %s: %s failed before any token (%s); retrying on %s",
+                                job.request_id, start.replica, first.message, retry[0])
+                    if first.energy is not None and first.energy.joules > 0:  # work done is charged, in a row of its own
+                        # admission=None: the request's ticket settles once, with the row of the attempt that ends it
+                        await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt",
+                                                         admission=None),
+                                                 {"model": model, "device": start.device, "node": start.node,
+                                                  "reason": routed.reason}, start.time_s, "error",
+                                                 prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
+                    model, avoid = retry
+                    continue
             if model != routed.model:
                 routed.reason += f"; retried on {model} after {routed.model} failed"
                 routed.model = model
+            elif avoid:
+                routed.reason += f"; retried on another endpoint after {', '.join(avoid)} failed"
             session = StreamSession(self, job, routed, events, start, first)
             if isinstance(first, ReplicaError):
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",
                                          prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens,
                                          energy=first.energy)
-                raise replica_error(first.kind, first.message, first.param)
+                earlier = f" (first attempt: {'; '.join(failures)})" if failures else ""
+                raise replica_error(first.kind, first.message + earlier, first.param)
             return session
         if job.admission is not None:
             job.admission.release()  # nothing ran: the request holds no limit or budget
         raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
                        headers={"Retry-After": "5"})
 
-    async def _start(self, job: Job, model: str, routed: Routed) -> tuple[Any, ReplicaStart, ReplicaEvent]:
+    def _is_upstream(self, model: str) -> bool:
+        m = self.config.model(model)
+        return m is not None and m.engine == "openai"
+
+    def _retry_target(self, routed: Routed, model: str, failed_replica: str | None) -> tuple[str, list[str]] | None:
+        """Where a failed first attempt goes: another endpoint of an upstream model (endpoints fail one by
+        one, where a local model's replicas share one host), else the next candidate model, else nowhere."""
+        m = self.config.model(model)
+        if self._is_upstream(model) and m is not None and m.replicas > 1:
+            return model, [failed_replica] if failed_replica else []
+        nxt = routed.fallback_models[:1]
+        return (nxt[0], []) if nxt and nxt[0] != model else None
+
+    async def _start(self, job: Job, model: str, routed: Routed, avoid: list[str] | None = None
+                     ) -> tuple[Any, ReplicaStart, ReplicaEvent]:
         from ray.serve.exceptions import BackPressureError
 
         timeout_s = self.config.routing.replica_timeout_seconds
         start: ReplicaStart | None = None
         try:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
-                events = self.handles[model].options(stream=True).generate.remote(job.request, placement=routed.placement)
+                placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
+                events = self.handles[model].options(stream=True).generate.remote(job.request, placement=placement)
                 start = await asyncio.wait_for(events.__anext__(), timeout_s)
                 started()
             first = await asyncio.wait_for(events.__anext__(), timeout_s)
@@ -272,10 +317,10 @@ class Serving:
             self._settle_abandoned(job, routing, time.time(), 0, 0, None)
             raise
         except StopAsyncIteration:
-            raise _ReplicaFailure("ended the stream without a result") from None
+            raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
         except asyncio.TimeoutError:
             events.cancel()
-            raise _ReplicaFailure(f"no answer within {timeout_s:g} s") from None
+            raise _ReplicaFailure(f"no answer within {timeout_s:g} s", start.replica if start else None) from None
         except ApiError:
             raise
         except BackPressureError:

@@ -36,6 +36,7 @@ from scheduler.engines.base import (
     EngineError,
     GenerationRequest,
     ModelKind,
+    RequestRejectedError,
 )
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,18 @@ STATS_PUSH_INTERVAL_SECONDS = 0.1
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
-    """A local-engine replica runs on one of its model's devices, spread by rank."""
+    """A local-engine replica runs on one of its model's devices, spread by rank; an upstream replica's
+    work runs on its endpoint's devices."""
+    if model.endpoints:
+        return list(model.endpoints[rank % len(model.endpoints)].devices)
     return [model.devices[rank % len(model.devices)]]
+
+
+def node_for_replica(model: ModelConfig, rank: int) -> str:
+    """Where the replica's work runs: its upstream endpoint's node when named, else this process's node."""
+    if model.endpoints:
+        return model.endpoints[rank % len(model.endpoints)].node or runtime.node_name()
+    return runtime.node_name()
 
 
 class ModelServer:
@@ -63,8 +74,9 @@ class ModelServer:
         rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
         self.replica_id = f"{self.model.id}#{rank}"
         self.device_ids = devices_for_replica(self.model, rank)
-        self.node = runtime.node_name()
-        self.agent = runtime.get_node_agent()
+        self.node = node_for_replica(self.model, rank)
+        # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
+        self.agent = runtime.get_node_agent(self.node)
         if self.model.engine == "simulated":
             if self.agent is None:
                 raise RuntimeError("simulated models need the node agent that owns the simulated GPUs")
@@ -75,7 +87,7 @@ class ModelServer:
         else:
             from scheduler.engines.factory import build_engine
 
-            self.engine = build_engine(self.model, self.config, self.state_dir)
+            self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
@@ -182,6 +194,9 @@ class ModelServer:
         except ContextLengthError as exc:
             yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
+        except RequestRejectedError as exc:
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
+                                          str(exc), param=exc.param)
         except EngineError as exc:
             yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}")
@@ -200,7 +215,9 @@ class ModelServer:
     async def _finish_energy(self, request_id: str, t_s: float, prompt_tokens: int | None = None,
                              completion_tokens: int | None = None) -> EnergyReport | None:
         if self.agent is None:
-            return None
+            # no meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure
+            estimate = getattr(self.engine, "estimate_energy", None)
+            return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
         try:
             return await self.agent.finish_request.remote(request_id, t_s, prompt_tokens, completion_tokens)
         except ray.exceptions.RayError as exc:
