@@ -88,8 +88,8 @@ class UpstreamOptions(_Section):
     #: the longest silence allowed inside a response (before the first token too); a stall past it fails
     read_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     health_check_period_seconds: Annotated[float, Field(gt=0)] = 1.5
-    health_check_timeout_seconds: Annotated[float, Field(gt=0)] = 1.0
-    #: an endpoint that fails a request or a health check is left out this long, doubled on every
+    health_check_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    #: an endpoint that fails a request or two health checks in a row is left out this long, doubled on every
     #: failed re-check up to ejection_max_seconds, and re-admitted by the first good health check after it
     ejection_base_seconds: Annotated[float, Field(gt=0)] = 1.0
     ejection_max_seconds: Annotated[float, Field(gt=0)] = 30.0
@@ -140,17 +140,19 @@ class ModelConfig(_Section):
             raise ValueError("engine 'openai' needs 'endpoints': the base_url, served_model_name and devices of each server")
         if self.weights is not None:
             raise ValueError("engine 'openai' serves from its endpoints; remove 'weights'")
-        given = self.model_fields_set
-        if "replicas" in given and self.replicas != len(self.endpoints):
-            raise ValueError(f"engine 'openai' has one replica per endpoint ({len(self.endpoints)}); remove 'replicas'")
-        if "devices" in given:
-            raise ValueError("engine 'openai' takes its devices from each endpoint's 'devices'; remove the model's 'devices'")
         for i, e in enumerate(self.endpoints):
             if not e.devices:
                 raise ValueError(f"endpoints[{i}] needs 'devices': the GPUs it runs on (gpuN) or cpu0")
+        devices = list(dict.fromkeys(d for e in self.endpoints for d in e.devices))
+        # both are derived; given, they must agree (a dumped config is validated again in every process)
+        given = self.model_fields_set
+        if "replicas" in given and self.replicas != len(self.endpoints):
+            raise ValueError(f"engine 'openai' has one replica per endpoint ({len(self.endpoints)}); remove 'replicas'")
+        if "devices" in given and self.devices != devices:
+            raise ValueError("engine 'openai' takes its devices from each endpoint's 'devices'; remove the model's 'devices'")
         # set without validate_assignment (it would run this validator again)
         self.__dict__["replicas"] = len(self.endpoints)
-        self.__dict__["devices"] = list(dict.fromkeys(d for e in self.endpoints for d in e.devices))
+        self.__dict__["devices"] = devices
         return self
 
 

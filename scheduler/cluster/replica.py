@@ -129,6 +129,12 @@ class ModelServer:
             weight = self.config.energy.prefill_token_weight
             stats["joules_per_decode_token"] = self._joules_per_work_token
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
+        ejected = stats.get("ejected")
+        if self.agent is not None and ejected != getattr(self, "_published_ejected", None):
+            # Serve calls this every stats period: an ejection or re-admission reaches the gateway's
+            # routing now, not at this replica's next request (an ejected replica gets none)
+            self._published_ejected = ejected
+            self.agent.replica_stats.remote(self.replica_id, stats)
         return stats
 
     def _learn_energy(self, energy: EnergyReport | None) -> None:

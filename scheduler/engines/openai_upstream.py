@@ -39,6 +39,8 @@ from scheduler.engines.base import (
 )
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: a health check every second per endpoint would drown the replica's log
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 #: the method name of energy estimated from a joules-per-token profile (no meter on the server's host)
 JPT_ESTIMATE_METHOD = "upstream-jpt-estimate"
@@ -46,6 +48,8 @@ JPT_ESTIMATE_METHOD = "upstream-jpt-estimate"
 BYTES_PER_PROMPT_TOKEN_ESTIMATE = 4.0
 #: most of an error body read from the server (it goes into the client's message)
 MAX_ERROR_BODY_BYTES = 4096
+#: consecutive failed health checks that eject an endpoint that is in (a failed request ejects at once)
+HEALTH_FAILURES_TO_EJECT = 2
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -91,12 +95,18 @@ class EndpointHealth:
         """A health check's result: 'readmitted', 'ejected' or None (no change)."""
         with self._lock:
             if ok:
+                self._probe_failures = 0
                 if self._ejected_until is None:
                     return None
                 self._ejected_until = None
                 return "readmitted"
             self.reason = reason
             if self._ejected_until is None:
+                # one slow answer from a busy server is not an outage; a failed request ejects at once
+                self._probe_failures = getattr(self, "_probe_failures", 0) + 1
+                if self._probe_failures < HEALTH_FAILURES_TO_EJECT:
+                    return None
+                self._probe_failures = 0
                 self._ejected_until = self._clock() + self._backoff_seconds
                 self.ejections += 1
                 return "ejected"

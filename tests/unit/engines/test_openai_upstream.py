@@ -167,6 +167,14 @@ def test_ejection_backoff_doubles_while_rechecks_fail_and_resets_after_success()
     assert h.failed("again") and h.seconds_to_recheck() == pytest.approx(1.0)
 
 
+def test_one_slow_health_check_does_not_eject_two_in_a_row_do():
+    h = EndpointHealth(base_seconds=1.0, max_seconds=4.0, clock=lambda: 0.0)
+    assert h.probe(False, "ReadTimeout") is None and not h.ejected
+    assert h.probe(True) is None
+    assert h.probe(False, "ReadTimeout") is None and not h.ejected
+    assert h.probe(False, "ReadTimeout") == "ejected" and h.ejected
+
+
 def test_health_checks_eject_a_failing_server_and_readmit_it(fake):
     eng = engine(fake.base_url, "ok", health_check_period_seconds=0.1, ejection_base_seconds=0.2)
     eng._health_checks = True
