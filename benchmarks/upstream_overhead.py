@@ -72,7 +72,8 @@ def start_llama_server(workdir: Path, n_batch: int) -> tuple[subprocess.Popen, s
     log = open(workdir / "llama-server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(weights), "--model_alias", ALIAS,
                              "--host", "127.0.0.1", "--port", str(port), "--n_threads", "1", "--n_ctx", "2048",
-                             "--n_batch", str(n_batch), "--n_ubatch", str(n_batch), "--verbose", "False"],
+                             "--n_batch", str(n_batch), "--n_ubatch", str(n_batch), "--verbose", "False",
+                             "--interrupt_requests", "False"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     _wait(url + "/v1/models", proc, 120, "llama_cpp.server")

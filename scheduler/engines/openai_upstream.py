@@ -184,8 +184,8 @@ class UpstreamEngine(Engine):
         self.prompt_tokens_estimated = 0  # requests whose prompt tokens the server did not report
         self.requests_completed = 0
         self._decode_seconds_per_token: float | None = None
-        #: the server's own load (running, waiting, kv_cache_usage_fraction, prefix_cache_hit_rate) when a
-        #: poller of its metrics sets it (scheduler/engines/upstream_load.py); None: the counts seen here
+        #: the server's own load (a ServerLoad: running_requests, waiting_requests, kv_cache_usage_fraction, ...)
+        #: when a poller of its metrics sets it (scheduler/engines/upstream_load.py); None: the counts seen here
         self.server_load: Any = None
 
     # --- connection ------------------------------------------------------------------------------
@@ -391,7 +391,7 @@ class UpstreamEngine(Engine):
         # (a ServerLoad from scheduler/engines/upstream_load.py; each figure it lacks stays ours)
         load = self.server_load
         if load is not None:
-            for ours, theirs in (("running", "running"), ("waiting", "waiting")):
+            for ours, theirs in (("running", "running_requests"), ("waiting", "waiting_requests")):
                 value = getattr(load, theirs, None)
                 if value is not None:
                     stats[ours] = int(value)
@@ -456,9 +456,11 @@ def build_upstream_engine(model: ModelConfig, config: WattlaneConfig, state_dir:
                               fix=f"export {endpoint.api_key_env} where the replica runs, or remove api_key_env")
     o = model.upstream
     prior_prompt, prior_output = prior_joules_per_token(model.params_b)
-    return UpstreamEngine(
+    engine = UpstreamEngine(
         model.id, ModelKind(model.kind), endpoint, o, context_length=model.context_length, api_key=api_key,
         joules_per_prompt_token=prior_prompt if o.estimate_joules_per_prompt_token is None else o.estimate_joules_per_prompt_token,
         joules_per_output_token=prior_output if o.estimate_joules_per_output_token is None else o.estimate_joules_per_output_token,
         node=endpoint.node or node_name(),
     )
+    engine.start_health_checks()  # from the start: an endpoint that is down is out before a request meets it
+    return engine

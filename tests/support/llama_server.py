@@ -49,7 +49,10 @@ class LlamaServer:
     def start(self, timeout_s: float = 120.0) -> "LlamaServer":
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--model_alias", self.alias,
                "--host", "127.0.0.1", "--port", str(self.port), "--n_threads", "1", "--n_threads_batch", "1",
-               "--n_ctx", "2048", "--n_batch", str(N_BATCH), "--n_ubatch", str(N_BATCH), "--verbose", "False"]
+               "--n_ctx", "2048", "--n_batch", str(N_BATCH), "--n_ubatch", str(N_BATCH), "--verbose", "False",
+               # by default this server stops a running stream whenever another request (a health check's
+               # GET /v1/models included) arrives; a server in production must finish what it accepted
+               "--interrupt_requests", "False"]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()

@@ -263,3 +263,13 @@ def test_a_stream_that_breaks_after_tokens_ends_in_an_error_not_a_retry(fake):
     # placement takes the first endpoint (equal figures: lowest index): the tokens sent stand, the end is an error
     assert texts == WORDS[:2] and err.status == 503 and "broke mid-response" in err.message
     assert [r["status"] for r in rows] == ["error"] and rows[0]["completion_tokens"] == 2
+
+
+def test_the_servers_own_load_overrides_the_counts_seen_here_where_it_has_them():
+    from types import SimpleNamespace
+
+    eng = engine("http://127.0.0.1:1", "ok")
+    eng.running, eng.waiting = 1, 0
+    eng.server_load = SimpleNamespace(running_requests=12, waiting_requests=None, kv_cache_usage_fraction=0.75)
+    stats = eng.stats()
+    assert (stats["running"], stats["waiting"], stats["kv_cache_free_fraction"]) == (12, 0, 0.25)
