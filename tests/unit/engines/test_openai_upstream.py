@@ -206,11 +206,13 @@ def test_a_request_that_fails_before_any_token_is_retried_on_the_other_endpoint(
         fleet = UpstreamFleet(config)
         try:
             results = [await fleet.serving.run(job(f"req-{i}")) for i in range(3)]
-            return results, list(fleet.replicas.chosen), fleet.rows(), [e.health.ejected for e in fleet.engines()]
+            methods = fleet.ledger.method_breakdown("model")
+            return (results, list(fleet.replicas.chosen), fleet.rows(), [e.health.ejected for e in fleet.engines()],
+                    methods)
         finally:
             await fleet.aclose()
 
-    results, chosen, rows, ejected = asyncio.run(main())
+    results, chosen, rows, ejected, methods = asyncio.run(main())
     assert all(r.text == "".join(WORDS) for r in results)
     assert ejected == [True, False]
     # the first request met the failing endpoint first and was retried; later ones never go there
@@ -218,6 +220,8 @@ def test_a_request_that_fails_before_any_token_is_retried_on_the_other_endpoint(
     assert "retried on another endpoint" in results[0].routing["reason"]
     energy = results[0].energy
     assert energy["method"] == JPT_ESTIMATE_METHOD and energy["joules"] > 0
+    # reports call it an estimate, never a measurement
+    assert [(m["energy_method"], m["method_kind"]) for m in methods] == [(JPT_ESTIMATE_METHOD, "estimated")]
     assert sorted(r["request_id"] for r in rows if r["status"] == "ok") == ["req-0", "req-1", "req-2"]
 
 
