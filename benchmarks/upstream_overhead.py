@@ -84,7 +84,7 @@ def start_wattlane(workdir: Path, upstream_url: str) -> tuple[subprocess.Popen, 
     config = {"models": [{"id": "smol-up", "kind": "chat", "engine": "openai", "params_b": 0.135,
                           "max_ongoing_requests": 16,
                           "endpoints": [{"base_url": upstream_url, "served_model_name": ALIAS, "devices": ["cpu0"],
-                                         "server": "llamacpp"}]}],
+                                         "server": "generic"}]}],
               "devices": {"nvml": False, "cpu": True},
               "energy": {"carbon": {"provider": "fixed", "intensity_gco2e_per_kwh": 400.0}}}
     path = workdir / "wattlane.yaml"

@@ -7,6 +7,11 @@ server's when it sends it (stream_options.include_usage); otherwise output token
 chunks counted and prompt tokens an estimate from the prompt's length (counted in the replica's
 stats as `prompt_tokens_estimated`).
 
+Load: where the server publishes it (vLLM, SGLang, TGI and llama.cpp's /metrics, llama.cpp's /slots,
+or an endpoint's metrics_url), a ServerLoadPoller (upstream_load.py) scrapes it from the first
+request on, and stats() publishes the server's running, waiting and KV-cache figures over the
+replica's own in-flight counts.
+
 Failures: anything that is not the client's fault (no connection, a stall past the read timeout, a
 5xx, bad JSON, broken SSE, a server serving another model) raises EngineError and counts against
 the endpoint's health (EndpointHealth: ejection, re-admission by health check with exponential
@@ -37,6 +42,7 @@ from scheduler.engines.base import (
     ReplicaStats,
     RequestRejectedError,
 )
+from scheduler.engines.upstream_load import SERVER_KINDS, ServerLoad, ServerLoadPoller, server_root, to_replica_stats
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: a health check every second per endpoint would drown the replica's log
@@ -48,6 +54,8 @@ JPT_ESTIMATE_METHOD = "upstream-jpt-estimate"
 BYTES_PER_PROMPT_TOKEN_ESTIMATE = 4.0
 #: most of an error body read from the server (it goes into the client's message)
 MAX_ERROR_BODY_BYTES = 4096
+#: a server load scraped longer ago than this is stale: the replica's own counts stand instead
+LOAD_MAX_AGE_SECONDS = 5.0
 #: consecutive failed health checks that eject an endpoint that is in (a failed request ejects at once)
 HEALTH_FAILURES_TO_EJECT = 2
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
@@ -184,9 +192,15 @@ class UpstreamEngine(Engine):
         self.prompt_tokens_estimated = 0  # requests whose prompt tokens the server did not report
         self.requests_completed = 0
         self._decode_seconds_per_token: float | None = None
-        #: the server's own load (a ServerLoad: running_requests, waiting_requests, kv_cache_usage_fraction, ...)
-        #: when a poller of its metrics sets it (scheduler/engines/upstream_load.py); None: the counts seen here
-        self.server_load: Any = None
+        #: the server's own load from its /metrics (and llama.cpp's /slots), where it has them
+        self.load_poller: ServerLoadPoller | None = None
+        if endpoint.metrics_url or endpoint.server in SERVER_KINDS:
+            root = server_root(self.base_url)
+            self.load_poller = ServerLoadPoller(
+                endpoint.metrics_url or root + "/metrics", server=endpoint.server,
+                slots_url=root + "/slots" if endpoint.server == "llamacpp" else None,
+                timeout_seconds=options.health_check_timeout_seconds, model_name=self.served_model_name,
+                headers=self.headers)
 
     # --- connection ------------------------------------------------------------------------------
     def client(self) -> httpx.AsyncClient:
@@ -239,6 +253,8 @@ class UpstreamEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         self.start_health_checks()
+        if self.load_poller is not None:
+            self.load_poller.start()  # needs the replica's running loop, which the constructor has not
         if self.health.ejected:
             raise EngineError(f"upstream {self.base_url} is ejected ({self.health.reason}); "
                               f"re-checked in {self.health.seconds_to_recheck():.1f} s")
@@ -388,17 +404,18 @@ class UpstreamEngine(Engine):
         if self._decode_seconds_per_token is not None:
             stats["decode_seconds_per_token"] = self._decode_seconds_per_token
         # --- the one place the server's own load overrides what this replica saw -----------------
-        # (a ServerLoad from scheduler/engines/upstream_load.py; each figure it lacks stays ours)
-        load = self.server_load
+        # (running, waiting and KV cache from the server's metrics when a recent scrape has them; each
+        # figure the server does not expose stays ours)
+        load = self.server_load()
         if load is not None:
-            for ours, theirs in (("running", "running_requests"), ("waiting", "waiting_requests")):
-                value = getattr(load, theirs, None)
-                if value is not None:
-                    stats[ours] = int(value)
-            usage = getattr(load, "kv_cache_usage_fraction", None)
-            if usage is not None:
-                stats["kv_cache_free_fraction"] = max(0.0, 1.0 - float(usage))
+            stats.update(to_replica_stats(load))
         return stats
+
+    def server_load(self) -> ServerLoad | None:
+        """The server's latest load, if scraped within LOAD_MAX_AGE_SECONDS."""
+        p = self.load_poller
+        age = None if p is None else p.age_seconds()
+        return p.latest if p is not None and age is not None and age <= LOAD_MAX_AGE_SECONDS else None
 
     def estimate_energy(self, prompt_tokens: int, completion_tokens: int) -> Any:
         """The energy of a request no node agent metered: the joules-per-token profile, labelled so."""
@@ -412,6 +429,8 @@ class UpstreamEngine(Engine):
     async def close(self) -> None:
         if self._checker is not None:
             self._checker.stop_event.set()
+        if self.load_poller is not None:
+            await self.load_poller.stop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None

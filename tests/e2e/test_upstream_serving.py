@@ -30,7 +30,9 @@ SMOL, GEMMA = "smol-up", "gemma-up"
 
 def wattlane_config(smol: list[LlamaServer], gemma: LlamaServer) -> dict[str, Any]:
     def endpoint(s: LlamaServer) -> dict[str, Any]:
-        return {"base_url": s.base_url, "served_model_name": s.alias, "devices": ["cpu0"], "server": "llamacpp"}
+        # generic: llama-cpp-python's server publishes no load metrics (llama.cpp's own server does)
+        return {"base_url": s.base_url, "served_model_name": s.alias, "devices": ["cpu0"],
+                "server": "generic"}
 
     # health checked often so the test is short; a generous timeout, the machine is shared and slow
     fast_health = {"health_check_period_seconds": 0.5, "health_check_timeout_seconds": 5.0,

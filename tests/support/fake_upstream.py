@@ -40,6 +40,8 @@ class FakeUpstream:
     def __init__(self, stall_seconds: float = 30.0):
         self.stall_seconds = stall_seconds
         self.healthy = True
+        #: what /metrics answers (Prometheus text); None: 404, as a server without metrics
+        self.metrics_text: str | None = None
         self.requests: Counter[str] = Counter()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -50,6 +52,7 @@ class FakeUpstream:
             Route("/v1/completions", self._generate, methods=["POST"]),
             Route("/health", self._health),
             Route("/v1/models", self._health),
+            Route("/metrics", self._metrics),
         ])
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -71,6 +74,11 @@ class FakeUpstream:
         if not self.healthy:
             return JSONResponse({"error": "unhealthy"}, status_code=503)
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model"} for m in MODES]})
+
+    async def _metrics(self, request: Request) -> Response:
+        if self.metrics_text is None:
+            return Response("not found", status_code=404)
+        return Response(self.metrics_text, media_type="text/plain; version=0.0.4")
 
     async def _generate(self, request: Request) -> Response:
         body = await request.json()

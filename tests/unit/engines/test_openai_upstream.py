@@ -269,11 +269,38 @@ def test_a_stream_that_breaks_after_tokens_ends_in_an_error_not_a_retry(fake):
     assert [r["status"] for r in rows] == ["error"] and rows[0]["completion_tokens"] == 2
 
 
-def test_the_servers_own_load_overrides_the_counts_seen_here_where_it_has_them():
-    from types import SimpleNamespace
+def test_the_servers_own_load_from_its_metrics_overrides_the_counts_seen_here(fake):
+    from pathlib import Path
 
-    eng = engine("http://127.0.0.1:1", "ok")
-    eng.running, eng.waiting = 1, 0
-    eng.server_load = SimpleNamespace(running_requests=12, waiting_requests=None, kv_cache_usage_fraction=0.75)
-    stats = eng.stats()
-    assert (stats["running"], stats["waiting"], stats["kv_cache_free_fraction"]) == (12, 0, 0.25)
+    from scheduler.engines.upstream_load import parse_server_metrics
+
+    sample = Path(__file__).resolve().parents[2] / "data" / "upstream_metrics" / "vllm_v1_dp2_scrape1.txt"
+    fake.metrics_text = sample.read_text()
+    name = "meta-llama/Llama-3.1-8B-Instruct"  # the model the sample's samples are labelled with (the fake echoes it)
+    ep = UpstreamEndpointConfig(base_url=fake.base_url, served_model_name=name, devices=["gpu0"], server="vllm")
+    eng = UpstreamEngine("m", ModelKind.CHAT, ep, UpstreamOptions(), context_length=2048, health_checks=False)
+    expected = parse_server_metrics(sample.read_text(), "vllm", model_name=name)
+
+    async def main():
+        assert eng.stats()["running"] == 0  # no scrape yet: the replica's own count
+        [ev async for ev in eng.generate(chat())]  # the first request starts the poller on the replica's loop
+        deadline = time.monotonic() + 5
+        while eng.server_load() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stats = eng.stats()
+        await eng.close()
+        return stats
+
+    try:
+        stats = asyncio.run(main())
+    finally:
+        fake.metrics_text = None
+    assert expected.running_requests is not None and expected.kv_cache_usage_fraction is not None
+    assert stats["running"] == expected.running_requests and stats["waiting"] == expected.waiting_requests
+    assert stats["kv_cache_free_fraction"] == pytest.approx(1 - expected.kv_cache_usage_fraction)
+    assert not eng.load_poller.running
+
+
+def test_a_server_without_metrics_has_no_poller_and_keeps_its_own_counts(fake):
+    eng = engine(fake.base_url, "ok")  # generic: no metrics_url, no poller
+    assert eng.load_poller is None and eng.server_load() is None
