@@ -1,4 +1,4 @@
-"""Measure what the `openai` upstream engine, and the whole gateway, add over calling an OpenAI-compatible server directly.
+"""Measure what the `openai` upstream engine, and the whole gateway, add over calling an upstream server directly.
 
     python -m benchmarks.upstream_overhead   # writes docs/results/upstream-overhead.md and .json
 
@@ -126,7 +126,8 @@ async def direct_stream(client: httpx.AsyncClient, url: str) -> float:
 async def engine_stream(engine: Any) -> float:
     from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 
-    request = GenerationRequest("bench", ModelKind.COMPLETION, prompt="Hi", params=SamplingParams(max_tokens=1, temperature=0.0))
+    request = GenerationRequest("bench", ModelKind.COMPLETION, prompt="Hi",
+                                params=SamplingParams(max_tokens=1, temperature=0.0))
     t0 = time.perf_counter()
     async for ev in engine.generate(request):
         if ev.finished:
@@ -190,8 +191,8 @@ async def gateway_part(url: str, gateway: str, n: int) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=60, limits=limits) as direct, \
             httpx.AsyncClient(timeout=60, limits=limits) as through:
         for conc in (1, 8):
-            d, t = await compare(lambda: post_json(direct, url, BODY), lambda: post_json(through, gateway, {**BODY, "model": "smol-up"}),
-                                 n, conc)
+            d, t = await compare(lambda: post_json(direct, url, BODY),
+                                 lambda: post_json(through, gateway, {**BODY, "model": "smol-up"}), n, conc)
             out[f"concurrency_{conc}"] = summary(d, t)
     return out
 
@@ -210,7 +211,8 @@ def write_results(results: dict[str, Any]) -> None:
         "two sides interleaved so that both see the same load. Target (issue #12): at most +2 ms p50 and",
         "+5 ms p99 for the engine.",
         "",
-        "| comparison | concurrency | direct p50 ms | through p50 ms | added p50 ms | direct p99 ms | through p99 ms | added p99 ms |",
+        "| comparison | concurrency | direct p50 ms | through p50 ms | added p50 ms | direct p99 ms | through p99 ms "
+        "| added p99 ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for part, label in (("engine", "engine in-process vs direct httpx (streaming)"),
@@ -218,7 +220,8 @@ def write_results(results: dict[str, Any]) -> None:
         for conc in (1, 8):
             r = results[part].get(f"concurrency_{conc}")
             if r:
-                lines.append(f"| {label} | {conc} | {r['direct_p50_ms']} | {r['through_p50_ms']} | {r['added_p50_ms']} | "
+                lines.append(f"| {label} | {conc} | {r['direct_p50_ms']} | {r['through_p50_ms']} | "
+                             f"{r['added_p50_ms']} | "
                              f"{r['direct_p99_ms']} | {r['through_p99_ms']} | {r['added_p99_ms']} |")
     lines += ["", "## Reading it", "", results["notes"], ""]
     (RESULTS_DIR / "upstream-overhead.md").write_text("\n".join(lines))

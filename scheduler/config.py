@@ -137,7 +137,8 @@ class ModelConfig(_Section):
                 raise ValueError(f"'endpoints' is for engine 'openai'; engine '{self.engine}' runs the model itself")
             return self
         if not self.endpoints:
-            raise ValueError("engine 'openai' needs 'endpoints': the base_url, served_model_name and devices of each server")
+            raise ValueError("engine 'openai' needs 'endpoints': the base_url, served_model_name and devices "
+                             "of each server")
         if self.weights is not None:
             raise ValueError("engine 'openai' serves from its endpoints; remove 'weights'")
         for i, e in enumerate(self.endpoints):
@@ -149,7 +150,8 @@ class ModelConfig(_Section):
         if "replicas" in given and self.replicas != len(self.endpoints):
             raise ValueError(f"engine 'openai' has one replica per endpoint ({len(self.endpoints)}); remove 'replicas'")
         if "devices" in given and self.devices != devices:
-            raise ValueError("engine 'openai' takes its devices from each endpoint's 'devices'; remove the model's 'devices'")
+            raise ValueError("engine 'openai' takes its devices from each endpoint's 'devices'; "
+                             "remove the model's 'devices'")
         # set without validate_assignment (it would run this validator again)
         self.__dict__["replicas"] = len(self.endpoints)
         self.__dict__["devices"] = devices
@@ -575,7 +577,8 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
             if m.engine == "openai" and d != CPU_DEVICE_ID and not NVML_DEVICE_ID.match(d):
                 raise ConfigError(
                     f"device '{d}' of an upstream endpoint is not a device name a node agent has",
-                    file=shown, key=key + ".endpoints", fix="name the server's GPUs gpuN (their CUDA index on that node), or cpu0",
+                    file=shown, key=key + ".endpoints",
+                    fix="name the server's GPUs gpuN (their CUDA index on that node), or cpu0",
                 )
             if m.engine == "llamacpp" and d != CPU_DEVICE_ID:
                 # this build's llama.cpp runs on the CPU (no GPU offload), so its work and energy are cpu0's
@@ -677,7 +680,8 @@ def check_upstream_keys(config: WattlaneConfig, environ: Mapping[str, str] | Non
                 raise ConfigError(
                     f"environment variable {e.api_key_env} (the API key of {e.base_url}) is not set",
                     file=config.source_path or "config", key=f"models[{i}] (id {m.id}).endpoints[{j}].api_key_env",
-                    fix=f"export {e.api_key_env}=<the server's key> before starting, or remove api_key_env if the server needs no key",
+                    fix=f"export {e.api_key_env}=<the server's key> before starting, "
+                        "or remove api_key_env if the server needs no key",
                 )
 
 

@@ -255,13 +255,13 @@ class Serving:
                     failures.append(f"{model}: {first.message}")
                     log.warning("request %s: %s failed before any token (%s); retrying on %s",
                                 job.request_id, start.replica, first.message, retry[0])
-                    if first.energy is not None and first.energy.joules > 0:  # work done is charged, in a row of its own
+                    if first.energy is not None and first.energy.joules > 0:  # work done is charged, in its own row
                         # admission=None: the request's ticket settles once, with the row of the attempt that ends it
-                        await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt",
-                                                         admission=None),
-                                                 {"model": model, "device": start.device, "node": start.node,
-                                                  "reason": routed.reason}, start.time_s, "error",
-                                                 prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
+                        await self._record_ended(
+                            replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                            {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
+                            start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0,
+                            energy=first.energy)
                     model, avoid = retry
                     continue
             if model != routed.model:

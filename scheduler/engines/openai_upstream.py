@@ -24,9 +24,8 @@ import json
 import logging
 import math
 import os
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from scheduler.engines.base import (
     ReplicaStats,
     RequestRejectedError,
 )
+from scheduler.engines.upstream_health import EndpointHealth, HealthChecker
 from scheduler.engines.upstream_load import SERVER_KINDS, ServerLoad, ServerLoadPoller, server_root, to_replica_stats
 
 log = logging.getLogger(__name__)
@@ -56,117 +56,8 @@ BYTES_PER_PROMPT_TOKEN_ESTIMATE = 4.0
 MAX_ERROR_BODY_BYTES = 4096
 #: a server load scraped longer ago than this is stale: the replica's own counts stand instead
 LOAD_MAX_AGE_SECONDS = 5.0
-#: consecutive failed health checks that eject an endpoint that is in (a failed request ejects at once)
-HEALTH_FAILURES_TO_EJECT = 2
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
 _FINISH = {"stop": "stop", "length": "length"}
-
-
-class EndpointHealth:
-    """Ejection state of one endpoint: out after a failure, back after a good health check past its backoff.
-
-    Thread-safe: requests report from the replica's event loop, the health checker from its thread.
-    """
-
-    def __init__(self, base_seconds: float, max_seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.base_seconds, self.max_seconds = base_seconds, max_seconds
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._ejected_until: float | None = None
-        self._backoff_seconds = base_seconds
-        self.reason = ""
-        self.ejections = 0
-
-    @property
-    def ejected(self) -> bool:
-        return self._ejected_until is not None
-
-    def seconds_to_recheck(self) -> float:
-        until = self._ejected_until
-        return 0.0 if until is None else max(0.0, until - self._clock())
-
-    def failed(self, reason: str) -> bool:
-        """Record a failure; True when it ejected the endpoint now (it was in)."""
-        with self._lock:
-            self.reason = reason
-            if self._ejected_until is not None:
-                return False
-            self._ejected_until = self._clock() + self._backoff_seconds
-            self.ejections += 1
-            return True
-
-    def probe_due(self) -> bool:
-        """An ejected endpoint is probed only once its backoff has passed."""
-        return self._ejected_until is None or self._clock() >= self._ejected_until
-
-    def probe(self, ok: bool, reason: str = "") -> str | None:
-        """A health check's result: 'readmitted', 'ejected' or None (no change)."""
-        with self._lock:
-            if ok:
-                self._probe_failures = 0
-                if self._ejected_until is None:
-                    return None
-                self._ejected_until = None
-                return "readmitted"
-            self.reason = reason
-            if self._ejected_until is None:
-                # one slow answer from a busy server is not an outage; a failed request ejects at once
-                self._probe_failures = getattr(self, "_probe_failures", 0) + 1
-                if self._probe_failures < HEALTH_FAILURES_TO_EJECT:
-                    return None
-                self._probe_failures = 0
-                self._ejected_until = self._clock() + self._backoff_seconds
-                self.ejections += 1
-                return "ejected"
-            # still failing after its backoff: wait twice as long before the next look
-            self._backoff_seconds = min(self._backoff_seconds * 2, self.max_seconds)
-            self._ejected_until = self._clock() + self._backoff_seconds
-            return None
-
-    def succeeded(self) -> None:
-        """A request went through: the next ejection starts again from the base backoff."""
-        if self._ejected_until is None and self._backoff_seconds != self.base_seconds:
-            with self._lock:
-                self._backoff_seconds = self.base_seconds
-
-
-class _HealthChecker(threading.Thread):
-    """Probes one endpoint every period (/health, else /v1/models) in its own thread and client."""
-
-    def __init__(self, engine: UpstreamEngine):
-        super().__init__(name=f"health-{engine.base_url}", daemon=True)
-        self.engine = engine
-        self.stop_event = threading.Event()
-        self._path: str | None = None  # the probe path that answered, once known
-
-    def run(self) -> None:
-        e = self.engine
-        with httpx.Client(timeout=e.options.health_check_timeout_seconds, headers=e.headers) as client:
-            while not self.stop_event.wait(e.options.health_check_period_seconds):
-                if not e.health.probe_due():
-                    continue
-                ok, reason = self._check(client)
-                change = e.health.probe(ok, reason)
-                if change == "readmitted":
-                    log.warning("endpoint %s re-admitted (health check passed)", e.base_url)
-                elif change == "ejected":
-                    log.warning("endpoint %s ejected: %s", e.base_url, reason)
-
-    def _check(self, client: httpx.Client) -> tuple[bool, str]:
-        paths = [self._path] if self._path else ["/health", "/v1/models"]
-        reason = ""
-        for path in paths:
-            try:
-                r = client.get(self.engine.base_url + path)
-            except httpx.HTTPError as exc:
-                return False, f"health check failed: {type(exc).__name__}"
-            if r.status_code == 200:
-                self._path = path
-                return True, ""
-            reason = f"health check {path} answered {r.status_code}"
-            if r.status_code != 404:
-                break
-        return False, reason
 
 
 class UpstreamEngine(Engine):
@@ -185,7 +76,7 @@ class UpstreamEngine(Engine):
         self.node = node
         self.health = EndpointHealth(options.ejection_base_seconds, options.ejection_max_seconds)
         self._client: httpx.AsyncClient | None = None
-        self._checker: _HealthChecker | None = None
+        self._checker: HealthChecker | None = None
         self._health_checks = health_checks
         self.waiting = 0  # sent, no token back yet
         self.running = 0  # streaming tokens
@@ -217,7 +108,7 @@ class UpstreamEngine(Engine):
 
     def start_health_checks(self) -> None:
         if self._health_checks and self._checker is None:
-            self._checker = _HealthChecker(self)
+            self._checker = HealthChecker(self.base_url, self.headers, self.options, self.health)
             self._checker.start()
 
     def _fail(self, message: str) -> EngineError:
@@ -470,15 +361,17 @@ def build_upstream_engine(model: ModelConfig, config: WattlaneConfig, state_dir:
     if endpoint.api_key_env:
         api_key = os.environ.get(endpoint.api_key_env)
         if not api_key:
-            raise ConfigError(f"environment variable {endpoint.api_key_env} (the API key of {endpoint.base_url}) is not set",
-                              file=config.source_path or "config", key=f"models (id {model.id}).endpoints.api_key_env",
-                              fix=f"export {endpoint.api_key_env} where the replica runs, or remove api_key_env")
+            raise ConfigError(
+                f"environment variable {endpoint.api_key_env} (the API key of {endpoint.base_url}) is not set",
+                file=config.source_path or "config", key=f"models (id {model.id}).endpoints.api_key_env",
+                fix=f"export {endpoint.api_key_env} where the replica runs, or remove api_key_env")
     o = model.upstream
     prior_prompt, prior_output = prior_joules_per_token(model.params_b)
+    jp, jo = o.estimate_joules_per_prompt_token, o.estimate_joules_per_output_token
     engine = UpstreamEngine(
         model.id, ModelKind(model.kind), endpoint, o, context_length=model.context_length, api_key=api_key,
-        joules_per_prompt_token=prior_prompt if o.estimate_joules_per_prompt_token is None else o.estimate_joules_per_prompt_token,
-        joules_per_output_token=prior_output if o.estimate_joules_per_output_token is None else o.estimate_joules_per_output_token,
+        joules_per_prompt_token=prior_prompt if jp is None else jp,
+        joules_per_output_token=prior_output if jo is None else jo,
         node=endpoint.node or node_name(),
     )
     engine.start_health_checks()  # from the start: an endpoint that is down is out before a request meets it

@@ -90,7 +90,8 @@ class FakeUpstream:
         if mode == "http500":
             return JSONResponse({"error": {"message": "CUDA error: an illegal memory access"}}, status_code=500)
         if mode == "no-such-model":
-            return JSONResponse({"error": {"message": f"The model `{mode}` does not exist.", "code": 404}}, status_code=404)
+            return JSONResponse({"error": {"message": f"The model `{mode}` does not exist.", "code": 404}},
+                                status_code=404)
         if mode == "too-long":
             return JSONResponse({"error": {"message": "This model's maximum context length is 2048 tokens. However, "
                                            "you requested 5000 tokens.", "type": "BadRequestError", "param": None,

@@ -49,8 +49,10 @@ def test_each_endpoint_is_a_replica_on_its_own_devices(tmp_path):
     ({"endpoints": [{**ENDPOINT, "base_url": "localhost:8000"}]}, "models[0] (id up).endpoints[0].base_url", "pattern"),
     ({"endpoints": [{**ENDPOINT, "server": "triton"}]}, "models[0] (id up).endpoints[0].server", "vllm"),
     ({"endpoints": [{**ENDPOINT, "api_key": "sk-123"}]}, "models[0] (id up).endpoints[0].api_key", "unknown key"),
-    ({"endpoints": [{**ENDPOINT, "api_key_env": "not a name"}]}, "models[0] (id up).endpoints[0].api_key_env", "pattern"),
-    ({"endpoints": [{k: v for k, v in ENDPOINT.items() if k != "devices"}]}, "models[0] (id up).endpoints[0].devices", "required"),
+    ({"endpoints": [{**ENDPOINT, "api_key_env": "not a name"}]}, "models[0] (id up).endpoints[0].api_key_env",
+     "pattern"),
+    ({"endpoints": [{k: v for k, v in ENDPOINT.items() if k != "devices"}]}, "models[0] (id up).endpoints[0].devices",
+     "required"),
     ({"endpoints": [{**ENDPOINT, "devices": ["GPU-5f1c"]}]}, "models[0] (id up).endpoints", "gpuN"),
 ])
 def test_a_mistake_names_its_key(tmp_path, model, key, words):

@@ -21,7 +21,8 @@ from scheduler.api.errors import ApiError
 from scheduler.api.serving import Job
 from scheduler.config import UpstreamEndpointConfig, UpstreamOptions
 from scheduler.engines.base import EngineError, GenerationRequest, ModelKind, RequestRejectedError, SamplingParams
-from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, EndpointHealth, UpstreamEngine
+from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, UpstreamEngine
+from scheduler.engines.upstream_health import EndpointHealth
 from tests.support.fake_upstream import WORDS, FakeUpstream
 from tests.support.upstream_serving import UpstreamFleet, upstream_config
 
