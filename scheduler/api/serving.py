@@ -33,6 +33,11 @@ from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+#: a retry that lands on the endpoint it avoids (see Serving.open) tries again, at most this many times,
+#: waiting this long times the count first: together longer than Serve's 1 s routing-stats period
+MAX_AVOIDED_LANDINGS = 4
+AVOIDED_LANDING_WAIT_SECONDS = 0.25
+
 ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
 
 
@@ -236,7 +241,8 @@ class Serving:
         routed = routed or await self._admitted(job)
         failures: list[str] = []
         model, avoid = routed.model, []
-        for attempt in range(2):
+        attempt = landings = 0
+        while attempt < 2:
             try:
                 events, start, first = await self._start(job, model, routed, avoid)
             except _ReplicaFailure as exc:
@@ -247,22 +253,27 @@ class Serving:
                 if retry is None:
                     break
                 model, avoid = retry
+                attempt += 1
                 continue
-            if (attempt == 0 and isinstance(first, ReplicaError) and first.kind == ReplicaErrorKind.ENGINE
-                    and first.completion_tokens == 0 and self._is_upstream(model)):
+            failed_early = (isinstance(first, ReplicaError) and first.kind == ReplicaErrorKind.ENGINE
+                            and first.completion_tokens == 0 and self._is_upstream(model))
+            if failed_early and start.replica in avoid and landings < MAX_AVOIDED_LANDINGS:
+                # Serve's FIFO router gives a free replica to the oldest waiting request whatever that request's
+                # hint said, so until its next stats period shows the failed endpoint ejected a retry can land
+                # there again: that is not the retry on another endpoint yet
+                landings += 1
+                await self._record_failed_attempt(job, model, start, first, routed)
+                await asyncio.sleep(AVOIDED_LANDING_WAIT_SECONDS * landings)
+                continue
+            if attempt == 0 and failed_early:
                 retry = self._retry_target(routed, model, start.replica)
                 if retry is not None:
                     failures.append(f"{model}: {first.message}")
                     log.warning("request %s: %s failed before any token (%s); retrying on %s",
                                 job.request_id, start.replica, first.message, retry[0])
-                    if first.energy is not None and first.energy.joules > 0:  # work done is charged, in its own row
-                        # admission=None: the request's ticket settles once, with the row of the attempt that ends it
-                        await self._record_ended(
-                            replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
-                            {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
-                            start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0,
-                            energy=first.energy)
+                    await self._record_failed_attempt(job, model, start, first, routed)
                     model, avoid = retry
+                    attempt += 1
                     continue
             if model != routed.model:
                 routed.reason += f"; retried on {model} after {routed.model} failed"
@@ -282,6 +293,16 @@ class Serving:
             job.admission.release()  # nothing ran: the request holds no limit or budget
         raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
                        headers={"Retry-After": "5"})
+
+    async def _record_failed_attempt(self, job: Job, model: str, start: ReplicaStart, first: ReplicaError,
+                                     routed: Routed) -> None:
+        """An attempt that failed before any token and is retried: the work it did is charged, in a row of its own."""
+        if first.energy is not None and first.energy.joules > 0:
+            # admission=None: the request's ticket settles once, with the row of the attempt that ends it
+            await self._record_ended(
+                replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
+                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
 
     def _is_upstream(self, model: str) -> bool:
         m = self.config.model(model)

@@ -305,3 +305,36 @@ def test_the_servers_own_load_from_its_metrics_overrides_the_counts_seen_here(fa
 def test_a_server_without_metrics_has_no_poller_and_keeps_its_own_counts(fake):
     eng = engine(fake.base_url, "ok")  # generic: no metrics_url, no poller
     assert eng.load_poller is None and eng.server_load() is None
+
+
+def test_a_retry_that_lands_on_the_endpoint_it_avoids_tries_again_and_reaches_the_other(fake):
+    """Serve's FIFO router can hand the failed endpoint to the retry before its stats show it ejected."""
+    config = upstream_config([(fake.base_url, "http500"), (fake.base_url, "ok")], ejection_base_seconds=60.0)
+
+    async def main():
+        fleet = UpstreamFleet(config)
+        servers = fleet.replicas.servers
+        remote = fleet.replicas.generate.remote
+        calls = []
+
+        def fifo_like(request, placement=None):  # the first two calls go to up#0 whatever the hint says
+            calls.append(placement)
+            if len(calls) <= 2:
+                from tests.support.serving import InProcessStream, _over_the_wire
+
+                fleet.replicas.chosen.append("up#0")
+                return InProcessStream(servers[0].generate(_over_the_wire(request), placement=placement))
+            return remote(request, placement=placement)
+
+        fleet.serving.handles["up"] = type("H", (), {"options": lambda self, **_: self,
+                                                      "generate": type("G", (), {"remote": staticmethod(fifo_like)})()})()
+        try:
+            result = await fleet.serving.run(job("req-fifo"))
+            return result, list(fleet.replicas.chosen), calls
+        finally:
+            await fleet.aclose()
+
+    result, chosen, calls = asyncio.run(main())
+    assert result.text == "".join(WORDS)
+    assert chosen == ["up#0", "up#0", "up#1"]
+    assert calls[1]["avoid_replicas"] == ["up#0"] and calls[2]["avoid_replicas"] == ["up#0"]
