@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -56,6 +57,48 @@ class WeightsSource(_Section):
         return self
 
 
+#: OpenAI-compatible servers the `openai` engine fronts; the name picks how their load metrics are read
+UPSTREAM_SERVERS = ("vllm", "sglang", "tgi", "llamacpp", "ollama", "generic")
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class UpstreamEndpointConfig(_Section):
+    """One OpenAI-compatible server of an `openai` model; each endpoint is one replica to Wattlane."""
+
+    #: the server's root, e.g. http://10.0.0.5:8000 (the engine appends /v1/chat/completions)
+    base_url: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/\S*)?$")]
+    #: the model name the server answers to (vllm serve --served-model-name)
+    served_model_name: Annotated[str, Field(min_length=1)]
+    #: the NAME of an environment variable that holds the server's API key; the key is never in the file
+    api_key_env: Annotated[str, Field(pattern=_ENV_NAME)] | None = None
+    #: the Ray node (hostname) the server runs on; None: the node the replica runs on. Its node agent
+    #: meters `devices`; with no agent there, energy is the joules-per-token estimate
+    node: str | None = None
+    #: the devices the server runs on, named as that node's agent names them (gpuN, cpu0)
+    devices: list[str]
+    server: Literal[UPSTREAM_SERVERS] = "generic"  # type: ignore[valid-type]
+    #: where the server's load metrics are read (default: <base_url>/metrics where the server has them)
+    metrics_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+
+
+class UpstreamOptions(_Section):
+    """How the `openai` engine talks to its endpoints, checks them and estimates unmetered energy."""
+
+    connect_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    #: the longest silence allowed inside a response (before the first token too); a stall past it fails
+    read_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    health_check_period_seconds: Annotated[float, Field(gt=0)] = 1.5
+    health_check_timeout_seconds: Annotated[float, Field(gt=0)] = 2.0
+    #: an endpoint that fails a request or two health checks in a row is left out this long, doubled on every
+    #: failed re-check up to ejection_max_seconds, and re-admitted by the first good health check after it
+    ejection_base_seconds: Annotated[float, Field(gt=0)] = 1.0
+    ejection_max_seconds: Annotated[float, Field(gt=0)] = 30.0
+    #: energy where no node agent meters the endpoint's devices (method upstream-jpt-estimate);
+    #: None: the size prior of scheduler/routing/placement.py (H100 figures, scaled by params_b)
+    estimate_joules_per_output_token: Annotated[float, Field(ge=0)] | None = None
+    estimate_joules_per_prompt_token: Annotated[float, Field(ge=0)] | None = None
+
+
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
@@ -81,11 +124,37 @@ class ModelConfig(_Section):
     supports_tools: bool = False
     #: quality prior in 0..1 used by the router when no predictor covers this model
     quality: Annotated[float, Field(ge=0, le=1)] | None = None
+    #: engine 'openai': the servers that serve this model, one replica each
+    endpoints: list[UpstreamEndpointConfig] = Field(default_factory=list)
+    upstream: UpstreamOptions = Field(default_factory=UpstreamOptions)
 
     @model_validator(mode="after")
     def _engine_needs(self) -> "ModelConfig":
         if self.engine == "llamacpp" and self.weights is None:
             raise ValueError("engine 'llamacpp' needs 'weights' (path, package+file or assemble_package)")
+        if self.engine != "openai":
+            if self.endpoints:
+                raise ValueError(f"'endpoints' is for engine 'openai'; engine '{self.engine}' runs the model itself")
+            return self
+        if not self.endpoints:
+            raise ValueError("engine 'openai' needs 'endpoints': the base_url, served_model_name and devices "
+                             "of each server")
+        if self.weights is not None:
+            raise ValueError("engine 'openai' serves from its endpoints; remove 'weights'")
+        for i, e in enumerate(self.endpoints):
+            if not e.devices:
+                raise ValueError(f"endpoints[{i}] needs 'devices': the GPUs it runs on (gpuN) or cpu0")
+        devices = list(dict.fromkeys(d for e in self.endpoints for d in e.devices))
+        # both are derived; given, they must agree (a dumped config is validated again in every process)
+        given = self.model_fields_set
+        if "replicas" in given and self.replicas != len(self.endpoints):
+            raise ValueError(f"engine 'openai' has one replica per endpoint ({len(self.endpoints)}); remove 'replicas'")
+        if "devices" in given and self.devices != devices:
+            raise ValueError("engine 'openai' takes its devices from each endpoint's 'devices'; "
+                             "remove the model's 'devices'")
+        # set without validate_assignment (it would run this validator again)
+        self.__dict__["replicas"] = len(self.endpoints)
+        self.__dict__["devices"] = devices
         return self
 
 
@@ -505,6 +574,12 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
                     file=shown, key=key + ".devices",
                     fix="add the simulated GPU under devices.simulated or correct the id",
                 )
+            if m.engine == "openai" and d != CPU_DEVICE_ID and not NVML_DEVICE_ID.match(d):
+                raise ConfigError(
+                    f"device '{d}' of an upstream endpoint is not a device name a node agent has",
+                    file=shown, key=key + ".endpoints",
+                    fix="name the server's GPUs gpuN (their CUDA index on that node), or cpu0",
+                )
             if m.engine == "llamacpp" and d != CPU_DEVICE_ID:
                 # this build's llama.cpp runs on the CPU (no GPU offload), so its work and energy are cpu0's
                 what = "a simulated GPU" if d in sim_ids else ("an NVIDIA GPU" if NVML_DEVICE_ID.match(d) else "not a known device")
@@ -576,15 +651,38 @@ def _check_simulated_model(config: WattlaneConfig, m: ModelConfig, key: str, sho
 
 
 def devices_referenced(config: WattlaneConfig) -> dict[str, str]:
-    """Every device id the models and power groups name, with the first key that names it."""
+    """Every device id the models and power groups name, with the first key that names it.
+
+    An upstream endpoint placed on a named node is left out: its devices are that node's, and where
+    no node agent runs there they are only labels for the estimated energy.
+    """
     out: dict[str, str] = {}
     for i, m in enumerate(config.models):
+        if m.engine == "openai":
+            for j, e in enumerate(m.endpoints):
+                for d in ([] if e.node else e.devices):
+                    out.setdefault(d, f"models[{i}] (id {m.id}).endpoints[{j}].devices")
+            continue
         for d in m.devices:
             out.setdefault(d, f"models[{i}] (id {m.id}).devices")
     for gi, g in enumerate(config.power.groups):
         for d in g.devices:
             out.setdefault(d, f"power.groups[{gi}] (name {g.name}).devices")
     return out
+
+
+def check_upstream_keys(config: WattlaneConfig, environ: Mapping[str, str] | None = None) -> None:
+    """At start: every endpoint's api_key_env names a variable that is set (the key itself is never in the file)."""
+    env = os.environ if environ is None else environ
+    for i, m in enumerate(config.models):
+        for j, e in enumerate(m.endpoints):
+            if e.api_key_env and not env.get(e.api_key_env):
+                raise ConfigError(
+                    f"environment variable {e.api_key_env} (the API key of {e.base_url}) is not set",
+                    file=config.source_path or "config", key=f"models[{i}] (id {m.id}).endpoints[{j}].api_key_env",
+                    fix=f"export {e.api_key_env}=<the server's key> before starting, "
+                        "or remove api_key_env if the server needs no key",
+                )
 
 
 def check_devices_present(config: WattlaneConfig, present: set[str], where: str) -> None:

@@ -108,6 +108,7 @@ class ApiError(Exception):
 #: the one mapping from a replica's error kind to the client's status and code (replicas never pick statuses)
 _REPLICA_ERRORS = {
     "context_length": (400, "context_length_exceeded"),
+    "invalid_request": (400, "invalid_request"),
     "engine": (503, "engine_error"),
 }
 

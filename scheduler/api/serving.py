@@ -34,6 +34,11 @@ from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+#: a retry that lands on the endpoint it avoids (see Serving.open) tries again, at most this many times,
+#: waiting this long times the count first: together longer than Serve's 1 s routing-stats period
+MAX_AVOIDED_LANDINGS = 4
+AVOIDED_LANDING_WAIT_SECONDS = 0.25
+
 ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
 
 
@@ -94,6 +99,11 @@ class InferenceResult:
 
 class _ReplicaFailure(Exception):
     """A replica failed before producing anything; the request may be retried elsewhere."""
+
+    def __init__(self, message: str, replica: str | None = None):
+        super().__init__(message)
+        #: the replica that failed, when its start event named it
+        self.replica = replica
 
 
 class StreamSession:
@@ -240,30 +250,61 @@ class Serving:
         deltas=False asks the replica for the whole text in its end event (run() does: a non-streaming
         answer needs nothing earlier), so the session yields it as one piece.
 
-        A replica that fails or times out before its first event is retried once on the next
-        candidate model of the routing decision; if that fails too, 503 with the reason.
+        A replica that fails or times out before its first event is retried once: on another endpoint of
+        the same model when it is an upstream model with more than one (that replica is avoided), else on
+        the next candidate model of the routing decision; if that fails too, 503 with the reason. An
+        upstream replica that answers with an engine error before any token is retried the same way.
         """
         routed = routed or await self._admitted(job)
-        attempts = [routed.model] + routed.fallback_models[:1]
         failures: list[str] = []
-        for i, model in enumerate(attempts):
+        model, avoid = routed.model, []
+        attempt = landings = 0
+        while attempt < 2:
             try:
-                events, start, first = await self._start(job, model, routed, deltas)
+                events, start, first = await self._start(job, model, routed, deltas, avoid)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
+                retry = self._retry_target(routed, model, exc.replica) if attempt == 0 else None
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
-                            "; retrying on " + attempts[i + 1] if i + 1 < len(attempts) else "")
+                            f"; retrying on {retry[0]}" if retry else "")
+                if retry is None:
+                    break
+                model, avoid = retry
+                attempt += 1
                 continue
+            failed_early = (isinstance(first, ReplicaError) and first.kind == ReplicaErrorKind.ENGINE
+                            and first.completion_tokens == 0 and self._is_upstream(model))
+            if failed_early and start.replica in avoid and landings < MAX_AVOIDED_LANDINGS:
+                # Serve's FIFO router gives a free replica to the oldest waiting request whatever that request's
+                # hint said, so until its next stats period shows the failed endpoint ejected a retry can land
+                # there again: that is not the retry on another endpoint yet
+                landings += 1
+                await self._record_failed_attempt(job, model, start, first, routed)
+                await asyncio.sleep(AVOIDED_LANDING_WAIT_SECONDS * landings)
+                continue
+            if attempt == 0 and failed_early:
+                retry = self._retry_target(routed, model, start.replica)
+                if retry is not None:
+                    failures.append(f"{model}: {first.message}")
+                    log.warning("request %s: %s failed before any token (%s); retrying on %s",
+                                job.request_id, start.replica, first.message, retry[0])
+                    await self._record_failed_attempt(job, model, start, first, routed)
+                    model, avoid = retry
+                    attempt += 1
+                    continue
             if model != routed.model:
                 routed.reason += f"; retried on {model} after {routed.model} failed"
                 routed.model = model
+            elif avoid:
+                routed.reason += f"; retried on another endpoint after {', '.join(avoid)} failed"
             session = StreamSession(self, job, routed, events, start, first)
             if isinstance(first, ReplicaError):
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",
                                          prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens,
                                          energy=first.energy)
-                raise replica_error(first.kind, first.message, first.param)
+                earlier = f" (first attempt: {'; '.join(failures)})" if failures else ""
+                raise replica_error(first.kind, first.message + earlier, first.param)
             return session
         if job.admission is not None:
             job.admission.release()  # nothing ran: the request holds no limit or budget
@@ -278,7 +319,31 @@ class Serving:
             cached = self._stream_handles[model] = (base, base.options(stream=True))
         return cached[1]
 
-    async def _start(self, job: Job, model: str, routed: Routed, deltas: bool = True
+    async def _record_failed_attempt(self, job: Job, model: str, start: ReplicaStart, first: ReplicaError,
+                                     routed: Routed) -> None:
+        """An attempt that failed before any token and is retried: the work it did is charged, in a row of its own."""
+        if first.energy is not None and first.energy.joules > 0:
+            # admission=None: the request's ticket settles once, with the row of the attempt that ends it
+            await self._record_ended(
+                replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
+                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
+
+    def _is_upstream(self, model: str) -> bool:
+        m = self.config.model(model)
+        return m is not None and m.engine == "openai"
+
+    def _retry_target(self, routed: Routed, model: str, failed_replica: str | None) -> tuple[str, list[str]] | None:
+        """Where a failed first attempt goes: another endpoint of an upstream model (endpoints fail one by
+        one, where a local model's replicas share one host), else the next candidate model, else nowhere."""
+        m = self.config.model(model)
+        if self._is_upstream(model) and m is not None and m.replicas > 1:
+            return model, [failed_replica] if failed_replica else []
+        nxt = routed.fallback_models[:1]
+        return (nxt[0], []) if nxt and nxt[0] != model else None
+
+    async def _start(self, job: Job, model: str, routed: Routed, deltas: bool = True,
+                     avoid: list[str] | None = None
                      ) -> tuple[Any, ReplicaStart, ReplicaEvent]:
         from ray.serve.exceptions import BackPressureError
 
@@ -286,8 +351,8 @@ class Serving:
         start: ReplicaStart | None = None
         try:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
-                events = self._stream_handle(model).generate.remote(job.request, placement=routed.placement,
-                                                                    deltas=deltas)
+                placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
+                events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
                 start = await asyncio.wait_for(events.__anext__(), timeout_s)
                 started()
             first = await asyncio.wait_for(events.__anext__(), timeout_s)
@@ -299,10 +364,10 @@ class Serving:
             self._settle_abandoned(job, routing, time.time(), 0, 0, None)
             raise
         except StopAsyncIteration:
-            raise _ReplicaFailure("ended the stream without a result") from None
+            raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
         except asyncio.TimeoutError:
             events.cancel()
-            raise _ReplicaFailure(f"no answer within {timeout_s:g} s") from None
+            raise _ReplicaFailure(f"no answer within {timeout_s:g} s", start.replica if start else None) from None
         except ApiError:
             raise
         except BackPressureError:

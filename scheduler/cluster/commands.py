@@ -19,6 +19,7 @@ from scheduler.config import (
     ConfigError,
     WattlaneConfig,
     check_devices_present,
+    check_upstream_keys,
     devices_referenced,
     load_config,
 )
@@ -101,6 +102,7 @@ def serve_cmd(
     ray_address = address or cfg.ray.address
     try:
         check_port_free(cfg, listen_host, cfg.server.port)
+        check_upstream_keys(cfg)
         if ray_address is None:  # joining a cluster: its GPUs are checked once its node agents answer
             check_host_devices(cfg)
     except ConfigError as exc:

@@ -18,6 +18,8 @@ from enum import Enum
 class ReplicaErrorKind(str, Enum):
     #: the prompt plus max_tokens does not fit the model's context (the client can fix it)
     CONTEXT_LENGTH = "context_length"
+    #: the backend refused the request as invalid (an upstream server's 400): the client can fix it
+    INVALID_REQUEST = "invalid_request"
     #: the engine failed (out of memory, a bug, a dead process): a capacity problem, not the client's
     ENGINE = "engine"
 

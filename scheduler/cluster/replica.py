@@ -42,6 +42,7 @@ from scheduler.engines.base import (
     EngineError,
     GenerationRequest,
     ModelKind,
+    RequestRejectedError,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,10 @@ STATS_PUSH_INTERVAL_SECONDS = 0.1
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
-    """A local-engine replica runs on one of its model's devices, spread by rank."""
+    """A local-engine replica runs on one of its model's devices, spread by rank; an upstream replica's
+    work runs on its endpoint's devices."""
+    if model.endpoints:
+        return list(model.endpoints[rank % len(model.endpoints)].devices)
     return [model.devices[rank % len(model.devices)]]
 
 
@@ -137,6 +141,13 @@ class _AgentReports:
         contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
 
 
+def node_for_replica(model: ModelConfig, rank: int) -> str:
+    """Where the replica's work runs: its upstream endpoint's node when named, else this process's node."""
+    if model.endpoints:
+        return model.endpoints[rank % len(model.endpoints)].node or runtime.node_name()
+    return runtime.node_name()
+
+
 class ModelServer:
     """Deployment class; cluster.serve_app.build_app() turns it into one Serve deployment per model."""
 
@@ -149,8 +160,9 @@ class ModelServer:
         rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
         self.replica_id = f"{self.model.id}#{rank}"
         self.device_ids = devices_for_replica(self.model, rank)
-        self.node = runtime.node_name()
-        self.agent = runtime.get_node_agent()
+        self.node = node_for_replica(self.model, rank)
+        # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
+        self.agent = runtime.get_node_agent(self.node)
         if self.model.engine == "simulated":
             if self.agent is None:
                 raise RuntimeError("simulated models need the node agent that owns the simulated GPUs")
@@ -161,7 +173,7 @@ class ModelServer:
         else:
             from scheduler.engines.factory import build_engine
 
-            self.engine = build_engine(self.model, self.config, self.state_dir)
+            self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
@@ -203,6 +215,12 @@ class ModelServer:
             weight = self.config.energy.prefill_token_weight
             stats["joules_per_decode_token"] = self._joules_per_work_token
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
+        ejected = stats.get("ejected")
+        if self.agent is not None and ejected != getattr(self, "_published_ejected", None):
+            # Serve calls this every stats period: an ejection or re-admission reaches the gateway's
+            # routing now, not at this replica's next request (an ejected replica gets none)
+            self._published_ejected = ejected
+            self.agent.replica_stats.remote(self.replica_id, stats)
         return stats
 
     def _learn_energy(self, energy: EnergyReport | None) -> None:
@@ -280,6 +298,9 @@ class ModelServer:
         except ContextLengthError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
+        except RequestRejectedError as exc:
+            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
+                                          str(exc), param=exc.param)
         except EngineError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}")
@@ -299,7 +320,9 @@ class ModelServer:
                              completion_tokens: int) -> EnergyReport | None:
         """The request's energy, from its node agent: one round trip, which also carries the final counts."""
         if reports is None:
-            return None
+            # no meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure
+            estimate = getattr(self.engine, "estimate_energy", None)
+            return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
         return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,

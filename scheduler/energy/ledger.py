@@ -46,7 +46,9 @@ CHECKPOINT_EVERY_COMMITS = 200
 _CHECKPOINT: Any = object()
 
 #: how each energy method's figures were obtained, as reports label them
-METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated"}
+METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated",
+                # an upstream server no node agent meters: its model's joules-per-token profile (engines/openai_upstream.py)
+                "upstream-jpt-estimate": "estimated"}
 #: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL)
 SCHEMA_VERSION = 2
 #: CSV chunks an export reads ahead of a slow client (bounds each export's memory)

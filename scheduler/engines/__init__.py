@@ -1,1 +1,1 @@
-"""The Engine interface and its implementations: llama.cpp, simulated."""
+"""The Engine interface and its implementations: llama.cpp, simulated, upstream OpenAI-compatible servers."""

@@ -30,6 +30,15 @@ class EngineError(Exception):
     """A failure inside the engine that is not the caller's fault (maps to 503 / retry)."""
 
 
+class RequestRejectedError(ValueError):
+    """The backend refused the request as invalid (an upstream server's 400): the client's to fix (maps to 400)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        self.param = param
+        self.code = code
+        super().__init__(message)
+
+
 class ContextLengthError(ValueError):
     """The prompt plus max_tokens does not fit the model's context (maps to 400)."""
 
@@ -173,6 +182,8 @@ class ReplicaStats(TypedDict, total=False):
     ttft_p99_seconds: float
     tpot_p99_seconds: float
     requests_completed: int
+    #: an upstream endpoint left out after failures (placement skips it until it is re-admitted)
+    ejected: bool
 
 
 class Engine(abc.ABC):
@@ -235,4 +246,5 @@ class Engine(abc.ABC):
 ENGINE_BUILDERS: dict[str, str] = {
     "llamacpp": "scheduler.engines.llamacpp:build_llamacpp_engine",
     "simulated": "scheduler.engines.simulated:build_simulated_replica_engine",
+    "openai": "scheduler.engines.openai_upstream:build_upstream_engine",
 }

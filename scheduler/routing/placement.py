@@ -186,6 +186,9 @@ def predict(
 
     reasons = []
     feasible = True
+    if stats.get("ejected"):
+        feasible = False
+        reasons.append("endpoint ejected after failures (re-admitted when its health check passes)")
     kv_free = _num(stats, "kv_cache_free_fraction")
     if kv_free is not None and kv_free <= 0.0:
         feasible = False

@@ -65,9 +65,27 @@ def rank_running_replicas(
     """choose_replicas' body, free of router state so it is testable without Ray running."""
     if not candidate_replicas:
         return []
+    candidate_replicas = _usable(candidate_replicas, pending_request)
     stats = [dict(getattr(r, "routing_stats", None) or {}) for r in candidate_replicas]
     if not any(stats):
         # no replica has published yet: one rank, Serve picks the shortest queue among them
         return [list(candidate_replicas)]
     ranked = rank_replicas(placement_hint(pending_request), stats)
     return [[candidate_replicas[p.index]] for p in ranked]
+
+
+def _usable(candidate_replicas: List[Any], pending_request: Optional[PendingRequest]) -> List[Any]:
+    """Leave out ejected upstream endpoints and the replicas a retry must avoid (placement hint
+    'avoid_replicas'), unless nothing would be left: then the replica answers for itself, at once."""
+    avoid: Any = ()
+    if pending_request is not None:
+        hint = pending_request.kwargs.get("placement")
+        if isinstance(hint, Mapping):
+            avoid = hint.get("avoid_replicas") or ()
+    kept = [r for r in candidate_replicas
+            if not (getattr(r, "routing_stats", None) or {}).get("ejected")
+            and (getattr(r, "routing_stats", None) or {}).get("replica_id") not in avoid]
+    if kept:
+        return kept
+    kept = [r for r in candidate_replicas if (getattr(r, "routing_stats", None) or {}).get("replica_id") not in avoid]
+    return kept or list(candidate_replicas)

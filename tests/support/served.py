@@ -27,22 +27,32 @@ class ServedProcess:
 
 
 @contextlib.contextmanager
-def served(config: dict[str, Any], workdir: Path, *, ready_timeout_s: float = 240) -> Iterator[ServedProcess]:
-    """Serve `config` (a parsed YAML dict) until the block ends; the server must then stop cleanly (exit 0)."""
+def served(config: dict[str, Any], workdir: Path, *, ready_timeout_s: float = 240,
+           log_path: Path | None = None) -> Iterator[ServedProcess]:
+    """Serve `config` (a parsed YAML dict) until the block ends; the server must then stop cleanly (exit 0).
+
+    log_path: write the server's output there instead of a pipe (a long run's logs would fill the pipe)."""
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WATTLANE_"))}
     env.update(WATTLANE_STATE_DIR=str(workdir / "state"), PYTHONUNBUFFERED="1")
+    out_file = open(log_path, "w") if log_path is not None else None
     proc = subprocess.Popen([sys.executable, "-m", "scheduler", "serve", "--config", str(path), "--port", str(port)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, stdout=out_file or subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    if out_file is not None:
+        out_file.close()
+
+    def output() -> str:
+        return log_path.read_text(errors="replace") if log_path is not None else proc.stdout.read()
+
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + ready_timeout_s
     try:
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"wattlane serve exited with {proc.returncode}:\n{proc.stdout.read()}")
+                raise AssertionError(f"wattlane serve exited with {proc.returncode}:\n{output()}")
             try:
                 if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                     break
@@ -59,4 +69,4 @@ def served(config: dict[str, Any], workdir: Path, *, ready_timeout_s: float = 24
         raise
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 0, out if log_path is None else output()[-5000:]

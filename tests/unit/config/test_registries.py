@@ -28,7 +28,7 @@ def allowed(model: type, field: str) -> set[str]:
 
 
 def test_allowed_values_come_from_the_registries():
-    assert allowed(ModelConfig, "engine") == set(ENGINE_BUILDERS) == {"llamacpp", "simulated"}
+    assert allowed(ModelConfig, "engine") == set(ENGINE_BUILDERS) == {"llamacpp", "simulated", "openai"}
     assert allowed(PowerGroupConfig, "policy") == set(POLICIES) == {
         "none", "static", "slo-feedback", "budget", "carbon-aware", "parking"}
     assert allowed(CarbonConfig, "provider") == set(CARBON_PROVIDERS) == {"codecarbon", "fixed", "csv", "http"}

@@ -1,0 +1,101 @@
+"""An upstream model's serving path in one process, without Ray: Serving -> the real router ranking ->
+ModelServer replicas hosting the real UpstreamEngine -> real HTTP servers on loopback.
+
+Only Ray's boundary is replaced (as in tests/support/serving.py): a deployment handle becomes a
+ReplicaSet that asks scheduler.routing.serve_router.rank_running_replicas, the code Serve's router
+runs, which replica takes each call, from the stats each replica publishes at that moment. No
+node agent runs, so energy is the joules-per-token estimate (upstream-jpt-estimate).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from scheduler.api.accounting import Accounting
+from scheduler.api.model_selection import ModelSelection
+from scheduler.api.serving import Serving
+from scheduler.config import WattlaneConfig
+from scheduler.energy.carbon import make_carbon_provider
+from scheduler.energy.ledger import Ledger
+from scheduler.energy.metrics import WattlaneMetrics
+from scheduler.engines.openai_upstream import build_upstream_engine
+from scheduler.routing.serve_router import rank_running_replicas
+from tests.support.serving import InProcessStream, _over_the_wire, _Server
+
+NODE = "upstream-host"
+
+
+def upstream_config(endpoints: list[tuple[str, str]], **upstream: Any) -> WattlaneConfig:
+    """One chat model `up` served by the given (base_url, served_model_name) endpoints."""
+    return WattlaneConfig.model_validate({
+        "models": [{"id": "up", "kind": "chat", "engine": "openai", "params_b": 0.135,
+                    "endpoints": [{"base_url": url, "served_model_name": name, "node": NODE, "devices": ["cpu0"]}
+                                  for url, name in endpoints],
+                    "upstream": {"health_check_period_seconds": 0.2, "read_timeout_seconds": 1.0, **upstream}}],
+        "energy": {"carbon": {"provider": "fixed", "intensity_gco2e_per_kwh": 400.0, "region": "FRA"}},
+        "routing": {"replica_timeout_seconds": 5.0},
+    })
+
+
+def replica(config: WattlaneConfig, rank: int) -> _Server:
+    model = config.models[0]
+    server = object.__new__(_Server)
+    server.config, server.model, server.state_dir = config, model, Path(".")
+    server.replica_id = f"{model.id}#{rank}"
+    server.device_ids = list(model.endpoints[rank].devices)
+    server.node = NODE
+    server.agent = None  # no node agent on the server's host: the estimate
+    server.engine = build_upstream_engine(model, config, Path("."), replica_index=rank)
+    server._joules_per_work_token = None
+    return server
+
+
+class ReplicaSet:
+    """A deployment handle over several in-process replicas, placed by the real router ranking."""
+
+    def __init__(self, servers: list[_Server]):
+        self.servers = servers
+        self.chosen: list[str] = []
+
+    def options(self, **_: Any) -> "ReplicaSet":
+        return self
+
+    @property
+    def generate(self) -> SimpleNamespace:
+        def remote(request: Any, placement: Any = None) -> InProcessStream:
+            candidates = [SimpleNamespace(routing_stats=s.record_routing_stats(), server=s) for s in self.servers]
+            ranks = rank_running_replicas(candidates, SimpleNamespace(kwargs={"placement": placement}, args=()))
+            server = ranks[0][0].server
+            self.chosen.append(server.replica_id)
+            return InProcessStream(server.generate(_over_the_wire(request), placement=placement))
+
+        return SimpleNamespace(remote=remote)
+
+
+class UpstreamFleet:
+    def __init__(self, config: WattlaneConfig):
+        self.config = config
+        self.replicas = ReplicaSet([replica(config, i) for i in range(len(config.models[0].endpoints))])
+        self.ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.sqlite3")
+
+        async def no_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
+            return None
+
+        self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, WattlaneMetrics(),
+                                     abandoned=no_abandoned)
+        self.serving = Serving(config, ModelSelection(config), self.accounting, {"up": self.replicas})
+
+    def engines(self) -> list[Any]:
+        return [s.engine for s in self.replicas.servers]
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.ledger.requests(limit=None)
+
+    async def aclose(self) -> None:
+        await self.serving.settled()
+        for s in self.replicas.servers:
+            await s.engine.close()
+        self.ledger.close()
