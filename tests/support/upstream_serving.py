@@ -65,12 +65,12 @@ class ReplicaSet:
 
     @property
     def generate(self) -> SimpleNamespace:
-        def remote(request: Any, placement: Any = None) -> InProcessStream:
+        def remote(request: Any, placement: Any = None, deltas: bool = True) -> InProcessStream:
             candidates = [SimpleNamespace(routing_stats=s.record_routing_stats(), server=s) for s in self.servers]
             ranks = rank_running_replicas(candidates, SimpleNamespace(kwargs={"placement": placement}, args=()))
             server = ranks[0][0].server
             self.chosen.append(server.replica_id)
-            return InProcessStream(server.generate(_over_the_wire(request), placement=placement))
+            return InProcessStream(server.generate(_over_the_wire(request), placement=placement, deltas=deltas))
 
         return SimpleNamespace(remote=remote)
 

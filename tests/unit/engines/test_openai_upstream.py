@@ -220,7 +220,7 @@ def test_a_request_that_fails_before_any_token_is_retried_on_the_other_endpoint(
     assert chosen[0] == "up#0" and chosen[1:] == ["up#1"] * 3
     assert "retried on another endpoint" in results[0].routing["reason"]
     energy = results[0].energy
-    assert energy["method"] == JPT_ESTIMATE_METHOD and energy["joules"] > 0
+    assert energy.method == JPT_ESTIMATE_METHOD and energy.joules > 0
     # reports call it an estimate, never a measurement
     assert [(m["energy_method"], m["method_kind"]) for m in methods] == [(JPT_ESTIMATE_METHOD, "estimated")]
     assert sorted(r["request_id"] for r in rows if r["status"] == "ok") == ["req-0", "req-1", "req-2"]
@@ -317,14 +317,15 @@ def test_a_retry_that_lands_on_the_endpoint_it_avoids_tries_again_and_reaches_th
         remote = fleet.replicas.generate.remote
         calls = []
 
-        def fifo_like(request, placement=None):  # the first two calls go to up#0 whatever the hint says
+        def fifo_like(request, placement=None, deltas=True):  # the first two calls go to up#0 whatever the hint says
             calls.append(placement)
             if len(calls) <= 2:
                 from tests.support.serving import InProcessStream, _over_the_wire
 
                 fleet.replicas.chosen.append("up#0")
-                return InProcessStream(servers[0].generate(_over_the_wire(request), placement=placement))
-            return remote(request, placement=placement)
+                return InProcessStream(servers[0].generate(_over_the_wire(request), placement=placement,
+                                                           deltas=deltas))
+            return remote(request, placement=placement, deltas=deltas)
 
         fleet.serving.handles["up"] = type("H", (), {"options": lambda self, **_: self,
                                                       "generate": type("G", (), {"remote": staticmethod(fifo_like)})()})()
