@@ -227,6 +227,8 @@ class ServerConfig(_Section):
     #: is read (None: no limit). Admission refuses what the models cannot start in time; this refuses
     #: what the gateway itself cannot even look at in time, cheaply, when it is flooded.
     max_inflight_requests: Annotated[int, Field(ge=1)] | None = None
+    #: replicas of the gateway deployment (Serve spreads requests over them; each writes the ledger)
+    gateway_replicas: Annotated[int, Field(ge=1)] = 1
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
 
 
@@ -332,19 +334,28 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
         raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=shown, fix="fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot be read: {exc}", file=shown, fix="check the path and permissions") from None
+    config = validate_config_mapping(data, source=str(file.resolve()), shown=shown)
+    if check_files:
+        for i, m in enumerate(config.models):
+            if m.weights is not None:
+                resolve_weights(m, config, key=f"models[{i}] (id {m.id}).weights", shown=shown, locate_only=True)
+    return config
+
+
+def validate_config_mapping(data: Any, source: str, shown: str | None = None) -> WattlaneConfig:
+    """Validate a config already parsed (a YAML file's content, or the args of a Serve config file).
+
+    source: the file it came from (relative paths in it resolve against its folder)."""
+    shown = shown or source
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping with at least 'models'", file=shown, fix="see configs/local.yaml for the shape")
     try:
         config = WattlaneConfig.model_validate(data)
     except ValidationError as exc:
         raise _error_from_validation(exc, shown, data) from None
-    config.source_path = str(file.resolve())
+    config.source_path = source
     _check_cross_references(config, shown)
     _check_carbon(config, shown)
-    if check_files:
-        for i, m in enumerate(config.models):
-            if m.weights is not None:
-                resolve_weights(m, config, key=f"models[{i}] (id {m.id}).weights", shown=shown, locate_only=True)
     return config
 
 

@@ -1,4 +1,5 @@
-"""`wattlane serve` (start or join Ray, deploy the gateway and the models) and `wattlane keys hash`."""
+"""`wattlane serve` (start or join Ray, deploy the gateway and the models), `wattlane deploy-config` (the
+same deployment as a Ray Serve config file for `serve deploy`) and `wattlane keys hash`."""
 
 from __future__ import annotations
 
@@ -154,6 +155,73 @@ def serve_cmd(
     out.print("stopped; device settings restored")
 
 
+SERVE_CONFIG_HEADER = """\
+# Ray Serve config for Wattlane, written by `wattlane deploy-config --config {source}`.
+# Deploy it to a running Ray cluster (Wattlane installed on every node, same version):
+#   serve deploy {out} --address http://<head node>:8265
+# The application builder starts one Wattlane node agent per Ray node, then the gateway and the models.
+# Ray nodes started with the resource wattlane_node_<name> (ray start --resources) are Wattlane node
+# <name>; the state directory must be writable on every node (a volume). Serve's HTTP proxy checks
+# X-Request-Id itself when the head node runs with
+#   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=scheduler.api.request_ids.serve_proxy_middlewares
+# (without it the gateway still does; the proxy's own log then shows its own ids).
+"""
+
+
+def serve_config(cfg: WattlaneConfig, state_dir: str, host: str, port: int, proxy_location: str) -> dict:
+    """The Ray Serve config (ServeDeploySchema) that deploys this Wattlane config with `serve deploy`."""
+    from scheduler.cluster.serve_app import APP_NAME
+
+    env = {"WATTLANE_STATE_DIR": state_dir, "RAY_USAGE_STATS_ENABLED": "0"}
+    return {
+        "proxy_location": proxy_location,
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "scheduler.cluster.serve_app:app_builder",
+            "runtime_env": {"env_vars": env},
+            "args": {"source": cfg.source_path, "state_dir": state_dir, "config": cfg.model_dump(mode="json")},
+        }],
+    }
+
+
+def deploy_config(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded local.yaml)")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here (default: standard output)")] = None,
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="state directory as the cluster's nodes see it (default: server.state_dir, else /var/lib/wattlane)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address Serve's HTTP proxy binds (default from config, else 0.0.0.0)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default from config, 8000)")] = None,
+    proxy_location: Annotated[str, typer.Option("--proxy-location", help="HeadOnly or EveryNode (Serve's HTTP proxies)")] = "HeadOnly",
+) -> None:
+    """Write a Ray Serve config file that `serve deploy` accepts: Wattlane on a Ray cluster you run."""
+    cfg = load_or_exit(config)
+    if proxy_location not in ("HeadOnly", "EveryNode"):
+        fail_config(ConfigError(f"unknown proxy location '{proxy_location}'", file="--proxy-location",
+                                fix="HeadOnly (one HTTP entry point on the head) or EveryNode"))
+    sdir = state_dir or os.environ.get("WATTLANE_STATE_DIR") or cfg.server.state_dir or "/var/lib/wattlane"
+    if not os.path.isabs(os.path.expanduser(sdir)):
+        fail_config(ConfigError(f"state directory '{sdir}' is relative", file="--state-dir",
+                                fix="give an absolute path that exists on every node (a shared or per-node volume)"))
+    listen_host = host or cfg.server.host or "0.0.0.0"
+    if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
+        err.print("[yellow]warning:[/] the gateway will listen on a non-loopback address without API keys")
+    data = serve_config(cfg, os.path.expanduser(sdir), listen_host, port or cfg.server.port, proxy_location)
+    import yaml
+
+    text = SERVE_CONFIG_HEADER.format(source=config or "<embedded local.yaml>", out=out_path or "serve.yaml")
+    text += yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out_path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot write {out_path}: {exc}")
+        raise typer.Exit(2)
+    err.print(f"wrote {out_path}; deploy with: serve deploy {out_path} --address http://<head>:8265")
+
+
 def keys_hash(key: Annotated[str, typer.Argument(help="the API key to hash for server.api_keys[].key_sha256")]) -> None:
     """Print the sha256 of an API key, for the config (keys are never stored in clear)."""
     from scheduler.api.auth import hash_key
@@ -175,6 +243,7 @@ def check_config(config: Annotated[Optional[Path], typer.Option("--config", "-c"
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     app.command("check-config")(check_config)
+    app.command("deploy-config")(deploy_config)
     keys = typer.Typer(help="API key helpers", no_args_is_help=True)
     keys.command("hash")(keys_hash)
     app.add_typer(keys, name="keys")

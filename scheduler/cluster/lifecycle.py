@@ -81,6 +81,12 @@ class Deployment:
             except Exception as exc:
                 log.warning("serve shutdown: %s", exc)
             self._serve_started = False
+        # and the agents the gateway started for nodes that joined later
+        known = {a._actor_id for a in self.agents}
+        for node in runtime.cluster_nodes():
+            agent = runtime.get_node_agent(node.name)
+            if agent is not None and agent._actor_id not in known:
+                self.agents.append(agent)
         stop_node_agents(self.agents)
         self.agents = []
         if self.owns_ray:

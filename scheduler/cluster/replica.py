@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_SECONDS = 0.1
 #: how often, at most, the replica pushes its stats to the node agent
 STATS_PUSH_INTERVAL_SECONDS = 0.1
+#: how long Serve's health probe waits for the node agent (it answers at once unless its node is gone)
+HEALTH_TIMEOUT_SECONDS = 5.0
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
@@ -66,10 +68,10 @@ class ModelServer:
         self.node = runtime.node_name()
         self.agent = runtime.get_node_agent()
         if self.model.engine == "simulated":
-            if self.agent is None:
-                raise RuntimeError("simulated models need the node agent that owns the simulated GPUs")
-            from scheduler.cluster.sim_host import AgentHostedEngine
+            from scheduler.cluster.sim_host import AgentHostedEngine, agent_for_simulated_replica
 
+            # the work runs where the simulated GPUs are: that node's agent hosts the engine and meters it
+            self.node, self.agent = agent_for_simulated_replica(self.model, self.config, rank)
             self.engine = AgentHostedEngine(self.agent, self.model.model_dump(mode="json"), rank)
             self.device_ids = self.engine.device_ids
         else:
@@ -126,6 +128,16 @@ class ModelServer:
         sample = energy.dynamic_joules / energy.work_tokens
         prev = self._joules_per_work_token
         self._joules_per_work_token = sample if prev is None else 0.8 * prev + 0.2 * sample
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose node agent is gone (its node left the cluster) can neither
+        meter its work nor, for a simulated engine, run it, so it reports unhealthy and Serve replaces it."""
+        if self.agent is None:
+            return
+        try:
+            await asyncio.wait_for(self.agent.ready.remote(), HEALTH_TIMEOUT_SECONDS)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            raise RuntimeError(f"node agent of {self.node} does not answer: {type(exc).__name__}") from None
 
     async def stats(self) -> dict[str, Any]:
         return self.record_routing_stats()

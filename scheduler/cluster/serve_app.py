@@ -60,41 +60,76 @@ def build_app(config: WattlaneConfig, state_dir: Path):
     gateway = serve.deployment(
         serve.ingress()(Gateway),
         name="gateway",
-        num_replicas=1,
+        num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0},
     )
     return gateway.bind(cfg, str(state_dir), handles)
 
 
-def start_node_agents(config: WattlaneConfig, state_dir: Path) -> list[Any]:
-    """One node agent per alive Ray node, pinned to it; returns their handles after they are ready."""
+def start_node_agents(config: WattlaneConfig, state_dir: Path, detached: bool = False) -> list[Any]:
+    """Get or create one node agent per alive Ray node, pinned to it; returns their handles once ready.
+
+    Idempotent: a node that already has its agent keeps it (get_if_exists makes two callers racing for one
+    node, such as two Serve app builds, end up with the same actor). detached: the agents outlive the
+    caller, as they must when the caller is Serve's application build task (`serve deploy`); otherwise
+    they end with the driver that started them. An agent whose process dies is restarted by Ray on its
+    node (max_restarts) and starts metering again from its devices' counters.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from scheduler.cluster.node_agent import NodeAgent
 
     cfg = config.model_dump(mode="json")
+    nodes = runtime.cluster_nodes()
+    owners = runtime.simulated_owners(config, nodes)
     agents = []
-    head = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        hostname = node.get("NodeManagerHostname") or node.get("NodeName")
-        existing = runtime.get_node_agent(hostname)
+    for node in nodes:
+        existing = runtime.get_node_agent(node.name)
         if existing is not None:
             agents.append(existing)
             continue
-        agent = NodeAgent.options(
-            name=runtime.agent_name(hostname),
+        options: dict[str, Any] = dict(
+            name=runtime.agent_name(node.name),
             namespace=runtime.NAMESPACE,
+            get_if_exists=True,
             num_cpus=0,
             max_concurrency=64,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False),
-        ).remote(cfg, str(state_dir), hostname, node["NodeID"] == head)
-        agents.append(agent)
+            max_restarts=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False),
+        )
+        if detached:
+            options["lifetime"] = "detached"
+        owned = sorted(d for d, owner in owners.items() if owner == node.name)
+        agents.append(NodeAgent.options(**options).remote(cfg, str(state_dir), node.name, owned, node.named))
     ray.get([a.ready.remote() for a in agents])
     return agents
+
+
+def app_builder(args: dict[str, Any]):
+    """Ray Serve application builder for `serve deploy` (the import_path `wattlane deploy-config` writes).
+
+    args: {"config": <a Wattlane config as a mapping>, "state_dir": <path on every node>}. Serve runs it in
+    the cluster: it validates the config, makes sure every node has its agent, checks the configured
+    devices exist there, and returns the same application `wattlane serve` runs.
+    """
+    from scheduler.config import ConfigError, check_devices_present, validate_config_mapping
+
+    if not isinstance(args, dict) or "config" not in args:
+        raise ValueError("the Wattlane application needs args.config (write the file with `wattlane deploy-config`)")
+    config = validate_config_mapping(args["config"], source=str(args.get("source") or "serve config args.config"))
+    state_dir = Path(args.get("state_dir") or config.server.state_dir or "/tmp/wattlane")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    agents = start_node_agents(config, state_dir, detached=True)
+    found = ray.get([a.ready.remote() for a in agents])
+    try:
+        check_devices_present(config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return build_app(config, state_dir)
 
 
 def stop_node_agents(agents: list[Any], timeout_s: float = 15.0) -> None:
