@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -135,7 +136,7 @@ class NodeAgent:
         self.attributor.on_interval(interval.device_id, interval.t0_s, interval.t1_s, interval.energy_joules)
 
     async def ready(self) -> dict[str, Any]:
-        return {"node": self.node, "devices": list(self.devices)}
+        return {"node": self.node, "devices": list(self.devices), "pid": os.getpid(), "started_s": self._started_s}
 
     # --- request accounting (called by replicas) ---------------------------------------------
     # A request on a multi-GPU replica (tensor parallel) is tracked once per device under

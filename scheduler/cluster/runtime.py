@@ -27,7 +27,7 @@ AGENT_NAME_PREFIX = "wattlane-node-agent:"
 #: nodes may share one host. A node without it is named after its host.
 NODE_RESOURCE_PREFIX = "wattlane_node_"
 #: the resource Ray gives the head node alone
-_HEAD_RESOURCE = "node:__internal_head__"
+HEAD_RESOURCE = "node:__internal_head__"
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def node_from_ray(info: dict[str, Any]) -> ClusterNode:
                       if k.startswith(NODE_RESOURCE_PREFIX) and len(k) > len(NODE_RESOURCE_PREFIX))
     host = info.get("NodeManagerHostname") or info.get("NodeName") or socket.gethostname()
     return ClusterNode(node_id=info["NodeID"], name=declared[0] if declared else host,
-                       is_head=_HEAD_RESOURCE in resources or bool(info.get("is_head_node")), named=bool(declared))
+                       is_head=HEAD_RESOURCE in resources or bool(info.get("is_head_node")), named=bool(declared))
 
 
 def cluster_nodes() -> list[ClusterNode]:

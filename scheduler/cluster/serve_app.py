@@ -48,7 +48,8 @@ def build_app(config: WattlaneConfig, state_dir: Path):
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
             ray_actor_options={"num_cpus": replica_num_cpus(m)},
-            health_check_period_s=10,
+            # a replica whose node agent went with its node fails this probe (check_health) and is replaced
+            health_check_period_s=3,
             graceful_shutdown_timeout_s=5,
             # replica choice by predicted energy within the SLO, from the stats replicas publish
             request_router_config=RequestRouterConfig(
@@ -62,7 +63,10 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         name="gateway",
         num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
+        # every gateway replica on the head node: they write one ledger file there, each row once (the
+        # replica that served the request writes it), and SQLite's locking (WAL, busy_timeout) keeps
+        # several writer processes on one host safe; it does not across hosts (a network filesystem)
+        ray_actor_options={"num_cpus": 0, "resources": {runtime.HEAD_RESOURCE: 0.001}},
     )
     return gateway.bind(cfg, str(state_dir), handles)
 

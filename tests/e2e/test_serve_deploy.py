@@ -1,12 +1,15 @@
 """`wattlane deploy-config` writes a Ray Serve config that `serve deploy` puts on a running Ray cluster,
-whose application builder starts the node agents itself; the deployment answers with energy."""
+whose application builder starts the node agents itself; the deployment answers with energy, and its two
+gateway replicas write each request's ledger row once."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from openai import OpenAI
@@ -27,6 +30,8 @@ def small_sim_config(state_dir: Path, port: int) -> dict:
     cfg["models"] = [small]
     cfg["devices"]["simulated"] = cfg["devices"]["simulated"][:1]
     cfg["server"].update(port=port, host="127.0.0.1", state_dir=str(state_dir))
+    # two gateway replicas: each request's ledger row is written once, by the replica that served it
+    cfg["server"]["gateway_replicas"] = 2
     return cfg
 
 
@@ -59,8 +64,13 @@ def test_serve_deploy_of_the_generated_config_serves_with_energy(tmp_path):
         devices = client.get("/devices", cast_to=object)
         assert [d["device_id"] for d in devices["data"]] == ["sim-h100-0"]
         assert (state / "ledger.sqlite3").exists()
-        rows = client.get("/energy/requests", cast_to=object)
-        assert [r["request_id"] for r in rows["data"]] == [resp.id]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            more = list(pool.map(lambda i: client.chat.completions.create(
+                model="llama-3.1-8b", max_tokens=4, messages=[{"role": "user", "content": f"Number {i}"}]), range(8)))
+        rows = httpx.get(f"http://127.0.0.1:{port}/v1/energy/requests", params={"limit": 100}, timeout=30).json()["data"]
+        assert sorted(r["request_id"] for r in rows) == sorted([resp.id] + [m.id for m in more])
+        assert sum(r["joules"] for r in rows) == pytest.approx(
+            sum(x.usage.model_extra["energy"]["joules"] for x in [resp, *more]))
         # a second deploy (a config change, or the same file again) keeps the one agent per node
         cluster.serve("deploy", str(serve_file))
         cluster.wait_app_running()

@@ -35,6 +35,8 @@ class LocalRayCluster:
         env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
                    # workers import this checkout (ray start's processes pass their environment on)
                    PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+        # as README's cluster section says: Serve's HTTP proxy applies Wattlane's X-Request-Id check (one header)
+        env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "scheduler.api.request_ids.serve_proxy_middlewares"
         if fast_node_death:
             # Ray's own knobs: the GCS declares a node dead after 3 missed 1 s health checks (default 5 x 3 s)
             env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3",
@@ -103,6 +105,19 @@ class LocalRayCluster:
                 assert status.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), last
             time.sleep(2)
         raise AssertionError(f"application {app} not running after {timeout_s:.0f} s:\n{last}")
+
+    def driver(self, code: str, timeout: float = 120) -> object:
+        """Run `code` in a fresh driver connected to this cluster (namespace wattlane); it sets `result`,
+        returned here through JSON. A subprocess, so this test process never joins the cluster."""
+        script = ("import json, ray\n"
+                  f"ray.init(address={self.address!r}, namespace='wattlane', log_to_driver=False)\n"
+                  "from scheduler.cluster import runtime\n"
+                  + code + "\nprint('RESULT=' + json.dumps(result))\n")
+        proc = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT=")][-1]
+        return json.loads(line[len("RESULT="):])
 
     def stop(self) -> None:
         """End only this cluster's processes (found by its temp dir)."""

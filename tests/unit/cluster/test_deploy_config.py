@@ -49,3 +49,16 @@ def test_builder_refuses_args_without_a_config():
 
     with pytest.raises(ValueError, match="deploy-config"):
         app_builder({"state_dir": "/tmp/x"})
+
+
+def test_kuberay_example_carries_a_serve_config_and_a_wattlane_config_that_validate():
+    from scheduler.config import validate_config_mapping
+
+    manifest = yaml.safe_load((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+    (application,) = serve_config.applications
+    assert application.import_path == "scheduler.cluster.serve_app:app_builder"
+    validate_config_mapping(application.args["config"], source=application.args["source"])
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert all("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
