@@ -198,6 +198,10 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
         [(round(t - killed_s, 1), r.status_code, r.text[:200]) for t, r in late if r.status_code != 200
          or r.json()["routing"]["node"] == "c"]
     assert any(b["routing"]["node"] == "c" for t, b in ok if t < killed_s), "c took no traffic before"
+    touched_c = [t - killed_s for t, r in outcomes
+                 if t >= killed_s and (r.status_code != 200 or r.json()["routing"]["node"] == "c")]
+    print(f"node loss: {len(outcomes)} requests, {len(failed)} in the error envelope; the last one that started "
+          f"after the kill and failed or went to c started {max(touched_c, default=0):.1f} s after it")
     # every answered request, ok or not, has its ledger row
     ids = {r.headers["x-request-id"] for _, r in outcomes}
     assert all("," not in i for i in ids), ids  # one id per response
@@ -218,7 +222,8 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
         assert time.time() < deadline, "node c's device did not come back"
         time.sleep(2)
     assert devices[GPU_OF["c"]]["power_limit_watts"] == devices[GPU_OF["c"]]["default_power_limit_watts"]
-    audit = httpx.get(url + "/v1/power/audit", params={"device": GPU_OF["c"]}, timeout=30).json()["data"]
+    audit = httpx.get(url + "/v1/power/audit", params={"device": GPU_OF["c"], "node": "c"},
+                      timeout=30).json()["data"]
     assert any(a["action"] == "restore" for a in audit), audit
     deadline = time.time() + 240
     while True:
