@@ -107,6 +107,7 @@ class ApiError(Exception):
 _REPLICA_ERRORS = {
     "context_length": (400, "context_length_exceeded"),
     "engine": (503, "engine_error"),
+    "unavailable": (503, "engine_unavailable"),
 }
 
 

@@ -33,6 +33,9 @@ from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
+#: how many times a request goes back to its model after a replica answered "unavailable"
+UNAVAILABLE_RETRIES = 2
+
 ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
 
 
@@ -208,22 +211,35 @@ class Serving:
         """Route and start the generation; raises ApiError before any byte is sent.
 
         A replica that fails or times out before its first event is retried once on the next
-        candidate model of the routing decision; if that fails too, 503 with the reason.
+        candidate model of the routing decision; if that fails too, 503 with the reason. A replica
+        that answers "unavailable" (its node left; it generated nothing) is also retried on its own
+        model, whose other replicas can take the request.
         """
         routed = routed or self.select(job)
         attempts = [routed.model] + routed.fallback_models[:1]
         failures: list[str] = []
-        for i, model in enumerate(attempts):
+        unavailable_retries = 0
+        i = 0
+        while i < len(attempts):
+            model = attempts[i]
+            i += 1
             try:
                 events, start, first = await self._start(job, model, routed)
+                if isinstance(first, ReplicaError) and first.kind is ReplicaErrorKind.UNAVAILABLE:
+                    if unavailable_retries < UNAVAILABLE_RETRIES:
+                        unavailable_retries += 1
+                        attempts.insert(i, model)
+                    raise _ReplicaFailure(first.message)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
-                            "; retrying on " + attempts[i + 1] if i + 1 < len(attempts) else "")
+                            "; retrying on " + attempts[i] if i < len(attempts) else "")
                 continue
             if model != routed.model:
                 routed.reason += f"; retried on {model} after {routed.model} failed"
                 routed.model = model
+            elif failures:
+                routed.reason += f"; retried after {failures[-1]}"
             session = StreamSession(self, job, routed, events, start, first)
             if isinstance(first, ReplicaError):
                 session._seen(first)

@@ -19,6 +19,7 @@ from scheduler.engines.base import (
     Engine,
     EngineError,
     EngineEvent,
+    EngineUnavailable,
     GenerationRequest,
     ModelKind,
     ReplicaStats,
@@ -87,9 +88,16 @@ class AgentHostedEngine(Engine):
 
         gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, request, self.spec)
         finished = False
+        produced = False
         try:
             async for ref in gen:
-                item = await ref
+                try:
+                    item = await ref
+                except ray.exceptions.RayActorError as exc:
+                    if produced:
+                        raise
+                    raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
+                produced = True
                 if isinstance(item, SimEngineFailure):
                     finished = True
                     if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:

@@ -30,6 +30,10 @@ class EngineError(Exception):
     """A failure inside the engine that is not the caller's fault (maps to 503 / retry)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take work now (the process that hosts it, or its node, is gone); nothing was generated."""
+
+
 class ContextLengthError(ValueError):
     """The prompt plus max_tokens does not fit the model's context (maps to 400)."""
 

@@ -150,7 +150,9 @@ def test_killed_node_agent_is_restarted_and_meters_from_zero_again(cluster):
             else:
                 assert r.json()["error"]["message"]
         assert time.time() < deadline, "no request reached node b after its agent restarted"
-    time.sleep(1.0)
+    # the counter also holds the joules between the GPU's creation and the meter's first sample (a few
+    # joules while the restarted agent starts up): a longer window keeps that fixed amount well under 1%
+    time.sleep(8.0)
     books = node_books(cluster, ["b"])
     # the restarted agent's books start at its start: what it charged since, plus its pool, is its counter
     # (anything charged twice, or carried over from before the kill, would break the equality)
@@ -202,8 +204,10 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
                  if t >= killed_s and (r.status_code != 200 or r.json()["routing"]["node"] == "c")]
     print(f"node loss: {len(outcomes)} requests, {len(failed)} in the error envelope; the last one that started "
           f"after the kill and failed or went to c started {max(touched_c, default=0):.1f} s after it")
-    # every answered request, ok or not, has its ledger row
-    ids = {r.headers["x-request-id"] for _, r in outcomes}
+    # every request that reached a replica has its ledger row, failed or not (a no_capacity 503 says no
+    # replica could take it: the gateway tried its model's other replicas first)
+    ids = {r.headers["x-request-id"] for _, r in outcomes
+           if r.status_code == 200 or r.json()["error"]["code"] != "no_capacity"}
     assert all("," not in i for i in ids), ids  # one id per response
     rows = httpx.get(url + "/v1/energy/requests", params={"limit": 1000}, timeout=30).json()["data"]
     assert ids <= {row["request_id"] for row in rows}

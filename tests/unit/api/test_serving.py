@@ -117,6 +117,30 @@ def test_a_replica_that_fails_before_its_first_event_is_retried_on_the_next_cand
     assert [(r["model"], r["status"]) for r in rows] == [(LARGE, "ok")]
 
 
+def test_a_replica_whose_node_left_is_retried_on_its_own_model_before_anything_is_sent():
+    from scheduler.engines.base import EngineUnavailable
+
+    async def check(fleet: Fleet):
+        server = fleet.handles[SMALL].server
+        real, calls = server.engine.generate, []
+
+        async def generate(request):  # the first call finds the node agent gone, as on a lost node
+            calls.append(1)
+            if len(calls) == 1:
+                raise EngineUnavailable("the node agent hosting it is gone (ActorDiedError)")
+            async for ev in real(request):
+                yield ev
+
+        server.engine.generate = generate
+        result = await fleet.serving.run(job(model=SMALL))
+        return result, len(calls), fleet.rows()
+
+    result, calls, rows = run(check)
+    assert calls == 2 and result.model == SMALL and result.finish_reason == "length"
+    assert "retried after" in result.routing["reason"] and "unavailable" in result.routing["reason"]
+    assert [(r["model"], r["status"]) for r in rows] == [(SMALL, "ok")]
+
+
 def test_when_every_candidate_fails_the_answer_is_503_no_capacity_with_retry_after():
     async def check(fleet: Fleet):
         fleet.serving.handles[SMALL] = DeadHandle()
