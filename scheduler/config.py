@@ -56,6 +56,21 @@ class WeightsSource(_Section):
         return self
 
 
+class ModelAutoscaling(_Section):
+    """Serve's replica autoscaling for one model, between min_replicas and the model's `replicas`.
+
+    Scale-out when replicas hold more than target_ongoing_requests each for upscale_delay_seconds;
+    scale-in when they hold fewer for downscale_delay_seconds (the gap between the two delays is the
+    hysteresis). A freed GPU idles, and a `parking` power group over the model's devices parks it."""
+
+    min_replicas: Annotated[int, Field(ge=1)] = 1
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    upscale_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
+    downscale_delay_seconds: Annotated[float, Field(ge=0)] = 60.0
+    #: the window Serve averages the ongoing requests over
+    look_back_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
@@ -69,7 +84,9 @@ class ModelConfig(_Section):
     size_rank: int | None = None
     #: the device ids this model's replicas run on; each id must be a configured/discovered device
     devices: list[str] = Field(default_factory=lambda: ["cpu0"])
+    #: replicas (with autoscaling: the most it scales out to; devices are listed for that many)
     replicas: Annotated[int, Field(ge=1)] = 1
+    autoscaling: ModelAutoscaling | None = None
     #: concurrent requests one replica accepts before Serve queues them
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 4
     #: requests queued for the model beyond that; more are refused with 503 and Retry-After
@@ -86,6 +103,9 @@ class ModelConfig(_Section):
     def _engine_needs(self) -> "ModelConfig":
         if self.engine == "llamacpp" and self.weights is None:
             raise ValueError("engine 'llamacpp' needs 'weights' (path, package+file or assemble_package)")
+        if self.autoscaling is not None and self.autoscaling.min_replicas > self.replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.autoscaling.min_replicas}) is more than replicas "
+                             f"({self.replicas}), the most it scales out to")
         return self
 
 

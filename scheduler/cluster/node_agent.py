@@ -159,6 +159,10 @@ class NodeAgent:
                 log.warning("start_request: %s", exc)
             self.power.work_arrived(d)
 
+    def replica_gone(self, replica_id: str) -> None:
+        """A replica stopped (scaled in, redeployed): its last stats must not stay in the routing view."""
+        self._replica_stats.pop(replica_id, None)
+
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
         self._replica_stats[replica_id] = stats
         self.power.report_replica_stats(replica_id, stats)

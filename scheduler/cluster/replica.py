@@ -34,6 +34,7 @@ from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
     ContextLengthError,
     EngineError,
+    EngineUnavailable,
     GenerationRequest,
     ModelKind,
 )
@@ -194,6 +195,9 @@ class ModelServer:
         except ContextLengthError as exc:
             yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
+        except EngineUnavailable as exc:
+            yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
+                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}")
         except EngineError as exc:
             yield await self._error_event(rid, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}")
@@ -228,5 +232,10 @@ class ModelServer:
                                       completion_tokens, energy)
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
+        if self.agent is not None:
+            try:
+                await asyncio.wait_for(self.agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
+            except Exception as exc:  # its node agent is gone too: nothing of this replica is left there
+                log.info("replica %s: node agent not told of the stop: %s", self.replica_id, type(exc).__name__)
         await self.engine.close()
 

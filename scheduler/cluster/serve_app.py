@@ -30,6 +30,22 @@ def replica_num_cpus(model: ModelConfig) -> float:
     return 0.05
 
 
+def replica_count_options(model: ModelConfig) -> dict[str, Any]:
+    """A fixed replica count, or Serve's autoscaling between autoscaling.min_replicas and replicas."""
+    a = model.autoscaling
+    if a is None:
+        return {"num_replicas": model.replicas}
+    return {"autoscaling_config": {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": a.min_replicas,
+        "max_replicas": model.replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_seconds,
+        "downscale_delay_s": a.downscale_delay_seconds,
+        "look_back_period_s": a.look_back_seconds,
+    }}
+
+
 def build_app(config: WattlaneConfig, state_dir: Path):
     """The Serve application: gateway ingress bound to one deployment per model."""
     from ray import serve
@@ -44,7 +60,7 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         dep = serve.deployment(
             ModelServer,
             name=deployment_name(m.id),
-            num_replicas=m.replicas,
+            **replica_count_options(m),
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
             ray_actor_options={"num_cpus": replica_num_cpus(m)},

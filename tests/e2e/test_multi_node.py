@@ -20,7 +20,7 @@ import yaml
 from tests.support.ray_cluster import LocalRayCluster
 from tests.support.server import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # Ray clusters start slowly on 2 busy cores
 
 REPO = Path(__file__).resolve().parents[2]
 NODES = ["a", "b", "c"]

@@ -62,3 +62,24 @@ def test_kuberay_example_carries_a_serve_config_and_a_wattlane_config_that_valid
     validate_config_mapping(application.args["config"], source=application.args["source"])
     workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert all("nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in workers)
+
+
+def test_autoscaling_becomes_serves_autoscaling_config_up_to_replicas():
+    import pytest
+
+    from scheduler.cluster.serve_app import replica_count_options
+    from scheduler.config import ModelConfig
+
+    fixed = ModelConfig.model_validate({"id": "m", "kind": "chat", "engine": "simulated", "replicas": 2})
+    assert replica_count_options(fixed) == {"num_replicas": 2}
+    scaled = ModelConfig.model_validate({"id": "m", "kind": "chat", "engine": "simulated", "replicas": 4,
+                                         "autoscaling": {"min_replicas": 1, "downscale_delay_seconds": 90}})
+    auto = replica_count_options(scaled)["autoscaling_config"]
+    assert (auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == (1, 1, 4)
+    assert auto["downscale_delay_s"] == 90
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**auto)  # Serve accepts it
+    with pytest.raises(ValueError, match="min_replicas"):
+        ModelConfig.model_validate({"id": "m", "kind": "chat", "engine": "simulated", "replicas": 1,
+                                    "autoscaling": {"min_replicas": 2}})
