@@ -29,6 +29,7 @@ _COMMAND_MODULES = [
     "scheduler.power.commands",
     "scheduler.sim.commands",
     "scheduler.routing.commands",
+    "scheduler.energy.commands",
 ]
 
 

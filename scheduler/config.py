@@ -209,6 +209,8 @@ class ApiKeyConfig(_Section):
     #: sha256 hex of the key; generate with `wattlane keys hash`
     key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     role: Literal["client", "reader", "operator"] = "client"
+    #: the team the key belongs to: the ledger, summaries and reports group by it
+    team: str | None = None
     #: per-key request defaults (min_quality, slo, priority, max_energy_joules)
     defaults: dict[str, Any] = Field(default_factory=dict)
 
@@ -252,6 +254,25 @@ class ServerConfig(_Section):
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
 
 
+# --- telemetry -----------------------------------------------------------------------------------
+
+
+class TelemetryConfig(_Section):
+    """OpenTelemetry traces of each request (GenAI conventions + energy and carbon); needs wattlane[otel]."""
+
+    #: OTLP/HTTP collector base URL (traces go to <url>/v1/traces; a URL already ending in /v1/traces is
+    #: used as given), e.g. http://127.0.0.1:4318. None: no traces, and no OpenTelemetry import at all.
+    otlp_endpoint: Annotated[str, Field(pattern=r"^https?://[^\s]+$")] | None = None
+    #: extra HTTP headers on every export (e.g. an authorization header the collector wants)
+    otlp_headers: dict[str, str] = Field(default_factory=dict)
+    #: give up on one export batch after this long (the spans of that batch are dropped, never the request)
+    otlp_timeout_seconds: Annotated[float, Field(gt=0, le=60)] = 10.0
+    #: the resource's service.name
+    service_name: Annotated[str, Field(min_length=1)] = "wattlane"
+    #: share of requests traced (a trace-id ratio sampler); 1.0 traces every request
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+
 class RayConfig(_Section):
     #: None: start a local Ray instance; "auto" or "ray://host:port": join an existing cluster
     address: str | None = None
@@ -267,6 +288,7 @@ class WattlaneConfig(_Section):
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     #: set by load_config: the file this came from, for error messages and relative paths
     source_path: str | None = Field(default=None, exclude=True)
@@ -376,6 +398,7 @@ def validate_config_mapping(data: Any, source: str, shown: str | None = None) ->
     config.source_path = source
     _check_cross_references(config, shown)
     _check_carbon(config, shown)
+    _check_telemetry(config, shown)
     return config
 
 
@@ -516,6 +539,22 @@ def check_devices_present(config: WattlaneConfig, present: set[str], where: str)
             file=config.source_path or "config", key=key,
             fix="name a GPU that exists (gpu0 is the first visible one; CUDA_VISIBLE_DEVICES renumbers them) or serve on the machine that has it",
         )
+
+
+def _check_telemetry(config: WattlaneConfig, shown: str) -> None:
+    """Traces configured but the [otel] extra missing: say so at start-up, not at the first request."""
+    import importlib.util
+
+    if not config.telemetry.otlp_endpoint:
+        return
+    try:
+        found = importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        found = False
+    if not found:
+        raise ConfigError("telemetry.otlp_endpoint is set but the OpenTelemetry packages are not installed",
+                          file=shown, key="telemetry.otlp_endpoint",
+                          fix="pip install 'wattlane[otel]', or remove telemetry.otlp_endpoint")
 
 
 def _check_carbon(config: WattlaneConfig, shown: str) -> None:

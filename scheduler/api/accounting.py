@@ -14,11 +14,13 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from scheduler.cluster.messages import AbandonedWork, EnergyReport
+from scheduler.energy.baseline import SavingsBaseline
 from scheduler.energy.ledger import Ledger, LedgerRow
 from scheduler.energy.metrics import WattlaneMetrics
 
 if TYPE_CHECKING:
     from scheduler.api.serving import InferenceResult, Job
+    from scheduler.telemetry.otel import RequestTracer
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +32,16 @@ AbandonedLookup = Callable[[str, str, float], Awaitable["AbandonedWork | None"]]
 
 
 class Accounting:
-    def __init__(self, carbon: Any, ledger: Ledger, metrics: WattlaneMetrics, abandoned: AbandonedLookup | None = None):
+    def __init__(self, carbon: Any, ledger: Ledger, metrics: WattlaneMetrics, abandoned: AbandonedLookup | None = None,
+                 *, baseline: SavingsBaseline | None = None, tracer: "RequestTracer | None" = None):
         self.carbon = carbon
         self.ledger = ledger
         self.metrics = metrics
         self._abandoned = abandoned
+        #: estimates each row's baseline_joules (None: rows carry no savings figure)
+        self.baseline = baseline
+        #: OpenTelemetry spans (scheduler/telemetry/otel.py); None when telemetry is off
+        self.tracer = tracer
 
     async def record(self, job: "Job", result: "InferenceResult", status: str,
                      energy: EnergyReport | None) -> "InferenceResult":
@@ -44,7 +51,14 @@ class Accounting:
             result = replace(result, carbon=footprint.as_usage())
         e = result.energy or {}
         c = result.carbon or {}
-        await self.ledger.arecord(LedgerRow(
+        base = None
+        if self.baseline is not None:
+            base = self.baseline.estimate(
+                served_model=result.model, request_kind=job.request.kind.value, prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens, joules=e.get("joules"),
+                cascade_repeat=job.cascade_of is not None)
+            self.baseline.observe(result.model, result.prompt_tokens, result.completion_tokens, e.get("joules"))
+        row = LedgerRow(
             request_id=result.request_id,
             time_unix_s=time.time(),
             model=result.model,
@@ -52,6 +66,7 @@ class Accounting:
             node=str(result.routing.get("node") or ""),
             status=status,
             api_key_id=job.api_key_id,
+            team=job.team,
             prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens,
             ttft_seconds=result.ttft_seconds,
@@ -70,13 +85,20 @@ class Accounting:
             power_limit_watts=energy.power_limit_watts if energy is not None else None,
             routing_reason=result.routing.get("reason"),
             priority=job.controls.get("priority"),
-        ))
+            baseline_model=base.model if base else None,
+            baseline_joules=base.joules if base else None,
+            baseline_method=base.method if base else None,
+        )
+        await self.ledger.arecord(row)
         self.metrics.observe_request(
             model=result.model, status=status, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,
             tpot_seconds=result.tpot_seconds, joules=e.get("joules"), dynamic_joules=e.get("dynamic_joules"),
             idle_joules=e.get("idle_joules"), gco2e=c.get("gco2e"),
+            api_key=job.api_key_id, team=job.team, baseline_joules=row.baseline_joules,
         )
+        if self.tracer is not None:
+            self.tracer.request_ended(job, result, row)
         return result
 
     async def abandoned_work(self, node: str | None, request_id: str) -> AbandonedWork | None:

@@ -29,6 +29,7 @@ class Principal:
     key_id: str
     role: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    team: str | None = None
 
 
 ANONYMOUS = Principal(key_id="anonymous", role="operator")
@@ -55,7 +56,7 @@ class KeyStore:
         digest = hash_key(authorization[7:].strip())
         for known, cfg in self._by_hash.items():
             if hmac.compare_digest(known, digest):
-                return Principal(key_id=cfg.id, role=cfg.role, defaults=dict(cfg.defaults))
+                return Principal(key_id=cfg.id, role=cfg.role, defaults=dict(cfg.defaults), team=cfg.team)
         raise ApiError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 

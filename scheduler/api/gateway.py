@@ -19,6 +19,7 @@ from scheduler.api.model_selection import ModelSelection
 from scheduler.api.serving import Serving
 from scheduler.cluster import runtime
 from scheduler.config import WattlaneConfig
+from scheduler.energy.baseline import SavingsBaseline
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,17 @@ class Gateway:
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
         self._power_seen: dict[tuple[str, str], int] = {}
+        self.tracer = None
+        if self.config.telemetry.otlp_endpoint:
+            from scheduler.telemetry.otel import tracer_from_config
+
+            self.tracer = tracer_from_config(self.config.telemetry, server_port=self.config.server.port)
         self.serving = Serving(
             self.config, ModelSelection(self.config),
-            Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned),
+            Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned,
+                       baseline=SavingsBaseline(self.config.models, self.replicas_by_model,
+                                                 prefill_token_weight=self.config.energy.prefill_token_weight),
+                       tracer=self.tracer),
             model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
 
     def __serve_build_asgi_app__(self):
@@ -168,6 +177,8 @@ class Gateway:
         except asyncio.TimeoutError:
             log.warning("shutting down before every abandoned request was recorded")
         self.ledger.close()
+        if self.tracer is not None:  # send the last spans
+            await asyncio.to_thread(self.tracer.shutdown)
         close = getattr(self.carbon, "close", None)
         if close is not None:
             close()

@@ -117,12 +117,13 @@ class EnergyRequestList(BaseModel):
 
 
 class _Grouped(BaseModel):
-    """The group's key is named after group_by: exactly one of model, device, api_key, hour is present."""
+    """The group's key is named after group_by: exactly one of model, device, api_key, team, hour is present."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     device: str | None = None
     api_key: str | None = None
+    team: str | None = None
     hour: str | None = None
 
 
@@ -137,11 +138,17 @@ class SummaryRow(_Grouped):
     completion_tokens: int
     tokens_per_joule: float | None
     completion_tokens_per_joule: float | None
+    requests_with_baseline: int = Field(description="requests with both joules and a baseline estimate")
+    baseline_joules: float = Field(description="what those requests would have cost under the savings baseline "
+                                               "(an estimate; each row's baseline_method says how)")
+    saved_joules: float = Field(description="baseline_joules minus the same requests' joules (negative: a loss)")
+    saved_gco2e: float = Field(description="the saving's carbon, at each request's own intensity and PUE")
+    saved_fraction: float | None = Field(description="saved_joules / baseline_joules")
 
 
 class SummaryList(BaseModel):
     object: Literal["list"]
-    group_by: Literal["model", "device", "api_key", "hour"]
+    group_by: Literal["model", "device", "api_key", "team", "hour"]
     data: list[SummaryRow]
 
 
@@ -158,7 +165,7 @@ class MethodRow(_Grouped):
 
 class MethodList(BaseModel):
     object: Literal["list"]
-    group_by: Literal["model", "device", "api_key", "hour"]
+    group_by: Literal["model", "device", "api_key", "team", "hour"]
     data: list[MethodRow]
 
 

@@ -49,6 +49,10 @@ class Job:
     #: what the replica gets: chat messages or a completion prompt, and the sampling parameters
     request: GenerationRequest
     api_key_id: str
+    #: the API key's team (None: the key has none)
+    team: str | None = None
+    #: a cascade's second attempt: the request id of the first (its baseline already counts the request)
+    cascade_of: str | None = None
     #: the request's own controls (min_quality, slo, priority, max_energy_joules), as sent
     controls: dict[str, Any] = field(default_factory=dict)
     #: the API key's defaults for the same controls
@@ -312,7 +316,8 @@ class Serving:
             return first
         second_id = f"{job.request_id}-cascade"
         second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
-                         api_key_id=job.api_key_id, controls=job.controls, key_defaults=job.key_defaults)
+                         api_key_id=job.api_key_id, team=job.team, cascade_of=job.request_id,
+                         controls=job.controls, key_defaults=job.key_defaults)
         second = await self.run(second_job)
         second.request_id = job.request_id
         second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "

@@ -1,5 +1,5 @@
-"""`wattlane serve` (start or join Ray, deploy the gateway and the models), `wattlane deploy-config` (the
-same deployment as a Ray Serve config file for `serve deploy`) and `wattlane keys hash`."""
+"""`wattlane serve` (start or join Ray, deploy the gateway and models), `wattlane deploy-config` (the same
+deployment as a Ray Serve config file for `serve deploy`), `wattlane agent`, `wattlane keys hash`."""
 
 from __future__ import annotations
 
@@ -222,6 +222,94 @@ def deploy_config(
     err.print(f"wrote {out_path}; deploy with: serve deploy {out_path} --address http://<head>:8265")
 
 
+def _this_ray_node() -> tuple[str, str, bool]:
+    """(Ray node id, Wattlane node name, whether the name is declared) of the node this driver runs on.
+
+    The name is the node's wattlane_node_<name> resource, else its hostname (runtime.node_from_ray)."""
+    import ray
+
+    from scheduler.cluster import runtime
+
+    node = runtime.this_node()
+    if node is None:
+        return ray.get_runtime_context().get_node_id(), socket.gethostname(), False
+    return node.node_id, node.name, node.named
+
+
+def agent_cmd(
+    address: Annotated[str, typer.Option(help="the Ray cluster this host is a node of: 'auto' or the head's 'host:port'")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded local.yaml)")] = None,
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="where the agent keeps device settings to restore (env WATTLANE_STATE_DIR)")] = None,
+) -> None:
+    """Run this host's node agent (devices, meter, governor) in a Ray cluster; Ctrl-C stops it, restoring devices.
+
+    For a GPU host whose gateway runs elsewhere: make the host a node of the cluster
+    (`ray start --address=<head>`), then run this. The agent is a named, detached actor pinned to
+    this node, so a `wattlane serve --address` anywhere in the cluster finds it and uses it, and
+    stopping that gateway leaves it running.
+    """
+    cfg = load_or_exit(config)
+    sdir = resolve_state_dir(cfg, state_dir)
+    try:
+        sdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot use state directory {sdir}: {exc}")
+        raise typer.Exit(2)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    import ray
+
+    from scheduler.cluster import runtime
+    from scheduler.cluster.serve_app import start_node_agent, stop_node_agents
+
+    try:
+        runtime.start_ray(sdir, address, num_cpus=None, include_dashboard=False)
+    except Exception as exc:
+        err.print(f"[bold red]error:[/] cannot join the Ray cluster at {address}: {exc}\n"
+                  f"  fix: make this host a node of that cluster first (`ray start --address=<head address>`), "
+                  "then run this command on it", soft_wrap=True)
+        raise typer.Exit(2)
+    agent = None
+    try:
+        node_id, hostname, named = _this_ray_node()
+        if runtime.get_node_agent(hostname) is not None:
+            err.print(f"[bold red]error:[/] a node agent already runs on {hostname} "
+                      f"({runtime.NAMESPACE}/{runtime.agent_name(hostname)}): stop it (Ctrl-C in its `wattlane agent`, "
+                      "or stop the `wattlane serve` on this host) before starting another")
+            raise typer.Exit(1)
+        # a named node's simulated GPUs live on it (runtime.simulated_owners); a host named by its hostname has none
+        owned = sorted(d for d, owner in runtime.simulated_owners(cfg, runtime.cluster_nodes()).items()
+                       if owner == hostname) if named else False
+        agent = start_node_agent(cfg, sdir, node_id, hostname, owns_simulated=owned, detached=True,
+                                 own_state_dir=named)
+        found = ray.get(agent.ready.remote(), timeout=300)
+        devices = ", ".join(found["devices"]) or "none"
+        out.print(f"[bold green]Wattlane node agent running[/] on {found['node']} as "
+                  f"{runtime.NAMESPACE}/{runtime.agent_name(hostname)} (devices: {devices}; state: {sdir})"
+                  "  ·  Ctrl-C to stop", soft_wrap=True)
+        sys.stdout.flush()
+        while not stop.wait(1.0):
+            try:  # a dead agent or a cluster gone away ends this command instead of leaving it idle
+                ray.get(agent.ready.remote(), timeout=30)
+            except Exception as exc:
+                err.print(f"[bold red]error:[/] the node agent stopped answering ({exc}); stopping")
+                break
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        err.print(f"[bold red]error:[/] could not start the node agent: {exc}")
+        if agent is not None:
+            stop_node_agents([agent])
+        ray.shutdown()
+        raise typer.Exit(1)
+    out.print("stopping…")
+    stop_node_agents([agent])
+    ray.shutdown()  # disconnects; the cluster is not ours to stop
+    out.print("stopped; device settings restored")
+
+
 def keys_hash(key: Annotated[str, typer.Argument(help="the API key to hash for server.api_keys[].key_sha256")]) -> None:
     """Print the sha256 of an API key, for the config (keys are never stored in clear)."""
     from scheduler.api.auth import hash_key
@@ -242,6 +330,7 @@ def check_config(config: Annotated[Optional[Path], typer.Option("--config", "-c"
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
+    app.command("agent")(agent_cmd)
     app.command("check-config")(check_config)
     app.command("deploy-config")(deploy_config)
     keys = typer.Typer(help="API key helpers", no_args_is_help=True)

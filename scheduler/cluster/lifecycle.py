@@ -25,7 +25,8 @@ class Deployment:
         self.state_dir = state_dir
         self.address = address
         self.owns_ray = (address is None) if owns_ray is None else owns_ray
-        self.agents: list[Any] = []
+        self.agents: list[Any] = []  # every node's agent, ours or another host's `wattlane agent`
+        self._own_agents: list[Any] = []  # the ones this deployment started, and so stops
         self._serve_started = False
 
     def start(self, host: str, port: int) -> None:
@@ -34,7 +35,7 @@ class Deployment:
 
         if not ray.is_initialized():
             runtime.start_ray(self.state_dir, self.address, self.config.ray.num_cpus, self.config.ray.include_dashboard)
-        self.agents = start_node_agents(self.config, self.state_dir)
+        self.agents, self._own_agents = start_node_agents(self.config, self.state_dir)
         # a joined cluster's GPUs are known only now; on a local Ray `wattlane serve` checked them already
         found = ray.get([a.ready.remote() for a in self.agents])
         check_devices_present(self.config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
@@ -81,13 +82,7 @@ class Deployment:
             except Exception as exc:
                 log.warning("serve shutdown: %s", exc)
             self._serve_started = False
-        # and the agents the gateway started for nodes that joined later
-        known = {a._actor_id for a in self.agents}
-        for node in runtime.cluster_nodes():
-            agent = runtime.get_node_agent(node.name)
-            if agent is not None and agent._actor_id not in known:
-                self.agents.append(agent)
-        stop_node_agents(self.agents)
-        self.agents = []
+        stop_node_agents(self._own_agents)  # an agent a GPU host runs itself stays up for the next gateway
+        self.agents, self._own_agents = [], []
         if self.owns_ray:
             ray.shutdown()

@@ -87,44 +87,60 @@ def build_app(config: WattlaneConfig, state_dir: Path):
     return gateway.bind(cfg, str(state_dir), handles)
 
 
-def start_node_agents(config: WattlaneConfig, state_dir: Path, detached: bool = False) -> list[Any]:
-    """Get or create one node agent per alive Ray node, pinned to it; returns their handles once ready.
+def start_node_agent(config: WattlaneConfig, state_dir: Path, node_id: str, name: str,
+                     owns_simulated: bool | list[str], detached: bool = False, own_state_dir: bool = False) -> Any:
+    """One node agent on the Ray node `node_id`, named for Wattlane node `name` so the gateway and replicas find it.
 
-    Idempotent: a node that already has its agent keeps it (get_if_exists makes two callers racing for one
-    node, such as two Serve app builds, end up with the same actor). detached: the agents outlive the
-    caller, as they must when the caller is Serve's application build task (`serve deploy`); otherwise
-    they end with the driver that started them. An agent whose process dies is restarted by Ray on its
-    node (max_restarts) and starts metering again from its devices' counters.
+    Get-or-create: two callers racing for one node (two Serve app builds, a gateway and a
+    `wattlane agent`) end up with the same actor. `detached`: the agent outlives the caller (Serve's
+    application build task, `wattlane agent` on a GPU host). An agent whose process dies is restarted
+    by Ray on its node (max_restarts) and meters again from its devices' counters. Returns the handle
+    at once; await `ready`.
     """
-    import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from scheduler.cluster.node_agent import NodeAgent
 
-    cfg = config.model_dump(mode="json")
+    options: dict[str, Any] = dict(
+        name=runtime.agent_name(name),
+        namespace=runtime.NAMESPACE,
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=64,
+        max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    )
+    if detached:
+        options["lifetime"] = "detached"
+    return NodeAgent.options(**options).remote(config.model_dump(mode="json"), str(state_dir), name,
+                                               owns_simulated, own_state_dir)
+
+
+def start_node_agents(config: WattlaneConfig, state_dir: Path, detached: bool = False
+                      ) -> tuple[list[Any], list[Any]]:
+    """One node agent per alive Ray node, pinned to it, once they are ready: (all of them, those started here).
+
+    A node whose agent already runs (started by `wattlane agent` on that host, by an earlier
+    `serve deploy`, or by the gateway for a node that joined) keeps it; the caller stops only the
+    agents it started. Simulated GPUs go to the agent of the node that owns them (runtime.simulated_owners).
+    """
+    import ray
+
     nodes = runtime.cluster_nodes()
     owners = runtime.simulated_owners(config, nodes)
-    agents = []
+    agents, started = [], []
     for node in nodes:
         existing = runtime.get_node_agent(node.name)
         if existing is not None:
             agents.append(existing)
             continue
-        options: dict[str, Any] = dict(
-            name=runtime.agent_name(node.name),
-            namespace=runtime.NAMESPACE,
-            get_if_exists=True,
-            num_cpus=0,
-            max_concurrency=64,
-            max_restarts=-1,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node.node_id, soft=False),
-        )
-        if detached:
-            options["lifetime"] = "detached"
         owned = sorted(d for d, owner in owners.items() if owner == node.name)
-        agents.append(NodeAgent.options(**options).remote(cfg, str(state_dir), node.name, owned, node.named))
+        agent = start_node_agent(config, state_dir, node.node_id, node.name, owned, detached=detached,
+                                 own_state_dir=node.named)
+        agents.append(agent)
+        started.append(agent)
     ray.get([a.ready.remote() for a in agents])
-    return agents
+    return agents, started
 
 
 def app_builder(args: dict[str, Any]):
@@ -143,7 +159,7 @@ def app_builder(args: dict[str, Any]):
     state_dir.mkdir(parents=True, exist_ok=True)
     import ray
 
-    agents = start_node_agents(config, state_dir, detached=True)
+    agents, _ = start_node_agents(config, state_dir, detached=True)
     found = ray.get([a.ready.remote() for a in agents])
     try:
         check_devices_present(config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")

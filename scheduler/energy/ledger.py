@@ -38,7 +38,8 @@ LEDGER_FILENAME = "ledger.sqlite3"
 
 #: how each energy method's figures were obtained, as reports label them
 METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated"}
-SCHEMA_VERSION = 1
+#: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL)
+SCHEMA_VERSION = 2
 #: CSV chunks an export reads ahead of a slow client (bounds each export's memory)
 EXPORT_READ_AHEAD_CHUNKS = 4
 
@@ -54,6 +55,8 @@ class LedgerRow:
     node: str
     status: str
     api_key_id: str | None = None
+    #: the API key's team, when the key has one
+    team: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_seconds: float | None = None
@@ -72,6 +75,11 @@ class LedgerRow:
     power_limit_watts: float | None = None
     routing_reason: str | None = None
     priority: str | None = None
+    #: what the request would have cost under the savings baseline (energy/baseline.py): always an
+    #: estimate, named by baseline_method; None when it could not be estimated (e.g. no joules)
+    baseline_model: str | None = None
+    baseline_joules: float | None = None
+    baseline_method: str | None = None
 
     @property
     def time_iso(self) -> str:
@@ -85,6 +93,8 @@ def _iso(t: float) -> str:
 _ROW_FIELDS = [f.name for f in fields(LedgerRow)]
 #: column order in the table and in exports: time_iso right after time_unix_s
 COLUMNS = _ROW_FIELDS[:2] + ["time_iso"] + _ROW_FIELDS[2:]
+#: the CSV export's columns: the table's, then the estimated saving (baseline_joules - joules)
+EXPORT_COLUMNS = COLUMNS + ["saved_joules"]
 
 _SQL_TYPES = {
     "request_id": "TEXT NOT NULL",
@@ -98,9 +108,16 @@ _SQL_TYPES = {
     "completion_tokens": "INTEGER NOT NULL",
 }
 
+
+
+def _sql_type(column: str) -> str:
+    numeric = column.endswith(("_seconds", "joules", "gco2e", "_kwh", "pue", "_watts"))
+    return _SQL_TYPES.get(column, "REAL" if numeric else "TEXT")
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-    + ", ".join(f"{c} {_SQL_TYPES.get(c, 'REAL' if c.endswith(('_seconds', 'joules', 'gco2e', '_kwh', 'pue', '_watts')) else 'TEXT')}" for c in COLUMNS)
+    + ", ".join(f"{c} {_sql_type(c)}" for c in COLUMNS)
     + ")",
     # A request id is not unique: a client may reuse its own X-Request-Id, and a retried request keeps its id.
     # Every row is kept (seq is the key); ledgers written before this drop their old unique index.
@@ -110,11 +127,12 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS requests_model_time ON requests(model, time_unix_s)",
 )
 
-GroupBy = Literal["model", "device", "api_key", "hour"]
+GroupBy = Literal["model", "device", "api_key", "team", "hour"]
 _GROUP_SQL = {
     "model": "model",
     "device": "device",
     "api_key": "COALESCE(api_key_id, '')",
+    "team": "COALESCE(team, '')",
     "hour": "strftime('%Y-%m-%dT%H:00:00Z', CAST(time_unix_s AS INTEGER), 'unixepoch')",
 }
 
@@ -124,6 +142,15 @@ def _group_sql(group_by: str) -> str:
     if group_by not in _GROUP_SQL:
         raise ValueError(f"group_by must be one of {', '.join(_GROUP_SQL)}, not {group_by!r}")
     return _GROUP_SQL[group_by]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Migrate a ledger written by an older version: add the columns it lacks (NULL in its old rows)."""
+    have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+    for c in COLUMNS:
+        if c not in have:
+            # every column added after version 1 is nullable, so ALTER TABLE can add it to a full table
+            conn.execute(f"ALTER TABLE requests ADD COLUMN {c} {_sql_type(c)}")
 
 
 class LedgerClosedError(RuntimeError):
@@ -148,6 +175,7 @@ class Ledger:
             conn.execute("PRAGMA journal_mode=WAL")
             for stmt in _SCHEMA:
                 conn.execute(stmt)
+            _add_missing_columns(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.commit()
         finally:
@@ -298,24 +326,53 @@ class Ledger:
         device: str | None = None,
         api_key: str | None = None,
     ) -> list[dict[str, Any]]:
-        """Totals per group: requests, joules (and parts), gco2e, tokens, tokens per joule."""
-        key = _group_sql(group_by)
+        """Totals per group: requests, joules (and parts), gco2e, tokens, tokens per joule, savings.
+
+        The one aggregation behind GET /v1/energy/summary and `wattlane report`, so the two agree.
+        """
         where, params = self._where(since, until, model, device, api_key)
+        return [{group_by: grp, **figures} for grp, figures in self._aggregate(_group_sql(group_by), where, params)]
+
+    def totals(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+    ) -> dict[str, Any]:
+        """summary()'s figures over the whole window, as one row (zeros for an empty window)."""
+        where, params = self._where(since, until, model, device, api_key)
+        rows = self._aggregate("'all'", where, params)
+        if rows:
+            return rows[0][1]
+        return {"requests": 0, "requests_with_energy": 0, "joules": 0.0, "dynamic_joules": 0.0, "idle_joules": 0.0,
+                "gco2e": 0.0, "prompt_tokens": 0, "completion_tokens": 0, "tokens_per_joule": None,
+                "completion_tokens_per_joule": None, "requests_with_baseline": 0, "baseline_joules": 0.0,
+                "saved_joules": 0.0, "saved_gco2e": 0.0, "saved_fraction": None}
+
+    def _aggregate(self, key: str, where: str, params: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
         sql = (
             f"SELECT {key} AS grp, COUNT(*) AS requests, "
             "SUM(CASE WHEN joules IS NULL THEN 0 ELSE 1 END) AS requests_with_energy, "
             "TOTAL(joules) AS joules, TOTAL(dynamic_joules) AS dynamic_joules, TOTAL(idle_joules) AS idle_joules, "
             "TOTAL(gco2e) AS gco2e, TOTAL(prompt_tokens) AS prompt_tokens, TOTAL(completion_tokens) AS completion_tokens, "
             "TOTAL(CASE WHEN joules IS NULL THEN 0 ELSE prompt_tokens + completion_tokens END) AS metered_tokens, "
-            "TOTAL(CASE WHEN joules IS NULL THEN 0 ELSE completion_tokens END) AS metered_completion_tokens "
+            "TOTAL(CASE WHEN joules IS NULL THEN 0 ELSE completion_tokens END) AS metered_completion_tokens, "
+            # savings count only rows with both figures, so a missing estimate never reads as a saving
+            "SUM(CASE WHEN joules IS NULL OR baseline_joules IS NULL THEN 0 ELSE 1 END) AS requests_with_baseline, "
+            "TOTAL(CASE WHEN joules IS NULL THEN NULL ELSE baseline_joules END) AS baseline_joules, "
+            "TOTAL(baseline_joules - joules) AS saved_joules, "
+            # the saving's carbon at the request's own intensity and PUE (gco2e / joules of that request)
+            "TOTAL(CASE WHEN joules > 0 THEN (baseline_joules - joules) * gco2e / joules END) AS saved_gco2e "
             f"FROM requests{where} GROUP BY grp ORDER BY grp"
         )
         out = []
         with self._read() as conn:
             for r in conn.execute(sql, params):
-                j = r["joules"]
-                out.append({
-                    group_by: r["grp"],
+                j, base = r["joules"], r["baseline_joules"]
+                out.append((r["grp"], {
                     "requests": r["requests"],
                     "requests_with_energy": r["requests_with_energy"],
                     "joules": j,
@@ -327,7 +384,12 @@ class Ledger:
                     # only rows that carry energy count, so unmetered requests do not inflate it
                     "tokens_per_joule": (r["metered_tokens"] / j) if j > 0 else None,
                     "completion_tokens_per_joule": (r["metered_completion_tokens"] / j) if j > 0 else None,
-                })
+                    "requests_with_baseline": r["requests_with_baseline"],
+                    "baseline_joules": base,
+                    "saved_joules": r["saved_joules"],
+                    "saved_gco2e": r["saved_gco2e"],
+                    "saved_fraction": (r["saved_joules"] / base) if base > 0 else None,
+                }))
         return out
 
     def method_breakdown(
@@ -370,6 +432,24 @@ class Ledger:
             for r in rows
         ]
 
+    def baseline_methods(
+        self,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        model: str | None = None,
+        device: str | None = None,
+        api_key: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Requests, baseline joules and saved joules per baseline method (how each saving was estimated)."""
+        where, params = self._where(since, until, model, device, api_key)
+        where += (" AND" if where else " WHERE") + " joules IS NOT NULL AND baseline_joules IS NOT NULL"
+        sql = ("SELECT baseline_method, COUNT(*) AS requests, TOTAL(baseline_joules) AS baseline_joules, "
+               f"TOTAL(baseline_joules - joules) AS saved_joules FROM requests{where} "
+               "GROUP BY baseline_method ORDER BY requests DESC, baseline_method")
+        with self._read() as conn:
+            return [dict(r) for r in conn.execute(sql, params)]
+
     def export_csv(
         self,
         *,
@@ -388,10 +468,11 @@ class Ledger:
         where, params = self._where(since, until, model, device, api_key)
         conn = self._connect_ro()
         try:
-            cur = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM requests{where} ORDER BY time_unix_s, seq", params)
+            cur = conn.execute(f"SELECT {', '.join(COLUMNS)}, baseline_joules - joules AS saved_joules "
+                               f"FROM requests{where} ORDER BY time_unix_s, seq", params)
             buf = io.StringIO()
             w = csv.writer(buf, lineterminator="\n")
-            w.writerow(COLUMNS)
+            w.writerow(EXPORT_COLUMNS)
             while True:
                 rows = cur.fetchmany(chunk_rows)
                 if not rows:

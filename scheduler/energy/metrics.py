@@ -82,6 +82,20 @@ class WattlaneMetrics:
         self.running = Gauge("wattlane_num_requests_running", "Requests running on a replica.", ["model", "replica"], registry=r)
         self.waiting = Gauge("wattlane_num_requests_waiting", "Requests queued for a replica.", ["model", "replica"], registry=r)
         self.power_actions = Counter("wattlane_power_actions_total", "Power setting changes applied, by device and action.", ["device", "action"], registry=r)
+        # savings against the baseline (energy/baseline.py): two counters, because a request can cost more
+        # than its baseline (a cascade's repeat) and a counter cannot go down; saved = baseline - actual
+        savings_labels = ["model", "team", "api_key"]
+        self.savings_baseline = Counter(
+            "wattlane_savings_baseline_joules_total",
+            "Estimated joules the requests would have used under the savings baseline (largest adequate model).",
+            savings_labels, registry=r)
+        self.savings_actual = Counter(
+            "wattlane_savings_actual_joules_total",
+            "Joules attributed to the same requests (those with a baseline estimate).", savings_labels, registry=r)
+        # set by the budget enforcement (teams and keys): the share of each budget used in its current period
+        self.budget_used = Gauge(
+            "wattlane_budget_used_ratio", "Share of an energy or carbon budget used in its current period (1 = all).",
+            ["scope", "name", "kind"], registry=r)
         self.grid_intensity = Gauge("wattlane_grid_intensity_gco2e_per_kwh", "Grid carbon intensity in force, gCO2e per kWh.", ["region"], registry=r)
         self._devices = _DeviceCollector()
         r.register(self._devices)
@@ -99,6 +113,9 @@ class WattlaneMetrics:
         dynamic_joules: float | None = None,
         idle_joules: float | None = None,
         gco2e: float | None = None,
+        api_key: str | None = None,
+        team: str | None = None,
+        baseline_joules: float | None = None,
     ) -> None:
         """Count one finished request. None means "not known" and is left out, never counted as 0."""
         self.requests.labels(model=model, status=status).inc()
@@ -118,6 +135,14 @@ class WattlaneMetrics:
             self.energy.labels(model=model, part="idle").inc(max(0.0, idle_joules))
         if gco2e is not None:
             self.carbon.labels(model=model).inc(max(0.0, gco2e))
+        if baseline_joules is not None and joules is not None:
+            who = {"model": model, "team": team or "", "api_key": api_key or ""}
+            self.savings_baseline.labels(**who).inc(max(0.0, baseline_joules))
+            self.savings_actual.labels(**who).inc(max(0.0, joules))
+
+    def set_budget_used(self, *, scope: str, name: str, kind: str, used_ratio: float) -> None:
+        """scope: "key" or "team"; name: its id; kind: "energy" or "carbon"; used_ratio: used / allowed."""
+        self.budget_used.labels(scope=scope, name=name, kind=kind).set(used_ratio)
 
     def set_replica_queue(self, *, model: str, replica: str, running: int, waiting: int) -> None:
         self.running.labels(model=model, replica=replica).set(running)

@@ -10,26 +10,21 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
+from tests.support.ray_cluster import RAY, ray_env, start_head, stop_cluster
 from tests.support.server import free_port
 
 pytestmark = pytest.mark.slow
-
-RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def test_serve_joins_an_existing_cluster_and_leaves_it_up(tmp_path):
     home = tmp_path / "h"
     home.mkdir()
     temp = Path("/tmp") / f"wl-join-{os.getpid()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WATTLANE_"))}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    env = ray_env(home)
     gcs_port = free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", f"--temp-dir={temp}",
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=120)
+    start_head(temp, gcs_port, env)
     try:
         port = free_port()
         proc = subprocess.Popen(
@@ -49,7 +44,8 @@ def test_serve_joins_an_existing_cluster_and_leaves_it_up(tmp_path):
             time.sleep(1)
         r = httpx.post(url + "/v1/chat/completions", timeout=120,
                        json={"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
-        assert r.status_code == 200 and r.json()["usage"]["energy"]["joules"] > 0
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["energy"]["joules"] > 0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, out
@@ -58,23 +54,4 @@ def test_serve_joins_an_existing_cluster_and_leaves_it_up(tmp_path):
                                 text=True, timeout=60)
         assert status.returncode == 0, status.stderr
     finally:
-        _stop_cluster(str(temp))
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """End only this test's cluster (`ray stop` would end every Ray instance on the machine)."""
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
-                procs.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        p.kill()
+        stop_cluster(str(temp))

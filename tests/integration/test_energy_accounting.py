@@ -72,6 +72,29 @@ def test_ledger_and_summary_agree_with_responses(server):
     assert {b["id"] for b in bodies} <= exported
 
 
+def test_rows_carry_a_savings_baseline_on_the_real_gateway(server):
+    """The real gateway estimates each row's baseline: a chat on the only chat model saves nothing; a
+    completion routed to SmolLM2 has Gemma (the larger completion-capable model) as its baseline."""
+    since = time.time() - 0.001
+    chat_body = chat(server, "Name a colour.", 4).json()
+    r = httpx.post(server.url + "/v1/completions", headers=server.headers(), timeout=120,
+                   json={"model": "auto", "min_quality": 0.0, "prompt": "The sky is", "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200, r.text
+    completion = r.json()
+    rows = {row["request_id"]: row for row in ledger_rows(server, since=since)}
+    c = rows[chat_body["id"]]
+    assert (c["baseline_model"], c["baseline_method"], c["baseline_joules"]) == (CHAT, "largest-model/served", c["joules"])
+    p = rows[completion["id"]]
+    assert completion["model"] == CHAT and p["baseline_model"] == "gemma-3-270m"
+    assert p["baseline_method"] in ("largest-model/replica-stats", "largest-model/observed", "largest-model/size-prior")
+    assert p["baseline_joules"] > 0
+    summary = httpx.get(server.url + "/v1/energy/summary", headers=server.headers("reader"),
+                        params={"group_by": "model", "since": since}, timeout=30).json()["data"]
+    (s,) = [g for g in summary if g["model"] == CHAT]
+    assert s["requests_with_baseline"] == 2
+    assert math.isclose(s["saved_joules"], p["baseline_joules"] - p["joules"], rel_tol=1e-9, abs_tol=1e-12)
+
+
 def test_summary_rejects_unknown_grouping(server):
     r = httpx.get(server.url + "/v1/energy/summary", headers=server.headers("reader"), params={"group_by": "colour"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "group_by"

@@ -35,11 +35,13 @@ def agent_for(service: Any) -> Remote:
 
 class GatewayForTests:
     def __init__(self, state_dir: Path, config: WattlaneConfig | None = None, *, with_keys: bool = True,
-                 power_nodes: dict[str, Any] | None = None):
-        self.fleet = Fleet(state_dir, config)
+                 power_nodes: dict[str, Any] | None = None, tracer: Any = None, teams: dict[str, str] | None = None):
+        self.fleet = Fleet(state_dir, config, tracer=tracer)
         self.config = self.fleet.config
         if with_keys:
-            self.config.server.api_keys = [ApiKeyConfig(id=f"{r}-key", key_sha256=hash_key(k), role=r)
+            # teams: role -> team of that role's key (none by default)
+            self.config.server.api_keys = [ApiKeyConfig(id=f"{r}-key", key_sha256=hash_key(k), role=r,
+                                                        team=(teams or {}).get(r))
                                            for r, k in KEYS.items()]
         self.started_s = int(time.time())
         self.ledger = self.fleet.ledger

@@ -1,9 +1,10 @@
-"""A real multi-process Ray cluster on this machine for tests: `ray start` head and worker nodes.
+"""A test's own Ray cluster, started with `ray start` as an operator does, and ended without `ray stop`.
 
-Each node is its own raylet with its own resources (a worker node named `x` carries the custom
-resource wattlane_node_x, which makes it Wattlane node `x`); a node can be killed on its own (its
-raylet, as when a machine dies) and the whole cluster is ended by its temp dir, never with
-`ray stop`, which would end every Ray instance on the machine.
+start_head/stop_cluster: one head node. LocalRayCluster: a head and worker nodes, each its own raylet
+with its own resources (a worker node named `x` carries the custom resource wattlane_node_x, which
+makes it Wattlane node `x`), a node killed on its own (its raylet, as when a machine dies), Serve's
+CLI against the cluster's dashboard; the whole cluster is ended by its temp dir (`ray stop` would end
+every Ray instance on the machine).
 """
 
 from __future__ import annotations
@@ -25,16 +26,47 @@ SERVE = str(Path(sys.executable).with_name("serve"))
 START_TIMEOUT_SECONDS = 240
 
 
+def ray_env(home: Path) -> dict[str, str]:
+    """The environment of a process in the test's cluster: no Wattlane or Ray settings of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WATTLANE_"))}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_head(temp_dir: Path, gcs_port: int, env: dict[str, str], num_cpus: int = 2) -> None:
+    subprocess.run([RAY, "start", "--head", f"--port={gcs_port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """End only this test's cluster (`ray stop` would end every Ray instance on the machine)."""
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in (p.info["cmdline"] or [])):
+                procs.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        p.kill()
+
+
 class LocalRayCluster:
     def __init__(self, root: Path, *, fast_node_death: bool = False):
         # Ray's socket paths must stay short: the temp dir goes under /tmp, named after this process
         self.temp_dir = Path("/tmp") / f"wl-rc-{os.getpid()}-{free_port()}"
         home = root / "home"
         home.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WATTLANE_"))}
-        env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1",
-                   # workers import this checkout (ray start's processes pass their environment on)
-                   PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+        env = ray_env(home)
+        # workers import this checkout (ray start's processes pass their environment on)
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])
         # as README's cluster section says: Serve's HTTP proxy applies Wattlane's X-Request-Id check (one header)
         env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "scheduler.api.request_ids.serve_proxy_middlewares"
         if fast_node_death:
@@ -121,21 +153,4 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         """End only this cluster's processes (found by its temp dir)."""
-        procs = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if any(str(self.temp_dir) in part for part in (p.info["cmdline"] or [])):
-                    procs.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        stop_cluster(str(self.temp_dir))

@@ -25,6 +25,7 @@ from scheduler.config import CarbonConfig, WattlaneConfig, load_config
 from scheduler.datafiles import sim_fleet_config
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.energy.attribution import Attributor
+from scheduler.energy.baseline import SavingsBaseline
 from scheduler.energy.carbon import make_carbon_provider
 from scheduler.energy.ledger import Ledger
 from scheduler.energy.meter import DeviceMeter
@@ -155,7 +156,8 @@ def model_server(model_id: str, config: WattlaneConfig, devices: dict[str, Simul
 class Fleet:
     """The simulated fleet's models, one replica each, behind a real Serving object."""
 
-    def __init__(self, state_dir: Path, config: WattlaneConfig | None = None, *, admission: str = "queue"):
+    def __init__(self, state_dir: Path, config: WattlaneConfig | None = None, *, admission: str = "queue",
+                 tracer: Any = None):
         config = config or load_config(sim_fleet_config())
         config.energy.carbon = CarbonConfig(provider="fixed", intensity_gco2e_per_kwh=400.0, region="FRA", pue=1.2)
         config.routing.admission = admission
@@ -173,7 +175,9 @@ class Fleet:
             return await self.agent_handle.take_abandoned.remote(request_id, timeout_seconds)
 
         self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, self.metrics,
-                                     abandoned=take_abandoned)
+                                     abandoned=take_abandoned, tracer=tracer,
+                                     baseline=SavingsBaseline(config.models,
+                                                              prefill_token_weight=config.energy.prefill_token_weight))
         self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles)
 
     def rows(self) -> list[dict[str, Any]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,28 +12,17 @@ from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.schemas import EnergyRequestList, MethodList, SummaryList
 from scheduler.energy.ledger import GroupBy
+from scheduler.energy.report import parse_time
 
 router = APIRouter()
 
 
 def _time(value: str | None, name: str) -> float | None:
-    """Unix seconds or ISO 8601 (naive means UTC)."""
-    if value is None or value == "":
-        return None
+    """Unix seconds or ISO 8601 (naive means UTC), read as `wattlane report` reads them."""
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    except ValueError:
-        raise ApiError(400, f"'{name}' must be unix seconds or ISO 8601 (e.g. 2026-11-23T15:00:00Z), not {value!r}",
-                       param=name, code="invalid_value") from None
-    if dt.tzinfo is None:
-        from datetime import timezone
-
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+        return parse_time(value)
+    except ValueError as exc:
+        raise ApiError(400, f"'{name}' {exc}", param=name, code="invalid_value") from None
 
 
 #: how since/until are documented: what _time() reads (the parameter itself stays a string so that a bad
@@ -74,6 +62,8 @@ async def energy_requests(request: Request, limit: int = Query(100, ge=1, le=100
 @router.get("/v1/energy/summary", response_model=SummaryList, response_model_exclude_unset=True, responses=_ERRORS)
 async def energy_summary(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
                          filters: dict = Depends(report_filters)):
+    """Per group: requests, joules, gCO2e, tokens, tokens per joule, and energy saved against the baseline
+    (an estimate: docs/energy.md, Savings). The same figures as `wattlane report` for the same window."""
     rows = await asyncio.to_thread(request.app.state.gateway.ledger.summary, group_by, **filters)
     return {"object": "list", "group_by": group_by, "data": rows}
 

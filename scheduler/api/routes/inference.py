@@ -82,7 +82,8 @@ def generation_request(body: Any, request_id: str) -> GenerationRequest:
 
 def _job(body: Any, request_id: str, principal: Principal) -> Job:
     return Job(request_id=request_id, model=body.model, request=generation_request(body, request_id),
-               api_key_id=principal.key_id, controls=_controls(body), key_defaults=dict(principal.defaults))
+               api_key_id=principal.key_id, team=principal.team, controls=_controls(body),
+               key_defaults=dict(principal.defaults))
 
 
 def _headers(result_or_session: Any, request_id: str) -> dict[str, str]:

@@ -186,7 +186,8 @@ def live_reports(ledger):
     record_all(ledger, [
         row(0, time_unix_s=now - 60, model="tiny-chat", joules=2.5),
         row(1, time_unix_s=now - 50, model="tiny-chat", energy_method="cpu-estimate", energy_scope="cpu", joules=7.5),
-        row(2, time_unix_s=now - 40, model="gpu-model", device="sim-h100-0", energy_method="simulated", joules=40.0),
+        row(2, time_unix_s=now - 40, model="gpu-model", device="sim-h100-0", energy_method="simulated", joules=40.0,
+            team="blue", baseline_model="big-model", baseline_joules=100.0, baseline_method="largest-model/size-prior"),
     ])
     app = make_app(ledger, extra_routers=[operator.router])
     with socket.socket() as s:
@@ -219,6 +220,13 @@ def test_page_renders_mixed_methods_visibly_with_a_reader_key(live_reports, tmp_
     gpu = re.search(r'<tr data-group="gpu-model">(.*?)</tr>', dom, flags=re.S).group(1)
     assert "MIXED" not in gpu and "simulated · simulated" in gpu
     assert "need an operator key" in dom  # /v1/devices is operator-only: said, not hidden
+    # energy saved, per team, key and model: only the request with a baseline, labelled an estimate
+    team = re.search(r'<table id="savings-team-table">.*?<tr data-group="blue">(.*?)</tr>', dom, flags=re.S).group(1)
+    assert re.search(r'data-field="saved_joules"[^>]*>60</td>', team)
+    assert re.search(r'data-field="saved_fraction"[^>]*>60 %</td>', team)
+    key = re.search(r'<table id="savings-key-table">.*?<tr data-group="client-key">(.*?)</tr>', dom, flags=re.S).group(1)
+    assert re.search(r'data-field="requests_with_baseline"[^>]*>1</td>', key)
+    assert re.search(r'<span class="big" id="total-saved">60 J</span>', dom)
 
 
 # --- the Grafana dashboard --------------------------------------------------------------------
@@ -235,7 +243,8 @@ def grafana_queries() -> list[tuple[str, str]]:
 
 def concrete(expr: str) -> str:
     """A panel query with Grafana's macros and variables filled in, as Grafana sends it to Prometheus."""
-    return expr.replace("$__rate_interval", "1m").replace("$__range", "6h").replace("$model", ".*").replace("$device", ".*")
+    return (expr.replace("$__rate_interval", "1m").replace("$__range", "6h").replace("$model", ".*")
+            .replace("$device", ".*").replace("$team", ".*"))
 
 
 def test_grafana_queries_use_only_series_that_wattlane_exposes():
@@ -245,7 +254,9 @@ def test_grafana_queries_use_only_series_that_wattlane_exposes():
     m.set_device_source(lambda: [{"device_id": "gpu0", "node": "n0", "kind": "gpu", "power_watts": 1.0, "energy_joules": 1.0,
                                   "power_limit_watts": 2.0, "sm_clock_mhz": 3.0}])
     m.observe_request(model="m", status="ok", prompt_tokens=1, completion_tokens=1, ttft_seconds=0.1, tpot_seconds=0.01,
-                      joules=1.0, dynamic_joules=0.5, idle_joules=0.5, gco2e=0.001)
+                      joules=1.0, dynamic_joules=0.5, idle_joules=0.5, gco2e=0.001, api_key="k", team="t",
+                      baseline_joules=3.0)
+    m.set_budget_used(scope="team", name="t", kind="energy", used_ratio=0.5)
     m.set_replica_queue(model="m", replica="r", running=1, waiting=0)
     m.power_action(device="gpu0", action="set_power_limit")
     m.set_grid_intensity(region="USA", gco2e_per_kwh=380.0)

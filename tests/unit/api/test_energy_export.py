@@ -10,7 +10,7 @@ import threading
 import httpx
 import pytest
 
-from scheduler.energy.ledger import COLUMNS, LedgerRow
+from scheduler.energy.ledger import EXPORT_COLUMNS, LedgerRow
 from tests.support.gateway_app import bearer, build
 
 ROWS = 4000  # the route reads 500 rows per chunk: each export streams in 8+ chunks
@@ -49,7 +49,7 @@ def test_thirty_parallel_exports_are_each_complete(app_and_gateway):
     assert not broken, f"{len(broken)} of {PARALLEL} downloads failed: {broken[0][1]!r}"
     for _, text in results:
         rows = list(csv.reader(io.StringIO(text)))
-        assert rows[0] == COLUMNS
+        assert rows[0] == EXPORT_COLUMNS
         assert len(rows) == ROWS + 1
         assert [r[0] for r in rows[1:]] == [f"req-{i}" for i in range(ROWS)]
 
@@ -65,7 +65,7 @@ def test_an_abandoned_export_closes_its_connection_in_its_own_thread(app_and_gat
 
     before = {t.ident for t in threading.enumerate()}
     got = asyncio.run(read_two_chunks_then_stop())
-    assert got[0].startswith(",".join(COLUMNS))
+    assert got[0].startswith(",".join(EXPORT_COLUMNS))
     # the export's thread sees the stop, closes its connection and ends
     for t in threading.enumerate():
         if t.ident not in before and t.name == "wattlane-ledger-export":

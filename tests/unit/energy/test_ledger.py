@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.energy.ledger import COLUMNS, Ledger, LedgerClosedError, LedgerRow
+from scheduler.energy.ledger import COLUMNS, EXPORT_COLUMNS, Ledger, LedgerClosedError, LedgerRow
 
 REPO = Path(__file__).resolve().parents[3]
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -145,9 +145,9 @@ def test_export_csv_streams_all_rows(ledger: Ledger) -> None:
     parsed = list(csv.DictReader(io.StringIO("".join(chunks))))
     assert len(parsed) == 1201
     assert parsed[0]["request_id"] == "req-0" and parsed[-1]["routing_reason"] == 'has, "comma"'
-    assert list(parsed[0]) == COLUMNS
+    assert list(parsed[0]) == EXPORT_COLUMNS
     empty = list(ledger.export_csv(model="nobody"))
-    assert empty == [",".join(COLUMNS) + "\n"]
+    assert empty == [",".join(EXPORT_COLUMNS) + "\n"]
 
 
 def test_close_flushes_and_rejects_later_rows(tmp_path: Path) -> None:

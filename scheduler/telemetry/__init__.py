@@ -1,0 +1,1 @@
+"""Telemetry beyond the ledger and Prometheus: OpenTelemetry traces (otel.py, needs the [otel] extra)."""

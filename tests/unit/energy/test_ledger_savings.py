@@ -1,0 +1,79 @@
+"""Ledger schema 2: team and baseline columns, the migration of older files, and savings in the summary."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from scheduler.energy.ledger import SCHEMA_VERSION, Ledger, LedgerRow
+
+#: the requests table as schema version 1 wrote it (before team and the baseline columns)
+V1_TABLE = (
+    "CREATE TABLE requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT NOT NULL, time_unix_s REAL NOT NULL, "
+    "time_iso TEXT NOT NULL, model TEXT NOT NULL, device TEXT NOT NULL, node TEXT NOT NULL, status TEXT NOT NULL, "
+    "api_key_id TEXT, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, ttft_seconds REAL, "
+    "tpot_seconds REAL, latency_seconds REAL, joules REAL, dynamic_joules REAL, idle_joules REAL, energy_method TEXT, "
+    "energy_scope TEXT, gco2e REAL, intensity_gco2e_per_kwh REAL, pue REAL, carbon_source TEXT, carbon_region TEXT, "
+    "power_limit_watts REAL, routing_reason TEXT, priority TEXT)"
+)
+
+
+def row(i: int, **kw) -> LedgerRow:
+    base = dict(request_id=f"r{i}", time_unix_s=1_800_000_000.0 + i, model="small", device="gpu0", node="n0",
+                status="ok", prompt_tokens=10, completion_tokens=10)
+    base.update(kw)
+    return LedgerRow(**base)
+
+
+def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path):
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(V1_TABLE)
+    conn.execute("INSERT INTO requests (request_id, time_unix_s, time_iso, model, device, node, status, prompt_tokens, "
+                 "completion_tokens, joules, gco2e) VALUES ('old', 1.0, 'x', 'small', 'gpu0', 'n0', 'ok', 3, 4, 2.0, 0.5)")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+
+    with Ledger(path) as ledger:
+        ledger.record(row(1, team="blue", joules=1.0, gco2e=0.1, baseline_model="big", baseline_joules=4.0,
+                          baseline_method="largest-model/size-prior")).result(timeout=10)
+        rows = {r["request_id"]: r for r in ledger.requests(limit=None)}
+        totals = ledger.totals()
+    assert rows["old"]["joules"] == 2.0 and rows["old"]["team"] is None and rows["old"]["baseline_joules"] is None
+    assert rows["r1"]["team"] == "blue" and rows["r1"]["baseline_method"] == "largest-model/size-prior"
+    # the old row has no baseline: it counts in energy, never as a saving
+    assert totals["requests"] == 2 and totals["joules"] == 3.0
+    assert totals["requests_with_baseline"] == 1 and totals["baseline_joules"] == 4.0 and totals["saved_joules"] == 3.0
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    conn.close()
+
+
+def test_savings_count_only_rows_with_both_figures_and_group_by_team(tmp_path: Path):
+    with Ledger(tmp_path) as ledger:
+        for f in [
+            ledger.record(row(1, team="blue", joules=1.0, gco2e=0.2, baseline_joules=5.0)),  # saved 4 J, 0.8 g
+            ledger.record(row(2, team="blue", joules=2.0, gco2e=0.2, baseline_joules=None)),  # no estimate
+            ledger.record(row(3, team="blue", joules=None, baseline_joules=None, status="error")),
+            ledger.record(row(4, team=None, joules=3.0, gco2e=0.3, baseline_joules=0.0)),  # a cascade repeat: -3 J
+        ]:
+            f.result(timeout=10)
+        teams = {r["team"]: r for r in ledger.summary("team")}
+        methods = ledger.baseline_methods()
+    blue = teams["blue"]
+    assert blue["requests"] == 3 and blue["requests_with_energy"] == 2 and blue["requests_with_baseline"] == 1
+    assert blue["joules"] == 3.0 and blue["baseline_joules"] == 5.0 and blue["saved_joules"] == 4.0
+    assert blue["saved_gco2e"] == pytest.approx(0.8)  # at the request's own 0.2 g/J
+    assert blue["saved_fraction"] == pytest.approx(0.8)
+    none = teams[""]  # rows without a team group under "", as api_key does
+    assert none["saved_joules"] == -3.0 and none["saved_fraction"] is None
+    assert sum(m["requests"] for m in methods) == 2
+
+
+def test_totals_of_an_empty_window_are_zeros(tmp_path: Path):
+    with Ledger(tmp_path) as ledger:
+        t = ledger.totals(since=1.0, until=2.0)
+    assert t["requests"] == 0 and t["joules"] == 0.0 and t["saved_joules"] == 0.0 and t["tokens_per_joule"] is None
