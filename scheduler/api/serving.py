@@ -33,7 +33,7 @@ from scheduler.engines.base import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-#: how many times a request goes back to its model after a replica answered "unavailable"
+#: how many times a request goes back to its model after a replica answered "unavailable" or died
 UNAVAILABLE_RETRIES = 2
 
 ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
@@ -81,7 +81,14 @@ class InferenceResult:
 
 
 class _ReplicaFailure(Exception):
-    """A replica failed before producing anything; the request may be retried elsewhere."""
+    """A replica failed before producing anything; the request may be retried elsewhere.
+
+    replica_gone: the replica itself is gone (its actor died, as with its node): the model's other
+    replicas can take the request, and Serve's router has already stopped choosing the dead one."""
+
+    def __init__(self, message: str, replica_gone: bool = False):
+        super().__init__(message)
+        self.replica_gone = replica_gone
 
 
 class StreamSession:
@@ -217,7 +224,7 @@ class Serving:
         A replica that fails or times out before its first event is retried once on the next
         candidate model of the routing decision; if that fails too, 503 with the reason. A replica
         that answers "unavailable" (its node left; it generated nothing) is also retried on its own
-        model, whose other replicas can take the request.
+        model, whose other replicas can take the request, and so is one whose actor died.
         """
         routed = routed or self.select(job)
         attempts = [routed.model] + routed.fallback_models[:1]
@@ -230,11 +237,11 @@ class Serving:
             try:
                 events, start, first = await self._start(job, model, routed)
                 if isinstance(first, ReplicaError) and first.kind is ReplicaErrorKind.UNAVAILABLE:
-                    if unavailable_retries < UNAVAILABLE_RETRIES:
-                        unavailable_retries += 1
-                        attempts.insert(i, model)
-                    raise _ReplicaFailure(first.message)
+                    raise _ReplicaFailure(first.message, replica_gone=True)
             except _ReplicaFailure as exc:
+                if exc.replica_gone and unavailable_retries < UNAVAILABLE_RETRIES:
+                    unavailable_retries += 1
+                    attempts.insert(i, model)
                 failures.append(f"{model}: {exc}")
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
                             "; retrying on " + attempts[i] if i < len(attempts) else "")
@@ -283,7 +290,9 @@ class Serving:
         except BackPressureError:
             raise _ReplicaFailure(f"queue full ({self.config.model(model).max_queued_requests} requests waiting)") from None
         except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
-            raise _ReplicaFailure(type(exc).__name__) from None
+            from ray.exceptions import RayActorError
+
+            raise _ReplicaFailure(type(exc).__name__, replica_gone=isinstance(exc, RayActorError)) from None
 
     async def run(self, job: Job) -> InferenceResult:
         routed = self.select(job)
