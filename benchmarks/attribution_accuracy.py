@@ -17,8 +17,9 @@ On machines without a GPU the device is scheduler.devices.simulated.SimulatedGpu
 simulator's engine core on a virtual clock (method "simulated"): this checks the attribution rules
 and their bookkeeping, not hardware.
 
-    python -m benchmarks.attribution_accuracy [--requests 32] [--seed 7]
-writes docs/results/attribution-accuracy.json and .md.
+    python -m benchmarks.attribution_accuracy [--requests 32] [--seed 7] [--band]
+writes docs/results/attribution-accuracy.json and .md. --band reruns it with the simulated GPU's unfitted
+constants at the low and high ends of their plausible values (benchmarks.power_replay.SENSITIVITY_BAND).
 """
 
 from __future__ import annotations
@@ -230,6 +231,22 @@ def render_md(doc: dict[str, Any]) -> str:
         "| request | prompt | output | isolated measured (J) | isolated attributed (J) | concurrent attributed (J) | isolated-share reference (J) | error | marginal (J) | error vs marginal share |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if "sensitivity_band" in doc:
+        lines[lines.index("| request | prompt | output | isolated measured (J) | isolated attributed (J) | concurrent attributed (J) | isolated-share reference (J) | error | marginal (J) | error vs marginal share |"):0] = [
+            "Sensitivity band: the same run with the simulated GPU's unfitted constants (voltage floor, bandwidth knee, "
+            "memory-bound SM activity) at the low and high ends of their plausible values. They change how much a "
+            "memory-bound iteration draws, so the batch's cost split; the attribution rules are the same. No GPU result "
+            "is in the repository yet.", "",
+            "| end | constants | isolated MAPE (worst) | concurrent vs isolated share MAPE (worst) | vs marginal share MAPE (worst) | together / alone |",
+            "|---|---|---|---|---|---|",
+            f"| central | as in gpus.json | {100 * i['mape']:.2f}% ({100 * i['worst_abs_error']:.2f}%) | {100 * c['mape']:.2f}% ({100 * c['worst_abs_error']:.2f}%) | "
+            f"{100 * m['mape']:.2f}% ({100 * m['worst_abs_error']:.2f}%) | {100 * c['batching_ratio']:.1f}% |",
+            *[f"| {end} | {', '.join(f'{k} {v:g}' for k, v in e['constants'].items())} | {100 * e['isolated']['mape']:.2f}% "
+              f"({100 * e['isolated']['worst_abs_error']:.2f}%) | {100 * e['concurrent']['mape']:.2f}% ({100 * e['concurrent']['worst_abs_error']:.2f}%) | "
+              f"{100 * e['marginal']['mape']:.2f}% ({100 * e['marginal']['worst_abs_error']:.2f}%) | {100 * e['batching_ratio']:.1f}% |"
+              for end, e in doc["sensitivity_band"].items()],
+            "",
+        ]
     for r in doc["result"]["rows"]:
         lines.append(f"| {r['request_id']} | {r['prompt_tokens']} | {r['output_tokens']} | {r['isolated_measured_joules']:.1f} | "
                      f"{r['isolated_attributed_joules']:.1f} | {r['concurrent_attributed_joules']:.1f} | "
@@ -246,13 +263,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spread-seconds", type=float, default=0.5)
     ap.add_argument("--gpu-profile", default="h100-sxm")
     ap.add_argument("--out", type=Path, default=RESULTS / "attribution-accuracy")
+    ap.add_argument("--band", action="store_true", help="also at the low and high ends of the simulated GPU's unfitted constants")
     args = ap.parse_args(argv)
     specs = make_specs(args.requests, args.seed, args.spread_seconds)
     result = evaluate(specs, args.gpu_profile)
+    band = None
+    if args.band:
+        from benchmarks.power_replay import SENSITIVITY_BAND
+        from scheduler.sim.profiles import gpu_constant_overrides
+
+        band = {}
+        for end, constants in SENSITIVITY_BAND.items():
+            with gpu_constant_overrides(**constants):
+                r = evaluate(specs, args.gpu_profile)
+            band[end] = {"constants": constants, **{k: {x: r[k][x] for x in ("mape", "worst_abs_error")} for k in ("isolated", "concurrent", "marginal")},
+                         "batching_ratio": r["concurrent"]["batching_ratio"]}
+            print(f"band {end}: concurrent MAPE {100 * r['concurrent']['mape']:.2f}% (worst {100 * r['concurrent']['worst_abs_error']:.2f}%)", flush=True)
     doc = {"benchmark": "attribution-accuracy", "method": "simulated",
            "command": ("python -m benchmarks.attribution_accuracy " + " ".join(argv if argv is not None else sys.argv[1:])).strip(),
            "requests": args.requests, "seed": args.seed, "spread_seconds": args.spread_seconds, "gpu_profile": args.gpu_profile,
            "model": "llama-3.1-8b", "python": platform.python_version(), "result": result}
+    if band is not None:
+        doc["sensitivity_band"] = band
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     args.out.with_suffix(".md").write_text(render_md(doc), encoding="utf-8")

@@ -306,6 +306,8 @@ class Runner:
             "refusals": self.refusals,
             "skipped": self.skipped,
             "restore": {"original": original, "after": after, "verified": verified,
+                        # a crashed earlier run's settings, put back when this run's actuator started
+                        "restored_on_start": self.actuator.status()["restored_on_start"],
                         "actions": [a.to_dict() for a in restored],
                         "note": "NVML has no getter for a clock lock: the lock read back is the one this process set"
                         if w.method == "nvml-counter" else None},

@@ -8,9 +8,10 @@ Runs (all method "simulated", same trace, placement and seed):
   replay (each series hour = replay length / 24), the flat budget set to the carbon-aware budget's
   time mean; compared in gCO2e per request.
 
-With --band, default and slo-feedback are rerun with the simulator's unfitted GPU constants (voltage
-floor, bandwidth knee, memory-bound SM activity) at the low and at the high end of their plausible
-values (SENSITIVITY_BAND), and the governor's saving is reported as a band. Until a GPU run has
+With --band, every run is rerun with the simulator's unfitted GPU constants (voltage floor, bandwidth
+knee, memory-bound SM activity) at the low and at the high end of their plausible values
+(SENSITIVITY_BAND), and each figure (the governor's saving, the budget's compliance, the carbon-aware
+saving) is reported as a band. --band-only adds the bands to an existing result without rerunning it. Until a GPU run has
 fitted them (python -m scheduler.sim.fit --gpu-run), the saving is only as good as that band.
 
 Usage:
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--carbon-dirty-watts", type=float, default=2000.0)
     ap.add_argument("--only", default=None, help="comma-separated subset of runs: default,slo-feedback,budget,flat-budget,carbon-aware")
     ap.add_argument("--out", default=str(RESULTS / "power-replay"))
-    ap.add_argument("--band", action="store_true", help="also rerun default and slo-feedback at the low and high ends of the unfitted GPU constants")
+    ap.add_argument("--band", action="store_true", help="also rerun every run at the low and high ends of the unfitted GPU constants")
+    ap.add_argument("--band-only", action="store_true", help="add the bands to the existing result (--out) without rerunning its central runs")
     args = ap.parse_args(argv)
 
     config = load_config(args.config)
@@ -174,6 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         "flat-budget": ("budget", {"budget_watts": round(flat)}, intensity),
         "carbon-aware": ("carbon-aware", carbon_opts, intensity),
     }
+    if args.band_only:
+        out = Path(args.out)
+        doc = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
+        doc["sensitivity_band"] = sensitivity_band(config, trace, plans, doc["comparisons"], doc["runs"])
+        doc["band_command"] = "python -m benchmarks.power_replay --band-only"
+        out.with_suffix(".json").write_text(json.dumps(doc, indent=2))
+        out.with_suffix(".md").write_text(render_md(doc))
+        print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+        return 0
     wanted = args.only.split(",") if args.only else list(plans)
     runs: dict[str, Any] = {}
     for name in wanted:
@@ -216,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     band: dict[str, Any] | None = None
     if args.band:
-        band = sensitivity_band(config, trace, plans, comparisons)
+        band = sensitivity_band(config, trace, plans, comparisons, runs)
     command = "python -m benchmarks.power_replay " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = {
         "benchmark": "power-replay", "method": "simulated", "command": command.strip(),
@@ -239,27 +250,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sensitivity_band(config: WattlaneConfig, trace, plans: dict[str, Any], comparisons: dict[str, Any]) -> dict[str, Any]:
-    """default and slo-feedback at each end of SENSITIVITY_BAND; the saving's band includes the central result."""
+def sensitivity_band(config: WattlaneConfig, trace, plans: dict[str, Any], comparisons: dict[str, Any],
+                     central_runs: dict[str, Any]) -> dict[str, Any]:
+    """Every run at each end of SENSITIVITY_BAND; each figure's band includes the central result."""
     ends: dict[str, Any] = {}
     for end, constants in SENSITIVITY_BAND.items():
+        r: dict[str, Any] = {}
         with gpu_constant_overrides(**constants):
-            d = run_one(config, trace, "default", None, {})
-            policy, opts, _ = plans["slo-feedback"]
-            s = run_one(config, trace, "slo-feedback", policy, opts)
-        ends[end] = {"constants": constants, "default_energy_per_request_joules": d["energy_per_request_joules"],
-                     "slo_feedback_energy_per_request_joules": s["energy_per_request_joules"],
-                     "energy_per_request_change": s["energy_per_request_joules"] / d["energy_per_request_joules"] - 1,
-                     "slo_attainment_points": 100 * (s["slo_attainment"] - d["slo_attainment"]),
-                     "default_slo_attainment": d["slo_attainment"], "slo_feedback_slo_attainment": s["slo_attainment"]}
-        print(f"band {end:4s} {constants}: slo-feedback {100 * ends[end]['energy_per_request_change']:+.1f}% J/request, "
-              f"SLO {ends[end]['slo_attainment_points']:+.2f} points", flush=True)
+            for name in central_runs:
+                policy, opts, inten = plans[name]
+                r[name] = run_one(config, trace, name, policy, opts, intensity=inten)
+        d, s = r["default"], r["slo-feedback"]
+        e = ends[end] = {"constants": constants, "default_energy_per_request_joules": d["energy_per_request_joules"],
+                         "slo_feedback_energy_per_request_joules": s["energy_per_request_joules"],
+                         "energy_per_request_change": s["energy_per_request_joules"] / d["energy_per_request_joules"] - 1,
+                         "slo_attainment_points": 100 * (s["slo_attainment"] - d["slo_attainment"]),
+                         "default_slo_attainment": d["slo_attainment"], "slo_feedback_slo_attainment": s["slo_attainment"],
+                         "runs": {n: {k: x.get(k) for k in ("energy_per_request_joules", "slo_attainment", "gco2e_per_request",
+                                                            "seconds_group_power_over_budget", "max_sum_of_limits_watts",
+                                                            "max_group_power_watts_1s")} for n, x in r.items()}}
+        if "carbon-aware" in r and "flat-budget" in r:
+            e["carbon_aware_gco2e_per_request_change"] = r["carbon-aware"]["gco2e_per_request"] / r["flat-budget"]["gco2e_per_request"] - 1
+        print(f"band {end:4s} {constants}: slo-feedback {100 * e['energy_per_request_change']:+.1f}% J/request, "
+              f"SLO {e['slo_attainment_points']:+.2f} points"
+              + (f"; carbon-aware {100 * e['carbon_aware_gco2e_per_request_change']:+.1f}% gCO2e/request" if "carbon_aware_gco2e_per_request_change" in e else "")
+              + (f"; budget: {r['budget']['seconds_group_power_over_budget']} s over" if "budget" in r else ""), flush=True)
     changes = [e["energy_per_request_change"] for e in ends.values()]
     central = comparisons.get("slo_feedback_vs_default", {}).get("energy_per_request_change")
     if central is not None:
         changes.append(central)
-    return {"ends": ends, "slo_feedback_energy_per_request_change": [min(changes), max(changes)],
+    band = {"ends": ends, "slo_feedback_energy_per_request_change": [min(changes), max(changes)],
             "note": "plausible ends of unfitted modelling constants, not measurements; replace by a fit from a GPU run"}
+    carbon = [e["carbon_aware_gco2e_per_request_change"] for e in ends.values() if "carbon_aware_gco2e_per_request_change" in e]
+    if carbon:
+        central = comparisons.get("carbon_aware_vs_flat_budget", {}).get("gco2e_per_request_change")
+        carbon += [central] if central is not None else []
+        band["carbon_aware_gco2e_per_request_change"] = [min(carbon), max(carbon)]
+    over = [e["runs"]["budget"]["seconds_group_power_over_budget"] for e in ends.values() if "budget" in e["runs"]]
+    if over:
+        band["budget_seconds_over_budget"] = [min(over), max(over)]
+    return band
 
 
 def render_md(doc: dict[str, Any]) -> str:
@@ -319,6 +349,20 @@ def render_md(doc: dict[str, Any]) -> str:
         lines += ["", f"slo-feedback vs default, energy per request: **{100 * lo:+.1f}% to {100 * hi:+.1f}%** across the band "
                   "(central value included). A fit from a GPU run (scripts/gpu/gpu_run.py, then "
                   "`python -m scheduler.sim.fit --gpu-run`) replaces the band by one figure."]
+        if "carbon_aware_gco2e_per_request_change" in band:
+            clo, chi = band["carbon_aware_gco2e_per_request_change"]
+            lines += ["", f"carbon-aware vs flat budget, gCO2e per request: **{100 * clo:+.1f}% to {100 * chi:+.1f}%** across the band."]
+        if "budget_seconds_over_budget" in band:
+            blo, bhi = band["budget_seconds_over_budget"]
+            lines += ["", f"budget policy, seconds of group power over the budget: {blo} to {bhi} across the band."]
+        if any("runs" in e for e in band["ends"].values()):
+            names = list(doc["runs"])
+            lines += ["", "J/request and SLO attainment of every run at each end (central in the first table):", "",
+                      "| end | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+            for end, e in band["ends"].items():
+                lines.append(f"| {end} | " + " | ".join(f"{e['runs'][n]['energy_per_request_joules']:.1f} J, {100 * e['runs'][n]['slo_attainment']:.2f}%"
+                                                       for n in names) + " |")
+        lines += ["", "No GPU result is in the repository yet: every figure here is simulated."]
     lines += [
         "",
         "Carbon series: an illustrative 24-value hourly series (solar-heavy shape, "

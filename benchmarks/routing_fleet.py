@@ -13,6 +13,9 @@ routing split (scheduler.sim.prompts), the same draw for every policy (same seed
   (e) always the smallest model (Llama-3.1-8B), energy placement: the energy lower bound
   (f) auto with model_choice "lowest-energy" (the adequate model with the lowest predicted energy
       on its best feasible replica, not always the smallest), energy placement
+With --band (after a full run), the headline runs (the 2x 70B baselines and (d) at each target) are
+rerun with the simulator's unfitted GPU constants at the low and high end of their plausible values
+(benchmarks.power_replay.SENSITIVITY_BAND) and each figure gets its band; the central runs are kept.
 (a)-(e) run on configs/sim-fleet.yaml (4x 8B + 1x 70B TP4 on 8 H100); (a) and (b) also on
 configs/sim-fleet-70b.yaml (2x 70B TP4 on the same 8 H100), the equal-hardware baseline. (c) and (d)
 run at several quality targets, each calibrated on the held-out split by scheduler.routing.calibrate.
@@ -119,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override routing.placement_slo_margin for every run (default: the configs' value)")
     ap.add_argument("--only", default=None, help="comma-separated run names (e.g. largest-energy-2x70b): run those only, print, write nothing")
     ap.add_argument("--out", type=Path, default=RESULTS / "routing-fleet", help="output path without suffix (.json and .md are written)")
+    ap.add_argument("--band", action="store_true",
+                    help="add sensitivity bands to the existing results (--out): rerun the headline runs at the ends of the unfitted GPU constants")
     args = ap.parse_args(argv)
+    if args.band:
+        return add_band(args)
 
     t0 = time.perf_counter()
     trace_path = args.trace or conversation_trace()
@@ -185,6 +192,76 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
     return 0
+
+
+#: the runs whose figures the README quotes: they get a band
+BAND_RUNS = ("largest-rr-2x70b", "largest-energy-2x70b")
+
+
+def add_band(args: argparse.Namespace) -> int:
+    """Rerun the headline runs of an existing result at both ends of SENSITIVITY_BAND and write the bands into it."""
+    from benchmarks.power_replay import SENSITIVITY_BAND
+    from scheduler.sim.profiles import gpu_constant_overrides
+
+    path = args.out.with_suffix(".json")
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    trace = load_trace(Path(doc["trace"]) if Path(doc["trace"]).is_file() else conversation_trace()).window(doc["minutes"])
+    names = list(BAND_RUNS) + [n for n in doc["runs"] if n.startswith("auto-energy@")]
+    t0 = time.perf_counter()
+    ends: dict[str, dict[str, Any]] = {}
+    for end, constants in SENSITIVITY_BAND.items():
+        ends[end] = {"constants": constants, "runs": {}}
+        for name in names:
+            central = doc["runs"][name]
+            kw = {k: central[k] for k in ("model", "placement", "min_quality")}
+            if central.get("model_choice") and central["model_choice"] != "smallest":
+                kw["model_choice"] = central["model_choice"]
+            with gpu_constant_overrides(**constants):
+                r = run_one(REPO_DIR / central["config"], trace, seed=doc["seed"], placement_slo_margin=central["placement_slo_margin"], **kw)
+            ends[end]["runs"][name] = {k: r[k] for k in ("energy_per_request_joules", "tokens_per_joule", "slo_attainment", "ttft_p99_seconds", "tpot_p99_seconds")}
+            print(f"band {end:4s} {name:24s} {r['energy_per_request_joules']:7.1f} J/req (central {central['energy_per_request_joules']:.1f})  "
+                  f"SLO {r['slo_attainment']:.4f}", flush=True)
+    band: dict[str, Any] = {"ends": ends, "runs": {}, "comparisons": {},
+                            "note": "Plausible ends of unfitted modelling constants (voltage floor, bandwidth knee, memory-bound SM "
+                                    "activity), not measurements; the fitted model coefficients are held, so at default clocks only "
+                                    "the memory-bound SM activity moves energy. A fit from a GPU run replaces the band.",
+                            "wall_seconds": time.perf_counter() - t0}
+    for name in names:
+        vals = [doc["runs"][name]["energy_per_request_joules"]] + [e["runs"][name]["energy_per_request_joules"] for e in ends.values()]
+        band["runs"][name] = {"energy_per_request_joules": [min(vals), max(vals)]}
+        d = name
+        for base in BAND_RUNS:
+            changes = [doc["runs"][d]["energy_per_request_joules"] / doc["runs"][base]["energy_per_request_joules"] - 1]
+            changes += [e["runs"][d]["energy_per_request_joules"] / e["runs"][base]["energy_per_request_joules"] - 1 for e in ends.values()]
+            if d.startswith("auto-energy@"):
+                band["comparisons"].setdefault(d.removeprefix("auto-energy@"), {})[f"vs {base}"] = [min(changes), max(changes)]
+    doc["sensitivity_band"] = band
+    doc["band_command"] = "python -m benchmarks.routing_fleet --band"
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    args.out.with_suffix(".md").write_text(render_markdown(doc), encoding="utf-8")
+    print(f"wrote {path} and its .md")
+    return 0
+
+
+def band_markdown(doc: dict[str, Any]) -> list[str]:
+    band = doc.get("sensitivity_band")
+    if not band:
+        return ["", "## Sensitivity band", "", "Not computed for this result: run `python -m benchmarks.routing_fleet --band`.", ""]
+    lo, hi = band["ends"]["low"]["constants"], band["ends"]["high"]["constants"]
+    lines = ["", "## Sensitivity band (unfitted GPU constants)", "",
+             f"`{doc.get('band_command', 'python -m benchmarks.routing_fleet --band')}` reran these runs with the simulator's unfitted GPU "
+             f"constants at their low end ({', '.join(f'{k} {v:g}' for k, v in lo.items())}) and high end "
+             f"({', '.join(f'{k} {v:g}' for k, v in hi.items())}). {band['note']} No GPU result is in the repository yet.", "",
+             "| run | J/request central | low end | high end | band |", "|---|---:|---:|---:|---|"]
+    for name, b in band["runs"].items():
+        c = doc["runs"][name]["energy_per_request_joules"]
+        lines.append(f"| {doc['runs'][name]['label']} | {c:.0f} | {band['ends']['low']['runs'][name]['energy_per_request_joules']:.0f} | "
+                     f"{band['ends']['high']['runs'][name]['energy_per_request_joules']:.0f} | {b['energy_per_request_joules'][0]:.0f} to {b['energy_per_request_joules'][1]:.0f} |")
+    lines += ["", "| min_quality | (d) against | energy/request change, band |", "|---:|---|---|"]
+    for q, comps in band["comparisons"].items():
+        for against, (a, b) in comps.items():
+            lines.append(f"| {q} | {against.removeprefix('vs ')} | {100 * a:+.1f}% to {100 * b:+.1f}% |")
+    return lines + [""]
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -270,6 +347,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "`python -m benchmarks.routing_latency` measures route() alone (docs/results/routing-latency.md).",
         "",
     ]
+    lines += band_markdown(doc)
     return "\n".join(lines)
 
 

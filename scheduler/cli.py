@@ -29,7 +29,9 @@ _COMMAND_MODULES = [
     "scheduler.power.commands",
     "scheduler.sim.commands",
     "scheduler.routing.commands",
+    "scheduler.teams.commands",
     "scheduler.energy.commands",
+    "scheduler.sim.bench",
 ]
 
 

@@ -204,15 +204,80 @@ class SloConfig(_Section):
     tpot_ms: Annotated[float, Field(gt=0)] = 100.0
 
 
+# --- teams, limits and budgets (scheduler/teams) ------------------------------------------------
+
+#: a team name, as keys, the ledger and reports carry it
+TEAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class RateLimitsConfig(_Section):
+    """Limits over a sliding minute and at any instant; None: no limit."""
+
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    #: prompt + completion tokens; a request holds prompt estimate + max_tokens until it ends, then its real count
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    concurrent_requests: Annotated[int, Field(ge=1)] | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.requests_per_minute, self.tokens_per_minute, self.concurrent_requests))
+
+
+class BudgetConfig(_Section):
+    """Energy (joules, as the ledger counts them: dynamic + idle share) or carbon (gCO2e) per period."""
+
+    energy_joules: Annotated[float, Field(gt=0)] | None = None
+    gco2e: Annotated[float, Field(gt=0)] | None = None
+    #: calendar periods in UTC: a day starts at 00:00, a month on its first day
+    period: Literal["day", "month"] = "day"
+
+    @model_validator(mode="after")
+    def _one_quantity(self) -> "BudgetConfig":
+        if (self.energy_joules is None) == (self.gco2e is None):
+            raise ValueError("give exactly one of energy_joules or gco2e (one budget per entry)")
+        return self
+
+    @property
+    def quantity(self) -> str:
+        return "energy_joules" if self.energy_joules is not None else "gco2e"
+
+    @property
+    def amount(self) -> float:
+        return float(self.energy_joules if self.energy_joules is not None else self.gco2e)  # type: ignore[arg-type]
+
+
+class TeamConfig(_Section):
+    name: Annotated[str, Field(pattern=TEAM_NAME_PATTERN)]
+    #: limits for the whole team (every key of it together)
+    limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    #: a budget past this fraction is "low": the x-wattlane-budget-warning header, and downgrade if chosen
+    warn_at_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    #: when a budget (the team's or one of its keys') runs low: "refuse" warns, then refuses with 429
+    #: once it is spent; "downgrade" routes to the smallest model whose predicted quality still reaches
+    #: downgrade_min_quality, then refuses with 429 once it is spent
+    when_low: Literal["refuse", "downgrade"] = "refuse"
+    downgrade_min_quality: Annotated[float, Field(ge=0, le=1)] | None = None
+
+    @model_validator(mode="after")
+    def _downgrade_needs_floor(self) -> "TeamConfig":
+        if self.when_low == "downgrade" and self.downgrade_min_quality is None:
+            raise ValueError("when_low 'downgrade' needs downgrade_min_quality (the quality floor, 0..1)")
+        return self
+
+
 class ApiKeyConfig(_Section):
     id: str
     #: sha256 hex of the key; generate with `wattlane keys hash`
     key_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     role: Literal["client", "reader", "operator"] = "client"
-    #: the team the key belongs to: the ledger, summaries and reports group by it
-    team: str | None = None
     #: per-key request defaults (min_quality, slo, priority, max_energy_joules)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    #: the team the key belongs to: the ledger, summaries and reports group by it; once `teams` is
+    #: configured it must be one of them, and that team's limits and budgets apply too
+    team: Annotated[str, Field(pattern=TEAM_NAME_PATTERN)] | None = None
+    #: this key's own limits and budgets (its team's when_low and floor apply to them)
+    limits: RateLimitsConfig = Field(default_factory=RateLimitsConfig)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
 
 
 class RoutingConfig(_Section):
@@ -249,9 +314,10 @@ class ServerConfig(_Section):
     #: is read (None: no limit). Admission refuses what the models cannot start in time; this refuses
     #: what the gateway itself cannot even look at in time, cheaply, when it is flooded.
     max_inflight_requests: Annotated[int, Field(ge=1)] | None = None
-    #: replicas of the gateway deployment (Serve spreads requests over them; each writes the ledger)
-    gateway_replicas: Annotated[int, Field(ge=1)] = 1
     api_keys: list[ApiKeyConfig] = Field(default_factory=list)
+    #: gateway (ingress) replicas, separate processes on the head node; keys, limits and budgets stay
+    #: exact across them through the state directory's teams.sqlite3 (docs/teams.md)
+    gateway_replicas: Annotated[int, Field(ge=1, le=64)] = 1
 
 
 # --- telemetry -----------------------------------------------------------------------------------
@@ -288,6 +354,7 @@ class WattlaneConfig(_Section):
     energy: EnergyConfig = Field(default_factory=EnergyConfig)
     power: PowerConfig = Field(default_factory=PowerConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    teams: list[TeamConfig] = Field(default_factory=list)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     #: set by load_config: the file this came from, for error messages and relative paths
@@ -309,6 +376,9 @@ class WattlaneConfig(_Section):
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    def team(self, name: str | None) -> TeamConfig | None:
+        return next((t for t in self.teams if t.name == name), None) if name else None
 
     def config_dir(self) -> Path:
         return Path(self.source_path).resolve().parent if self.source_path else Path.cwd()
@@ -397,6 +467,7 @@ def validate_config_mapping(data: Any, source: str, shown: str | None = None) ->
         raise _error_from_validation(exc, shown, data) from None
     config.source_path = source
     _check_cross_references(config, shown)
+    _check_teams(config, shown)
     _check_carbon(config, shown)
     _check_telemetry(config, shown)
     return config
@@ -498,6 +569,27 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
                 raise ConfigError(f"device '{d}' is already in power group '{owner[d]}'", file=shown, key=key + ".devices",
                                   fix="a device belongs to one group; remove it from one of them")
             owner[d] = g.name
+
+
+def _check_teams(config: WattlaneConfig, shown: str) -> None:
+    """Team names are unique, and once teams are configured every key's team is one of them (a typo would
+    otherwise leave the key outside its team's limits and budgets)."""
+    names: set[str] = set()
+    for i, t in enumerate(config.teams):
+        if t.name in names:
+            raise ConfigError(f"team '{t.name}' appears twice", file=shown, key=f"teams[{i}].name",
+                              fix="give every team its own name, or merge the two entries")
+        names.add(t.name)
+    ids: set[str] = set()
+    for i, k in enumerate(config.server.api_keys):
+        key = f"server.api_keys[{i}] (id {k.id})"
+        if k.id in ids:
+            raise ConfigError(f"API key id '{k.id}' appears twice", file=shown, key=key + ".id",
+                              fix="give every key its own id")
+        ids.add(k.id)
+        if k.team is not None and names and k.team not in names:
+            raise ConfigError(f"team '{k.team}' is not one of teams ({', '.join(sorted(names)) or 'none'})",
+                              file=shown, key=key + ".team", fix="add the team under teams, or correct the name")
 
 
 def _check_simulated_model(config: WattlaneConfig, m: ModelConfig, key: str, shown: str) -> None:

@@ -90,6 +90,11 @@ class Accounting:
             baseline_method=base.method if base else None,
         )
         await self.ledger.arecord(row)
+        if job.admission is not None:  # the caller's budgets count what this row counts
+            try:
+                await job.admission.settle(e.get("joules"), c.get("gco2e"), result.prompt_tokens + result.completion_tokens)
+            except Exception:  # an unsettled reservation expires by itself; the answer must still go out
+                log.exception("could not settle the limits and budgets of request %s", result.request_id)
         self.metrics.observe_request(
             model=result.model, status=status, prompt_tokens=result.prompt_tokens,
             completion_tokens=result.completion_tokens, ttft_seconds=result.ttft_seconds,

@@ -124,7 +124,8 @@ def create_app(gateway: Any) -> FastAPI:
                   description="Energy-aware, OpenAI-compatible inference gateway")
     app.state.gateway = gateway
     app.state.serving = gateway.serving
-    app.state.keys = KeyStore(gateway.config.server.api_keys)
+    app.state.keys = KeyStore(gateway.config.server.api_keys, runtime=getattr(gateway, "key_cache", None),
+                              config=gateway.config)
     install_error_handlers(app)
     app.include_router(inference.router)
     app.include_router(service.router)

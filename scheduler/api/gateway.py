@@ -48,18 +48,30 @@ class Gateway:
         self.metrics.set_device_source(lambda: self.device_snapshots)
         self._refresher: asyncio.Task | None = None
         self._power_seen: dict[tuple[str, str], int] = {}
+        #: (node, device, agent start) whose start-up energy is in the ledger
+        self._startups_recorded: set[tuple[str, str, float]] = set()
         self.tracer = None
         if self.config.telemetry.otlp_endpoint:
             from scheduler.telemetry.otel import tracer_from_config
 
             self.tracer = tracer_from_config(self.config.telemetry, server_port=self.config.server.port)
+        from scheduler.teams.guard import TeamGuard
+        from scheduler.teams.keys import KeyCache, KeyRegistry
+        from scheduler.teams.store import TeamsStore
+
+        # run-time keys, limits and budgets: one SQLite file that every gateway replica and the CLI share
+        self.teams_store = TeamsStore(self.state_dir)
+        self.key_cache = KeyCache(self.teams_store)
+        self.key_registry = KeyRegistry(self.teams_store, {k.id for k in self.config.server.api_keys})
         self.serving = Serving(
             self.config, ModelSelection(self.config),
             Accounting(self.carbon, self.ledger, self.metrics, abandoned=_take_abandoned,
                        baseline=SavingsBaseline(self.config.models, self.replicas_by_model,
                                                  prefill_token_weight=self.config.energy.prefill_token_weight),
                        tracer=self.tracer),
-            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher)
+            model_handles, replicas_by_model=self.replicas_by_model, on_request=self.ensure_refresher,
+            teams=TeamGuard(self.teams_store, grams_per_joule=lambda: self.carbon.footprint(1.0, time.time()).gco2e,
+                            on_budget_use=self.metrics.set_budget_used))
 
     def __serve_build_asgi_app__(self):
         from scheduler.api.app import create_app
@@ -68,8 +80,9 @@ class Gateway:
 
     def extra_routers(self) -> list[Any]:
         from scheduler.api.routes import dashboard, energy, operator
+        from scheduler.teams import routes as teams
 
-        return [energy.router, operator.router, dashboard.router]
+        return [energy.router, operator.router, dashboard.router, teams.router]
 
     # --- node agents and live readings -----------------------------------------------------------
     def agents(self) -> dict[str, Any]:
@@ -114,10 +127,30 @@ class Gateway:
             self._sync_power_actions(node, view["power_action_totals"])
         self.device_snapshots = snaps
         self.replica_stats = fresh
+        await self._record_startups()
         for replica_id, st in fresh.items():
             self.metrics.set_replica_queue(model=st.get("model_id", ""), replica=replica_id,
                                            running=int(st.get("running", 0)), waiting=int(st.get("waiting", 0)))
         return snaps
+
+    async def record_startups(self) -> None:
+        """Put each device's start-up energy in the ledger once it is final (docs/energy.md, Start-up energy)."""
+        if not self.device_snapshots:
+            await self.refresh_devices()  # it records them
+        else:
+            await self._record_startups()
+
+    async def _record_startups(self) -> None:
+        for snap in self.device_snapshots:
+            if not snap.get("startup_settled"):
+                continue
+            key = (snap.get("agent_node") or snap["node"], snap["device_id"], float(snap["started_unix_s"]))
+            if key in self._startups_recorded:
+                continue
+            await asyncio.to_thread(self.ledger.record_startup, node=key[0], device=key[1], started_unix_s=key[2],
+                                    ready_unix_s=float(snap["ready_unix_s"]), joules=float(snap["startup_energy_joules"]),
+                                    energy_method=snap.get("energy_method"), energy_scope=snap.get("energy_scope"))
+            self._startups_recorded.add(key)
 
     def _sync_power_actions(self, node: str, totals: dict[str, int]) -> None:
         """The agents count actions; the counter here advances by what is new since the last look."""

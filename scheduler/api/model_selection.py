@@ -8,7 +8,7 @@ library; the decision itself is routing.select.route, the same code the fleet si
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from scheduler.api.errors import ApiError
@@ -60,7 +60,15 @@ class ModelSelection:
                 ) -> tuple[RequestControls, RouteDecision]:
         """The controls and the decision for a request, refusals included, without acting on them."""
         controls = self.controls(job)
-        return controls, route(self.config.models, route_request(job), controls, self.predictor, replicas_by_model)
+        request = route_request(job)
+        floor = getattr(job.admission, "quality_floor", None) if getattr(job, "admission", None) else None
+        if floor is not None:  # a budget runs low: the smallest model whose predicted quality reaches the team's floor
+            controls = replace(controls, min_quality=min(controls.min_quality, floor), model_choice="smallest")
+            request.model = "auto"
+        decision = route(self.config.models, request, controls, self.predictor, replicas_by_model)
+        if floor is not None and decision.error is None:
+            decision.reason = f"{job.admission.downgrade_reason}; {decision.reason}"
+        return controls, decision
 
     def select(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
         """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""

@@ -146,10 +146,26 @@ class SummaryRow(_Grouped):
     saved_fraction: float | None = Field(description="saved_joules / baseline_joules")
 
 
+class StartupRow(BaseModel):
+    """Start-up energy of one device for one start: idle energy metered while models loaded, charged to no request."""
+
+    model_config = ConfigDict(extra="forbid")
+    node: str
+    device: str
+    started_unix_s: float
+    ready_unix_s: float
+    joules: float
+    energy_method: str | None
+    energy_scope: str | None
+    method_kind: Literal["measured", "estimated", "simulated", "unknown", "none"]
+
+
 class SummaryList(BaseModel):
     object: Literal["list"]
     group_by: Literal["model", "device", "api_key", "team", "hour"]
     data: list[SummaryRow]
+    startup: list[StartupRow] = Field(default=[], description="start-up energy (ready time within since/until), not in data")
+    startup_joules: float = Field(default=0.0, description="sum of startup[].joules")
 
 
 class MethodRow(_Grouped):
@@ -197,6 +213,10 @@ class DeviceOut(_Open):
     throttle_reasons: list[str] = []
     uuid: str | None = None
     running_requests: int | None = None
+    startup_energy_joules: float | None = Field(default=None, description="idle energy before the service was ready")
+    startup_settled: bool | None = None
+    started_unix_s: float | None = None
+    ready_unix_s: float | None = None
     error: str | None = None
 
 

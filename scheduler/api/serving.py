@@ -59,6 +59,10 @@ class Job:
     key_defaults: dict[str, Any] = field(default_factory=dict)
     #: when the gateway accepted it (time.monotonic()): TTFT and latency count from here, on one clock
     accepted_monotonic_s: float = field(default_factory=time.monotonic)
+    #: the caller's limits and budgets (teams.quotas.Quota), None when nothing limits it
+    quota: Any = None
+    #: what teams admission decided and holds for it (teams.guard.Ticket): settled with its ledger row
+    admission: Any = None
 
 
 @dataclass
@@ -196,8 +200,10 @@ class Serving:
 
     def __init__(self, config: WattlaneConfig, selection: ModelSelection, accounting: Accounting,
                  handles: Mapping[str, Any], replicas_by_model: ReplicasByModel = lambda: None,
-                 on_request: Callable[[], None] = lambda: None):
+                 on_request: Callable[[], None] = lambda: None, teams: Any = None):
         self.config = config
+        #: teams admission (teams.guard.TeamGuard): limits and budgets before routing; None: none configured
+        self.teams = teams
         self.selection = selection
         self.accounting = accounting
         #: model id -> its deployment handle (Serve's DeploymentHandle, or an in-process stand-in)
@@ -211,6 +217,12 @@ class Serving:
     def select(self, job: Job) -> Routed:
         self._on_request()
         return self.selection.select(job, self._replicas_by_model())
+
+    async def _admitted(self, job: Job) -> Routed:
+        """select(), behind the caller's limits and budgets (429, or a downgraded route) when it has any."""
+        if self.teams is None or job.quota is None:
+            return self.select(job)
+        return await self.teams.admit(job, self.select)
 
     def explain(self, job: Job) -> tuple[Any, Any]:
         """(controls, decision) for /v1/route/explain: the same selection, without running anything."""
@@ -226,7 +238,7 @@ class Serving:
         that answers "unavailable" (its node left; it generated nothing) is also retried on its own
         model, whose other replicas can take the request, and so is one whose actor died.
         """
-        routed = routed or self.select(job)
+        routed = routed or await self._admitted(job)
         attempts = [routed.model] + routed.fallback_models[:1]
         failures: list[str] = []
         unavailable_retries = 0
@@ -259,6 +271,8 @@ class Serving:
                                          energy=first.energy)
                 raise replica_error(first.kind, first.message, first.param)
             return session
+        if job.admission is not None:
+            job.admission.release()  # nothing ran: the request holds no limit or budget
         raise ApiError(503, "no replica could serve the request: " + "; ".join(failures), code="no_capacity",
                        headers={"Retry-After": "5"})
 
@@ -295,7 +309,7 @@ class Serving:
             raise _ReplicaFailure(type(exc).__name__, replica_gone=isinstance(exc, RayActorError)) from None
 
     async def run(self, job: Job) -> InferenceResult:
-        routed = self.select(job)
+        routed = await self._admitted(job)
         cascade = self._cascade_target(job, routed)
         if cascade:
             job.request.params.logprobs = True
@@ -326,8 +340,15 @@ class Serving:
         second_id = f"{job.request_id}-cascade"
         second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
                          api_key_id=job.api_key_id, team=job.team, cascade_of=job.request_id,
-                         controls=job.controls, key_defaults=job.key_defaults)
-        second = await self.run(second_job)
+                         controls=job.controls, key_defaults=job.key_defaults, quota=job.quota)
+        try:
+            second = await self.run(second_job)
+        except ApiError as exc:
+            if exc.status != 429:
+                raise
+            # the caller's limits or budgets allow no second attempt: the first answer stands
+            first.routing["reason"] += f"; cascade: not escalated ({exc.message})"
+            return first
         second.request_id = job.request_id
         second.routing["reason"] = (f"{routed.reason}; cascade: escalated from {first.model} to {second.model} "
                                     f"({verdict.reason})")

@@ -1,5 +1,5 @@
 """`wattlane serve` (start or join Ray, deploy the gateway and models), `wattlane deploy-config` (the same
-deployment as a Ray Serve config file for `serve deploy`), `wattlane agent`, `wattlane keys hash`."""
+deployment as a Ray Serve config file for `serve deploy`), `wattlane agent`, `wattlane check-config`."""
 
 from __future__ import annotations
 
@@ -310,13 +310,6 @@ def agent_cmd(
     out.print("stopped; device settings restored")
 
 
-def keys_hash(key: Annotated[str, typer.Argument(help="the API key to hash for server.api_keys[].key_sha256")]) -> None:
-    """Print the sha256 of an API key, for the config (keys are never stored in clear)."""
-    from scheduler.api.auth import hash_key
-
-    out.print(hash_key(key))
-
-
 def check_config(config: Annotated[Optional[Path], typer.Option("--config", "-c")] = None) -> None:
     """Validate a config file and exit 0, or print the problem and exit 2.
 
@@ -333,6 +326,3 @@ def register(app: typer.Typer) -> None:
     app.command("agent")(agent_cmd)
     app.command("check-config")(check_config)
     app.command("deploy-config")(deploy_config)
-    keys = typer.Typer(help="API key helpers", no_args_is_help=True)
-    keys.command("hash")(keys_hash)
-    app.add_typer(keys, name="keys")

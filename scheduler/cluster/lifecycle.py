@@ -47,6 +47,8 @@ class Deployment:
         self._serve_started = True
         serve.run(build_app(self.config, self.state_dir), name=APP_NAME, route_prefix="/", blocking=False)
         self.wait_ready()
+        # from here the service answers: the idle energy of loading models is start-up energy, not requests'
+        ray.get([a.mark_ready.remote() for a in self.agents])
 
     def wait_ready(self, timeout_s: float = 600.0) -> None:
         import time

@@ -110,6 +110,8 @@ class NodeAgent:
             prefill_token_weight=e.prefill_token_weight,
             idle_amortization_seconds=e.idle_amortization_seconds,
             settle_delay_seconds=max(0.3, 3 * e.meter_interval_seconds),
+            # idle energy until mark_ready (models loading) is start-up energy, charged to no request
+            starting_up=True,
         )
         for device_id in self.devices:
             self.attributor.register_device(device_id)
@@ -137,6 +139,10 @@ class NodeAgent:
 
     async def ready(self) -> dict[str, Any]:
         return {"node": self.node, "devices": list(self.devices), "pid": os.getpid(), "started_s": self._started_s}
+
+    def mark_ready(self, t_s: float | None = None) -> None:
+        """The service answers from t_s (default now): idle energy before it is start-up energy."""
+        self.attributor.mark_ready(time.time() if t_s is None else t_s)
 
     # --- request accounting (called by replicas) ---------------------------------------------
     # A request on a multi-GPU replica (tensor parallel) is tracked once per device under
@@ -325,6 +331,10 @@ class NodeAgent:
                 reading = self.meter.reading(device_id)
                 snap["energy_joules_metered"] = reading.total_energy_joules
                 snap["running_requests"] = self.attributor.running(device_id)
+                snap["startup_energy_joules"] = self.attributor.startup_joules(device_id)
+                snap["startup_settled"] = self.attributor.startup_settled(device_id)
+                snap["started_unix_s"] = self._started_s
+                snap["ready_unix_s"] = self.attributor.ready_s
                 # a simulated GPU names its own (simulated) node; this is the agent that owns it
                 snap["agent_node"] = self.node
                 out.append(snap)

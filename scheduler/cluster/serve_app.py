@@ -79,9 +79,9 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         name="gateway",
         num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
-        # every gateway replica on the head node: they write one ledger file there, each row once (the
-        # replica that served the request writes it), and SQLite's locking (WAL, busy_timeout) keeps
-        # several writer processes on one host safe; it does not across hosts (a network filesystem)
+        # replicas are separate processes sharing the state directory's ledger and teams database, all on the
+        # head node: each ledger row is written once (by the replica that served the request), and SQLite's
+        # locking (WAL, busy_timeout) keeps several writer processes on one host safe; not across hosts
         ray_actor_options={"num_cpus": 0, "resources": {runtime.HEAD_RESOURCE: 0.001}},
     )
     return gateway.bind(cfg, str(state_dir), handles)

@@ -25,8 +25,12 @@ Rules (docs/energy.md says the same in prose):
   out, taken oldest first. Idle energy older than the window is never charged: it stays in the
   unassigned idle pool. Under steady traffic a request pays about idle_power / finish_rate x
   (its work / mean work), slightly less (conservative), and never more than the window held.
+- Start-up: an Attributor made with starting_up=True keeps the idle energy metered before
+  mark_ready(t) (models loading, the service not yet answering) in a start-up bucket of its own: it
+  never enters the idle pool, so no request is charged for it. The first request to start marks
+  the service ready if nothing did before.
 - Conservation (exact up to float rounding): metered = per-request dynamic + per-request idle
-  + idle pool (unassigned, including expired) + unsettled intervals. balance() reports each term.
+  + idle pool (unassigned, including expired) + start-up + unsettled intervals. balance() reports each term.
 
 Pure Python, no I/O, one lock: safe to call from the meter thread, Ray actor methods and asyncio.
 """
@@ -76,10 +80,12 @@ class EnergyBalance:
     idle_pool_joules: float
     #: joules of intervals still waiting for settlement
     unsettled_joules: float
+    #: idle joules metered before the service was ready (start-up energy, charged to no request)
+    startup_joules: float = 0.0
 
     @property
     def accounted_joules(self) -> float:
-        return self.dynamic_joules + self.idle_assigned_joules + self.idle_pool_joules + self.unsettled_joules
+        return self.dynamic_joules + self.idle_assigned_joules + self.idle_pool_joules + self.unsettled_joules + self.startup_joules
 
 
 @dataclass
@@ -180,6 +186,7 @@ class _Device:
     dynamic_joules: float = 0.0
     idle_assigned_joules: float = 0.0
     idle_expired_joules: float = 0.0
+    startup_joules: float = 0.0
 
 
 class Attributor:
@@ -192,6 +199,7 @@ class Attributor:
         idle_amortization_seconds: float = 60.0,
         settle_delay_seconds: float = 0.5,
         stale_request_seconds: float = 3600.0,
+        starting_up: bool = False,
     ):
         if prefill_token_weight <= 0 or idle_amortization_seconds <= 0 or settle_delay_seconds < 0:
             raise ValueError("prefill_token_weight and idle_amortization_seconds must be > 0, settle_delay_seconds >= 0")
@@ -204,6 +212,8 @@ class Attributor:
         self._requests: dict[str, _Request] = {}
         #: requests dropped because they never finished within stale_request_seconds
         self.stale_requests_dropped = 0
+        #: idle energy metered before this time is start-up energy; None: still starting up
+        self._ready_s: float | None = None if starting_up else float("-inf")
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -212,8 +222,16 @@ class Attributor:
         with self._lock:
             self._device(device_id)
 
+    def mark_ready(self, t_s: float) -> None:
+        """The service is ready from t_s on: idle energy metered before it is start-up energy. Only the first call counts."""
+        with self._lock:
+            if self._ready_s is None:
+                self._ready_s = t_s
+
     def start(self, request_id: str, device_id: str, t_s: float) -> None:
         with self._lock:
+            if self._ready_s is None:
+                self._ready_s = t_s  # a request is being served: the service is ready at the latest now
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} was already started")
             req = _Request(request_id, device_id, t_s, [t_s], [0.0])
@@ -339,6 +357,25 @@ class Attributor:
             dev = self._devices.get(device_id)
             return 0 if dev is None else len(dev.active)
 
+    @property
+    def ready_s(self) -> float | None:
+        """When the service became ready (-inf when made without starting_up); None while starting up."""
+        return self._ready_s
+
+    def startup_joules(self, device_id: str) -> float:
+        """Start-up energy of a device so far (idle energy settled before the ready time)."""
+        with self._lock:
+            dev = self._devices.get(device_id)
+            return 0.0 if dev is None else dev.startup_joules
+
+    def startup_settled(self, device_id: str) -> bool:
+        """True once every interval before the ready time is settled: startup_joules is final."""
+        with self._lock:
+            dev = self._devices.get(device_id)
+            if self._ready_s is None or dev is None or dev.covered_until_s is None:
+                return False
+            return not dev.pending or dev.pending[0].t0_s >= self._ready_s
+
     def balance(self, device_id: str | None = None) -> EnergyBalance:
         """Where the metered joules went, for one device or all of them."""
         with self._lock:
@@ -349,6 +386,7 @@ class Attributor:
                 idle_assigned_joules=sum(d.idle_assigned_joules for d in devs),
                 idle_pool_joules=sum(d.idle_expired_joules + sum(e[2] for e in d.idle_pool) for d in devs),
                 unsettled_joules=sum(iv.remaining_joules for d in devs for iv in d.pending),
+                startup_joules=sum(d.startup_joules for d in devs),
             )
 
     def memory_items(self) -> int:
@@ -425,7 +463,7 @@ class Attributor:
                     self._pay(dev, r, share)
                 iv.remaining_joules -= to_share
             if iv.remaining_joules > 0:
-                self._add_idle(dev, iv.t1_s, iv.remaining_joules)
+                self._add_idle(dev, iv.t1_s, iv.remaining_joules, t0_s=iv.t0_s)
                 iv.remaining_joules = 0.0
         if n:
             del dev.pending[:n]
@@ -434,7 +472,16 @@ class Attributor:
             for r in dev.active.values():
                 r.prune_before(horizon)
 
-    def _add_idle(self, dev: _Device, t_s: float, joules: float) -> None:
+    def _add_idle(self, dev: _Device, t_s: float, joules: float, t0_s: float | None = None) -> None:
+        ready = self._ready_s
+        if ready is None or t_s <= ready:
+            dev.startup_joules += joules
+            return
+        if t0_s is not None and t0_s < ready:
+            # the interval spans the ready time: the part before it is start-up energy
+            before = joules * (ready - t0_s) / (t_s - t0_s)
+            dev.startup_joules += before
+            joules -= before
         # entries are [time, joules metered, joules not yet handed out]; one entry per second of
         # idle keeps the pool short at 10 Hz metering
         last = dev.idle_pool[-1] if dev.idle_pool else None

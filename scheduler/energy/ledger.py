@@ -125,6 +125,11 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS requests_request_id ON requests(request_id)",
     "CREATE INDEX IF NOT EXISTS requests_time ON requests(time_unix_s)",
     "CREATE INDEX IF NOT EXISTS requests_model_time ON requests(model, time_unix_s)",
+    # start-up energy: idle energy metered while models loaded, before the service answered; charged
+    # to no request (docs/energy.md). One row per device per start of its node agent.
+    "CREATE TABLE IF NOT EXISTS startups (node TEXT NOT NULL, device TEXT NOT NULL, started_unix_s REAL NOT NULL, "
+    "ready_unix_s REAL NOT NULL, joules REAL NOT NULL, energy_method TEXT, energy_scope TEXT, "
+    "PRIMARY KEY (node, device, started_unix_s))",
 )
 
 GroupBy = Literal["model", "device", "api_key", "team", "hour"]
@@ -529,6 +534,27 @@ class Ledger:
         finally:
             stop.set()
             room.release()  # wake a producer waiting for room so it sees stop and closes its connection
+
+    def record_startup(self, *, node: str, device: str, started_unix_s: float, ready_unix_s: float, joules: float,
+                       energy_method: str | None, energy_scope: str | None) -> None:
+        """Store (or update) one device's start-up energy. Call it from a worker thread: it commits on a
+        connection of its own (one row per device per start, far from the request path)."""
+        conn = self._connect()
+        try:
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO startups VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (node, device, started_unix_s, ready_unix_s, joules, energy_method, energy_scope))
+        finally:
+            conn.close()
+
+    def startups(self, *, since: float | None = None, until: float | None = None,
+                 device: str | None = None) -> list[dict[str, Any]]:
+        """Start-up energy rows whose ready time falls in [since, until), oldest first."""
+        where, params = where_clause((("ready_unix_s", ">=", since), ("ready_unix_s", "<", until), ("device", "=", device)))
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT * FROM startups{where} ORDER BY ready_unix_s, node, device", params).fetchall()
+        return [dict(r) | {"method_kind": METHOD_KINDS.get(r["energy_method"], "unknown") if r["energy_method"] else "none"}
+                for r in rows]
 
     def count(self) -> int:
         with self._read() as conn:

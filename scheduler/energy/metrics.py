@@ -45,6 +45,9 @@ class _DeviceCollector(Collector):
         energy = CounterMetricFamily("wattlane_device_energy_joules", "Device energy counter in joules since the meter started.", labels=labels)
         limit = GaugeMetricFamily("wattlane_device_power_limit_watts", "Enforced device power limit in watts.", labels=labels)
         clock = GaugeMetricFamily("wattlane_device_sm_clock_mhz", "Device SM (graphics) clock in MHz.", labels=labels)
+        startup = GaugeMetricFamily("wattlane_device_startup_energy_joules",
+                                    "Idle energy metered before the service was ready (models loading), charged to no request.",
+                                    labels=labels)
         snapshots: Iterable[Any] = ()
         if self.source is not None:
             try:
@@ -54,11 +57,12 @@ class _DeviceCollector(Collector):
                 snapshots = ()
         for s in snapshots:
             lv = [str(_get(s, "device_id")), str(_get(s, "node")), str(_get(s, "kind"))]
-            for family, key in ((power, "power_watts"), (energy, "energy_joules"), (limit, "power_limit_watts"), (clock, "sm_clock_mhz")):
+            for family, key in ((power, "power_watts"), (energy, "energy_joules"), (limit, "power_limit_watts"), (clock, "sm_clock_mhz"),
+                                (startup, "startup_energy_joules")):
                 v = _get(s, key)
                 if v is not None:
                     family.add_metric(lv, float(v))
-        yield from (power, energy, limit, clock)
+        yield from (power, energy, limit, clock, startup)
 
     def describe(self) -> Iterable[Any]:
         return []

@@ -25,6 +25,7 @@ from scheduler.engines.base import ReplicaStats
 from scheduler.routing.adequacy import AdequacyPredictor
 from scheduler.routing.controls import RequestControls
 from scheduler.routing.placement import PlacementRequest, ReplicaPrediction, prior_joules_per_token, rank_replicas
+from scheduler.routing.quality_budget import QualityBudget
 
 #: characters per token when a prompt's token count is not given (English text, BPE tokenizers)
 CHARS_PER_TOKEN = 4.0
@@ -179,11 +180,17 @@ def route(
     controls: RequestControls,
     predictor: AdequacyPredictor | None,
     replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]] | None = None,
+    quality_budget: QualityBudget | None = None,
 ) -> RouteDecision:
     """Choose a model and replica for the request (see the module docstring for the rules).
 
     replicas_by_model: live stats per model id; None means "explain without live figures" (energy
     from the size prior, no replica chosen). A model present with an empty list has no replica.
+    quality_budget: hold min_quality as a window average instead of a per-request wall
+    (scheduler.routing.quality_budget); None, the default, keeps the wall. With a budget, the
+    threshold a model's predicted quality must reach moves with the window, and when no adequate
+    model meets the SLO a smaller model that does may take the request (shedding) if its predicted
+    quality reaches the budget's shed threshold. The decision is recorded in the budget.
     """
     started = time.perf_counter()
     prompt_tokens = request.estimated_prompt_tokens()
@@ -244,19 +251,22 @@ def route(
                                                        "max_tokens" if code == "context_length_exceeded" else "model")))
 
     # quality: keep models whose predicted quality reaches the target; if none does, keep the best one
+    budgeted = auto and quality_budget is not None and adequacy is not None
+    wall = quality_budget.threshold() if budgeted else target  # type: ignore[union-attr]
+    what = f"budget threshold {wall:.2f} (window mean target {target:.2f})" if budgeted else f"target {target:.2f}"
     if auto:
-        adequate = [c for c in passing if (c.predicted_quality or 0.0) >= target - 1e-12]
+        adequate = [c for c in passing if (c.predicted_quality or 0.0) >= wall - 1e-12]
         below_note = ""
         if not adequate:
             best = max(passing, key=lambda c: (c.predicted_quality or 0.0, c.size_position))
             adequate = [best]
-            below_note = f" (no model reaches quality target {target:.2f}; using the highest predicted quality)"
+            below_note = f" (no model reaches {what}; using the highest predicted quality)"
         for c in passing:
             if c not in adequate:
                 c.kept = False
-                c.reason = f"predicted quality {c.predicted_quality:.2f} < target {target:.2f}"
+                c.reason = f"predicted quality {c.predicted_quality:.2f} < {what}"
             else:
-                c.reason = f"predicted quality {c.predicted_quality:.2f} >= target {target:.2f}" + below_note
+                c.reason = f"predicted quality {c.predicted_quality:.2f} >= {what}" + below_note
     else:
         adequate = passing
         passing[0].reason = "requested explicitly"
@@ -319,7 +329,19 @@ def route(
         placed = within
 
     meeting = [t for t in placed if t[2]]
-    if meeting and controls.model_choice == "lowest-energy" and len(meeting) > 1:
+    shed = None
+    if budgeted and not meeting and replicas_by_model is not None:
+        shed = _shed(ordered, passing, adequate, qualities, quality_budget, req, replicas_by_model)  # type: ignore[arg-type]
+        if shed is not None:
+            placed.append(shed)
+            meeting = [shed]
+    if shed is not None:
+        chosen, best, _ = shed
+        slo_met = True
+        how = (f"quality budget: no adequate model meets the SLO, shed to '{chosen.model_id}' "
+               f"(predicted quality {chosen.predicted_quality:.2f} >= shed threshold {quality_budget.shed_threshold():.2f})")  # type: ignore[union-attr]
+        quality_budget.shed += 1  # type: ignore[union-attr]
+    elif meeting and controls.model_choice == "lowest-energy" and len(meeting) > 1:
         # marginal energy: an already-busy larger replica can cost less per request than waking an idle GPU;
         # unknown energy ranks last, ties go to the smaller model (meeting is in size order, min is stable)
         chosen, best, _ = min(meeting, key=lambda t: t[0].predicted_energy_joules if t[0].predicted_energy_joules is not None else math.inf)
@@ -343,9 +365,11 @@ def route(
             c.reason += "; fallback"
     fallbacks = [(c.model_id, c.replica_index) for c, _, _ in (meeting if slo_met else placed) if c is not chosen]
 
+    if budgeted:
+        quality_budget.record(adequacy, chosen.predicted_quality)  # type: ignore[union-attr]
     parts = []
     if auto and adequacy is not None:
-        parts.append(f"P(small model adequate)={adequacy:.2f}, target {target:.2f}")
+        parts.append(f"P(small model adequate)={adequacy:.2f}, {what}")
     parts.append(how)
     if chosen.predicted_energy_joules is not None:
         parts.append(f"predicted {chosen.predicted_energy_joules:.1f} J ({chosen.energy_source})")
@@ -355,3 +379,36 @@ def route(
         parts.append(f"replica {chosen.replica_id}")
     return done(RouteDecision(chosen.model_id, chosen.replica_index, "; ".join(parts), candidates, adequacy, target,
                               prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks))
+
+
+def _shed(ordered: Sequence[ModelConfig], passing: list[CandidateDecision], adequate: list[CandidateDecision],
+          qualities: Mapping[str, float], budget: QualityBudget, req: PlacementRequest,
+          replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]],
+          ) -> tuple[CandidateDecision, ReplicaPrediction, bool] | None:
+    """Overload under a quality budget: the highest-quality model below the threshold whose best replica meets the SLO."""
+    floor = budget.shed_threshold()
+    by_id = {m.id: m for m in ordered}
+    below = sorted((c for c in passing if c not in adequate and qualities.get(c.model_id, 0.0) >= floor - 1e-12),
+                   key=lambda c: (-(c.predicted_quality or 0.0), c.size_position))
+    for c in below:
+        stats = list(replicas_by_model.get(c.model_id, ()))
+        if not stats:
+            continue
+        ranked = rank_replicas(req, stats, prior_params_b=by_id[c.model_id].params_b)
+        best = ranked[0]
+        if not best.feasible:
+            continue
+        c.kept = True
+        c.replicas = [p.to_dict() for p in ranked]
+        c.predicted_energy_joules, c.energy_source = best.energy_joules, best.energy_source
+        c.predicted_ttft_seconds, c.predicted_tpot_seconds = best.ttft_seconds, best.tpot_seconds
+        c.predicted_queue_seconds = best.queue_seconds
+        c.replica_index = best.index
+        s = stats[best.index]
+        c.replica_id = s.get("replica_id")
+        ids = s.get("device_ids") or []
+        c.device, c.node = (",".join(ids) if ids else None), s.get("node")
+        c.slo_met = True
+        c.reason += f"; shed here under the quality budget (shed threshold {floor:.2f})"
+        return c, best, True
+    return None

@@ -23,7 +23,7 @@ from scheduler.devices.simulated import SimulatedGpu
 from scheduler.sim.core import BatchCore, CoreListener, SimRequest
 from scheduler.sim.fit import GPU_KEYS, PROMPT_LOG_SIGMA, TARGETS, ARCHITECTURES, Row, read_rows
 from scheduler.datafiles import REPOSITORY_DIR, reference_csv
-from scheduler.sim.profiles import model_profile
+from scheduler.sim.profiles import ModelProfile, model_profile
 
 
 @dataclass
@@ -54,8 +54,9 @@ class _ClosedLoop(CoreListener):
         self.finished.append(req)
 
 
-def calibrate_point(profile_key: str, row: Row, *, seed: int = 0, warmup_iterations: int | None = None, measure_iterations: int = 2000) -> CalibrationResult:
-    prof = model_profile(profile_key)
+def calibrate_point(profile: str | ModelProfile, row: Row, *, seed: int = 0, warmup_iterations: int | None = None, measure_iterations: int = 2000) -> CalibrationResult:
+    """Run the engine on `profile` (a profile key, or a ModelProfile such as an out-of-sample fit) at the row's batch size."""
+    prof = profile if isinstance(profile, ModelProfile) else model_profile(profile)
     t = [0.0]
     gpus = [SimulatedGpu(f"cal{i}", prof.gpu, clock=lambda: t[0]) for i in range(prof.num_gpus)]
     listener = _ClosedLoop()

@@ -157,8 +157,70 @@ class BatchCore:
         self._arrivals = 0.0
         self._arrival_prompt_tokens = 0.0
         self._arrivals_at: float | None = None
+        #: SLO-aware batching (set_slo_batching): prefill chunk per decode-batch bucket, and the TTFT target
+        self._slo_chunks: list[tuple[int, int]] | None = None
+        self._slo_ttft_seconds: float | None = None
+        self._slo_prefill_tokens_per_second = 0.0
         for g in self.gpus:
             g.attach_model(True)
+
+    # --- SLO-aware batching ----------------------------------------------------------------------
+    def set_slo_batching(self, ttft_seconds: float, tpot_seconds: float, *, headroom_fraction: float = 0.2,
+                         context_tokens_per_sequence: int = 1024) -> None:
+        """Size prefill chunks and the running batch from the SLO instead of fixed engine options.
+
+        A mixed iteration (decode + prefill chunk) is one TPOT for every running request, so the
+        chunk is the largest that keeps it within (1 - headroom) x the TPOT target at the current
+        decode batch; max_num_seqs becomes the largest batch whose decode step fits the same target.
+        With nothing decoding the chunk is max_batched_tokens (no TPOT to protect). When the prompts
+        queued here would take longer than half the TTFT target to prefill at the chunk used beside a
+        batch of 16, the chunk goes back to max_batched_tokens (TTFT is then the binding target).
+        Times are worked out once, at the GPUs' current settings, per decode-batch bucket of
+        powers of two with context_tokens_per_sequence tokens each.
+        """
+        target = tpot_seconds * (1.0 - headroom_fraction)
+        chunks: list[tuple[int, int]] = []
+        n, best_seqs = 0, 1
+        while n <= self.max_num_seqs:
+            ctx = n * context_tokens_per_sequence
+            t_dec = self.operating_point(iteration_work(self.model, decode_tokens=n, decode_context_tokens=ctx))[0] if n else 0.0
+            if n and t_dec <= target:
+                best_seqs = n
+            lo, hi = 64, self.max_batched_tokens
+            if n == 0:
+                lo = hi  # nothing decoding: no TPOT to protect, prefill at full size
+            elif t_dec > target:
+                hi = lo
+            while hi - lo > 64:
+                mid = (lo + hi) // 2
+                w = iteration_work(self.model, decode_tokens=n, decode_context_tokens=ctx, prefill_tokens=mid,
+                                   prefill_attention_pairs=mid * mid / 2.0, prefill_sequences=1)
+                if self.operating_point(w)[0] <= target:
+                    lo = mid
+                else:
+                    hi = mid
+            chunks.append((n, lo))
+            n = 1 if n == 0 else n * 2
+        self._slo_chunks = chunks
+        self._slo_ttft_seconds = ttft_seconds
+        self.max_num_seqs = max(best_seqs, 1)
+        # prefill rate at the chunk used beside a typical running batch, for the queue test in _chunk_budget
+        n, chunk = next(((n, c) for n, c in chunks if n >= 16), chunks[-1])
+        w = iteration_work(self.model, decode_tokens=n, decode_context_tokens=n * context_tokens_per_sequence, prefill_tokens=chunk,
+                           prefill_attention_pairs=chunk * chunk / 2.0, prefill_sequences=1)
+        wd = iteration_work(self.model, decode_tokens=n, decode_context_tokens=n * context_tokens_per_sequence)
+        self._slo_prefill_tokens_per_second = chunk / max(self.operating_point(w)[0] - self.operating_point(wd)[0], 1e-9)
+
+    def _chunk_budget(self, n_run: int) -> int:
+        if self._slo_chunks is None:
+            return self.max_batched_tokens
+        queued = self.queued_prefill_tokens
+        if self._slo_ttft_seconds is not None and queued > 0.5 * self._slo_ttft_seconds * self._slo_prefill_tokens_per_second:
+            return self.max_batched_tokens
+        for n, chunk in self._slo_chunks:
+            if n >= n_run:
+                return chunk
+        return self._slo_chunks[-1][1]
 
     @staticmethod
     def default_kv_capacity(model: ModelProfile, memory_bytes: float) -> int:
@@ -328,7 +390,7 @@ class BatchCore:
         self._admit()
         n_run = len(self.running)
         if self.prefilling:
-            budget = max(self.max_batched_tokens - n_run, 1)
+            budget = max(self._chunk_budget(n_run) - n_run, 1)
             chunks: list[tuple[SimRequest, int]] = []
             pairs = 0.0
             tokens = 0

@@ -34,6 +34,11 @@ from scheduler.sim.profiles import MODELS_PATH, GpuProfile, ModelFit, ModelProfi
 ARCHITECTURES = {
     "meta-llama/Llama-3.1-8B-Instruct": {"key": "llama-3.1-8b", "n_layers": 32, "d_model": 4096, "n_kv_heads": 8, "head_dim": 128},
     "meta-llama/Llama-3.1-70B-Instruct": {"key": "llama-3.1-70b", "n_layers": 80, "d_model": 8192, "n_kv_heads": 8, "head_dim": 128},
+    # not fitted into models.json: the out-of-sample checks (benchmarks/sim_out_of_sample.py) use them
+    "meta-llama/Llama-3.3-70B-Instruct": {"key": "llama-3.3-70b", "n_layers": 80, "d_model": 8192, "n_kv_heads": 8, "head_dim": 128},
+    "Qwen/Qwen3-8B": {"key": "qwen3-8b", "n_layers": 36, "d_model": 4096, "n_kv_heads": 8, "head_dim": 128},
+    "Qwen/Qwen3-14B": {"key": "qwen3-14b", "n_layers": 40, "d_model": 5120, "n_kv_heads": 8, "head_dim": 128},
+    "Qwen/Qwen3-32B": {"key": "qwen3-32b", "n_layers": 64, "d_model": 5120, "n_kv_heads": 8, "head_dim": 128},
 }
 GPU_KEYS = {"H100": "h100-sxm"}
 #: (model, GPU column value, GPU count) to fit
@@ -159,24 +164,40 @@ def measured(rows: list[Row]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def table_facts(path: Path, model: str) -> tuple[float, int]:
+    """(total parameters in billions, bytes per parameter) of a model, from its first row in the table."""
+    with open_table(path) as fh:
+        first = next((r for r in csv.DictReader(fh) if r["model"] == model), None)
+    if first is None:
+        raise FitDataError(f"{path}: no rows for {model}")
+    return float(first["total_params_b"]), BYTES_PER_PARAM[first["precision"]]
+
+
 def fit_targets(path: Path, targets=TARGETS) -> list[tuple[ModelProfile, dict]]:
     """Fit all targets at once: six parameters per target plus one prompt length they share
     (every target ran the same prompts through the same tokenizer)."""
+    return fit_setups(path, [(model, gpu_col, n, read_rows(path, model, gpu_col, n)) for model, gpu_col, n in targets])
+
+
+def fit_setups(path: Path, specs: list[tuple[str, str, int, list[Row]]],
+               prompt_tokens_mean: float | None = None) -> list[tuple[ModelProfile, dict]]:
+    """fit_targets on given rows of each (model, GPU column, GPU count): the out-of-sample checks fit
+    on part of a setup's rows. With prompt_tokens_mean given, the prompt length is held there instead
+    of fitted (a fit on a few rows cannot tell it from the overheads)."""
     from scipy.optimize import least_squares
 
     setups = []
-    for model, gpu_col, num_gpus in targets:
-        rows = read_rows(path, model, gpu_col, num_gpus)
-        with open_table(path) as fh:
-            first = next(r for r in csv.DictReader(fh) if r["model"] == model)
-        setups.append((model, gpu_profile(GPU_KEYS[gpu_col]), num_gpus, float(first["total_params_b"]),
-                       BYTES_PER_PARAM[first["precision"]], rows, SteadyState(rows), measured(rows)))
+    for model, gpu_col, num_gpus, rows in specs:
+        params_b, bpp = table_facts(path, model)
+        setups.append((model, gpu_profile(GPU_KEYS[gpu_col]), num_gpus, params_b, bpp, rows, SteadyState(rows), measured(rows)))
     n_own = len(PARAM_NAMES) - 1
+    free_prompt = prompt_tokens_mean is None
 
     def profiles_for(x: np.ndarray) -> list[ModelProfile]:
         out = []
+        prompt = float(x[-1]) if free_prompt else float(prompt_tokens_mean)
         for t, (model, gpu, num_gpus, params_b, bpp, *_rest) in enumerate(setups):
-            own = list(map(float, x[t * n_own:(t + 1) * n_own])) + [float(x[-1])]
+            own = list(map(float, x[t * n_own:(t + 1) * n_own])) + [prompt]
             out.append(base_profile(model, gpu.key, num_gpus, params_b, bpp, ModelFit(**dict(zip(PARAM_NAMES, own)))))
         return out
 
@@ -187,9 +208,10 @@ def fit_targets(path: Path, targets=TARGETS) -> list[tuple[ModelProfile, dict]]:
             parts += [np.log(e / e_m), np.log(p / p_m), np.log(i / i_m)]
         return np.concatenate(parts)
 
-    lower = np.concatenate([LOWER[:-1]] * len(setups) + [LOWER[-1:]])
-    upper = np.concatenate([UPPER[:-1]] * len(setups) + [UPPER[-1:]])
-    start = np.concatenate([START[:-1]] * len(setups) + [START[-1:]])
+    tail = slice(-1, None) if free_prompt else slice(0, 0)
+    lower = np.concatenate([LOWER[:-1]] * len(setups) + [LOWER[tail]])
+    upper = np.concatenate([UPPER[:-1]] * len(setups) + [UPPER[tail]])
+    start = np.concatenate([START[:-1]] * len(setups) + [START[tail]])
     result = least_squares(residuals, start, bounds=(lower, upper), x_scale=upper - lower, diff_step=1e-3, max_nfev=600)
     out = []
     for prof, (_m, gpu, _n, _p, _b, rows, ss, _meas) in zip(profiles_for(result.x), setups):

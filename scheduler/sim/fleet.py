@@ -32,6 +32,7 @@ from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequ
 from scheduler.sim.event_loop import EventLoop, VirtualClock
 from scheduler.sim.fleet_result import FleetResult
 from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
+from scheduler.sim.metered import MeteredGpu
 from scheduler.sim.profiles import ProfileError
 from scheduler.sim.trace import Trace
 
@@ -41,15 +42,54 @@ AUTO_SELECTIONS = ("route", "placement-only")
 class SimReplica(CoreListener):
     """One replica in virtual time: its core, its wake-up event and its latency records."""
 
-    def __init__(self, replica_id: str, model_id: str, core: BatchCore, loop: EventLoop, on_done: Callable[[SimRequest], None]):
+    def __init__(self, replica_id: str, model_id: str, core: BatchCore, loop: EventLoop, on_done: Callable[[SimRequest], None],
+                 park_idle_seconds: float | None = None):
         self.replica_id, self.model_id, self.core, self.loop = replica_id, model_id, core, loop
         self.recent = RecentLatencies()
         self._on_done = on_done
         self._token = 0
         self._wake_at: float | None = None
+        #: parking: after this long with no work, lock every GPU to its lowest clock; release on the next arrival
+        self.park_idle_seconds = park_idle_seconds
+        self._park_token = 0
+        self._parked_settings: list[tuple[float, float] | None] | None = None
+        self.parks = 0
         core.listener = self
         for g in core.gpus:
             g.add_settings_listener(self._settings_changed)
+
+    # parking lives here rather than in a governor group so that it composes with any governor
+    # policy (slo-feedback steers busy GPUs only). The clock lock takes effect at once: NVML clock
+    # changes take milliseconds, well below the SLO scale.
+    def _idle_now(self) -> None:
+        if self.park_idle_seconds is None:
+            return
+        self._park_token += 1
+        self.loop.at(self.loop.clock.now + self.park_idle_seconds, self._park, self._park_token)
+
+    def _park(self, token: int) -> None:
+        if token != self._park_token or not self.core.idle or self._parked_settings is not None:
+            return
+        self._parked_settings = [g.locked_clocks_mhz() for g in self.core.gpus]
+        self.parks += 1
+        for g in self.core.gpus:
+            low = g.clock_constraints().min_mhz
+            g.set_locked_clocks_mhz(low, low)
+
+    def _unpark(self) -> None:
+        saved, self._parked_settings = self._parked_settings, None
+        self._park_token += 1
+        if saved is None:
+            return
+        for g, lock in zip(self.core.gpus, saved):
+            if lock is None:
+                g.reset_locked_clocks()
+            else:
+                g.set_locked_clocks_mhz(*lock)
+
+    @property
+    def parked(self) -> bool:
+        return self._parked_settings is not None
 
     def on_finish(self, req: SimRequest, now: float) -> None:
         self.recent.add(req)
@@ -67,9 +107,13 @@ class SimReplica(CoreListener):
         if token != self._token:
             return  # superseded by a re-plan
         self._wake_at = None
-        self._schedule(self.core.advance(self.loop.clock.now))
+        nxt = self.core.advance(self.loop.clock.now)
+        self._schedule(nxt)
+        if nxt is None:
+            self._idle_now()
 
     def submit(self, req: SimRequest) -> None:
+        self._unpark()
         self._schedule(self.core.submit(req, self.loop.clock.now))
 
     def _settings_changed(self, _gpu: SimulatedGpu) -> None:
@@ -98,6 +142,10 @@ class FleetSimulator:
         predictor: Any | None = None,
         prompt_pool: Any | None = None,
         strong_models: Sequence[str] | None = None,
+        park_idle_seconds: float | None = None,
+        oracle: bool = False,
+        quality_budget: Any | None = None,
+        slo_batching: bool = False,
     ):
         """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
         "placement-only" (the placement hook chooses among all replicas; no model selection).
@@ -106,13 +154,29 @@ class FleetSimulator:
         prompt_pool: scheduler.sim.prompts.PromptPool (default: the held-out routing split).
         strong_models: model ids answering as the labels' strong model, the rest as the weak one
             (default: the largest model when there are several; with one model, no label accuracy).
+        park_idle_seconds: park a replica's GPUs (lowest clock) after this long without work; None: never.
+        oracle: route mode with perfect knowledge of adequacy: the small model is adequate exactly when the
+            prompt's labels say it answers as well as the large one (weak correct, or strong wrong too);
+            route() then picks the lowest predicted energy among adequate models that meet the SLO.
+        quality_budget: a scheduler.routing.quality_budget.QualityBudget: hold min_quality as a window
+            average instead of a per-request wall (route mode).
+        slo_batching: each replica sizes its prefill chunks and running sequences from the SLO
+            (BatchCore.set_slo_batching) instead of the fixed engine options.
         """
         if auto_selection not in AUTO_SELECTIONS:
             raise ValueError(f"auto_selection must be one of {', '.join(AUTO_SELECTIONS)}, got {auto_selection!r}")
         if min_quality is not None and not 0.0 <= min_quality <= 1.0:
             raise ValueError(f"min_quality must be between 0 and 1, got {min_quality!r}")
+        if park_idle_seconds is not None and park_idle_seconds < 0:
+            raise ValueError(f"park_idle_seconds must be >= 0, got {park_idle_seconds!r}")
+        if oracle and auto_selection != "route":
+            raise ValueError("oracle needs auto_selection='route'")
         self.auto_selection = auto_selection
         self.min_quality = min_quality
+        self.park_idle_seconds = park_idle_seconds
+        self.oracle = oracle
+        self.quality_budget = quality_budget
+        self.slo_batching = slo_batching
         self._predictor = predictor
         self._prompt_pool = prompt_pool
         self.strong_models = None if strong_models is None else frozenset(strong_models)
@@ -125,10 +189,10 @@ class FleetSimulator:
         self.slo_ttft = slo_ttft_seconds if slo_ttft_seconds is not None else config.routing.default_slo.ttft_ms / 1000.0
         self.slo_tpot = slo_tpot_seconds if slo_tpot_seconds is not None else config.routing.default_slo.tpot_ms / 1000.0
         self.timeline_interval = timeline_interval_seconds
-        self.devices: dict[str, SimulatedGpu] = {}
+        self.devices: dict[str, MeteredGpu] = {}
         for d in config.devices.simulated:
             try:
-                self.devices[d.id] = SimulatedGpu(d.id, d.profile, node=d.node, clock=self.clock)
+                self.devices[d.id] = MeteredGpu(d.id, d.profile, node=d.node, clock=self.clock)
             except ProfileError as exc:
                 raise ConfigError(str(exc), file=config.source_path, key=f"devices.simulated (id {d.id}).profile", fix="use a profile from scheduler/sim/data/gpus.json") from None
         self.replicas: list[SimReplica] = []
@@ -138,7 +202,9 @@ class FleetSimulator:
                 continue
             for r, gpus in enumerate(replica_device_groups(m, config, self.devices, key=f"models[{i}] (id {m.id})")):
                 core = build_core(m, config, gpus, key=f"models[{i}] (id {m.id})")
-                self.replicas.append(SimReplica(f"{m.id}#{r}", m.id, core, self.loop, self._done.append))
+                if slo_batching:
+                    core.set_slo_batching(self.slo_ttft, self.slo_tpot)
+                self.replicas.append(SimReplica(f"{m.id}#{r}", m.id, core, self.loop, self._done.append, park_idle_seconds))
         if not self.replicas:
             raise ConfigError("no model with engine 'simulated'", file=config.source_path, key="models", fix="set engine: simulated on at least one model")
         self.governor = governor_factory(config, self.devices, self.clock) if governor_factory else None
@@ -177,6 +243,8 @@ class FleetSimulator:
             rep.submit(SimRequest(request.request_id, p, o, now, model_id=rep.model_id))
 
         on_arrive = routed.arrive if routed is not None else arrive
+        for rep in self.replicas:
+            rep._idle_now()  # replicas with no work from the start may park too
         for i in range(n):
             self.loop.at(float(arrivals[i]), on_arrive, i)
         last_arrival = float(arrivals[-1]) if n else 0.0
@@ -241,6 +309,7 @@ class FleetSimulator:
             for r in self.replicas
         }
         used = {id(g) for r in self.replicas for g in r.core.gpus}
+        accounting = {d: g.accounting_at(max(end, g._t_last)) for d, g in self.devices.items()}
         return FleetResult(
             requests=n, completed=len(done), rejected=rejected[0], virtual_seconds=end, wall_seconds=time.perf_counter() - wall0,
             energy_joules=sum(energy.values()),
@@ -249,8 +318,13 @@ class FleetSimulator:
             devices=devices, timeline=timeline, replicas=replicas,
             preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
             settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
+                      "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "slo_batching": self.slo_batching,
+                      "quality_budget": self.quality_budget is not None,
                       "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
             routing=routed.summary() if routed is not None else {},
+            accounting=accounting,
+            done=done,
+            parks=sum(r.parks for r in self.replicas),
         )
 
     def _routed_arrivals(self, trace: Trace, by_model: dict[str, list[int]], rejected: list[int],
@@ -277,6 +351,16 @@ class _CachedAdequacy:
         return a
 
 
+class _Known:
+    """The oracle's predictor: one request's true adequacy."""
+
+    def __init__(self, adequacy: float):
+        self._a = adequacy
+
+    def adequacy(self, prompt: str) -> float:
+        return self._a
+
+
 class _RoutedArrivals:
     """Arrivals in route mode: the gateway's route() picks model and replica from live replica stats."""
 
@@ -293,10 +377,18 @@ class _RoutedArrivals:
         fields: dict[str, Any] = {"slo": {"ttft_ms": sim.slo_ttft * 1000.0, "tpot_ms": sim.slo_tpot * 1000.0}}
         if sim.min_quality is not None:
             fields["min_quality"] = sim.min_quality
+        if sim.oracle:
+            fields["min_quality"] = 0.5  # adequacy is exactly 0 or 1 below
         self.controls = merge_request_controls(None, fields, sim.config.routing)
+        if sim.oracle:
+            from dataclasses import replace as _replace
+
+            self.controls = _replace(self.controls, model_choice="lowest-energy")
         self.predictor = _CachedAdequacy(predictor)
         self.pool = pool
         self.prompt_index = pool.draw(len(trace), sim.seed)
+        # the oracle's adequacy per request: the small model answers as well as the large one
+        self.oracle_adequacy = ((pool.weak_correct[self.prompt_index] > 0) | (pool.strong_correct[self.prompt_index] == 0)).astype(float) if sim.oracle else None
         # "energy" placement is route()'s own (the same rank_replicas); any other hook picks among the chosen model's replicas
         self.route_places = sim.placement is energy_place
         if isinstance(sim.placement, RoundRobin):
@@ -325,7 +417,8 @@ class _RoutedArrivals:
         rreq = RouteRequest(kind=self.models[0].kind if target == "auto" else next((m.kind for m in self.models if m.id == target), "chat"),
                             model=target, prompt_text=self.pool.prompts[self.prompt_index[i]], prompt_tokens=p,
                             max_tokens=o, output_tokens_estimate=o)
-        decision = route(self.models, rreq, self.controls, self.predictor, stats)
+        predictor = self.predictor if self.oracle_adequacy is None else _Known(float(self.oracle_adequacy[i]))
+        decision = route(self.models, rreq, self.controls, predictor, stats, quality_budget=sim.quality_budget)
         self.route_seconds.append(decision.decision_seconds)
         if decision.error is not None or decision.model_id is None:
             code = decision.error.code if decision.error is not None else "no_model"
@@ -386,4 +479,8 @@ class _RoutedArrivals:
             "rejections": self.rejections,
             "route_seconds_mean": float(secs.mean()),
             "route_seconds_p99": float(np.percentile(secs, 99)),
+            "oracle": self.oracle_adequacy is not None,
+            "quality_budget": self.sim.quality_budget.state() if self.sim.quality_budget is not None else None,
+            "served_model_index": self.served_model,
+            "weak_correct": weak, "strong_correct": strong,
         }

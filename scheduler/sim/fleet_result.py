@@ -30,6 +30,12 @@ class FleetResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: model selection and label-implied quality (route mode); empty for placement-only runs
     routing: dict[str, Any] = field(default_factory=dict)
+    #: per device: busy / idle / parked seconds and joules (scheduler.sim.metered.MeteredGpu.accounting_at)
+    accounting: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: the completed requests (latencies per request; not in summary())
+    done: list[Any] = field(default_factory=list, repr=False)
+    #: times a replica parked its GPUs
+    parks: int = 0
 
     def summary(self) -> dict[str, Any]:
         def pct(a: np.ndarray, q: float) -> float | None:
@@ -62,5 +68,7 @@ class FleetResult:
             "devices": self.devices,
             "timeline": self.timeline,
             "settings": self.settings,
-            "routing": self.routing,
+            "routing": {k: v for k, v in self.routing.items() if not isinstance(v, np.ndarray)},
+            "accounting": self.accounting,
+            "parks": self.parks,
         }

@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.gpu_run import RESULTS, Runner, RunPlan, write_results  # noqa: E402
 from scheduler.devices.nvml import discover_nvml_gpus, nvml_unavailable_reason  # noqa: E402
-from scheduler.power.actuator import PowerActuator, install_exit_handlers  # noqa: E402
+from scheduler.power.actuator import PowerActuator  # noqa: E402
+from scheduler.power.exit_handlers import install_exit_handlers  # noqa: E402
 from scheduler.power.audit import PowerAuditLog  # noqa: E402
 
 #: meta-llama/Llama-3.1-8B config.json (architecture only; no weights are read)

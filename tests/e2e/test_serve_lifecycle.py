@@ -82,7 +82,13 @@ def test_ctrl_c_stops_everything_and_writes_nothing_to_home(tmp_path):
     children = _ray_descendants(psutil.Process(proc.pid))
     assert children, "Ray and the model replicas run as child processes"
     body = _chat(url)
-    assert body["usage"]["energy"]["joules"] > 0
+    energy = body["usage"]["energy"]
+    assert energy["joules"] > 0
+    # the first request after start-up is not charged the models' loading time: that is start-up energy
+    startup = httpx.get(url + "/v1/energy/summary", timeout=30).json()
+    print(f"first request {energy}; start-up {startup['startup']}")
+    assert startup["startup_joules"] > 0 and {s["device"] for s in startup["startup"]} == {energy["device"]}
+    assert energy["idle_joules"] < 0.2 * startup["startup_joules"]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out

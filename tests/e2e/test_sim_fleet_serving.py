@@ -42,6 +42,8 @@ def chat(url: str, model: str, max_tokens: int) -> dict:
 def test_simulated_responses_are_labelled_and_plausible(fleet):
     url, _ = fleet
     small = chat(url, "llama-3.1-8b", 64)
+    answered_s = time.time()
+    first_request_pays_no_startup(url, small["usage"]["energy"], answered_s)
     assert small["usage"]["completion_tokens"] == 64
     e = small["usage"]["energy"]
     assert e["method"] == "simulated" and e["scope"] == "gpu" and e["device"].startswith("sim-h100-")
@@ -51,6 +53,20 @@ def test_simulated_responses_are_labelled_and_plausible(fleet):
     e70 = big["usage"]["energy"]
     assert e70["method"] == "simulated" and len(e70["device"].split(",")) == 4  # tensor parallel over 4 GPUs
     assert e70["dynamic_joules"] > 3 * e["dynamic_joules"]
+
+
+def first_request_pays_no_startup(url: str, energy: dict, answered_s: float) -> None:
+    """The first request on a device is charged at most the idle after the service was ready; the idle
+    while the models loaded is start-up energy, reported on its own (before, it carried up to 60 s of it)."""
+    from scheduler.sim.profiles import gpu_profile
+
+    startup = {s["device"]: s for s in httpx.get(url + "/v1/energy/summary", timeout=30).json()["startup"]}
+    assert {d for d in startup} >= {energy["device"]}, startup
+    row = startup[energy["device"]]
+    idle_watts = gpu_profile("h100-sxm").idle_loaded_watts
+    assert energy["idle_joules"] <= idle_watts * (answered_s - row["ready_unix_s"]) + 1.0, (energy, row)
+    assert row["method_kind"] == "simulated" and row["ready_unix_s"] > row["started_unix_s"]
+    assert row["joules"] > 0.5 * idle_watts * (row["ready_unix_s"] - row["started_unix_s"])
 
 
 def test_power_limit_set_and_reset_on_a_simulated_gpu(fleet):

@@ -16,6 +16,7 @@ from typing import Any
 from scheduler.api.auth import hash_key
 from scheduler.cluster.node_agent import NodeAgent
 from scheduler.config import ApiKeyConfig, WattlaneConfig
+from scheduler.teams.keys import KeyCache, KeyRegistry
 from tests.support.serving import Fleet, Remote
 
 KEYS = {"client": "unit-client-key", "reader": "unit-reader-key", "operator": "unit-operator-key"}
@@ -47,6 +48,9 @@ class GatewayForTests:
         self.ledger = self.fleet.ledger
         self.metrics = self.fleet.metrics
         self.serving = self.fleet.serving
+        self.teams_store = self.fleet.teams_store
+        self.key_cache = KeyCache(self.teams_store)
+        self.key_registry = KeyRegistry(self.teams_store, {k.id for k in self.config.server.api_keys})
         self.model_handles = self.fleet.handles
         self.replica_stats: dict[str, Any] = {}
         self.device_snapshots: list[dict[str, Any]] = []
@@ -54,12 +58,14 @@ class GatewayForTests:
         self.power_nodes = power_nodes or {}
         self.ready = True
         self.metrics.set_device_source(lambda: self.device_snapshots)
+        self._startups_recorded: set[tuple[str, str, float]] = set()
 
     # what the routes call on the real Gateway
     def extra_routers(self) -> list[Any]:
         from scheduler.api.routes import dashboard, energy, operator
+        from scheduler.teams import routes as teams
 
-        return [energy.router, operator.router, dashboard.router]
+        return [energy.router, operator.router, dashboard.router, teams.router]
 
     def agents(self) -> dict[str, Remote]:
         return {node: agent_for(svc) for node, svc in self.power_nodes.items()}
@@ -79,6 +85,11 @@ class GatewayForTests:
                 snaps.append(snap)
         self.device_snapshots = snaps
         return snaps
+
+    async def record_startups(self) -> None:
+        from scheduler.api.gateway import Gateway
+
+        await Gateway._record_startups(self)  # type: ignore[arg-type]  # the real code, on this double's snapshots
 
     def ensure_refresher(self) -> None:
         pass

@@ -31,6 +31,8 @@ from scheduler.energy.ledger import Ledger
 from scheduler.energy.meter import DeviceMeter
 from scheduler.energy.metrics import WattlaneMetrics
 from scheduler.engines.simulated import build_simulated_engine
+from scheduler.teams.guard import TeamGuard
+from scheduler.teams.store import TeamsStore
 
 NODE = "sim-node0"
 
@@ -174,11 +176,15 @@ class Fleet:
         async def take_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
             return await self.agent_handle.take_abandoned.remote(request_id, timeout_seconds)
 
-        self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, self.metrics,
-                                     abandoned=take_abandoned, tracer=tracer,
+        carbon = make_carbon_provider(config.energy.carbon)
+        self.accounting = Accounting(carbon, self.ledger, self.metrics, abandoned=take_abandoned, tracer=tracer,
                                      baseline=SavingsBaseline(config.models,
                                                               prefill_token_weight=config.energy.prefill_token_weight))
-        self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles)
+        # the gateway's teams admission on the state directory's real teams database (acts only on jobs with a quota)
+        self.teams_store = TeamsStore(state_dir)
+        self.guard = TeamGuard(self.teams_store, grams_per_joule=lambda: carbon.footprint(1.0).gco2e,
+                               on_budget_use=self.metrics.set_budget_used)
+        self.serving = Serving(config, ModelSelection(config), self.accounting, self.handles, teams=self.guard)
 
     def rows(self) -> list[dict[str, Any]]:
         return self.ledger.requests(limit=None)

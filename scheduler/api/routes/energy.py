@@ -63,9 +63,17 @@ async def energy_requests(request: Request, limit: int = Query(100, ge=1, le=100
 async def energy_summary(request: Request, group_by: GroupBy = "model", _: Principal = Depends(require("reader")),
                          filters: dict = Depends(report_filters)):
     """Per group: requests, joules, gCO2e, tokens, tokens per joule, and energy saved against the baseline
-    (an estimate: docs/energy.md, Savings). The same figures as `wattlane report` for the same window."""
-    rows = await asyncio.to_thread(request.app.state.gateway.ledger.summary, group_by, **filters)
-    return {"object": "list", "group_by": group_by, "data": rows}
+    (an estimate: docs/energy.md, Savings). The same figures as `wattlane report` for the same window.
+    Start-up energy (docs/energy.md, Start-up energy) is beside the groups, never inside them."""
+    gw = request.app.state.gateway
+    rows = await asyncio.to_thread(gw.ledger.summary, group_by, **filters)
+    await gw.record_startups()
+    # start-up energy belongs to no model or API key: a filter on either leaves it out
+    by_owner = bool(filters["model"] or filters["api_key"])
+    startup = [] if by_owner else await asyncio.to_thread(
+        gw.ledger.startups, since=filters["since"], until=filters["until"], device=filters["device"])
+    return {"object": "list", "group_by": group_by, "data": rows, "startup": startup,
+            "startup_joules": sum(s["joules"] for s in startup)}
 
 
 @router.get("/v1/energy/methods", response_model=MethodList, response_model_exclude_unset=True, responses=_ERRORS)

@@ -83,12 +83,14 @@ def generation_request(body: Any, request_id: str) -> GenerationRequest:
 def _job(body: Any, request_id: str, principal: Principal) -> Job:
     return Job(request_id=request_id, model=body.model, request=generation_request(body, request_id),
                api_key_id=principal.key_id, team=principal.team, controls=_controls(body),
-               key_defaults=dict(principal.defaults))
+               key_defaults=dict(principal.defaults), quota=principal.quota)
 
 
-def _headers(result_or_session: Any, request_id: str) -> dict[str, str]:
+def _headers(result_or_session: Any, job: Job) -> dict[str, str]:
     routing = result_or_session.routing
     headers = {"X-Wattlane-Model": routing["model"]}
+    if job.admission is not None:  # x-wattlane-budget-warning when a budget of the caller runs low
+        headers.update(job.admission.header())
     if routing.get("device"):
         headers["X-Wattlane-Device"] = str(routing["device"])
     return headers
@@ -130,11 +132,11 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
             "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.energy, result.carbon),
             "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
-        return JSONResponse(payload, headers={**_headers(result, job.request_id), **_energy_headers(result)})
+        return JSONResponse(payload, headers={**_headers(result, job), **_energy_headers(result)})
     session = await serving.open(job)
     chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
     return StreamingResponse(_stream(session, include_usage, chunk_obj, chunk, opening), media_type="text/event-stream",
-                             headers={**_headers(session, job.request_id), "Cache-Control": "no-cache"})
+                             headers={**_headers(session, job), "Cache-Control": "no-cache"})
 
 
 async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: ChoiceFn,

@@ -28,11 +28,15 @@ KEYS = {"client": "unit-client-key", "reader": "unit-reader-key", "operator": "u
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
 
+async def _no_live_devices() -> None:
+    """The reports' gateway here has a ledger and no node agents: no start-up energy to record."""
+
+
 def make_app(ledger: Ledger | None = None, *, with_keys: bool = True, extra_routers=()) -> FastAPI:
     app = FastAPI()
     app.state.keys = KeyStore([ApiKeyConfig(id=f"{r}-key", key_sha256=hash_key(k), role=r) for r, k in KEYS.items()]
                               if with_keys else [])
-    app.state.gateway = SimpleNamespace(ledger=ledger)
+    app.state.gateway = SimpleNamespace(ledger=ledger, record_startups=_no_live_devices)
     install_error_handlers(app)
     app.include_router(dashboard.router)
     app.include_router(energy.router)

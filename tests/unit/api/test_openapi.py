@@ -140,10 +140,17 @@ def test_every_operation_answers_as_documented(served):
         ("GET", "/v1/power/policy", "operator", {}),
         ("PUT", "/v1/power/policy", "operator", {"json": {"mode": "recommend"}}),
         ("GET", "/v1/power/audit", "operator", {}),
+        ("POST", "/v1/keys", "operator", {"json": {"id": "openapi-key", "limits": {"requests_per_minute": 5},
+                                                   "budgets": [{"energy_joules": 1000, "period": "day"}]}}),
+        ("GET", "/v1/keys", "operator", {}),
+        ("POST", "/v1/keys/{key_id}/rotate", "operator", {}),
+        ("DELETE", "/v1/keys/{key_id}", "operator", {}),
+        ("GET", "/v1/teams", "reader", {}),
     ]
     seen = set()
     for method, path, role, kw in calls:
-        r = client.request(method, path.replace("{device_id}", "gpu0"), headers=bearer(role) if role else {}, **kw)
+        url = path.replace("{device_id}", "gpu0").replace("{key_id}", "openapi-key")
+        r = client.request(method, url, headers=bearer(role) if role else {}, **kw)
         assert r.status_code == 200, f"{method} {path}: {r.text[:300]}"
         check(doc, path, method, r)
         seen.add((path, method))
@@ -169,10 +176,14 @@ def test_errors_answer_as_documented(served):
         ("PUT", "/v1/devices/nope/power-limit", "operator", {"json": {"watts": 5}}, 404),
         ("PUT", "/v1/devices/gpu0/power-limit", "operator", {"json": {"watts": 5}, "params": {"node": "x"}}, 404),
         ("PUT", "/v1/power/policy", "operator", {"json": {"mode": "turbo"}}, 400),
+        ("POST", "/v1/keys", "operator", {"json": {"limits": {"requests_per_minute": 0}}}, 400),
+        ("POST", "/v1/keys", "operator", {"json": {"id": "client-key"}}, 409),
+        ("DELETE", "/v1/keys/nobody", "operator", {}, 404),
     ]:
         r = client.request(method, url, headers=bearer(role) if role else {}, **kw)
         assert r.status_code == status, f"{method} {url}: {r.status_code} {r.text[:300]}"
-        check(doc, re.sub(r"^/v1/devices/[^/]+/", "/v1/devices/{device_id}/", url), method, r)
+        path = re.sub(r"^/v1/devices/[^/]+/", "/v1/devices/{device_id}/", url)
+        check(doc, re.sub(r"^/v1/keys/[^/]+$", "/v1/keys/{key_id}", path), method, r)
 
 
 def test_streamed_chunks_are_documented_as_event_stream(served):

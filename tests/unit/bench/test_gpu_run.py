@@ -106,3 +106,14 @@ def test_the_simulated_path_never_imports_torch():
     code = "import sys, benchmarks.gpu_run as g; g.simulated_run('h100-sxm', plan=g.RunPlan(batch_sizes=(1,), power_limit_fractions=(), clock_fractions=(), window_seconds=0.1, idle_seconds=0.1)); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("script", ["scripts/gpu/gpu_run.py", "scripts/gpu/nvml_check.py"])
+def test_the_gpu_scripts_start_on_a_machine_without_a_gpu(script):
+    """They are run by hand on a lent GPU machine: an import that broke since would cost that machine's time.
+    --help imports everything the script needs before a GPU is touched (and needs no torch)."""
+    from scheduler.datafiles import REPOSITORY_DIR
+
+    r = subprocess.run([sys.executable, str(REPOSITORY_DIR / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "usage:" in r.stdout

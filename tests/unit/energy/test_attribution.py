@@ -141,6 +141,45 @@ def test_idle_intervals_go_to_pool_and_are_amortised_by_work() -> None:
     assert a.finish("d", 15.0).idle_joules == approx(6.0)  # capped: only 6 J left
 
 
+def test_idle_before_ready_is_startup_energy_not_the_first_requests() -> None:
+    """Models load for 30 s (idle, 300 J); the first request after ready pays only the idle after ready."""
+    a = Attributor(settle_delay_seconds=0.0, idle_amortization_seconds=60.0, starting_up=True)
+    a.on_interval("cpu0", 0.0, 29.5, 295.0)
+    a.mark_ready(30.0)
+    a.mark_ready(31.0)  # only the first call counts
+    a.on_interval("cpu0", 29.5, 30.5, 10.0)  # straddles the ready time: half of it is start-up
+    a.on_interval("cpu0", 30.5, 32.0, 15.0)
+    a.start("a", "cpu0", 32.0)
+    a.progress("a", 0, 10, 33.0)
+    a.on_interval("cpu0", 32.0, 33.0, 3.0)
+    e = a.finish("a", 33.0)
+    assert e.dynamic_joules == approx(3.0)
+    assert e.idle_joules == approx(20.0)  # 5 J of the straddling interval + 15 J: 2 s of idle after ready
+    b = a.balance("cpu0")
+    assert b.startup_joules == approx(300.0)
+    assert a.startup_joules("cpu0") == approx(300.0) and a.startup_settled("cpu0")
+    assert b.idle_pool_joules == approx(0.0)
+    assert b.accounted_joules == approx(b.metered_joules)
+
+
+def test_first_request_marks_ready_when_nothing_did() -> None:
+    a = Attributor(settle_delay_seconds=0.0, idle_amortization_seconds=60.0, starting_up=True)
+    a.on_interval("cpu0", 0.0, 10.0, 100.0)
+    assert a.ready_s is None and not a.startup_settled("cpu0")
+    a.start("a", "cpu0", 10.0)
+    assert a.ready_s == 10.0
+    a.on_interval("cpu0", 10.0, 11.0, 5.0)
+    assert a.finish("a", 11.0).idle_joules == 0.0
+    assert a.balance("cpu0").startup_joules == approx(100.0)
+
+
+def test_without_starting_up_all_idle_is_shared_as_before() -> None:
+    a = Attributor(settle_delay_seconds=0.0, idle_amortization_seconds=60.0)
+    a.mark_ready(5.0)  # no effect: it was ready from the start
+    a.on_interval("cpu0", 0.0, 10.0, 100.0)
+    assert a.balance("cpu0").startup_joules == 0.0 and a.balance("cpu0").idle_pool_joules == approx(100.0)
+
+
 def test_idle_older_than_window_is_never_charged() -> None:
     a = Attributor(settle_delay_seconds=0.0, idle_amortization_seconds=5.0)
     a.on_interval("cpu0", 0.0, 1.0, 100.0)
@@ -311,9 +350,12 @@ op = st.one_of(
     settle=st.sampled_from([0.0, 0.25, 1.0]),
     window=st.sampled_from([0.5, 5.0, 60.0]),
     weight=st.sampled_from([0.1, 0.25, 1.0]),
+    ready_after=st.one_of(st.none(), st.integers(0, 60)),
 )
-def test_conservation_for_random_interleavings(ops, settle, window, weight) -> None:
-    a = Attributor(prefill_token_weight=weight, settle_delay_seconds=settle, idle_amortization_seconds=window)
+def test_conservation_for_random_interleavings(ops, settle, window, weight, ready_after) -> None:
+    """ready_after: None, ready from the start; n, starting up until mark_ready after the n-th operation."""
+    a = Attributor(prefill_token_weight=weight, settle_delay_seconds=settle, idle_amortization_seconds=window,
+                   starting_up=ready_after is not None)
     now = 0.0
     meter_t = {d: 0.0 for d in DEVICES}
     running: list[str] = []
@@ -321,7 +363,9 @@ def test_conservation_for_random_interleavings(ops, settle, window, weight) -> N
     finished = []
     n = 0
     last_assigned = 0.0
-    for o in ops:
+    for i, o in enumerate(ops):
+        if i == ready_after:
+            a.mark_ready(now)
         kind = o[0]
         if kind == "start":
             rid = f"r{n}"
@@ -356,7 +400,7 @@ def test_conservation_for_random_interleavings(ops, settle, window, weight) -> N
         assigned = b.dynamic_joules + b.idle_assigned_joules
         assert assigned >= last_assigned - 1e-6  # charges only grow
         last_assigned = assigned
-        assert b.idle_pool_joules >= -1e-6 and b.unsettled_joules >= -1e-6
+        assert b.idle_pool_joules >= -1e-6 and b.unsettled_joules >= -1e-6 and b.startup_joules >= -1e-6
     # finish everything, then push every meter far ahead so all intervals settle
     for rid in running:
         finished.append(a.finish(rid, now))
@@ -365,7 +409,7 @@ def test_conservation_for_random_interleavings(ops, settle, window, weight) -> N
     b = a.balance()
     assert b.unsettled_joules == pytest.approx(0.0, abs=1e-6)
     per_request = sum(e.joules for e in finished)
-    assert per_request + b.idle_pool_joules == pytest.approx(b.metered_joules, rel=1e-9, abs=1e-6)
+    assert per_request + b.idle_pool_joules + b.startup_joules == pytest.approx(b.metered_joules, rel=1e-9, abs=1e-6)
 
 
 def test_finish_when_covered_waits_for_the_meter_without_blocking() -> None:

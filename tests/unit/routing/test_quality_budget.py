@@ -1,0 +1,95 @@
+"""Quality budget: min_quality held as a window mean; the threshold spends the allowed shortfall on the smallest gains, and overload sheds."""
+
+import numpy as np
+import pytest
+
+from scheduler.config import ModelConfig, RoutingConfig
+from scheduler.routing.controls import merge_request_controls
+from scheduler.routing.quality_budget import MIN_WINDOW_REQUESTS, QualityBudget
+from scheduler.routing.select import RouteRequest, route
+
+
+class FixedPredictor:
+    def __init__(self, adequacy: float):
+        self.a = adequacy
+
+    def adequacy(self, prompt: str) -> float:
+        return self.a
+
+
+MODELS = [ModelConfig(id="small", kind="chat", engine="simulated", params_b=8, context_length=32768, devices=["g0"]),
+          ModelConfig(id="large", kind="chat", engine="simulated", params_b=70, context_length=32768, devices=["g1"])]
+
+
+def replica(jd=0.1, prefill_tps=20000.0, tpot=0.02, **kw):
+    s = {"prefill_tokens_per_second": prefill_tps, "decode_seconds_per_token": tpot, "joules_per_decode_token": jd,
+         "joules_per_prefill_token": jd / 10, "running": 1, "waiting": 0, "idle_power_watts": 50.0}
+    s.update(kw)
+    return s
+
+
+def controls(q):
+    return merge_request_controls({}, {"min_quality": q}, RoutingConfig())
+
+
+def test_threshold_keeps_the_window_mean_at_the_target():
+    rng = np.random.default_rng(0)
+    b = QualityBudget(0.9, window_requests=2000)
+    a = rng.beta(4, 1.5, 2000)
+    for x in a:
+        b.record(float(x), None)
+    t = b.threshold()
+    served = np.where(a >= t, a, 1.0)
+    assert served.mean() >= 0.9 - 1e-9
+    # the threshold is the lowest that holds it: one more request sent small would break the target
+    below = a[a < t].max()
+    assert np.where(a >= below, a, 1.0).mean() < 0.9
+    # and a lower target lets more go small
+    b2 = QualityBudget(0.8, window_requests=2000)
+    for x in a:
+        b2.record(float(x), None)
+    assert b2.threshold() < t
+
+
+def test_wall_until_the_window_fills_then_debt_tightens_it():
+    b = QualityBudget(0.9, initial_threshold=0.85)
+    assert b.threshold() == 0.85
+    for _ in range(MIN_WINDOW_REQUESTS + 20):
+        b.record(0.8, 0.8)  # served mean 0.8: a debt of 0.1 below the target
+    assert b.threshold() == float("inf")  # every request must go large until the debt is repaid
+    assert b.shed_threshold() == float("inf")  # the served mean 0.8 is below target - allowance: no shedding
+
+
+def test_route_with_budget_sends_high_adequacy_small_and_sheds_under_overload():
+    b = QualityBudget(0.9, window_requests=200, initial_threshold=0.95)
+    free = {"small": [replica(0.1)], "large": [replica(0.8)]}
+    req = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=500, max_tokens=50)
+    for a in np.random.default_rng(1).uniform(0.5, 1.0, 200):
+        route(MODELS, req, controls(0.9), FixedPredictor(float(a)), free, quality_budget=b)
+    t, shed = b.threshold(), b.shed_threshold()
+    assert 0.5 < shed < t < 0.95  # below the wall the budget started from
+    # a request just above the threshold goes small (the wall at 0.95 would send it large) ...
+    assert route(MODELS, req, controls(0.95), FixedPredictor(t + 0.005), free).model_id == "large"
+    d = route(MODELS, req, controls(0.9), FixedPredictor(t + 0.005), free, quality_budget=b)
+    assert d.model_id == "small" and "budget threshold" in d.reason
+    # ... one below it goes large while the large replica has room
+    d = route(MODELS, req, controls(0.9), FixedPredictor((t + shed) / 2), free, quality_budget=b)
+    assert d.model_id == "large" and d.slo_met
+    # when the large replica cannot meet the SLO, the same request goes to the small model that can
+    # (shedding) instead of waiting past its SLO on the large one
+    saturated = {"small": [replica(0.1)], "large": [replica(0.8, waiting=400, queued_prefill_tokens=400 * 2000, prefill_tps=2000.0)]}
+    d = route(MODELS, req, controls(0.9), FixedPredictor((t + shed) / 2), saturated, quality_budget=b)
+    assert d.model_id == "small" and d.slo_met and "shed" in d.reason and b.shed == 1
+    # below the shed threshold it still goes large, best effort
+    d = route(MODELS, req, controls(0.9), FixedPredictor(shed - 0.05), saturated, quality_budget=b)
+    assert d.model_id == "large" and not d.slo_met
+    # without a budget (the default) the wall holds: large, best effort
+    d = route(MODELS, req, controls(0.9), FixedPredictor((t + shed) / 2), saturated)
+    assert d.model_id == "large" and not d.slo_met
+
+
+def test_bad_budget_arguments():
+    with pytest.raises(ValueError):
+        QualityBudget(1.5)
+    with pytest.raises(ValueError):
+        QualityBudget(0.9, window_requests=10)

@@ -1,0 +1,110 @@
+"""`wattlane bench fleet` on a tiny window: structural invariants of the result that a wrong replay or accounting would break."""
+
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from scheduler.sim import bench
+
+POLICIES = ["baseline", "routing", "wattlane", "wattlane-all", "oracle"]
+
+
+@pytest.fixture(scope="module")
+def doc():
+    return bench.run_bench(workloads=list(bench.WORKLOADS), loads=[1.0], policies=POLICIES, minutes=0.5, seed=0, workers=1)
+
+
+def test_every_cell_has_every_policy_on_the_same_requests(doc):
+    assert set(doc["cells"]) == {"conversation@1", "prompt-heavy@1"}
+    for cell in doc["cells"].values():
+        pol = cell["policies"]
+        assert list(pol) == POLICIES
+        assert len({r["requests"] for r in pol.values()}) == 1 and pol["baseline"]["requests"] > 10
+        assert all(r["method"] == "simulated" for r in pol.values())
+
+
+def test_energy_components_sum_to_total_and_gpu_hours_cover_the_run(doc):
+    for cell in doc["cells"].values():
+        for name, r in cell["policies"].items():
+            comp = r["energy_components_joules"]
+            assert comp["dynamic"] + comp["idle"] == pytest.approx(r["energy_joules"], rel=1e-9), name
+            assert 0.0 <= comp["parked_part_of_idle"] <= comp["idle"] + 1e-9
+            assert r["dynamic_energy_per_request_joules"] + r["idle_energy_per_request_joules"] == pytest.approx(r["energy_per_request_joules"])
+            # 8 GPUs, each either busy or idle for the whole run
+            assert r["gpu_hours_busy"] + r["gpu_hours_idle"] >= 8 * r["virtual_seconds"] / 3600 * (1 - 1e-9)
+            assert r["gpu_hours_parked"] <= r["gpu_hours_idle"] + 1e-12
+            assert r["energy_per_output_token_joules"] == pytest.approx(r["energy_joules"] / r["completion_tokens"])
+    assert doc["run"]["cpu_seconds"] > 0
+
+
+def test_shares_sum_to_one_and_quality_is_against_the_baseline(doc):
+    for cell in doc["cells"].values():
+        pol = cell["policies"]
+        for name, r in pol.items():
+            assert math.isclose(sum(r["share_by_model"].values()), 1.0, rel_tol=1e-12), name
+            assert sum(r["requests_by_model"].values()) == r["completed"]
+        assert pol["baseline"]["share_by_model"] == {"llama-3.1-70b": 1.0}
+        assert pol["baseline"]["comparison"]["quality_retained"] == 1.0
+        assert pol["routing"]["share_by_model"]["llama-3.1-8b"] > 0.0
+        # the oracle never sends a request the small model gets wrong and the large one right
+        assert pol["oracle"]["comparison"]["quality_retained"] >= 1.0
+
+
+def test_oracle_uses_no_more_energy_than_any_policy_when_it_meets_the_slo(doc):
+    for key, cell in doc["cells"].items():
+        pol = cell["policies"]
+        o = pol["oracle"]
+        assert o["slo_attainment"] >= 0.99, key
+        for name, r in pol.items():
+            assert o["energy_per_request_joules"] <= r["energy_per_request_joules"] * (1 + 1e-9), (key, name)
+            assert r["comparison"]["energy_vs_oracle"] >= -1e-9
+
+
+def test_parking_parks_and_saves_idle_energy(doc):
+    for cell in doc["cells"].values():
+        pol = cell["policies"]
+        assert pol["wattlane-all"]["parks"] > 0 and pol["wattlane-all"]["gpu_hours_parked"] > 0
+        assert pol["wattlane"]["parks"] == 0 and pol["wattlane"]["gpu_hours_parked"] == 0
+
+
+def test_cli_writes_json_markdown_and_plots(tmp_path):
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["bench", "fleet", "--out", str(out), "--minutes", "0.2", "--loads", "1",
+                                   "--policies", "baseline,oracle", "--workloads", "prompt-heavy", "--no-band", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "fleet-bench.json").read_text())
+    assert set(doc["cells"]["prompt-heavy@1"]["policies"]) == {"baseline", "oracle"}
+    assert "| oracle |" in (out / "fleet-bench.md").read_text()
+    for png in ("energy-vs-load.png", "slo-vs-load.png", "energy-breakdown.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_are_refused_before_any_replay():
+    with pytest.raises(bench.BenchError, match="unknown policy set"):
+        bench.plan(["conversation"], [1.0], ["baseline", "nope"], 1.0, 0, False)
+    with pytest.raises(bench.BenchError, match="must include 'baseline'"):
+        bench.plan(["conversation"], [1.0], ["oracle"], 1.0, 0, False)
+    with pytest.raises(bench.BenchError, match="one-hour conversation trace"):
+        bench.plan(["conversation"], [4.0], ["baseline"], 20.0, 0, False)
+    with pytest.raises(bench.BenchError, match="loads must be positive"):
+        bench.plan(["conversation"], [0.0], ["baseline"], 1.0, 0, False)
+
+
+def test_packaged_fleet_configs_match_the_repository_copies():
+    # an installed `wattlane bench fleet` (no repository) replays on the packaged copies
+    from scheduler import datafiles
+    from scheduler.datafiles import REPOSITORY_DIR
+
+    for name in bench.FLEETS.values():
+        assert datafiles.sim_fleet_config().with_name(name).read_text() == (REPOSITORY_DIR / "configs" / name).read_text()
+
+
+def test_band_is_the_power_replay_band():
+    from benchmarks.power_replay import SENSITIVITY_BAND
+
+    assert bench.SENSITIVITY_BAND == SENSITIVITY_BAND == bench.PACKAGED_BAND

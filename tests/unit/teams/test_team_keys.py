@@ -1,0 +1,154 @@
+"""Run-time API keys: stored hashed, shown once, revoked or rotated on every gateway replica within a second."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from scheduler.api.auth import KeyStore
+from scheduler.api.errors import ApiError
+from scheduler.config import ApiKeyConfig, WattlaneConfig
+from scheduler.teams.keys import KEY_CACHE_SECONDS, KeyCache, KeyError_, KeyRegistry, hash_key
+from scheduler.teams.store import TeamsStore
+
+CONFIG = WattlaneConfig.model_validate({
+    "models": [{"id": "m", "kind": "chat", "engine": "simulated", "devices": []}],
+    "teams": [{"name": "search", "limits": {"requests_per_minute": 100}}],
+})
+
+
+def bearer(key: str) -> str:
+    return f"Bearer {key}"
+
+
+def test_a_key_is_stored_only_as_its_hash(tmp_path):
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    record, secret = registry.create(key_id="ci-bot", role="client", team="search")
+    assert secret.startswith("wl-") and len(secret) > 40
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())  # the database and its WAL
+    assert secret.encode() not in raw
+    assert hash_key(secret).encode() in raw
+    assert "key" not in record.public() and "key_sha256" not in record.public()
+
+
+def test_revocation_reaches_another_replica_within_a_second(tmp_path):
+    # two gateway replicas: two processes' caches over one file (each its own connection)
+    cli, replica_a, replica_b = KeyRegistry(TeamsStore(tmp_path)), TeamsStore(tmp_path), TeamsStore(tmp_path)
+    store_a = KeyStore([], runtime=KeyCache(replica_a), config=CONFIG)
+    store_b = KeyStore([], runtime=KeyCache(replica_b), config=CONFIG)
+    _, secret = cli.create(key_id="ci-bot", team="search")
+    time.sleep(KEY_CACHE_SECONDS)
+    for store in (store_a, store_b):
+        p = store.authenticate(bearer(secret))
+        assert (p.key_id, p.role, p.team) == ("ci-bot", "client", "search")
+        assert p.quota is not None and p.quota.subjects[0].name == "team:search"
+    cli.revoke("ci-bot")
+    revoked_s = time.monotonic()
+    refused = set()
+    while len(refused) < 2 and time.monotonic() - revoked_s < 1.0:
+        for name, store in (("a", store_a), ("b", store_b)):
+            try:
+                store.authenticate(bearer(secret))
+            except ApiError as exc:
+                assert exc.status == 401
+                refused.add(name)
+        time.sleep(0.01)
+    assert refused == {"a", "b"}, f"still accepted after {time.monotonic() - revoked_s:.2f} s"
+
+
+def test_rotation_keeps_the_id_and_refuses_the_old_secret(tmp_path):
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    _, old = registry.create(key_id="ci-bot", role="reader")
+    record, new = registry.rotate("ci-bot")
+    assert new != old and record.key_id == "ci-bot" and record.role == "reader"
+    assert store.authenticate(bearer(new)).key_id == "ci-bot"
+    with pytest.raises(ApiError) as exc:
+        store.authenticate(bearer(old))
+    assert exc.value.status == 401
+
+
+def test_an_expired_key_is_refused(tmp_path):
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    _, secret = registry.create(key_id="short", expires_unix_s=time.time() + 0.3)
+    assert store.authenticate(bearer(secret)).key_id == "short"
+    time.sleep(0.35)
+    with pytest.raises(ApiError):
+        store.authenticate(bearer(secret))
+    assert registry.get("short").public()["status"] == "expired"
+
+
+def test_the_first_run_time_key_turns_anonymous_access_off_and_revoking_it_does_not_turn_it_on(tmp_path):
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    assert store.authenticate(None).key_id == "anonymous"
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    _, secret = registry.create(key_id="first")
+    registry.revoke("first")
+    for authorization in (None, bearer(secret)):
+        with pytest.raises(ApiError) as exc:
+            store.authenticate(authorization)
+        assert exc.value.status == 401
+
+
+def test_config_keys_and_run_time_keys_work_side_by_side_and_ids_never_collide(tmp_path):
+    cfg_key = ApiKeyConfig(id="ops", key_sha256=hash_key("config-secret"), role="operator")
+    registry = KeyRegistry(TeamsStore(tmp_path), {"ops"})
+    store = KeyStore([cfg_key], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    _, secret = registry.create(key_id="bot")
+    assert store.authenticate(bearer("config-secret")).key_id == "ops"
+    assert store.authenticate(bearer(secret)).key_id == "bot"
+    for action in (lambda: registry.create(key_id="ops"), lambda: registry.revoke("ops"), lambda: registry.create(key_id="bot")):
+        with pytest.raises(KeyError_) as exc:
+            action()
+        assert exc.value.status == 409
+    with pytest.raises(KeyError_) as exc:
+        registry.revoke("nobody")
+    assert exc.value.status == 404
+
+
+def test_a_key_changed_by_hand_to_invalid_limits_is_refused_not_run_unlimited(tmp_path):
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    _, secret = registry.create(key_id="bot", limits={"requests_per_minute": 5})
+    with sqlite3.connect(tmp_path / "teams.sqlite3") as conn:
+        conn.execute("UPDATE api_keys SET limits_json = '{\"requests_per_minute\": -1}'")
+        conn.execute("UPDATE meta SET value = value + 1 WHERE name = 'keys_version'")
+    with pytest.raises(ApiError) as exc:
+        store.authenticate(bearer(secret))
+    assert exc.value.status == 403 and "requests_per_minute" in exc.value.message
+
+
+def test_the_cli_creates_lists_rotates_and_revokes_on_the_state_directory(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    runner = CliRunner()
+
+    def run(*args: str):
+        r = runner.invoke(app, ["keys", *args, "--state-dir", str(tmp_path)])
+        return r.exit_code, r.stdout + (r.stderr if r.stderr_bytes else "")
+
+    code, text = run("create", "--id", "ci", "--rpm", "60", "--budget", "energy_joules=5e5/day", "--json")
+    assert code == 0, text
+    created = json.loads(text)
+    assert created["limits"] == {"requests_per_minute": 60}
+    assert created["budgets"] == [{"energy_joules": 5e5, "period": "day"}]
+    store = KeyStore([], runtime=KeyCache(TeamsStore(tmp_path), ttl_seconds=0), config=CONFIG)
+    assert store.authenticate(bearer(created["key"])).quota.subjects[0].name == "key:ci"
+    code, text = run("rotate", "ci", "--json")
+    assert code == 0 and json.loads(text)["key"] != created["key"]
+    code, text = run("list", "--json")
+    assert [(k["id"], k["status"]) for k in json.loads(text)] == [("ci", "active")] and created["key"] not in text
+    assert run("revoke", "ci")[0] == 0
+    assert json.loads(run("list", "--json")[1])[0]["status"] == "revoked"
+    for bad in (["create", "--budget", "joules=5"], ["create", "--team", "bad team"], ["revoke", "nobody"],
+                ["create", "--rpm", "0"]):
+        code, text = run(*bad)
+        assert code == 1 and "error:" in text, (bad, text)
