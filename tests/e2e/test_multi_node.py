@@ -92,13 +92,14 @@ def node_books(cluster, nodes) -> dict:
 
 
 def assert_node_energy_adds_up(books: dict, responses: list[dict], node: str, since_s: float = 0.0) -> None:
-    """What the node's responses were charged, plus its idle pool and unsettled joules, is its device counter."""
+    """What the node's responses were charged, plus its idle pool, unsettled and start-up joules (the idle
+    metered before the service was ready, charged to no request), is its device counter."""
     b = books[node]
     assert b is not None, f"no consistent read of node {node}'s books"
     charged = sum(r["usage"]["energy"]["joules"] for r in responses
                   if r["routing"]["node"] == node and r["created"] >= since_s)
     bal = b["balance"]
-    accounted = charged + bal["idle_pool_joules"] + bal["unsettled_joules"]
+    accounted = charged + bal["idle_pool_joules"] + bal["unsettled_joules"] + bal.get("startup_joules", 0.0)
     assert accounted == pytest.approx(b["counter"], rel=0.01), (node, charged, bal, b["counter"])
 
 
