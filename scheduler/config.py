@@ -99,6 +99,21 @@ class UpstreamOptions(_Section):
     estimate_joules_per_prompt_token: Annotated[float, Field(ge=0)] | None = None
 
 
+class ModelAutoscaling(_Section):
+    """Serve's replica autoscaling for one model, between min_replicas and the model's `replicas`.
+
+    Scale-out when replicas hold more than target_ongoing_requests each for upscale_delay_seconds;
+    scale-in when they hold fewer for downscale_delay_seconds (the gap between the two delays is the
+    hysteresis). A freed GPU idles, and a `parking` power group over the model's devices parks it."""
+
+    min_replicas: Annotated[int, Field(ge=1)] = 1
+    target_ongoing_requests: Annotated[float, Field(gt=0)] = 2.0
+    upscale_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
+    downscale_delay_seconds: Annotated[float, Field(ge=0)] = 60.0
+    #: the window Serve averages the ongoing requests over
+    look_back_seconds: Annotated[float, Field(gt=0)] = 30.0
+
+
 class ModelConfig(_Section):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
     kind: Literal["chat", "completion"]
@@ -112,7 +127,9 @@ class ModelConfig(_Section):
     size_rank: int | None = None
     #: the device ids this model's replicas run on; each id must be a configured/discovered device
     devices: list[str] = Field(default_factory=lambda: ["cpu0"])
+    #: replicas (with autoscaling: the most it scales out to; devices are listed for that many)
     replicas: Annotated[int, Field(ge=1)] = 1
+    autoscaling: ModelAutoscaling | None = None
     #: concurrent requests one replica accepts before Serve queues them
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 4
     #: requests queued for the model beyond that; more are refused with 503 and Retry-After
@@ -135,7 +152,15 @@ class ModelConfig(_Section):
         if self.engine != "openai":
             if self.endpoints:
                 raise ValueError(f"'endpoints' is for engine 'openai'; engine '{self.engine}' runs the model itself")
-            return self
+        else:
+            self._derive_from_endpoints()
+        if self.autoscaling is not None and self.autoscaling.min_replicas > self.replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.autoscaling.min_replicas}) is more than replicas "
+                             f"({self.replicas}), the most it scales out to")
+        return self
+
+    def _derive_from_endpoints(self) -> None:
+        """An `openai` model's replicas and devices come from its endpoints: one replica per endpoint."""
         if not self.endpoints:
             raise ValueError("engine 'openai' needs 'endpoints': the base_url, served_model_name and devices "
                              "of each server")
@@ -155,7 +180,6 @@ class ModelConfig(_Section):
         # set without validate_assignment (it would run this validator again)
         self.__dict__["replicas"] = len(self.endpoints)
         self.__dict__["devices"] = devices
-        return self
 
 
 # --- devices -------------------------------------------------------------------------------------
@@ -495,21 +519,30 @@ def load_config(path: str | os.PathLike[str] | None = None, *, check_files: bool
         raise ConfigError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=shown, fix="fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot be read: {exc}", file=shown, fix="check the path and permissions") from None
+    config = validate_config_mapping(data, source=str(file.resolve()), shown=shown)
+    if check_files:
+        for i, m in enumerate(config.models):
+            if m.weights is not None:
+                resolve_weights(m, config, key=f"models[{i}] (id {m.id}).weights", shown=shown, locate_only=True)
+    return config
+
+
+def validate_config_mapping(data: Any, source: str, shown: str | None = None) -> WattlaneConfig:
+    """Validate a config already parsed (a YAML file's content, or the args of a Serve config file).
+
+    source: the file it came from (relative paths in it resolve against its folder)."""
+    shown = shown or source
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping with at least 'models'", file=shown, fix="see configs/local.yaml for the shape")
     try:
         config = WattlaneConfig.model_validate(data)
     except ValidationError as exc:
         raise _error_from_validation(exc, shown, data) from None
-    config.source_path = str(file.resolve())
+    config.source_path = source
     _check_cross_references(config, shown)
     _check_teams(config, shown)
     _check_carbon(config, shown)
     _check_telemetry(config, shown)
-    if check_files:
-        for i, m in enumerate(config.models):
-            if m.weights is not None:
-                resolve_weights(m, config, key=f"models[{i}] (id {m.id}).weights", shown=shown, locate_only=True)
     return config
 
 

@@ -110,6 +110,7 @@ _REPLICA_ERRORS = {
     "context_length": (400, "context_length_exceeded"),
     "invalid_request": (400, "invalid_request"),
     "engine": (503, "engine_error"),
+    "unavailable": (503, "engine_unavailable"),
 }
 
 

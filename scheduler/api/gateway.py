@@ -25,6 +25,8 @@ from scheduler.energy.baseline import SavingsBaseline
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_SECONDS = 5.0
+#: how often the gateway looks for nodes that joined without an agent
+AGENT_CHECK_SECONDS = 5.0
 
 
 class Gateway:
@@ -85,16 +87,26 @@ class Gateway:
 
     # --- node agents and live readings -----------------------------------------------------------
     def agents(self) -> dict[str, Any]:
-        import ray
-
+        """The node agents of the alive nodes, by node name (a node that left is dropped here at once)."""
         found = {}
-        for node in ray.nodes():
-            if node.get("Alive"):
-                name = node.get("NodeManagerHostname")
-                agent = runtime.get_node_agent(name)
-                if agent is not None:
-                    found[name] = agent
+        for node in runtime.cluster_nodes():
+            agent = runtime.get_node_agent(node.name)
+            if agent is not None:
+                found[node.name] = agent
         return found
+
+    def ensure_agents(self) -> None:
+        """Start the agent of a node that joined since (blocking: call it from a worker thread).
+
+        Its simulated GPUs (if any are named for it) appear in /v1/devices on the next refresh, and
+        the replicas waiting for them can start."""
+        from scheduler.cluster.serve_app import start_node_agents
+
+        nodes = runtime.cluster_nodes()
+        if all(runtime.get_node_agent(n.name) is not None for n in nodes):
+            return
+        log.info("starting node agents for nodes that joined")
+        start_node_agents(self.config, self.state_dir, detached=True)
 
     def agent_for_device(self, device_id: str) -> Any:
         for snap in self.device_snapshots:
@@ -165,8 +177,12 @@ class Gateway:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     async def _refresh_loop(self) -> None:
+        last_agent_check_s = 0.0
         while True:
             try:
+                if time.monotonic() - last_agent_check_s >= AGENT_CHECK_SECONDS:
+                    last_agent_check_s = time.monotonic()
+                    await asyncio.to_thread(self.ensure_agents)
                 await self.refresh_devices()
                 intensity = await asyncio.to_thread(self.carbon.intensity, time.time())
                 self.metrics.set_grid_intensity(region=intensity.region, gco2e_per_kwh=intensity.gco2e_per_kwh)

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 #: waiting this long times the count first: together longer than Serve's 1 s routing-stats period
 MAX_AVOIDED_LANDINGS = 4
 AVOIDED_LANDING_WAIT_SECONDS = 0.25
+#: how many times a request goes back to its model after a replica answered "unavailable" or died
+UNAVAILABLE_RETRIES = 2
 
 ReplicasByModel = Callable[[], "dict[str, list[dict[str, Any]]] | None"]
 
@@ -98,12 +100,16 @@ class InferenceResult:
 
 
 class _ReplicaFailure(Exception):
-    """A replica failed before producing anything; the request may be retried elsewhere."""
+    """A replica failed before producing anything; the request may be retried elsewhere.
 
-    def __init__(self, message: str, replica: str | None = None):
+    replica_gone: the replica itself is gone (its actor died, as with its node): the model's other
+    replicas can take the request, and Serve's router has already stopped choosing the dead one."""
+
+    def __init__(self, message: str, replica: str | None = None, replica_gone: bool = False):
         super().__init__(message)
         #: the replica that failed, when its start event named it
         self.replica = replica
+        self.replica_gone = replica_gone
 
 
 class StreamSession:
@@ -253,17 +259,27 @@ class Serving:
         A replica that fails or times out before its first event is retried once: on another endpoint of
         the same model when it is an upstream model with more than one (that replica is avoided), else on
         the next candidate model of the routing decision; if that fails too, 503 with the reason. An
-        upstream replica that answers with an engine error before any token is retried the same way.
+        upstream replica that answers with an engine error before any token is retried the same way. A
+        replica that answers "unavailable" (its node left; it generated nothing), or whose actor died, is
+        retried on its own model, whose other replicas can take the request (up to UNAVAILABLE_RETRIES
+        times, besides the one retry).
         """
         routed = routed or await self._admitted(job)
         failures: list[str] = []
         model, avoid = routed.model, []
-        attempt = landings = 0
+        attempt = landings = unavailable_retries = 0
         while attempt < 2:
             try:
                 events, start, first = await self._start(job, model, routed, deltas, avoid)
+                if isinstance(first, ReplicaError) and first.kind is ReplicaErrorKind.UNAVAILABLE:
+                    raise _ReplicaFailure(first.message, start.replica, replica_gone=True)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
+                if exc.replica_gone and unavailable_retries < UNAVAILABLE_RETRIES:
+                    unavailable_retries += 1
+                    log.warning("request %s: a replica of %s is gone (%s); retrying on %s", job.request_id, model,
+                                exc, model)
+                    continue
                 retry = self._retry_target(routed, model, exc.replica) if attempt == 0 else None
                 log.warning("request %s: %s failed (%s)%s", job.request_id, model, exc,
                             f"; retrying on {retry[0]}" if retry else "")
@@ -297,6 +313,8 @@ class Serving:
                 routed.model = model
             elif avoid:
                 routed.reason += f"; retried on another endpoint after {', '.join(avoid)} failed"
+            elif failures:
+                routed.reason += f"; retried after {failures[-1]}"
             session = StreamSession(self, job, routed, events, start, first)
             if isinstance(first, ReplicaError):
                 session._seen(first)
@@ -373,7 +391,9 @@ class Serving:
         except BackPressureError:
             raise _ReplicaFailure(f"queue full ({self.config.model(model).max_queued_requests} requests waiting)") from None
         except Exception as exc:  # replica died, actor unavailable: a capacity problem, not the client's
-            raise _ReplicaFailure(type(exc).__name__) from None
+            from ray.exceptions import RayActorError
+
+            raise _ReplicaFailure(type(exc).__name__, replica_gone=isinstance(exc, RayActorError)) from None
 
     async def run(self, job: Job) -> InferenceResult:
         routed = await self._admitted(job)

@@ -1,4 +1,5 @@
-"""`wattlane serve` (start or join Ray, deploy the gateway and models), `wattlane agent`, `wattlane check-config`."""
+"""`wattlane serve` (start or join Ray, deploy the gateway and models), `wattlane deploy-config` (the same
+deployment as a Ray Serve config file for `serve deploy`), `wattlane agent`, `wattlane check-config`."""
 
 from __future__ import annotations
 
@@ -156,13 +157,85 @@ def serve_cmd(
     out.print("stopped; device settings restored")
 
 
-def _this_ray_node() -> tuple[str, str]:
-    """(Ray node id, hostname as Ray reports it) of the node this driver runs on."""
+SERVE_CONFIG_HEADER = """\
+# Ray Serve config for Wattlane, written by `wattlane deploy-config --config {source}`.
+# Deploy it to a running Ray cluster (Wattlane installed on every node, same version):
+#   serve deploy {out} --address http://<head node>:8265
+# The application builder starts one Wattlane node agent per Ray node, then the gateway and the models.
+# Ray nodes started with the resource wattlane_node_<name> (ray start --resources) are Wattlane node
+# <name>; the state directory must be writable on every node (a volume). Serve's HTTP proxy checks
+# X-Request-Id itself when the head node runs with
+#   RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=scheduler.api.request_ids.serve_proxy_middlewares
+# (without it the gateway still does; the proxy's own log then shows its own ids).
+"""
+
+
+def serve_config(cfg: WattlaneConfig, state_dir: str, host: str, port: int, proxy_location: str) -> dict:
+    """The Ray Serve config (ServeDeploySchema) that deploys this Wattlane config with `serve deploy`."""
+    from scheduler.cluster.serve_app import APP_NAME
+
+    env = {"WATTLANE_STATE_DIR": state_dir, "RAY_USAGE_STATS_ENABLED": "0"}
+    return {
+        "proxy_location": proxy_location,
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "scheduler.cluster.serve_app:app_builder",
+            "runtime_env": {"env_vars": env},
+            "args": {"source": cfg.source_path, "state_dir": state_dir, "config": cfg.model_dump(mode="json")},
+        }],
+    }
+
+
+def deploy_config(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the embedded local.yaml)")] = None,
+    out_path: Annotated[Optional[Path], typer.Option("--out", "-o", help="write here (default: standard output)")] = None,
+    state_dir: Annotated[Optional[str], typer.Option("--state-dir", help="state directory as the cluster's nodes see it (default: server.state_dir, else /var/lib/wattlane)")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address Serve's HTTP proxy binds (default from config, else 0.0.0.0)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="HTTP port (default from config, 8000)")] = None,
+    proxy_location: Annotated[str, typer.Option("--proxy-location", help="HeadOnly or EveryNode (Serve's HTTP proxies)")] = "HeadOnly",
+) -> None:
+    """Write a Ray Serve config file that `serve deploy` accepts: Wattlane on a Ray cluster you run."""
+    cfg = load_or_exit(config)
+    if proxy_location not in ("HeadOnly", "EveryNode"):
+        fail_config(ConfigError(f"unknown proxy location '{proxy_location}'", file="--proxy-location",
+                                fix="HeadOnly (one HTTP entry point on the head) or EveryNode"))
+    sdir = state_dir or os.environ.get("WATTLANE_STATE_DIR") or cfg.server.state_dir or "/var/lib/wattlane"
+    if not os.path.isabs(os.path.expanduser(sdir)):
+        fail_config(ConfigError(f"state directory '{sdir}' is relative", file="--state-dir",
+                                fix="give an absolute path that exists on every node (a shared or per-node volume)"))
+    listen_host = host or cfg.server.host or "0.0.0.0"
+    if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
+        err.print("[yellow]warning:[/] the gateway will listen on a non-loopback address without API keys")
+    data = serve_config(cfg, os.path.expanduser(sdir), listen_host, port or cfg.server.port, proxy_location)
+    import yaml
+
+    text = SERVE_CONFIG_HEADER.format(source=config or "<embedded local.yaml>", out=out_path or "serve.yaml")
+    text += yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if out_path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out_path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot write {out_path}: {exc}")
+        raise typer.Exit(2)
+    err.print(f"wrote {out_path}; deploy with: serve deploy {out_path} --address http://<head>:8265")
+
+
+def _this_ray_node() -> tuple[str, str, bool]:
+    """(Ray node id, Wattlane node name, whether the name is declared) of the node this driver runs on.
+
+    The name is the node's wattlane_node_<name> resource, else its hostname (runtime.node_from_ray)."""
     import ray
 
-    node_id = ray.get_runtime_context().get_node_id()
-    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), {})
-    return node_id, node.get("NodeManagerHostname") or node.get("NodeName") or socket.gethostname()
+    from scheduler.cluster import runtime
+
+    node = runtime.this_node()
+    if node is None:
+        return ray.get_runtime_context().get_node_id(), socket.gethostname(), False
+    return node.node_id, node.name, node.named
 
 
 def agent_cmd(
@@ -202,13 +275,17 @@ def agent_cmd(
         raise typer.Exit(2)
     agent = None
     try:
-        node_id, hostname = _this_ray_node()
+        node_id, hostname, named = _this_ray_node()
         if runtime.get_node_agent(hostname) is not None:
             err.print(f"[bold red]error:[/] a node agent already runs on {hostname} "
                       f"({runtime.NAMESPACE}/{runtime.agent_name(hostname)}): stop it (Ctrl-C in its `wattlane agent`, "
                       "or stop the `wattlane serve` on this host) before starting another")
             raise typer.Exit(1)
-        agent = start_node_agent(cfg, sdir, node_id, hostname, owns_simulated=False, detached=True)
+        # a named node's simulated GPUs live on it (runtime.simulated_owners); a host named by its hostname has none
+        owned = sorted(d for d, owner in runtime.simulated_owners(cfg, runtime.cluster_nodes()).items()
+                       if owner == hostname) if named else False
+        agent = start_node_agent(cfg, sdir, node_id, hostname, owns_simulated=owned, detached=True,
+                                 own_state_dir=named)
         found = ray.get(agent.ready.remote(), timeout=300)
         devices = ", ".join(found["devices"]) or "none"
         out.print(f"[bold green]Wattlane node agent running[/] on {found['node']} as "
@@ -250,3 +327,4 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
     app.command("agent")(agent_cmd)
     app.command("check-config")(check_config)
+    app.command("deploy-config")(deploy_config)

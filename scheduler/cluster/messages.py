@@ -22,6 +22,9 @@ class ReplicaErrorKind(str, Enum):
     INVALID_REQUEST = "invalid_request"
     #: the engine failed (out of memory, a bug, a dead process): a capacity problem, not the client's
     ENGINE = "engine"
+    #: the replica cannot run work now (its node agent is gone with its node) and generated nothing:
+    #: the gateway tries another replica before it answers
+    UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -97,14 +98,20 @@ class NodeAgent:
     #: serves the replicas' request-path messages once the first replica asks for its address
     _link_server: AgentLinkServer | None = None
 
-    def __init__(self, config: dict[str, Any], state_dir: str, node: str, owns_simulated: bool = True):
+    def __init__(self, config: dict[str, Any], state_dir: str, node: str,
+                 owns_simulated: bool | list[str] = True, own_state_dir: bool = False):
+        """owns_simulated: the simulated GPU ids this agent creates (runtime.simulated_owners), or all/none.
+
+        own_state_dir: keep this node's device state (saved settings, power audit, simulated GPUs'
+        settings) under <state_dir>/nodes/<node>, for nodes that share a state directory (several Ray
+        nodes on one host, or a shared volume); the ledger stays at the top."""
         runtime.configure_process_logging()
         self.config = WattlaneConfig.model_validate(config)
-        self.state_dir = Path(state_dir)
+        self.state_dir = Path(state_dir) / "nodes" / node if own_state_dir else Path(state_dir)
         self.node = node
         from scheduler.devices.discovery import discover_devices
 
-        # simulated GPUs are not hardware of any node: only the head node's agent creates them
+        # simulated GPUs are not hardware of any node: each is created by the one agent that owns it
         self.devices: dict[str, Device] = {
             d.device_id: d for d in discover_devices(
                 self.config.devices, node, include_simulated=owns_simulated, state_dir=self.state_dir
@@ -143,7 +150,7 @@ class NodeAgent:
         self.attributor.on_interval(interval.device_id, interval.t0_s, interval.t1_s, interval.energy_joules)
 
     async def ready(self) -> dict[str, Any]:
-        return {"node": self.node, "devices": list(self.devices)}
+        return {"node": self.node, "devices": list(self.devices), "pid": os.getpid(), "started_s": self._started_s}
 
     def mark_ready(self, t_s: float | None = None) -> None:
         """The service answers from t_s (default now): idle energy before it is start-up energy."""
@@ -192,6 +199,10 @@ class NodeAgent:
             except ValueError as exc:
                 log.warning("start_request: %s", exc)
             self.power.work_arrived(d)
+
+    def replica_gone(self, replica_id: str) -> None:
+        """A replica stopped (scaled in, redeployed): its last stats must not stay in the routing view."""
+        self._replica_stats.pop(replica_id, None)
 
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
         self._replica_stats[replica_id] = stats
@@ -297,20 +308,31 @@ class NodeAgent:
         key = f"{model['id']}#{replica_index}"
         if key not in self._sim_engines:
             sims = {i: d for i, d in self.devices.items() if isinstance(d, SimulatedGpu)}
-            self._sim_engines[key] = build_simulated_engine(ModelConfig.model_validate(model), self.config, sims,
-                                                            replica_index=replica_index)
+            engine = build_simulated_engine(ModelConfig.model_validate(model), self.config, sims,
+                                            replica_index=replica_index)
+            foreign = [g.device_id for g in engine.core.gpus if g.device_id not in sims]
+            if foreign:  # a GPU made up here would run unmetered beside the one its owner meters
+                raise ValueError(f"simulated GPU(s) {', '.join(foreign)} are not on node {self.node}")
+            self._sim_engines[key] = engine
         engine = self._sim_engines[key]
         return {"key": key, "context_length": engine.context_length,
                 "device_ids": [g.device_id for g in engine.core.gpus]}
 
-    def sim_count_prompt_tokens(self, key: str, request: GenerationRequest) -> int:
-        return self._sim_engines[key].count_prompt_tokens(request)
+    async def _sim_engine(self, key: str, spec: tuple[dict[str, Any], int] | None) -> Any:
+        """The hosted engine `key`, opened again from `spec` (model, replica index) after this agent restarted."""
+        if key not in self._sim_engines and spec is not None:
+            await self.sim_open(*spec)
+        return self._sim_engines[key]
 
-    async def sim_generate(self, key: str, request: GenerationRequest):
+    async def sim_count_prompt_tokens(self, key: str, request: GenerationRequest,
+                                      spec: tuple[dict[str, Any], int] | None = None) -> int:
+        return (await self._sim_engine(key, spec)).count_prompt_tokens(request)
+
+    async def sim_generate(self, key: str, request: GenerationRequest, spec: tuple[dict[str, Any], int] | None = None):
         """The hosted engine's EngineEvents; SimEngineStats before the last one; SimEngineFailure if it fails."""
         from scheduler.engines.base import ContextLengthError, EngineError
 
-        engine = self._sim_engines[key]
+        engine = await self._sim_engine(key, spec)
         try:
             async for ev in engine.generate(request):
                 if ev.finished:

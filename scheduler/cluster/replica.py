@@ -40,6 +40,7 @@ from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
     ContextLengthError,
     EngineError,
+    EngineUnavailable,
     GenerationRequest,
     ModelKind,
     RequestRejectedError,
@@ -56,6 +57,8 @@ START_REPORT_DELAY_SECONDS = 0.05
 LINK_RETRY_SECONDS = 10.0
 #: how often, at most, the replica pushes its stats to the node agent
 STATS_PUSH_INTERVAL_SECONDS = 0.1
+#: how long Serve's health probe waits for the node agent (it answers at once unless its node is gone)
+HEALTH_TIMEOUT_SECONDS = 5.0
 
 
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
@@ -164,10 +167,10 @@ class ModelServer:
         # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
         self.agent = runtime.get_node_agent(self.node)
         if self.model.engine == "simulated":
-            if self.agent is None:
-                raise RuntimeError("simulated models need the node agent that owns the simulated GPUs")
-            from scheduler.cluster.sim_host import AgentHostedEngine
+            from scheduler.cluster.sim_host import AgentHostedEngine, agent_for_simulated_replica
 
+            # the work runs where the simulated GPUs are: that node's agent hosts the engine and meters it
+            self.node, self.agent = agent_for_simulated_replica(self.model, self.config, rank)
             self.engine = AgentHostedEngine(self.agent, self.model.model_dump(mode="json"), rank)
             self.device_ids = self.engine.device_ids
         else:
@@ -230,6 +233,16 @@ class ModelServer:
         sample = energy.dynamic_joules / energy.work_tokens
         prev = self._joules_per_work_token
         self._joules_per_work_token = sample if prev is None else 0.8 * prev + 0.2 * sample
+
+    async def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose node agent is gone (its node left the cluster) can neither
+        meter its work nor, for a simulated engine, run it, so it reports unhealthy and Serve replaces it."""
+        if self.agent is None:
+            return
+        try:
+            await asyncio.wait_for(self.agent.ready.remote(), HEALTH_TIMEOUT_SECONDS)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
+            raise RuntimeError(f"node agent of {self.node} does not answer: {type(exc).__name__}") from None
 
     async def stats(self) -> dict[str, Any]:
         return self.record_routing_stats()
@@ -301,6 +314,9 @@ class ModelServer:
         except RequestRejectedError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
                                           str(exc), param=exc.param)
+        except EngineUnavailable as exc:
+            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
+                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}")
         except EngineError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}")
@@ -360,5 +376,10 @@ class ModelServer:
             self._link_connecting = None
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
+        if self.agent is not None:
+            try:
+                await asyncio.wait_for(self.agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
+            except Exception as exc:  # its node agent is gone too: nothing of this replica is left there
+                log.info("replica %s: node agent not told of the stop: %s", self.replica_id, type(exc).__name__)
         await self.engine.close()
 

@@ -13,17 +13,77 @@ import os
 import secrets
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scheduler.config import WattlaneConfig
 
 NAMESPACE = "wattlane"
 AGENT_NAME_PREFIX = "wattlane-node-agent:"
+#: a Ray node started with the custom resource "wattlane_node_<name>" (ray start --resources) is Wattlane
+#: node <name>: its agent owns the simulated GPUs whose config names that node, and several such Ray
+#: nodes may share one host. A node without it is named after its host.
+NODE_RESOURCE_PREFIX = "wattlane_node_"
+#: the resource Ray gives the head node alone
+HEAD_RESOURCE = "node:__internal_head__"
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """One alive Ray node as Wattlane sees it."""
+
+    node_id: str
+    name: str
+    is_head: bool
+    #: whether the name comes from a wattlane_node_<name> resource (else it is the hostname)
+    named: bool
+
+
+def node_from_ray(info: dict[str, Any]) -> ClusterNode:
+    """A ray.nodes() entry as a ClusterNode."""
+    resources = info.get("Resources") or {}
+    declared = sorted(k[len(NODE_RESOURCE_PREFIX):] for k in resources
+                      if k.startswith(NODE_RESOURCE_PREFIX) and len(k) > len(NODE_RESOURCE_PREFIX))
+    host = info.get("NodeManagerHostname") or info.get("NodeName") or socket.gethostname()
+    return ClusterNode(node_id=info["NodeID"], name=declared[0] if declared else host,
+                       is_head=HEAD_RESOURCE in resources or bool(info.get("is_head_node")), named=bool(declared))
+
+
+def cluster_nodes() -> list[ClusterNode]:
+    """The alive nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    return [node_from_ray(n) for n in ray.nodes() if n.get("Alive")]
+
+
+_this_node: ClusterNode | None = None
+
+
+def this_node() -> ClusterNode | None:
+    """The Ray node this process runs on (None outside Ray); a process never changes node, so it is kept."""
+    global _this_node
+    if _this_node is not None:
+        return _this_node
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    node_id = ray.get_runtime_context().get_node_id()
+    for info in ray.nodes():
+        if info.get("NodeID") == node_id:
+            _this_node = node_from_ray(info)
+            return _this_node
+    return None
+
+
 def node_name() -> str:
-    return socket.gethostname()
+    """This process's Wattlane node name: its Ray node's wattlane_node_<name> resource, else the hostname."""
+    node = this_node()
+    return node.name if node is not None else socket.gethostname()
 
 
 def configure_process_logging(level: int = logging.INFO) -> None:
@@ -95,6 +155,23 @@ def start_ray(state_dir: Path, address: str | None, num_cpus: int | None, includ
 
 def agent_name(node: str) -> str:
     return AGENT_NAME_PREFIX + node
+
+
+def simulated_owners(config: WattlaneConfig, nodes: list[ClusterNode]) -> dict[str, str]:
+    """Which node's agent creates (and meters, and runs the engines of) each simulated GPU.
+
+    In a cluster whose nodes carry wattlane_node_<name> resources, a simulated GPU lives on the node its
+    config names (devices.simulated[].node), and is absent while that node is. Otherwise (one node, or
+    nodes named only by host) the head node's agent owns them all, as on a single machine.
+    """
+    sims = config.devices.simulated
+    if not sims or not nodes:
+        return {}
+    if any(n.named for n in nodes):
+        names = {n.name for n in nodes if n.named}
+        return {s.id: s.node for s in sims if s.node in names}
+    head = next((n for n in nodes if n.is_head), nodes[0])
+    return {s.id: head.name for s in sims}
 
 
 def get_node_agent(node: str | None = None):

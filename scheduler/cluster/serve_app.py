@@ -30,6 +30,22 @@ def replica_num_cpus(model: ModelConfig) -> float:
     return 0.05
 
 
+def replica_count_options(model: ModelConfig) -> dict[str, Any]:
+    """A fixed replica count, or Serve's autoscaling between autoscaling.min_replicas and replicas."""
+    a = model.autoscaling
+    if a is None:
+        return {"num_replicas": model.replicas}
+    return {"autoscaling_config": {
+        "min_replicas": a.min_replicas,
+        "initial_replicas": a.min_replicas,
+        "max_replicas": model.replicas,
+        "target_ongoing_requests": a.target_ongoing_requests,
+        "upscale_delay_s": a.upscale_delay_seconds,
+        "downscale_delay_s": a.downscale_delay_seconds,
+        "look_back_period_s": a.look_back_seconds,
+    }}
+
+
 def build_app(config: WattlaneConfig, state_dir: Path):
     """The Serve application: gateway ingress bound to one deployment per model."""
     from ray import serve
@@ -44,11 +60,12 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         dep = serve.deployment(
             ModelServer,
             name=deployment_name(m.id),
-            num_replicas=m.replicas,
+            **replica_count_options(m),
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
             ray_actor_options={"num_cpus": replica_num_cpus(m)},
-            health_check_period_s=10,
+            # a replica whose node agent went with its node fails this probe (check_health) and is replaced
+            health_check_period_s=3,
             graceful_shutdown_timeout_s=5,
             # replica choice by predicted energy within the SLO, from the stats replicas publish
             request_router_config=RequestRouterConfig(
@@ -60,61 +77,95 @@ def build_app(config: WattlaneConfig, state_dir: Path):
     gateway = serve.deployment(
         serve.ingress()(Gateway),
         name="gateway",
-        # replicas are separate processes; they share the state directory's ledger and teams database
         num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
+        # replicas are separate processes sharing the state directory's ledger and teams database, all on the
+        # head node: each ledger row is written once (by the replica that served the request), and SQLite's
+        # locking (WAL, busy_timeout) keeps several writer processes on one host safe; not across hosts
+        ray_actor_options={"num_cpus": 0, "resources": {runtime.HEAD_RESOURCE: 0.001}},
     )
     return gateway.bind(cfg, str(state_dir), handles)
 
 
-def start_node_agent(config: WattlaneConfig, state_dir: Path, node_id: str, hostname: str,
-                     owns_simulated: bool, detached: bool = False) -> Any:
-    """One node agent on the Ray node `node_id`, named for `hostname` so the gateway and replicas find it.
+def start_node_agent(config: WattlaneConfig, state_dir: Path, node_id: str, name: str,
+                     owns_simulated: bool | list[str], detached: bool = False, own_state_dir: bool = False) -> Any:
+    """One node agent on the Ray node `node_id`, named for Wattlane node `name` so the gateway and replicas find it.
 
-    `detached`: the agent outlives the driver that started it (`wattlane agent` on a GPU host), so
-    a gateway driver elsewhere can come and go. Returns the handle at once; await `ready`.
+    Get-or-create: two callers racing for one node (two Serve app builds, a gateway and a
+    `wattlane agent`) end up with the same actor. `detached`: the agent outlives the caller (Serve's
+    application build task, `wattlane agent` on a GPU host). An agent whose process dies is restarted
+    by Ray on its node (max_restarts) and meters again from its devices' counters. Returns the handle
+    at once; await `ready`.
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from scheduler.cluster.node_agent import NodeAgent
 
     options: dict[str, Any] = dict(
-        name=runtime.agent_name(hostname),
+        name=runtime.agent_name(name),
         namespace=runtime.NAMESPACE,
+        get_if_exists=True,
         num_cpus=0,
         max_concurrency=64,
+        max_restarts=-1,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     )
     if detached:
         options["lifetime"] = "detached"
-    return NodeAgent.options(**options).remote(config.model_dump(mode="json"), str(state_dir), hostname,
-                                               owns_simulated)
+    return NodeAgent.options(**options).remote(config.model_dump(mode="json"), str(state_dir), name,
+                                               owns_simulated, own_state_dir)
 
 
-def start_node_agents(config: WattlaneConfig, state_dir: Path) -> tuple[list[Any], list[Any]]:
+def start_node_agents(config: WattlaneConfig, state_dir: Path, detached: bool = False
+                      ) -> tuple[list[Any], list[Any]]:
     """One node agent per alive Ray node, pinned to it, once they are ready: (all of them, those started here).
 
-    A node whose agent already runs (started by `wattlane agent` on that host) keeps it; the
-    caller stops only the agents it started.
+    A node whose agent already runs (started by `wattlane agent` on that host, by an earlier
+    `serve deploy`, or by the gateway for a node that joined) keeps it; the caller stops only the
+    agents it started. Simulated GPUs go to the agent of the node that owns them (runtime.simulated_owners).
     """
     import ray
 
+    nodes = runtime.cluster_nodes()
+    owners = runtime.simulated_owners(config, nodes)
     agents, started = [], []
-    head = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        hostname = node.get("NodeManagerHostname") or node.get("NodeName")
-        existing = runtime.get_node_agent(hostname)
+    for node in nodes:
+        existing = runtime.get_node_agent(node.name)
         if existing is not None:
             agents.append(existing)
             continue
-        agent = start_node_agent(config, state_dir, node["NodeID"], hostname, owns_simulated=node["NodeID"] == head)
+        owned = sorted(d for d, owner in owners.items() if owner == node.name)
+        agent = start_node_agent(config, state_dir, node.node_id, node.name, owned, detached=detached,
+                                 own_state_dir=node.named)
         agents.append(agent)
         started.append(agent)
     ray.get([a.ready.remote() for a in agents])
     return agents, started
+
+
+def app_builder(args: dict[str, Any]):
+    """Ray Serve application builder for `serve deploy` (the import_path `wattlane deploy-config` writes).
+
+    args: {"config": <a Wattlane config as a mapping>, "state_dir": <path on every node>}. Serve runs it in
+    the cluster: it validates the config, makes sure every node has its agent, checks the configured
+    devices exist there, and returns the same application `wattlane serve` runs.
+    """
+    from scheduler.config import ConfigError, check_devices_present, validate_config_mapping
+
+    if not isinstance(args, dict) or "config" not in args:
+        raise ValueError("the Wattlane application needs args.config (write the file with `wattlane deploy-config`)")
+    config = validate_config_mapping(args["config"], source=str(args.get("source") or "serve config args.config"))
+    state_dir = Path(args.get("state_dir") or config.server.state_dir or "/tmp/wattlane")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    import ray
+
+    agents, _ = start_node_agents(config, state_dir, detached=True)
+    found = ray.get([a.ready.remote() for a in agents])
+    try:
+        check_devices_present(config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return build_app(config, state_dir)
 
 
 def stop_node_agents(agents: list[Any], timeout_s: float = 15.0) -> None:

@@ -3,6 +3,7 @@
 A simulated GPU is an object in the node agent's process (where the meter reads it and the
 governor sets it), so its engine must live there too; the model replica holds a proxy Engine
 that streams the agent-hosted engine's events. Real engines (llama.cpp) run in the replica.
+In a cluster the replica may run on any node: it finds the agent of the node that owns its GPUs.
 """
 
 from __future__ import annotations
@@ -10,16 +11,54 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from scheduler.config import ModelConfig, WattlaneConfig
+
 from scheduler.cluster.messages import ReplicaErrorKind, SimEngineFailure, SimEngineStats
 from scheduler.engines.base import (
     ContextLengthError,
     Engine,
     EngineError,
     EngineEvent,
+    EngineUnavailable,
     GenerationRequest,
     ModelKind,
     ReplicaStats,
 )
+
+
+def replica_simulated_devices(model: ModelConfig, config: WattlaneConfig, replica_index: int) -> list[str]:
+    """The simulated GPU ids replica `replica_index` of `model` runs on (as build_simulated_engine picks them)."""
+    from scheduler.devices.simulated import SimulatedGpu
+    from scheduler.sim.builders import replica_device_groups
+
+    pool = {d.id: SimulatedGpu(d.id, d.profile, node=d.node) for d in config.devices.simulated if d.id in model.devices}
+    try:
+        groups = replica_device_groups(model, config, pool, key=f"models (id {model.id})")
+        return [g.device_id for g in groups[replica_index % len(groups)]]
+    finally:
+        for d in pool.values():
+            d.close()
+
+
+def agent_for_simulated_replica(model: ModelConfig, config: WattlaneConfig, replica_index: int) -> tuple[str, Any]:
+    """(node name, node agent) of the node that owns this replica's simulated GPUs.
+
+    Raises RuntimeError when they are not all on one alive node: the replica cannot start until
+    that node (and its agent) is up, and Serve retries it.
+    """
+    from scheduler.cluster import runtime
+
+    device_ids = replica_simulated_devices(model, config, replica_index)
+    owners = runtime.simulated_owners(config, runtime.cluster_nodes())
+    nodes = {owners.get(d) for d in device_ids}
+    if len(nodes) != 1 or None in nodes:
+        where = ", ".join(f"{d} on {owners.get(d) or 'no alive node'}" for d in device_ids)
+        raise RuntimeError(f"replica {replica_index} of {model.id} needs its simulated GPUs on one alive node ({where})")
+    node = nodes.pop()
+    agent = runtime.get_node_agent(node)
+    if agent is None:
+        raise RuntimeError(f"replica {replica_index} of {model.id}: node {node} has no node agent yet")
+    return node, agent
 
 
 class AgentHostedEngine(Engine):
@@ -29,6 +68,8 @@ class AgentHostedEngine(Engine):
         import ray
 
         self.agent = agent
+        # sent with every call: an agent restarted by Ray (its process died) opens the engine again
+        self.spec = (model, replica_index)
         info = ray.get(agent.sim_open.remote(model, replica_index))
         self.key = info["key"]
         self.model_id = model["id"]
@@ -40,16 +81,23 @@ class AgentHostedEngine(Engine):
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         import ray
 
-        return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request)))
+        return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request, self.spec)))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         import ray
 
-        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, request)
+        gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, request, self.spec)
         finished = False
+        produced = False
         try:
             async for ref in gen:
-                item = await ref
+                try:
+                    item = await ref
+                except ray.exceptions.RayActorError as exc:
+                    if produced:
+                        raise
+                    raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
+                produced = True
                 if isinstance(item, SimEngineFailure):
                     finished = True
                     if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:

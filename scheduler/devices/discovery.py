@@ -7,6 +7,7 @@ estimate. Only a configuration that cannot be honoured (two devices with one id)
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 from scheduler.config import ConfigError, DevicesConfig
@@ -16,12 +17,14 @@ log = logging.getLogger(__name__)
 
 
 def discover_devices(
-    devices_config: DevicesConfig, node: str, *, include_simulated: bool = True, state_dir: str | Path | None = None
+    devices_config: DevicesConfig, node: str, *, include_simulated: bool | Collection[str] = True,
+    state_dir: str | Path | None = None
 ) -> list[Device]:
     """The devices this node meters, GPUs first ("gpu0"...), then "cpu0", then simulated GPUs.
 
     Simulated GPUs are not hardware of any node: each keeps the node named in its config, and in a
-    cluster only one node agent should create them (include_simulated=False on the others). With a
+    cluster each is created by one node agent only: include_simulated is True (all), False (none) or
+    the ids this node owns (cluster.runtime.simulated_owners). With a
     state_dir their settings persist in <state_dir>/simulated-gpus/<id>.json across restarts, as a
     real GPU's do across a process crash.
     """
@@ -38,6 +41,8 @@ def discover_devices(
         from scheduler.devices.simulated import SimulatedGpu
 
         for sim in devices_config.simulated:
+            if include_simulated is not True and sim.id not in include_simulated:
+                continue
             settings = Path(state_dir) / "simulated-gpus" / f"{sim.id}.json" if state_dir is not None else None
             devices.append(SimulatedGpu(device_id=sim.id, profile=sim.profile, node=sim.node, settings_path=settings))
     seen: dict[str, Device] = {}

@@ -39,6 +39,10 @@ class RequestRejectedError(ValueError):
         super().__init__(message)
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take work now (the process that hosts it, or its node, is gone); nothing was generated."""
+
+
 class ContextLengthError(ValueError):
     """The prompt plus max_tokens does not fit the model's context (maps to 400)."""
 

@@ -117,6 +117,67 @@ def test_a_replica_that_fails_before_its_first_event_is_retried_on_the_next_cand
     assert [(r["model"], r["status"]) for r in rows] == [(LARGE, "ok")]
 
 
+def test_a_replica_whose_node_left_is_retried_on_its_own_model_before_anything_is_sent():
+    from scheduler.engines.base import EngineUnavailable
+
+    async def check(fleet: Fleet):
+        server = fleet.handles[SMALL].server
+        real, calls = server.engine.generate, []
+
+        async def generate(request):  # the first call finds the node agent gone, as on a lost node
+            calls.append(1)
+            if len(calls) == 1:
+                raise EngineUnavailable("the node agent hosting it is gone (ActorDiedError)")
+            async for ev in real(request):
+                yield ev
+
+        server.engine.generate = generate
+        result = await fleet.serving.run(job(model=SMALL))
+        return result, len(calls), fleet.rows()
+
+    result, calls, rows = run(check)
+    assert calls == 2 and result.model == SMALL and result.finish_reason == "length"
+    assert "retried after" in result.routing["reason"] and "unavailable" in result.routing["reason"]
+    assert [(r["model"], r["status"]) for r in rows] == [(SMALL, "ok")]
+
+
+def test_a_replica_actor_that_died_with_its_node_is_retried_on_its_own_model():
+    from ray.exceptions import ActorDiedError
+
+    class DiedOnce:
+        """The model's handle: the first call meets a replica that died (Serve then drops it)."""
+
+        def __init__(self, live) -> None:
+            self.live, self.calls = live, 0
+
+        def options(self, **_: Any) -> "DiedOnce":
+            return self
+
+        @property
+        def generate(self) -> "DiedOnce":
+            return self
+
+        def remote(self, request: Any, placement: Any = None) -> Any:
+            self.calls += 1
+            return DeadStream() if self.calls == 1 else self.live.generate.remote(request, placement)
+
+    class DeadStream:
+        async def __anext__(self) -> Any:
+            raise ActorDiedError()
+
+        def cancel(self) -> None:
+            pass
+
+    async def check(fleet: Fleet):
+        handle = fleet.serving.handles[SMALL] = DiedOnce(fleet.handles[SMALL])
+        result = await fleet.serving.run(job(model=SMALL))
+        return result, handle.calls, fleet.rows()
+
+    result, calls, rows = run(check)
+    assert calls == 2 and result.model == SMALL and "ActorDiedError" in result.routing["reason"]
+    assert [(r["model"], r["status"]) for r in rows] == [(SMALL, "ok")]
+
+
 def test_when_every_candidate_fails_the_answer_is_503_no_capacity_with_retry_after():
     async def check(fleet: Fleet):
         fleet.serving.handles[SMALL] = DeadHandle()

@@ -1,0 +1,103 @@
+"""Per-model autoscaling on the simulated fleet in real time: a load that rises scales the model out, the
+fall scales it back in after the downscale delay, and the parking group parks the GPUs it freed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.support.ray_cluster import LocalRayCluster
+from tests.support.server import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # Ray clusters start slowly on 2 busy cores
+
+REPO = Path(__file__).resolve().parents[2]
+GPUS = ["sim-h100-0", "sim-h100-1", "sim-h100-2"]
+
+
+def autoscaled_config(state_dir: Path, port: int) -> dict:
+    cfg = yaml.safe_load((REPO / "configs" / "sim-fleet.yaml").read_text())
+    small = next(m for m in cfg["models"] if m["id"] == "llama-3.1-8b")
+    small.update(devices=GPUS, replicas=3, max_ongoing_requests=4,
+                 autoscaling={"min_replicas": 1, "target_ongoing_requests": 2, "upscale_delay_seconds": 1,
+                              "downscale_delay_seconds": 6, "look_back_seconds": 3})
+    cfg["models"] = [small]
+    cfg["devices"]["simulated"] = cfg["devices"]["simulated"][:3]
+    cfg["server"].update(port=port, host="127.0.0.1", state_dir=str(state_dir))
+    cfg["routing"]["admission"] = "queue"
+    cfg["power"] = {"mode": "enforce", "interval_seconds": 0.5,
+                    "groups": [{"name": "park", "devices": GPUS, "policy": "parking", "options": {"idle_seconds": 2}}]}
+    return cfg
+
+
+def running_replicas(cluster: LocalRayCluster) -> int:
+    proc = subprocess.run([str(Path(sys.executable).with_name("serve")), "status", "--address", cluster.dashboard_url],
+                          env=cluster.env, capture_output=True, text=True, timeout=120)
+    app = (yaml.safe_load(proc.stdout) or {}).get("applications", {}).get("wattlane", {})
+    return int(app.get("deployments", {}).get("model-llama-3-1-8b", {}).get("replica_states", {}).get("RUNNING", 0))
+
+
+def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(tmp_path):
+    port = free_port()
+    (tmp_path / "wattlane.yaml").write_text(yaml.safe_dump(autoscaled_config(tmp_path / "state", port)))
+    gen = subprocess.run([sys.executable, "-m", "scheduler", "deploy-config", "--config", str(tmp_path / "wattlane.yaml"),
+                          "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "serve.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr
+    url = f"http://127.0.0.1:{port}"
+    cluster = LocalRayCluster(tmp_path)
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.serve("deploy", str(tmp_path / "serve.yaml"))
+        cluster.wait_app_running()
+        assert running_replicas(cluster) == 1
+
+        stop = threading.Event()
+        devices_used: set[str] = set()
+        statuses: list[int] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+                    "model": "llama-3.1-8b", "max_tokens": 200, "messages": [{"role": "user", "content": "Go on."}]})
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    devices_used.add(r.json()["usage"]["energy"]["device"])
+
+        threads = [threading.Thread(target=load) for _ in range(10)]
+        for t in threads:
+            t.start()
+        peak = 1
+        deadline = time.time() + 90
+        while peak < 2 and time.time() < deadline:  # the rise: 10 in flight against a target of 2 per replica
+            time.sleep(2)
+            peak = max(peak, running_replicas(cluster))
+        time.sleep(5)  # let the new replicas take work
+        stop.set()
+        for t in threads:
+            t.join(150)
+        assert peak >= 2, "the model did not scale out under load"
+        assert len(devices_used) >= 2, devices_used
+        assert set(statuses) <= {200, 503}, statuses
+
+        deadline = time.time() + 120  # the fall: back to min_replicas after the downscale delay
+        while running_replicas(cluster) > 1:
+            assert time.time() < deadline, "the model did not scale back in"
+            time.sleep(2)
+        deadline = time.time() + 30  # the GPUs freed (and idle) are parked by the governor
+        while True:
+            devices = httpx.get(url + "/v1/devices", timeout=30).json()["data"]
+            parked = [d["device_id"] for d in devices if d.get("locked_clocks_mhz")]
+            if len(parked) >= 2:
+                break
+            assert time.time() < deadline, devices
+            time.sleep(1)
+    finally:
+        cluster.stop()
