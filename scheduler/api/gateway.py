@@ -100,7 +100,7 @@ class Gateway:
 
         Its simulated GPUs (if any are named for it) appear in /v1/devices on the next refresh, and
         the replicas waiting for them can start."""
-        from scheduler.cluster.serve_app import start_node_agents
+        from scheduler.cluster.agents import start_node_agents
 
         nodes = runtime.cluster_nodes()
         if all(runtime.get_node_agent(n.name) is not None for n in nodes):

@@ -264,7 +264,7 @@ def agent_cmd(
     import ray
 
     from scheduler.cluster import runtime
-    from scheduler.cluster.serve_app import start_node_agent, stop_node_agents
+    from scheduler.cluster.agents import start_node_agent, stop_node_agents
 
     try:
         runtime.start_ray(sdir, address, num_cpus=None, include_dashboard=False)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.cluster import runtime
-from scheduler.cluster.serve_app import APP_NAME, build_app, start_node_agents, stop_node_agents
+from scheduler.cluster.agents import start_node_agents, stop_node_agents
+from scheduler.cluster.serve_app import APP_NAME, build_app
 from scheduler.config import WattlaneConfig, check_devices_present
 
 log = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ import json, sys, tempfile
 from pathlib import Path
 import ray
 from scheduler.cluster import runtime
-from scheduler.cluster.serve_app import start_node_agents, stop_node_agents
+from scheduler.cluster.agents import start_node_agents, stop_node_agents
 from scheduler.config import load_config
 ray.init(address=sys.argv[1], namespace=runtime.NAMESPACE, log_to_driver=False)
 agents, started = start_node_agents(load_config(None), Path(tempfile.mkdtemp()))

@@ -157,9 +157,9 @@ def test_a_replica_actor_that_died_with_its_node_is_retried_on_its_own_model():
         def generate(self) -> "DiedOnce":
             return self
 
-        def remote(self, request: Any, placement: Any = None) -> Any:
+        def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> Any:
             self.calls += 1
-            return DeadStream() if self.calls == 1 else self.live.generate.remote(request, placement)
+            return DeadStream() if self.calls == 1 else self.live.generate.remote(request, placement, deltas)
 
     class DeadStream:
         async def __anext__(self) -> Any:
