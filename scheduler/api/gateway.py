@@ -136,7 +136,9 @@ class Gateway:
 
     async def record_startups(self) -> None:
         """Put each device's start-up energy in the ledger once it is final (docs/energy.md, Start-up energy)."""
-        if not self.device_snapshots:
+        if not self.device_snapshots or not all(s.get("startup_settled") for s in self.device_snapshots):
+            # the last refresh (up to a second old) may predate the ready mark: a summary asked for just
+            # after start-up must not miss the start-up energy the agents already know is final
             await self.refresh_devices()  # it records them
         else:
             await self._record_startups()

@@ -76,9 +76,9 @@ for name in %r:
     agent = runtime.get_node_agent(name)
     best = None
     for _ in range(20):  # a counter read and the attributor's books as of the same meter sample
-        view1 = ray.get(agent.gateway_view.remote())["devices"]
+        view1 = ray.get(agent.gateway_view.remote()).devices
         balance = ray.get(agent.energy_balance.remote())
-        view2 = ray.get(agent.gateway_view.remote())["devices"]
+        view2 = ray.get(agent.gateway_view.remote()).devices
         if sum(d["energy_joules_metered"] for d in view1) == sum(d["energy_joules_metered"] for d in view2):
             best = {"counter": sum(d["energy_joules"] for d in view1), "balance": balance,
                     "ready": ray.get(agent.ready.remote())}
