@@ -13,7 +13,8 @@ allows. gpuN and cpu0 are the agent's own ids and pass through unchanged.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from scheduler.devices.base import Device
 
@@ -59,3 +60,32 @@ def resolve_device_names(names: Sequence[str], devices: Mapping[str, Device], *,
     if len(set(resolved)) != len(resolved):
         raise DeviceNameError(f"endpoint {endpoint}: its devices {', '.join(names)} name one GPU twice on node {node}")
     return resolved
+
+
+def check_endpoint_devices(config: Any, nodes: Sequence[str],
+                           resolve: Callable[[str, list[str], str], list[str]]) -> None:
+    """At start: every NVML index and GPU UUID an upstream endpoint names exists on its node.
+
+    nodes: the nodes that have an agent; resolve(node, names, endpoint) asks that node's agent
+    (NodeAgent.resolve_devices). An endpoint without a node is checked on the only node when there is
+    one (elsewhere its replica's node is known only when Serve places it; the replica resolves it
+    then). An endpoint on a node with no agent keeps its names as labels of its estimated energy.
+    Raises ConfigError naming the endpoint's key, the endpoint and the GPU its node lacks.
+    """
+    from scheduler.config_error import ConfigError
+
+    for i, m in enumerate(config.models):
+        for j, e in enumerate(m.endpoints):
+            if not any(is_node_local_name(d) for d in e.devices):
+                continue
+            node = e.node or (nodes[0] if len(nodes) == 1 else None)
+            if node is None or node not in nodes:
+                continue
+            try:
+                resolve(node, list(e.devices), f"{e.base_url} of model {m.id}")
+            except DeviceNameError as exc:
+                message = str(getattr(exc, "cause", None) or exc)  # Ray wraps the agent's error; its cause is ours
+                raise ConfigError(message, file=config.source_path or "config",
+                                  key=f"models[{i}] (id {m.id}).endpoints[{j}].devices",
+                                  fix="name GPUs as `nvidia-smi -L` lists them on that node (index or UUID), "
+                                      "or run the endpoint's node agent where the server's GPUs are") from None

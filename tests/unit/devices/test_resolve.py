@@ -56,3 +56,34 @@ def test_one_gpu_named_twice_or_an_ambiguous_prefix_is_refused():
                                               ("cpu0", False), ("-1", False), ("01", False), ("MIG-1", False)])
 def test_which_names_only_the_node_can_resolve(name, local):
     assert is_node_local_name(name) is local
+
+
+def test_at_start_an_endpoint_gpu_its_node_lacks_stops_with_its_key_and_uuid(tmp_path):
+    import yaml
+
+    from scheduler.config import ConfigError, load_config
+    from scheduler.devices.resolve import check_endpoint_devices
+
+    agent = object.__new__(NodeAgent.__ray_actor_class__)
+    agent.devices, agent.node = node_devices(), "gpu-host-1"
+    missing = "GPU-deadbeef-0000-0000-0000-000000000000"
+    endpoints = [{"base_url": "http://127.0.0.1:8000", "served_model_name": "a", "devices": [0, agent.devices["gpu1"].uuid()]},
+                 {"base_url": "http://127.0.0.1:8001", "served_model_name": "b", "devices": ["gpu2", missing]}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": [{"id": "up", "kind": "chat", "engine": "openai", "endpoints": endpoints}]}))
+    config = load_config(path)
+    asked: list[tuple[str, list[str]]] = []
+
+    def resolve(node, names, label):
+        asked.append((node, names))
+        return agent.resolve_devices(names, label)
+
+    with pytest.raises(ConfigError) as exc:
+        check_endpoint_devices(config, ["gpu-host-1"], resolve)
+    assert exc.value.key == "models[0] (id up).endpoints[1].devices"
+    assert missing in exc.value.message and "http://127.0.0.1:8001 of model up" in exc.value.message
+    assert [n for n, _ in asked] == ["gpu-host-1", "gpu-host-1"]  # the first endpoint resolved on the node
+    # with several nodes and no node named, the replica's node is known only when Serve places it
+    asked.clear()
+    check_endpoint_devices(config, ["gpu-host-1", "gpu-host-2"], resolve)
+    assert asked == []
