@@ -19,7 +19,9 @@ docs/results/gpu/upstream-check.json and .md: device, driver, per-request joules
 nvml-counter), J/token and latency.
 
 --simulated runs the same path (engine -> meter -> attributor -> results file) with a simulated H100
-(method "simulated") and the test server's simulated backend, and writes
+(method "simulated") and the test server's simulated backend (or, with --server llamacpp --gguf FILE,
+a real llama.cpp server on the CPU while the simulated GPU idles: the engine against a real server),
+and writes
 docs/results/upstream-check-simulated.json unless --out says otherwise: it checks the bookkeeping,
 not hardware. Exit status: 0 when every request got energy and conservation holds, 1 otherwise, 2
 when it cannot run.
@@ -130,7 +132,7 @@ def _spawn(kind: str, label: str, cmd: list[str], port: int, log_dir: Path) -> U
 
 def start_server(args: argparse.Namespace, gpu: Device, log_dir: Path) -> Upstream:
     """The first server of the module docstring's list that can run here."""
-    if args.simulated:
+    if args.simulated and args.server in ("auto", "test"):
         server = TestOpenAIServer(SimulatedBackend(gpu), SERVED_MODEL_NAME).__enter__()
         return Upstream("test-server-simulated", SimulatedBackend.label, server.base_url, in_process=server)
     py, port = sys.executable, free_port()
@@ -146,8 +148,10 @@ def start_server(args: argparse.Namespace, gpu: Device, log_dir: Path) -> Upstre
     if want in ("auto", "llamacpp") and args.gguf and importlib.util.find_spec("llama_cpp"):
         return _spawn("llamacpp", "llama.cpp server (llama_cpp.server)",
                       [py, "-m", "llama_cpp.server", "--model", args.gguf, "--model_alias", SERVED_MODEL_NAME,
-                       "--host", "127.0.0.1", "--port", str(port), "--n_gpu_layers", "-1",
-                       "--interrupt_requests", "False"], port, log_dir)
+                       "--host", "127.0.0.1", "--port", str(port), "--n_gpu_layers", "0" if args.simulated else "-1",
+                       "--n_ctx", "2048", "--interrupt_requests", "False"], port, log_dir)
+    if args.simulated:
+        fail(f"--server {want} cannot start here (not importable, or --model-path/--gguf not given)")
     if want not in ("auto", "test"):
         fail(f"--server {want} cannot start here (not importable, or --model-path/--gguf not given)")
     try:  # only this path needs them; they are not Wattlane dependencies
@@ -264,8 +268,8 @@ async def phase(engine: UpstreamEngine, run: MeteredRun, concurrency: int, reque
 async def drive(args: argparse.Namespace, gpu: Device, upstream: Upstream) -> dict[str, Any]:
     endpoint = UpstreamEndpointConfig(base_url=upstream.base_url, served_model_name=SERVED_MODEL_NAME,
                                       devices=[gpu.device_id], node=gpu.node,
-                                      server=upstream.kind if upstream.kind in ("vllm", "sglang", "llamacpp")
-                                      else "generic")
+                                      # llama-cpp-python's server has no /metrics or /slots (llama.cpp's own has)
+                                      server=upstream.kind if upstream.kind in ("vllm", "sglang") else "generic")
     engine = UpstreamEngine("upstream-check", ModelKind.CHAT, endpoint,
                             UpstreamOptions(read_timeout_seconds=300.0, connect_timeout_seconds=5.0),
                             context_length=8192, node=gpu.node, health_checks=False)
