@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     out.with_suffix(".md").write_text(render_md(doc))
-    shutil.rmtree(log_dir, ignore_errors=True) if upstream.proc is None else None
+    if upstream.proc is None:  # a child server's log stays for a look; the in-process one wrote none
+        shutil.rmtree(log_dir, ignore_errors=True)
     c = doc["conservation"]
     print(f"upstream_check: {len(per_request)} requests, conservation error {c['relative_error']}, "
           f"every request has energy: {every}; wrote {out.with_suffix('.json')} and .md", flush=True)
