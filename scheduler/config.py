@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from scheduler.config_error import ConfigError
+from scheduler.devices.resolve import is_node_local_name
 from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carbon_provider
 from scheduler.engines.base import ENGINE_BUILDERS
 from scheduler.weights import resolve_weights
@@ -74,11 +75,20 @@ class UpstreamEndpointConfig(_Section):
     #: the Ray node (hostname) the server runs on; None: the node the replica runs on. Its node agent
     #: meters `devices`; with no agent there, energy is the joules-per-token estimate
     node: str | None = None
-    #: the devices the server runs on, named as that node's agent names them (gpuN, cpu0)
+    #: the devices the server runs on: that node's agent's ids (gpuN, cpu0), or as nvidia-smi names the
+    #: GPUs: NVML indices (3) or UUIDs (GPU-8f1e...), which the node's agent resolves when the replica starts
     devices: list[str]
     server: Literal[UPSTREAM_SERVERS] = "generic"  # type: ignore[valid-type]
     #: where the server's load metrics are read (default: <base_url>/metrics where the server has them)
     metrics_url: Annotated[str, Field(pattern=r"^https?://\S+$")] | None = None
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _indices_as_names(cls, value: Any) -> Any:
+        # YAML reads `devices: [0, 3]` as integers: they are NVML indices, kept as their names
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
 
 
 class UpstreamOptions(_Section):
@@ -168,7 +178,8 @@ class ModelConfig(_Section):
             raise ValueError("engine 'openai' serves from its endpoints; remove 'weights'")
         for i, e in enumerate(self.endpoints):
             if not e.devices:
-                raise ValueError(f"endpoints[{i}] needs 'devices': the GPUs it runs on (gpuN) or cpu0")
+                raise ValueError(f"endpoints[{i}] needs 'devices': the GPUs it runs on (gpuN, an NVML index or "
+                                 "a GPU UUID) or cpu0")
         devices = list(dict.fromkeys(d for e in self.endpoints for d in e.devices))
         # both are derived; given, they must agree (a dumped config is validated again in every process)
         given = self.model_fields_set
@@ -589,6 +600,8 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
 
     def real_device_problem(d: str) -> str | None:
         """Why `d` cannot be a real device of this config, or None."""
+        if m.engine == "openai" and is_node_local_name(d):
+            return None if dev.nvml else f"devices.nvml is false, so no NVIDIA GPU '{d}' is discovered"
         if d == CPU_DEVICE_ID:
             return None if dev.cpu else "devices.cpu is false, so there is no device 'cpu0'"
         if NVML_DEVICE_ID.match(d):
@@ -607,11 +620,13 @@ def _check_cross_references(config: WattlaneConfig, shown: str) -> None:
                     file=shown, key=key + ".devices",
                     fix="add the simulated GPU under devices.simulated or correct the id",
                 )
-            if m.engine == "openai" and d != CPU_DEVICE_ID and not NVML_DEVICE_ID.match(d):
+            if m.engine == "openai" and d != CPU_DEVICE_ID and not NVML_DEVICE_ID.match(d) \
+                    and not is_node_local_name(d):
                 raise ConfigError(
                     f"device '{d}' of an upstream endpoint is not a device name a node agent has",
                     file=shown, key=key + ".endpoints",
-                    fix="name the server's GPUs gpuN (their CUDA index on that node), or cpu0",
+                    fix="name the server's GPUs gpuN (the agent's ids), by NVML index (0, 1, ... as nvidia-smi "
+                        "shows) or by UUID (GPU-...), or cpu0",
                 )
             if m.engine == "llamacpp" and d != CPU_DEVICE_ID:
                 # this build's llama.cpp runs on the CPU (no GPU offload), so its work and energy are cpu0's
@@ -687,13 +702,14 @@ def devices_referenced(config: WattlaneConfig) -> dict[str, str]:
     """Every device id the models and power groups name, with the first key that names it.
 
     An upstream endpoint placed on a named node is left out: its devices are that node's, and where
-    no node agent runs there they are only labels for the estimated energy.
+    no node agent runs there they are only labels for the estimated energy. So are NVML indices and
+    GPU UUIDs: the agent of the endpoint's node resolves them when its replica starts.
     """
     out: dict[str, str] = {}
     for i, m in enumerate(config.models):
         if m.engine == "openai":
             for j, e in enumerate(m.endpoints):
-                for d in ([] if e.node else e.devices):
+                for d in ([] if e.node else [x for x in e.devices if not is_node_local_name(x)]):
                     out.setdefault(d, f"models[{i}] (id {m.id}).endpoints[{j}].devices")
             continue
         for d in m.devices:

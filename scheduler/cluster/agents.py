@@ -83,3 +83,15 @@ def stop_node_agents(agents: list[Any], timeout_s: float = 15.0) -> None:
             ray.kill(a)
         except Exception:
             pass
+
+
+def check_endpoint_gpus(config: WattlaneConfig, agents: list[Any], found: list[dict[str, Any]]) -> None:
+    """At start: the NVML indices and GPU UUIDs of upstream endpoints exist on their nodes, each node's agent
+    says (scheduler.devices.resolve.check_endpoint_devices); ConfigError otherwise."""
+    import ray
+
+    from scheduler.devices.resolve import check_endpoint_devices
+
+    by_node = {f["node"]: a for a, f in zip(agents, found)}
+    check_endpoint_devices(config, list(by_node),
+                           lambda node, names, label: ray.get(by_node[node].resolve_devices.remote(names, label)))

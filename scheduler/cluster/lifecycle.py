@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.cluster import runtime
-from scheduler.cluster.agents import start_node_agents, stop_node_agents
+from scheduler.cluster.agents import check_endpoint_gpus, start_node_agents, stop_node_agents
 from scheduler.cluster.serve_app import APP_NAME, build_app
 from scheduler.config import WattlaneConfig, check_devices_present
 
@@ -40,6 +40,7 @@ class Deployment:
         # a joined cluster's GPUs are known only now; on a local Ray `wattlane serve` checked them already
         found = ray.get([a.ready.remote() for a in self.agents])
         check_devices_present(self.config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
+        check_endpoint_gpus(self.config, self.agents, found)
         from scheduler.api.request_ids import serve_proxy_env
 
         # Serve's proxies inherit the controller's environment: it makes them load our X-Request-Id check

@@ -152,6 +152,14 @@ class NodeAgent:
     async def ready(self) -> dict[str, Any]:
         return {"node": self.node, "devices": list(self.devices), "pid": os.getpid(), "started_s": self._started_s}
 
+    def resolve_devices(self, names: list[str], endpoint: str) -> list[str]:
+        """This node's device ids for an upstream endpoint's device names (gpuN, cpu0, NVML index, GPU UUID).
+
+        Raises DeviceNameError (a ValueError) naming the endpoint and the GPU this node does not have."""
+        from scheduler.devices.resolve import resolve_device_names
+
+        return resolve_device_names(names, self.devices, endpoint=endpoint, node=self.node)
+
     def mark_ready(self, t_s: float | None = None) -> None:
         """The service answers from t_s (default now): idle energy before it is start-up energy."""
         self.attributor.mark_ready(time.time() if t_s is None else t_s)

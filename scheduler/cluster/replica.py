@@ -69,6 +69,17 @@ def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
     return [model.devices[rank % len(model.devices)]]
 
 
+def resolve_endpoint_devices(agent: Any, model: ModelConfig, rank: int, names: list[str]) -> list[str]:
+    """An upstream replica's device names as its node's agent knows them: NVML indices and GPU UUIDs exist
+    only there. A GPU the node lacks fails the replica's start with the agent's message (endpoint, GPU)."""
+    from scheduler.devices.resolve import is_node_local_name
+
+    if not any(is_node_local_name(n) for n in names):
+        return names
+    endpoint = model.endpoints[rank % len(model.endpoints)]
+    return list(ray.get(agent.resolve_devices.remote(names, f"{endpoint.base_url} of model {model.id}")))
+
+
 class _AgentReports:
     """One request's messages to its node agent, each one-way but the last.
 
@@ -166,6 +177,8 @@ class ModelServer:
         self.node = node_for_replica(self.model, rank)
         # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
         self.agent = runtime.get_node_agent(self.node)
+        if self.model.endpoints and self.agent is not None:
+            self.device_ids = resolve_endpoint_devices(self.agent, self.model, rank, self.device_ids)
         if self.model.engine == "simulated":
             from scheduler.cluster.sim_host import AgentHostedEngine, agent_for_simulated_replica
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from scheduler.cluster import runtime
-from scheduler.cluster.agents import start_node_agents
+from scheduler.cluster.agents import check_endpoint_gpus, start_node_agents
 from scheduler.config import ModelConfig, WattlaneConfig
 
 APP_NAME = "wattlane"
@@ -105,6 +105,7 @@ def app_builder(args: dict[str, Any]):
     found = ray.get([a.ready.remote() for a in agents])
     try:
         check_devices_present(config, {d for f in found for d in f["devices"]}, "the Ray cluster's nodes")
+        check_endpoint_gpus(config, agents, found)
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     return build_app(config, state_dir)

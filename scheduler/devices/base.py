@@ -123,6 +123,8 @@ class Device(abc.ABC):
     name: str
     energy_method: EnergyMethod
     energy_scope: EnergyScope
+    #: the GPU's NVML index on its node (nvidia-smi's numbering); None for devices NVML does not list
+    nvml_index: int | None = None
 
     # --- readings ---------------------------------------------------------------------------
     @abc.abstractmethod

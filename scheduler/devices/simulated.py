@@ -54,8 +54,13 @@ class SimulatedGpu(Device):
         node: str = "node0",
         clock: Callable[[], float] | None = None,
         settings_path: str | Path | None = None,
+        nvml_index: int | None = None,
+        uuid: str | None = None,
     ):
         self.device_id = device_id
+        # the index an NVML GPU in its place would have (lets configs and tests name it as nvidia-smi does)
+        self.nvml_index = nvml_index
+        self._uuid = uuid
         self.node = node
         self.profile = profile if isinstance(profile, GpuProfile) else gpu_profile(profile)
         self.name = self.profile.name
@@ -197,7 +202,7 @@ class SimulatedGpu(Device):
         return []
 
     def uuid(self) -> str | None:
-        return f"SIM-{self.profile.key}-{self.node}-{self.device_id}"
+        return self._uuid or f"SIM-{self.profile.key}-{self.node}-{self.device_id}"
 
     # --- power limit ---------------------------------------------------------------------------
     def supports_power_limit(self) -> bool:

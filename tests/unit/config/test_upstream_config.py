@@ -53,13 +53,29 @@ def test_each_endpoint_is_a_replica_on_its_own_devices(tmp_path):
      "pattern"),
     ({"endpoints": [{k: v for k, v in ENDPOINT.items() if k != "devices"}]}, "models[0] (id up).endpoints[0].devices",
      "required"),
-    ({"endpoints": [{**ENDPOINT, "devices": ["GPU-5f1c"]}]}, "models[0] (id up).endpoints", "gpuN"),
+    ({"endpoints": [{**ENDPOINT, "devices": ["tpu0"]}]}, "models[0] (id up).endpoints", "GPU-"),
+    ({"endpoints": [{**ENDPOINT, "devices": [-1]}]}, "models[0] (id up).endpoints", "NVML index"),
 ])
 def test_a_mistake_names_its_key(tmp_path, model, key, words):
     with pytest.raises(ConfigError) as exc:
         load_config(write(tmp_path, model))
     text = f"{exc.value.message} {exc.value.fix}"
     assert exc.value.key == key and words.lower() in text.lower(), (exc.value.key, text)
+
+
+def test_endpoint_gpus_by_nvml_index_or_uuid_are_left_to_the_node_agent(tmp_path):
+    """nvidia-smi's names (index, UUID) pass the config; only the node's agent can check them."""
+    uuid = "GPU-5f1c0b2e-1111-2222-3333-444455556666"
+    cfg = load_config(write(tmp_path, {"endpoints": [{**ENDPOINT, "devices": [3, uuid, "gpu0"]}]}))
+    assert cfg.models[0].endpoints[0].devices == ["3", uuid, "gpu0"]
+    # this host's start-up check asks only for the agent's own ids; the rest is resolved on the node
+    assert set(devices_referenced(cfg)) == {"gpu0"}
+    path = tmp_path / "c.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["devices"] = {"nvml": False}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match="devices.nvml is false"):
+        load_config(path)
 
 
 def test_endpoints_on_a_local_engine_are_refused(tmp_path):
