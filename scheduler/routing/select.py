@@ -289,17 +289,7 @@ def route(
             c.reason += "; no running replica"
             continue
         ranked = rank_replicas(req, stats, prior_params_b=m.params_b)
-        c.replicas = [p.to_dict() for p in ranked]
-        best = ranked[0]
-        c.predicted_energy_joules, c.energy_source = best.energy_joules, best.energy_source
-        c.predicted_ttft_seconds, c.predicted_tpot_seconds = best.ttft_seconds, best.tpot_seconds
-        c.predicted_queue_seconds = best.queue_seconds
-        c.replica_index = best.index
-        s = stats[best.index]
-        c.replica_id = s.get("replica_id")
-        ids = s.get("device_ids") or []
-        c.device, c.node = (",".join(ids) if ids else None), s.get("node")
-        c.slo_met = best.feasible
+        best = _take_best_replica(c, ranked, stats)
         if not best.feasible:
             c.reason += f"; no replica meets the SLO ({best.reason})"
         placed.append((c, best, best.feasible))
@@ -381,6 +371,23 @@ def route(
                               prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks))
 
 
+def _take_best_replica(c: CandidateDecision, ranked: list[ReplicaPrediction],
+                       stats: Sequence[Mapping[str, Any]]) -> ReplicaPrediction:
+    """Fill a candidate's placement fields from its best-ranked replica (ranked[0]) and return that replica."""
+    best = ranked[0]
+    c.replicas = [p.to_dict() for p in ranked]
+    c.predicted_energy_joules, c.energy_source = best.energy_joules, best.energy_source
+    c.predicted_ttft_seconds, c.predicted_tpot_seconds = best.ttft_seconds, best.tpot_seconds
+    c.predicted_queue_seconds = best.queue_seconds
+    c.replica_index = best.index
+    s = stats[best.index]
+    c.replica_id = s.get("replica_id")
+    ids = s.get("device_ids") or []
+    c.device, c.node = (",".join(ids) if ids else None), s.get("node")
+    c.slo_met = best.feasible
+    return best
+
+
 def _shed(ordered: Sequence[ModelConfig], passing: list[CandidateDecision], adequate: list[CandidateDecision],
           qualities: Mapping[str, float], budget: QualityBudget, req: PlacementRequest,
           replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]],
@@ -399,16 +406,7 @@ def _shed(ordered: Sequence[ModelConfig], passing: list[CandidateDecision], adeq
         if not best.feasible:
             continue
         c.kept = True
-        c.replicas = [p.to_dict() for p in ranked]
-        c.predicted_energy_joules, c.energy_source = best.energy_joules, best.energy_source
-        c.predicted_ttft_seconds, c.predicted_tpot_seconds = best.ttft_seconds, best.tpot_seconds
-        c.predicted_queue_seconds = best.queue_seconds
-        c.replica_index = best.index
-        s = stats[best.index]
-        c.replica_id = s.get("replica_id")
-        ids = s.get("device_ids") or []
-        c.device, c.node = (",".join(ids) if ids else None), s.get("node")
-        c.slo_met = True
+        _take_best_replica(c, ranked, stats)
         c.reason += f"; shed here under the quality budget (shed threshold {floor:.2f})"
         return c, best, True
     return None
