@@ -225,7 +225,7 @@ class _Upstream:
         self.sock.close()
 
 
-async def _until(predicate, timeout_s: float = 5.0):
+async def _until(predicate, timeout_s: float = 20.0):
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
