@@ -21,6 +21,7 @@ from scheduler.cluster import runtime
 from scheduler.cluster.messages import GatewayView
 from scheduler.config import WattlaneConfig
 from scheduler.energy.baseline import SavingsBaseline
+from scheduler.energy.ledger import METHOD_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,12 @@ class Gateway:
                                     energy_method=snap.get("energy_method"), energy_scope=snap.get("energy_scope"))
             self._startups_recorded.add(key)
 
+    def pending_startups(self) -> list[dict[str, Any]]:
+        """Start-up energy the agents know but have not settled yet (the service became ready less than
+        about a second ago), as summary rows marked settled=False: a summary asked for then shows it
+        instead of leaving it out until the ledger has the final figure."""
+        return pending_startup_rows(self.device_snapshots, self._startups_recorded)
+
     def _sync_power_actions(self, node: str, totals: dict[str, int]) -> None:
         """The agents count actions; the counter here advances by what is new since the last look."""
         for key, n in totals.items():
@@ -226,3 +233,20 @@ async def _take_abandoned(node: str, request_id: str, timeout_seconds: float) ->
     if agent is None:
         return None
     return await agent.take_abandoned.remote(request_id, timeout_seconds)
+
+
+def pending_startup_rows(snapshots: list[dict[str, Any]], recorded: set[tuple[str, str, float]]) -> list[dict[str, Any]]:
+    """Summary rows for devices whose service is ready but whose start-up energy is not final yet."""
+    rows = []
+    for snap in snapshots:
+        if snap.get("startup_settled") or snap.get("ready_unix_s") is None or "startup_energy_joules" not in snap:
+            continue  # settled: the ledger has (or is about to have) the row; no ready time: still loading
+        node = snap.get("agent_node") or snap["node"]
+        if (node, snap["device_id"], float(snap["started_unix_s"])) in recorded:
+            continue
+        method = snap.get("energy_method")
+        rows.append({"node": node, "device": snap["device_id"], "started_unix_s": float(snap["started_unix_s"]),
+                     "ready_unix_s": float(snap["ready_unix_s"]), "joules": float(snap["startup_energy_joules"]),
+                     "energy_method": method, "energy_scope": snap.get("energy_scope"),
+                     "method_kind": METHOD_KINDS.get(method, "unknown") if method else "none", "settled": False})
+    return rows

@@ -158,6 +158,8 @@ class StartupRow(BaseModel):
     energy_method: str | None
     energy_scope: str | None
     method_kind: Literal["measured", "estimated", "simulated", "unknown", "none"]
+    settled: bool = Field(default=True, description="false: the service became ready moments ago and the last "
+                          "intervals before the ready time are still being metered; joules may still grow a little")
 
 
 class SummaryList(BaseModel):

@@ -89,6 +89,13 @@ def test_ctrl_c_stops_everything_and_writes_nothing_to_home(tmp_path):
     print(f"first request {energy}; start-up {startup['startup']}")
     assert startup["startup_joules"] > 0 and {s["device"] for s in startup["startup"]} == {energy["device"]}
     assert energy["idle_joules"] < 0.2 * startup["startup_joules"]
+    # just after the ready time the figure may still be the agents' live one (settled false); it settles
+    for _ in range(40):
+        if all(s["settled"] for s in startup["startup"]):
+            break
+        time.sleep(0.25)
+        startup = httpx.get(url + "/v1/energy/summary", timeout=30).json()
+    assert [s["settled"] for s in startup["startup"]] == [True] and startup["startup_joules"] > 0
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=90)
     assert proc.returncode == 0, out

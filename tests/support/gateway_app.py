@@ -91,6 +91,11 @@ class GatewayForTests:
 
         await Gateway._record_startups(self)  # type: ignore[arg-type]  # the real code, on this double's snapshots
 
+    def pending_startups(self) -> list[dict[str, Any]]:
+        from scheduler.api.gateway import pending_startup_rows
+
+        return pending_startup_rows(self.device_snapshots, self._startups_recorded)
+
     def ensure_refresher(self) -> None:
         pass
 

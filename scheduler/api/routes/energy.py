@@ -70,10 +70,19 @@ async def energy_summary(request: Request, group_by: GroupBy = "model", _: Princ
     await gw.record_startups()
     # start-up energy belongs to no model or API key: a filter on either leaves it out
     by_owner = bool(filters["model"] or filters["api_key"])
-    startup = [] if by_owner else await asyncio.to_thread(
-        gw.ledger.startups, since=filters["since"], until=filters["until"], device=filters["device"])
+    startup = [] if by_owner else [row | {"settled": True} for row in await asyncio.to_thread(
+        gw.ledger.startups, since=filters["since"], until=filters["until"], device=filters["device"])]
+    if not by_owner:
+        startup += [row for row in gw.pending_startups() if _in_window(row, filters)]
     return {"object": "list", "group_by": group_by, "data": rows, "startup": startup,
             "startup_joules": sum(s["joules"] for s in startup)}
+
+
+def _in_window(row: dict, filters: dict) -> bool:
+    """The ledger's startups() filter, for a row not in the ledger yet."""
+    return ((filters["since"] is None or row["ready_unix_s"] >= filters["since"])
+            and (filters["until"] is None or row["ready_unix_s"] < filters["until"])
+            and (filters["device"] is None or row["device"] == filters["device"]))
 
 
 @router.get("/v1/energy/methods", response_model=MethodList, response_model_exclude_unset=True, responses=_ERRORS)

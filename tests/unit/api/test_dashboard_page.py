@@ -36,7 +36,8 @@ def make_app(ledger: Ledger | None = None, *, with_keys: bool = True, extra_rout
     app = FastAPI()
     app.state.keys = KeyStore([ApiKeyConfig(id=f"{r}-key", key_sha256=hash_key(k), role=r) for r, k in KEYS.items()]
                               if with_keys else [])
-    app.state.gateway = SimpleNamespace(ledger=ledger, record_startups=_no_live_devices)
+    app.state.gateway = SimpleNamespace(ledger=ledger, record_startups=_no_live_devices,
+                                            pending_startups=lambda: [])
     install_error_handlers(app)
     app.include_router(dashboard.router)
     app.include_router(energy.router)

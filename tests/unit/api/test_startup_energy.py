@@ -48,3 +48,25 @@ def test_startup_energy_is_recorded_once_and_reported_beside_the_requests(tmp_pa
             assert f'wattlane_device_startup_energy_joules{{device="cpu0",kind="cpu",node="{NODE}"}} 360.0' in metrics
     finally:
         gw.close()
+
+
+def test_a_summary_just_after_ready_shows_the_start_up_energy_as_not_final(tmp_path):
+    """Regression: a summary asked for in the second after the ready time (the last start-up interval
+    still inside the settle delay) used to report no start-up energy at all."""
+    app, gw = build(tmp_path)
+    started = time.time() - 20.0
+    try:
+        with TestClient(app) as client:
+            get = lambda **p: client.get("/v1/energy/summary", headers=bearer("reader"), params=p)  # noqa: E731
+            gw.device_snapshots = [agent_snapshot(False, 150.0, started, started + 19.5)]  # ready, not settled
+            body = get().json()
+            (row,) = body["startup"]
+            assert row["settled"] is False and row["joules"] == 150.0 and body["startup_joules"] == 150.0
+            assert row["method_kind"] == "estimated" and gw.ledger.startups() == []  # not final: not stored
+            assert get(since=started + 19.6).json()["startup"] == [] and get(model="m").json()["startup"] == []
+
+            gw.device_snapshots = [agent_snapshot(True, 151.0, started, started + 19.5)]
+            (row,) = get().json()["startup"]
+            assert row["settled"] is True and row["joules"] == 151.0 and len(gw.ledger.startups()) == 1
+    finally:
+        gw.close()
