@@ -68,6 +68,8 @@ class Job:
     quota: Any = None
     #: what teams admission decided and holds for it (teams.guard.Ticket): settled with its ledger row
     admission: Any = None
+    #: the caller's W3C trace context (traceparent, tracestate headers), so the request's span joins its trace
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -427,7 +429,8 @@ class Serving:
         second_id = f"{job.request_id}-cascade"
         second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
                          api_key_id=job.api_key_id, team=job.team, cascade_of=job.request_id,
-                         controls=job.controls, key_defaults=job.key_defaults, quota=job.quota)
+                         controls=job.controls, key_defaults=job.key_defaults, quota=job.quota,
+                         trace_context=job.trace_context)
         try:
             second = await self.run(second_job)
         except ApiError as exc:

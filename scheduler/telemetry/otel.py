@@ -5,7 +5,10 @@ set, so with telemetry off a request pays one `is None` test in api/accounting.p
 
 The span is written when the request's ledger row is (Accounting.record), with its start set back to
 when the gateway accepted the request, so its duration is the latency the client saw. It is a
-SERVER span named "{gen_ai.operation.name} {gen_ai.request.model}" (e.g. "chat auto"). Attributes:
+SERVER span named "{gen_ai.operation.name} {gen_ai.request.model}" (e.g. "chat auto"). A request that
+carries W3C Trace Context headers (traceparent, tracestate) gets its span as a child of the caller's,
+in the caller's trace, and the caller's sampling decision holds (ParentBased); without them the span
+starts a trace, sampled at telemetry.sample_ratio. Attributes:
 
 - GenAI conventions (https://opentelemetry.io/docs/specs/semconv/gen-ai/gen-ai-spans/, Development
   status): gen_ai.operation.name ("chat" | "text_completion"), gen_ai.provider.name ("wattlane"),
@@ -33,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from scheduler.config import TelemetryConfig
 
@@ -63,11 +67,12 @@ class RequestTracer:
     def __init__(self, processor: SpanProcessor, *, service_name: str = "wattlane", sample_ratio: float = 1.0,
                  server_address: str | None = None, server_port: int | None = None):
         self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
-                                       sampler=TraceIdRatioBased(sample_ratio))
+                                       sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer(INSTRUMENTATION_SCOPE)
         self.server_address = server_address or socket.gethostname()
         self.server_port = server_port
+        self._propagator = TraceContextTextMapPropagator()
 
     def request_ended(self, job: "Job", result: "InferenceResult", row: "LedgerRow") -> None:
         """One span for a request that ended (any status); never raises into the request path."""
@@ -122,8 +127,10 @@ class RequestTracer:
             attrs["wattlane.energy.saved_joules"] = row.baseline_joules - row.joules
         if row.status != "ok":
             attrs["error.type"] = row.status
-        span = self.tracer.start_span(f"{operation} {job.model}", kind=SpanKind.SERVER, start_time=start_ns,
-                                      attributes={k: v for k, v in attrs.items() if v is not None})
+        # a malformed traceparent extracts to no parent: the span starts a trace of its own
+        parent = self._propagator.extract(job.trace_context) if job.trace_context else None
+        span = self.tracer.start_span(f"{operation} {job.model}", context=parent, kind=SpanKind.SERVER,
+                                      start_time=start_ns, attributes={k: v for k, v in attrs.items() if v is not None})
         if row.status != "ok":
             span.set_status(Status(StatusCode.ERROR, row.status))
         span.end(end_time=end_ns)

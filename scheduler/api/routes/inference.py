@@ -80,10 +80,15 @@ def generation_request(body: Any, request_id: str) -> GenerationRequest:
     return GenerationRequest(request_id=request_id, kind=ModelKind.COMPLETION, prompt=prompt, params=_params(body))
 
 
-def _job(body: Any, request_id: str, principal: Principal) -> Job:
+#: W3C Trace Context headers (https://www.w3.org/TR/trace-context/) a caller's span is carried in
+TRACE_HEADERS = ("traceparent", "tracestate")
+
+
+def _job(body: Any, request_id: str, principal: Principal, request: Request | None = None) -> Job:
+    trace = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers} if request is not None else {}
     return Job(request_id=request_id, model=body.model, request=generation_request(body, request_id),
                api_key_id=principal.key_id, team=principal.team, controls=_controls(body),
-               key_defaults=dict(principal.defaults), quota=principal.quota)
+               key_defaults=dict(principal.defaults), quota=principal.quota, trace_context=trace)
 
 
 def _headers(result_or_session: Any, job: Job) -> dict[str, str]:
@@ -190,7 +195,7 @@ def _include_usage(body: Any) -> bool:
              responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            principal: Principal = Depends(require("client"))):
-    job = _job(body, request_id_of(request), principal)
+    job = _job(body, request_id_of(request), principal, request)
     return await _respond(
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="chat.completion",
         message=lambda r: {"index": 0, "message": {"role": "assistant", "content": r.text},
@@ -203,7 +208,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 @router.post("/v1/completions", response_model=CompletionResponse,
              responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(require("client"))):
-    job = _job(body, request_id_of(request), principal)
+    job = _job(body, request_id_of(request), principal, request)
     prompt = job.request.prompt or ""
     prefix = prompt if body.echo else ""
     return await _respond(

@@ -188,3 +188,26 @@ def test_telemetry_config_is_typed_and_off_by_default(tmp_path):
     with pytest.raises(ConfigError) as exc:
         load_config(bad)
     assert exc.value.key == "telemetry.otlp_endpoint"
+
+
+def test_a_request_with_a_traceparent_is_a_child_span_in_the_callers_trace(tmp_path):
+    """A caller that traces its own work (W3C traceparent) finds Wattlane's span inside its trace."""
+    exporter = InMemorySpanExporter()
+    # sample_ratio 0: only the caller's sampled flag can get a span exported
+    tracer = RequestTracer(SimpleSpanProcessor(exporter), sample_ratio=0.0)
+    app, gw = build(tmp_path, tracer=tracer)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        with TestClient(app) as client:
+            for traceparent in (f"00-{trace_id}-{parent_id}-01",  # sampled by the caller
+                                f"00-{trace_id}-{parent_id}-00",  # not sampled by the caller: no span
+                                "00-garbage"):  # malformed: a trace of its own, sampled at the ratio (0)
+                r = client.post("/v1/chat/completions", json=CHAT,
+                                headers={**bearer("client"), "traceparent": traceparent, "tracestate": "vendor=x"})
+                assert r.status_code == 200
+    finally:
+        gw.close()
+    (span,) = exporter.get_finished_spans()
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert span.parent is not None and f"{span.parent.span_id:016x}" == parent_id and span.parent.is_remote
+    assert span.context.trace_state.get("vendor") == "x"
