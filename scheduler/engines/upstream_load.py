@@ -14,7 +14,8 @@ Rules the parser follows:
   (vLLM v1's `kv_cache_usage_perc` before v0's `gpu_cache_usage_perc`, and so on).
 - The prefix-cache hit rate comes from the server's hit/query counters where it has them: over
   the interval since the previous scrape when tokens were queried in it, else the last interval's
-  rate, else the lifetime ratio. A server that only exports a hit-rate gauge is read as is.
+  rate, else the lifetime ratio. A server that only exports a hit-rate gauge is read as is, except
+  a negative gauge (vLLM v0's -1 while prefix caching is off), which means no rate: None.
 - Text that is not the Prometheus exposition format raises MetricsParseError; well-formed text
   without any metric this module knows gives a ServerLoad whose fields are all None.
 """
@@ -158,7 +159,7 @@ class _Scrape:
         self.samples = samples
         self.model_name = model_name
 
-    def _values(self, name: str) -> list[float] | None:
+    def _values(self, name: str, drop_negative: bool = False) -> list[float] | None:
         rows = self.samples.get(name)
         if rows is None:
             return None
@@ -168,7 +169,7 @@ class _Scrape:
                 named = next((labels[k] for k in MODEL_LABELS if k in labels), None)
                 if named is not None and named != self.model_name:
                     continue
-            if math.isnan(value):
+            if math.isnan(value) or (drop_negative and value < 0):
                 continue
             out.append(value)
         return out or None
@@ -180,9 +181,9 @@ class _Scrape:
                 return sum(values)
         return None
 
-    def mean(self, names: Iterable[str]) -> float | None:
+    def mean(self, names: Iterable[str], drop_negative: bool = False) -> float | None:
         for name in names:
-            values = self._values(name)
+            values = self._values(name, drop_negative)
             if values is not None:
                 return sum(values) / len(values)
         return None
@@ -230,7 +231,8 @@ def parse_server_metrics(text: str, server: str, model_name: str | None = None,
         running_requests=_count(scrape.total(names.running)),
         waiting_requests=_count(scrape.total(names.waiting)),
         kv_cache_usage_fraction=_fraction(kv),
-        prefix_cache_hit_rate=_fraction(scrape.mean(names.hit_rate_gauge)),
+        # vLLM v0 reports -1 while prefix caching is off: no rate, not a rate of 0
+        prefix_cache_hit_rate=_fraction(scrape.mean(names.hit_rate_gauge, drop_negative=True)),
         prompt_tokens_total=scrape.total(names.prompt_tokens),
         generation_tokens_total=scrape.total(names.generation_tokens),
         prefix_cache_hits_total=hits_queries[0] if hits_queries else None,

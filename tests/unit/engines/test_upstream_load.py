@@ -89,6 +89,34 @@ def test_vllm_v0_hit_rate_gauge_is_read_as_is():
     assert parse_server_metrics(text, "vllm").prefix_cache_hit_rate == pytest.approx(0.8125)
 
 
+def test_vllm_v0_verbatim_idle_server_with_prefix_caching_off():
+    # a real v0 scrape (AIBrix's docs): idle, so its load is 0 and must read as 0, not as unknown
+    load = parse_server_metrics(sample("vllm_v0_aibrix_docs.txt"), "vllm")
+    assert (load.running_requests, load.waiting_requests) == (0, 0)
+    assert load.kv_cache_usage_fraction == 0.0
+    assert (load.prompt_tokens_total, load.generation_tokens_total) == (148.0, 955.0)
+    # gpu_prefix_cache_hit_rate is -1.0 there: v0's "prefix caching is off", which is no rate at all
+    assert load.prefix_cache_hit_rate is None
+    assert to_replica_stats(load) == {"running": 0, "waiting": 0, "kv_cache_free_fraction": 1.0}
+    # the same family with a real rate is still read
+    live = sample("vllm_v0_aibrix_docs.txt").replace(
+        'vllm:gpu_prefix_cache_hit_rate{model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct"} -1.0',
+        'vllm:gpu_prefix_cache_hit_rate{model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct"} 0.25')
+    assert parse_server_metrics(live, "vllm").prefix_cache_hit_rate == pytest.approx(0.25)
+
+
+def test_vllm_v1_design_doc_excerpt_under_load():
+    text = sample("vllm_v1_design_doc_excerpt.txt")
+    with pytest.raises(MetricsParseError):  # the doc elides families with "..." lines
+        parse_server_metrics(text, "vllm")
+    load = parse_server_metrics("\n".join(ln for ln in text.splitlines() if ln != "..."), "vllm",
+                                model_name="meta-llama/Llama-3.1-8B-Instruct")
+    assert load.running_requests == 8
+    assert load.generation_tokens_total == 27453.0
+    # families the excerpt leaves out stay unknown rather than zero
+    assert (load.waiting_requests, load.kv_cache_usage_fraction, load.prompt_tokens_total) == (None, None, None)
+
+
 def test_sglang_sample():
     load = parse_server_metrics(sample("sglang.txt"), "sglang")
     assert (load.running_requests, load.waiting_requests) == (162, 2826)
