@@ -12,7 +12,8 @@ Rules the parser follows:
   for every model.
 - Names differ between versions; each field reads the first name the server exposes from a list
   (vLLM v1's `kv_cache_usage_perc` before v0's `gpu_cache_usage_perc`, and so on).
-- The prefix-cache hit rate comes from the server's hit/query counters where it has them: over
+- The prefix-cache hit rate comes from the server's hit/query counters where it has them (llama.cpp:
+  its cached and uncached prompt-token counters, whose sum is the tokens queried): over
   the interval since the previous scrape when tokens were queried in it, else the last interval's
   rate, else the lifetime ratio. A server that only exports a hit-rate gauge is read as is, except
   a negative gauge (vLLM v0's -1 while prefix caching is off), which means no rate: None.
@@ -81,6 +82,8 @@ class _Names:
     # (numerator, denominator) pairs whose ratio is the KV usage (TGI's reserved tokens)
     kv_usage_ratio: tuple[tuple[str, str], ...] = ()
     hit_counters: tuple[tuple[str, str], ...] = ()  # (hits, queries)
+    # (cached, uncached) prompt-token counters: hits = cached, queries = cached + uncached (llama.cpp)
+    hit_split_counters: tuple[tuple[str, str], ...] = ()
     hit_rate_gauge: tuple[str, ...] = ()
     prompt_tokens: tuple[str, ...] = ()
     generation_tokens: tuple[str, ...] = ()
@@ -122,6 +125,8 @@ _NAMES: dict[str, _Names] = {
         running=("llamacpp:requests_processing",),
         waiting=("llamacpp:requests_deferred",),
         kv_usage=("llamacpp:kv_cache_usage_ratio",),  # removed from newer builds
+        # newer builds count cached prompt tokens apart, and prompt_tokens_total excludes them
+        hit_split_counters=(("llamacpp:prompt_tokens_cached_total", "llamacpp:prompt_tokens_total"),),
         prompt_tokens=("llamacpp:prompt_tokens_total",),
         generation_tokens=("llamacpp:tokens_predicted_total",),
     ),
@@ -225,6 +230,10 @@ def parse_server_metrics(text: str, server: str, model_name: str | None = None,
             kv = reserved[0] / reserved[1]
 
     hits_queries = scrape.pair(names.hit_counters)
+    if hits_queries is None:
+        split = scrape.pair(names.hit_split_counters)
+        if split is not None:
+            hits_queries = (split[0], split[0] + split[1])
     load = ServerLoad(
         server=server,
         observed_at_s=now_s,
