@@ -81,7 +81,8 @@ def main() -> int:
         with concurrent.futures.ThreadPoolExecutor(REQUESTS) as pool:
             futures = [pool.submit(_chat, url, i) for i in range(REQUESTS)]
             time.sleep(2.0)  # every request admitted: two in slots, the rest deferred
-            busy = {"llamacpp_metrics_busy1.txt": _get(url + "/metrics"), "llamacpp_slots_busy.json": _get(url + "/slots")}
+            busy = {"llamacpp_metrics_busy1.txt": _get(url + "/metrics"),
+                    "llamacpp_slots_busy.json": _get(url + "/slots")}
             time.sleep(1.0)
             busy["llamacpp_metrics_busy2.txt"] = _get(url + "/metrics")
             statuses = [f.result() for f in futures]
