@@ -12,9 +12,11 @@ Rules the parser follows:
   for every model.
 - Names differ between versions; each field reads the first name the server exposes from a list
   (vLLM v1's `kv_cache_usage_perc` before v0's `gpu_cache_usage_perc`, and so on).
-- The prefix-cache hit rate comes from the server's hit/query counters where it has them: over
+- The prefix-cache hit rate comes from the server's hit/query counters where it has them (llama.cpp:
+  its cached and uncached prompt-token counters, whose sum is the tokens queried): over
   the interval since the previous scrape when tokens were queried in it, else the last interval's
-  rate, else the lifetime ratio. A server that only exports a hit-rate gauge is read as is.
+  rate, else the lifetime ratio. A server that only exports a hit-rate gauge is read as is, except
+  a negative gauge (vLLM v0's -1 while prefix caching is off), which means no rate: None.
 - Text that is not the Prometheus exposition format raises MetricsParseError; well-formed text
   without any metric this module knows gives a ServerLoad whose fields are all None.
 """
@@ -80,6 +82,8 @@ class _Names:
     # (numerator, denominator) pairs whose ratio is the KV usage (TGI's reserved tokens)
     kv_usage_ratio: tuple[tuple[str, str], ...] = ()
     hit_counters: tuple[tuple[str, str], ...] = ()  # (hits, queries)
+    # (cached, uncached) prompt-token counters: hits = cached, queries = cached + uncached (llama.cpp)
+    hit_split_counters: tuple[tuple[str, str], ...] = ()
     hit_rate_gauge: tuple[str, ...] = ()
     prompt_tokens: tuple[str, ...] = ()
     generation_tokens: tuple[str, ...] = ()
@@ -121,6 +125,8 @@ _NAMES: dict[str, _Names] = {
         running=("llamacpp:requests_processing",),
         waiting=("llamacpp:requests_deferred",),
         kv_usage=("llamacpp:kv_cache_usage_ratio",),  # removed from newer builds
+        # newer builds count cached prompt tokens apart, and prompt_tokens_total excludes them
+        hit_split_counters=(("llamacpp:prompt_tokens_cached_total", "llamacpp:prompt_tokens_total"),),
         prompt_tokens=("llamacpp:prompt_tokens_total",),
         generation_tokens=("llamacpp:tokens_predicted_total",),
     ),
@@ -158,7 +164,7 @@ class _Scrape:
         self.samples = samples
         self.model_name = model_name
 
-    def _values(self, name: str) -> list[float] | None:
+    def _values(self, name: str, drop_negative: bool = False) -> list[float] | None:
         rows = self.samples.get(name)
         if rows is None:
             return None
@@ -168,7 +174,7 @@ class _Scrape:
                 named = next((labels[k] for k in MODEL_LABELS if k in labels), None)
                 if named is not None and named != self.model_name:
                     continue
-            if math.isnan(value):
+            if math.isnan(value) or (drop_negative and value < 0):
                 continue
             out.append(value)
         return out or None
@@ -180,9 +186,9 @@ class _Scrape:
                 return sum(values)
         return None
 
-    def mean(self, names: Iterable[str]) -> float | None:
+    def mean(self, names: Iterable[str], drop_negative: bool = False) -> float | None:
         for name in names:
-            values = self._values(name)
+            values = self._values(name, drop_negative)
             if values is not None:
                 return sum(values) / len(values)
         return None
@@ -224,13 +230,18 @@ def parse_server_metrics(text: str, server: str, model_name: str | None = None,
             kv = reserved[0] / reserved[1]
 
     hits_queries = scrape.pair(names.hit_counters)
+    if hits_queries is None:
+        split = scrape.pair(names.hit_split_counters)
+        if split is not None:
+            hits_queries = (split[0], split[0] + split[1])
     load = ServerLoad(
         server=server,
         observed_at_s=now_s,
         running_requests=_count(scrape.total(names.running)),
         waiting_requests=_count(scrape.total(names.waiting)),
         kv_cache_usage_fraction=_fraction(kv),
-        prefix_cache_hit_rate=_fraction(scrape.mean(names.hit_rate_gauge)),
+        # vLLM v0 reports -1 while prefix caching is off: no rate, not a rate of 0
+        prefix_cache_hit_rate=_fraction(scrape.mean(names.hit_rate_gauge, drop_negative=True)),
         prompt_tokens_total=scrape.total(names.prompt_tokens),
         generation_tokens_total=scrape.total(names.generation_tokens),
         prefix_cache_hits_total=hits_queries[0] if hits_queries else None,

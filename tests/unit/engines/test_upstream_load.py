@@ -15,6 +15,7 @@ from scheduler.engines.upstream_load import (
     ServerLoad,
     ServerLoadPoller,
     detect_server_kind,
+    merge_llamacpp,
     parse_llamacpp_slots,
     parse_server_metrics,
     to_replica_stats,
@@ -89,6 +90,34 @@ def test_vllm_v0_hit_rate_gauge_is_read_as_is():
     assert parse_server_metrics(text, "vllm").prefix_cache_hit_rate == pytest.approx(0.8125)
 
 
+def test_vllm_v0_verbatim_idle_server_with_prefix_caching_off():
+    # a real v0 scrape (AIBrix's docs): idle, so its load is 0 and must read as 0, not as unknown
+    load = parse_server_metrics(sample("vllm_v0_aibrix_docs.txt"), "vllm")
+    assert (load.running_requests, load.waiting_requests) == (0, 0)
+    assert load.kv_cache_usage_fraction == 0.0
+    assert (load.prompt_tokens_total, load.generation_tokens_total) == (148.0, 955.0)
+    # gpu_prefix_cache_hit_rate is -1.0 there: v0's "prefix caching is off", which is no rate at all
+    assert load.prefix_cache_hit_rate is None
+    assert to_replica_stats(load) == {"running": 0, "waiting": 0, "kv_cache_free_fraction": 1.0}
+    # the same family with a real rate is still read
+    live = sample("vllm_v0_aibrix_docs.txt").replace(
+        'vllm:gpu_prefix_cache_hit_rate{model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct"} -1.0',
+        'vllm:gpu_prefix_cache_hit_rate{model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct"} 0.25')
+    assert parse_server_metrics(live, "vllm").prefix_cache_hit_rate == pytest.approx(0.25)
+
+
+def test_vllm_v1_design_doc_excerpt_under_load():
+    text = sample("vllm_v1_design_doc_excerpt.txt")
+    with pytest.raises(MetricsParseError):  # the doc elides families with "..." lines
+        parse_server_metrics(text, "vllm")
+    load = parse_server_metrics("\n".join(ln for ln in text.splitlines() if ln != "..."), "vllm",
+                                model_name="meta-llama/Llama-3.1-8B-Instruct")
+    assert load.running_requests == 8
+    assert load.generation_tokens_total == 27453.0
+    # families the excerpt leaves out stay unknown rather than zero
+    assert (load.waiting_requests, load.kv_cache_usage_fraction, load.prompt_tokens_total) == (None, None, None)
+
+
 def test_sglang_sample():
     load = parse_server_metrics(sample("sglang.txt"), "sglang")
     assert (load.running_requests, load.waiting_requests) == (162, 2826)
@@ -105,15 +134,45 @@ def test_tgi_sample_reads_batch_queue_and_reserved_kv():
     assert (load.prompt_tokens_total, load.generation_tokens_total) == (912384, 402318)
 
 
-def test_llamacpp_metrics_sample():
-    load = parse_server_metrics(sample("llamacpp_metrics.txt"), "llamacpp")
-    assert (load.running_requests, load.waiting_requests) == (2, 1)
-    assert load.kv_cache_usage_fraction is None  # this build has no KV metric
-    assert (load.prompt_tokens_total, load.generation_tokens_total) == (18234, 9127)
-    older = sample("llamacpp_metrics.txt") + (
+def test_llamacpp_real_scrapes_while_busy_and_after():
+    # captured from a real llama-server (2 slots, 5 concurrent requests): 2 run, 3 wait
+    busy1 = parse_server_metrics(sample("llamacpp_metrics_busy1.txt"), "llamacpp", observed_at_s=1000.0)
+    assert (busy1.running_requests, busy1.waiting_requests) == (2, 3)
+    assert busy1.kv_cache_usage_fraction is None  # this build has no KV metric
+    assert (busy1.prefix_cache_hits_total, busy1.prefix_cache_queries_total) == (0, 43)
+    assert busy1.prefix_cache_hit_rate == 0.0  # nothing cached yet: a real 0, not unknown
+
+    busy2 = parse_server_metrics(sample("llamacpp_metrics_busy2.txt"), "llamacpp", previous=busy1,
+                                 observed_at_s=1001.0)
+    assert busy2.prompt_tokens_per_second == pytest.approx(86 - 43)
+    # llama.cpp adds generated tokens to its counter when a request ends, so none show mid-request
+    assert (busy2.generation_tokens_total, busy2.generation_tokens_per_second) == (0, 0.0)
+
+    idle = parse_server_metrics(sample("llamacpp_metrics_idle.txt"), "llamacpp", previous=busy2,
+                                observed_at_s=1060.0)
+    assert (idle.running_requests, idle.waiting_requests) == (0, 0)
+    assert (idle.prompt_tokens_total, idle.generation_tokens_total) == (137, 1280)
+    # cached and uncached prompt tokens: 78 hits of 137 + 78 queried, 78 of 129 since busy2
+    assert (idle.prefix_cache_hits_total, idle.prefix_cache_queries_total) == (78, 137 + 78)
+    assert idle.prefix_cache_hit_rate == pytest.approx(78 / ((137 + 78) - 86))
+    assert parse_server_metrics(sample("llamacpp_metrics_idle.txt"), "llamacpp").prefix_cache_hit_rate == \
+        pytest.approx(78 / (137 + 78))
+
+
+def test_llamacpp_older_build_kv_ratio():
+    older = sample("llamacpp_metrics_busy1.txt") + (
         "# HELP llamacpp:kv_cache_usage_ratio KV-cache usage. 1 means 100 percent usage.\n"
         "# TYPE llamacpp:kv_cache_usage_ratio gauge\nllamacpp:kv_cache_usage_ratio 0.173828\n")
     assert parse_server_metrics(older, "llamacpp").kv_cache_usage_fraction == pytest.approx(0.173828)
+
+
+def test_llamacpp_real_slots_busy_and_idle_merge_with_metrics():
+    busy = parse_llamacpp_slots(json.loads(sample("llamacpp_slots_busy.json")))
+    idle = parse_llamacpp_slots(json.loads(sample("llamacpp_slots_idle.json")))
+    assert (busy.running_requests, busy.total_slots) == (2, 2)
+    assert (idle.running_requests, idle.total_slots) == (0, 2)
+    merged = merge_llamacpp(parse_server_metrics(sample("llamacpp_metrics_busy1.txt"), "llamacpp"), busy)
+    assert (merged.running_requests, merged.waiting_requests, merged.total_slots) == (2, 3, 2)
 
 
 def test_llamacpp_slots_sample_and_older_state_field():
@@ -168,7 +227,7 @@ def test_detect_server_kind():
     assert detect_server_kind(sample("vllm_v0.txt")) == "vllm"
     assert detect_server_kind(sample("sglang.txt")) == "sglang"
     assert detect_server_kind(sample("tgi.txt")) == "tgi"
-    assert detect_server_kind(sample("llamacpp_metrics.txt")) == "llamacpp"
+    assert detect_server_kind(sample("llamacpp_metrics_busy1.txt")) == "llamacpp"
     assert detect_server_kind("python_gc_objects_collected_total 3\n") is None
 
 
@@ -183,7 +242,7 @@ class _Upstream:
         from starlette.routing import Route
 
         self.mode = "ok"
-        self.metrics = sample("llamacpp_metrics.txt")
+        self.metrics = sample("llamacpp_metrics_busy1.txt")
         self.hits = 0
         self.release = asyncio.Event()  # ends hanging handlers when the server stops
 
@@ -202,7 +261,7 @@ class _Upstream:
         async def slots(_request):
             if self.mode in ("fail", "garbage"):
                 return PlainTextResponse("no", status_code=503)
-            return JSONResponse(json.loads(sample("llamacpp_slots.json")))
+            return JSONResponse(json.loads(sample("llamacpp_slots_busy.json")))
 
         self.app = Starlette(routes=[Route("/metrics", metrics), Route("/slots", slots)])
 
@@ -240,8 +299,8 @@ def test_poller_keeps_latest_goes_stale_on_failures_and_recovers():
             poller.start()
             await _until(lambda: poller.latest is not None)
             assert poller.server == "llamacpp"  # detected from the first scrape
-            assert poller.latest.running_requests == 2 and poller.latest.waiting_requests == 1
-            assert poller.replica_stats(max_age_seconds=5.0) == {"running": 2, "waiting": 1}
+            assert poller.latest.running_requests == 2 and poller.latest.waiting_requests == 3
+            assert poller.replica_stats(max_age_seconds=5.0) == {"running": 2, "waiting": 3}
 
             up.mode = "fail"
             await _until(lambda: poller.consecutive_failures >= 1)
