@@ -232,7 +232,7 @@ class BatchCore:
         return min(g.max_clock_mhz_allowed() for g in self.gpus)
 
     def _choose_clock(self, work: IterationWork, now: float, *, decoding: bool, prefill_tokens: int,
-                      queue: Sequence[tuple[float | None, int]]) -> float:
+                      queue: Sequence[tuple[float | None, int]], iterations: int = 1) -> float:
         """The clock for one segment (see set_batch_clocks). queue: (arrival_s, or None without a TTFT deadline; prompt tokens left) in prefill order."""
         bc = self._batch_clocks
         assert bc is not None
@@ -249,6 +249,9 @@ class BatchCore:
         sec, joules = cost_at(s, prof, fit, t_over, t_mem, t_comp)
         switch = np.where(np.abs(grid - (self._clock_now_mhz or -1.0)) < 1e-9, 0.0, bc["switch"])
         ok = np.ones(grid.shape, dtype=bool)
+        # a decode run of several iterations pays one clock change for all of them (at most a segment's worth):
+        # the per-iteration comparisons below spread the change's time and energy over them
+        k = max(1, min(iterations, int(self.max_segment_seconds / max(float(sec[-1]), 1e-9))))
         # a request that arrives while this batch runs waits for it, then prefills at the top clock: the batch
         # leaves it that much of the TTFT target, for a prompt as long as the 95th percentile of recent ones
         reserve = self._arrival_reserve_seconds(top)
@@ -258,7 +261,7 @@ class BatchCore:
             # its target (x its tokens) leaves after the time it has already decoded, prefills of others included
             allow = min((bc["tpot"] * (r.output_tokens - 1) - (now - (r.first_token_s or now))) / max(r.output_tokens - self.generated(r), 1)
                         for r in self.running.values())
-            ok &= sec + switch <= max(allow, float(sec[-1]))
+            ok &= sec + switch / k <= max(allow, float(sec[-1]))
         if queue:
             if self.waiting and not prefill_tokens:
                 return top  # a queue that cannot be admitted yet: finish what runs as fast as allowed
@@ -277,7 +280,7 @@ class BatchCore:
         if not ok.any():
             return float(grid[-1])
         idle_w = idle_power_watts(prof, model_loaded=True, max_clock_mhz=bc["idle_mhz"])
-        cost = joules + idle_w * (float(sec.max()) - sec) + switch * idle_power_watts(prof, model_loaded=True, max_clock_mhz=top)
+        cost = joules + idle_w * (float(sec.max()) - sec) + switch / k * idle_power_watts(prof, model_loaded=True, max_clock_mhz=top)
         cost = np.where(ok, cost, np.inf)
         best = int(np.argmin(cost))
         cur = np.flatnonzero(switch == 0.0)
@@ -582,7 +585,7 @@ class BatchCore:
             # the run's last iteration is its slowest (the context grows): the TPOT check uses it
             w_end = iteration_work(self.model, decode_tokens=n_run, decode_context_tokens=ctx0 + n_run * (k - 1)) if k > 1 else w0
             queue = [(r.arrival_s if r.first_token_s is None else None, r._prefill_len) for r in self.waiting]
-            cap = self._choose_clock(w_end, now, decoding=True, prefill_tokens=0, queue=queue)
+            cap = self._choose_clock(w_end, now, decoding=True, prefill_tokens=0, queue=queue, iterations=k)
         t0, e0, capped, clock = self.operating_point(w0, cap)
         if k > 1:
             w1 = iteration_work(self.model, decode_tokens=n_run, decode_context_tokens=ctx0 + n_run * (k - 1))

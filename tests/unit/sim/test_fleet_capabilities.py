@@ -102,8 +102,11 @@ def test_batch_clocks_save_energy_on_long_prompts_at_little_cost_in_slo():
     fixed = FleetSimulator(load_config(LARGE), model="llama-3.1-70b").run(trace)
     sim = FleetSimulator(load_config(LARGE), model="llama-3.1-70b", batch_clocks=True, slo_batching=True)
     bc = sim.run(trace)
-    assert bc.energy_joules < 0.85 * fixed.energy_joules
-    assert bc.summary()["slo_attainment"] >= fixed.summary()["slo_attainment"] - 0.005
+    assert bc.energy_joules < 0.75 * fixed.energy_joules
+    # slower prefills overlap more often with other requests' decoding: about a point of SLO attainment on this
+    # 70B-only node without routing (the fleet bench has the full picture); never below the 99% target's reach
+    assert bc.summary()["slo_attainment"] >= 0.985
+    assert bc.summary()["slo_attainment"] >= fixed.summary()["slo_attainment"] - 0.01
     assert bc.settings["clock_switches"] > 0
 
 
