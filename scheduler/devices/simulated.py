@@ -82,6 +82,8 @@ class SimulatedGpu(Device):
         self._busy = False
         self._capped = False
         self._busy_clock_mhz = p.sm_clock_max_mhz
+        #: the clock the engine drops to between batches (per-batch clocks); None: the lock's (or the max) clock
+        self._idle_clock_mhz: float | None = None
         self._t_last = self._clock()
         self._energy = 0.0
         self._power = idle_power_watts(p, model_loaded=False)
@@ -142,6 +144,23 @@ class SimulatedGpu(Device):
             self._busy = self._capped = False
             self._power = self.idle_power_watts()
 
+    def set_idle_clock_mhz(self, mhz: float | None, at_s: float | None = None) -> None:
+        """The clock the engine holds while no batch runs (None: the locked or maximum clock), never above the lock.
+
+        An engine that sets the clock per batch drops it between batches; the idle power follows.
+        It is the engine's own setting, so no settings listener runs (the engine knows).
+        """
+        with self._lock:
+            self._integrate(at_s)
+            self._idle_clock_mhz = None if mhz is None else float(mhz)
+            if not self._busy:
+                self._power = self.idle_power_watts()
+
+    def idle_clock_mhz(self) -> float:
+        """The clock while no batch runs: the engine's idle clock, capped by the lock."""
+        top = self.max_clock_mhz_allowed()
+        return top if self._idle_clock_mhz is None else min(top, self._idle_clock_mhz)
+
     def energy_joules_at(self, at_s: float) -> float:
         with self._lock:
             return self._energy + self._power * max(at_s - self._t_last, 0.0)
@@ -165,7 +184,7 @@ class SimulatedGpu(Device):
         return self._locked[1] if self._locked else self.profile.sm_clock_max_mhz
 
     def idle_power_watts(self) -> float:
-        return idle_power_watts(self.profile, model_loaded=self._model_loaded, max_clock_mhz=self.max_clock_mhz_allowed())
+        return idle_power_watts(self.profile, model_loaded=self._model_loaded, max_clock_mhz=self.idle_clock_mhz())
 
     @property
     def busy(self) -> bool:
@@ -187,7 +206,7 @@ class SimulatedGpu(Device):
     def sm_clock_mhz(self) -> float | None:
         if self._busy:
             return self._busy_clock_mhz
-        return self.max_clock_mhz_allowed() if self._model_loaded else self.profile.sm_clock_min_mhz
+        return self.idle_clock_mhz() if self._model_loaded else self.profile.sm_clock_min_mhz
 
     def memory_clock_mhz(self) -> float | None:
         return self.profile.memory_clock_mhz

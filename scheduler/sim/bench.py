@@ -47,7 +47,7 @@ PROMPT_HEAVY_RATE_SCALE = 0.5
 #: parking: a replica with no work for this long locks its GPUs to the lowest clock
 PARK_IDLE_SECONDS = 2.0
 #: the sensitivity band's runs: these policies at load 1 on both workloads
-BAND_POLICIES = ("baseline", "wattlane", "wattlane-all", "oracle")
+BAND_POLICIES = ("baseline", "wattlane", "wattlane-all-governor", "wattlane-all", "oracle")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class PolicySet:
     park: bool = False
     quality_budget: bool = False
     slo_batching: bool = False
+    batch_clocks: bool = False  # the engine sets the clock per batch (replaces the governor's clock lock)
     oracle: bool = False
 
 
@@ -73,10 +74,14 @@ POLICY_SETS: tuple[PolicySet, ...] = (
     PolicySet("wattlane+park", "Wattlane + parking", "mixed", "auto", "energy", governor=True, park=True),
     PolicySet("wattlane+budget", "Wattlane + quality budget", "mixed", "auto", "energy", governor=True, quality_budget=True),
     PolicySet("wattlane+slo-batching", "Wattlane + SLO-aware batching", "mixed", "auto", "energy", governor=True, slo_batching=True),
-    PolicySet("wattlane-all", "full Wattlane (+ parking, quality budget, SLO-aware batching)", "mixed", "auto", "energy",
-              governor=True, park=True, quality_budget=True, slo_batching=True),
-    PolicySet("oracle", "oracle (true adequacy and lengths, greedy)", "mixed", "auto", "energy", governor=True, park=True,
-              slo_batching=True, oracle=True),
+    PolicySet("wattlane+batch-clocks", "Wattlane with per-batch clocks instead of the slo-feedback governor", "mixed", "auto", "energy",
+              batch_clocks=True),
+    PolicySet("wattlane-all-governor", "Wattlane + parking, quality budget, SLO-aware batching, slo-feedback governor", "mixed", "auto",
+              "energy", governor=True, park=True, quality_budget=True, slo_batching=True),
+    PolicySet("wattlane-all", "full Wattlane (+ parking, quality budget, SLO-aware batching, per-batch clocks)", "mixed", "auto", "energy",
+              park=True, quality_budget=True, slo_batching=True, batch_clocks=True),
+    PolicySet("oracle", "oracle (true adequacy and lengths, greedy)", "mixed", "auto", "energy", park=True,
+              slo_batching=True, batch_clocks=True, oracle=True),
 )
 POLICIES = {p.name: p for p in POLICY_SETS}
 
@@ -93,6 +98,7 @@ class Job:
     minutes: float
     seed: int
     band: str | None = None  # None: central constants; "low" / "high": SENSITIVITY_BAND end
+    clock_switch_seconds: float | None = None  # per-batch clocks: stall per clock change (None: the core's default)
 
 
 def build_trace(workload: str, load: float, minutes: float, seed: int):
@@ -172,7 +178,9 @@ def run_job(job: Job) -> dict[str, Any]:
             config, seed=job.seed, model=p.model, strong_models=[LARGE],
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
-            oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, timeline_interval_seconds=60.0,
+            oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
+            clock_switch_seconds=job.clock_switch_seconds,
+            timeline_interval_seconds=60.0,
         )
         trace = build_trace(job.workload, job.load, job.minutes, job.seed)
         result = sim.run(trace)
@@ -225,9 +233,42 @@ def metrics(result, min_quality: float | None) -> dict[str, Any]:
         "energy_components_joules": {"dynamic": busy_j, "idle": idle_j, "parked_part_of_idle": parked_j},
         "parks": result.parks, "preemptions": result.preemptions,
         "min_quality": min_quality,
+        "by_model": by_model_breakdown(result),
+        "clock_switches": result.settings.get("clock_switches", 0),
         "quality_budget": r.get("quality_budget") if r else None,
         "best_effort_requests": r.get("best_effort_requests") if r else None,
     }
+
+
+def by_model_breakdown(result) -> dict[str, dict[str, Any]]:
+    """Where the energy goes, per model pool: busy, idle (not parked) and parked joules per completed request of the
+    whole run, GPU-seconds in each state, the mean clock its batches ran at, and its requests' SLO misses."""
+    done = max(result.completed, 1)
+    out: dict[str, dict[str, Any]] = {}
+    for rep in result.replicas.values():
+        m = out.setdefault(rep["model"], {"gpus": 0, "requests": 0, "busy_joules": 0.0, "idle_joules": 0.0, "parked_joules": 0.0,
+                                          "busy_seconds": 0.0, "idle_seconds": 0.0, "parked_seconds": 0.0, "_clock": 0.0})
+        m["gpus"] += len(rep["devices"])
+        m["requests"] += rep["completed"]
+        for d in rep["devices"]:
+            a = result.accounting[d]
+            m["busy_joules"] += a["busy_joules"]
+            m["idle_joules"] += a["idle_joules"] - a["parked_joules"]
+            m["parked_joules"] += a["parked_joules"]
+            m["busy_seconds"] += a["busy_seconds"]
+            m["idle_seconds"] += a["idle_seconds"] - a["parked_seconds"]
+            m["parked_seconds"] += a["parked_seconds"]
+            m["_clock"] += a.get("busy_clock_mhz_seconds", 0.0)
+    ttft_s, tpot_s = result.slo["ttft_seconds"], result.slo["tpot_seconds"]
+    for mid, m in out.items():
+        clock = m.pop("_clock")
+        m["mean_busy_clock_mhz"] = clock / m["busy_seconds"] if m["busy_seconds"] > 0 else None
+        for k in ("busy", "idle", "parked"):
+            m[f"{k}_joules_per_request"] = m[f"{k}_joules"] / done
+        reqs = [r for r in result.done if r.model_id == mid]
+        m["ttft_misses"] = sum(1 for r in reqs if r.ttft_seconds is None or r.ttft_seconds > ttft_s)
+        m["tpot_misses"] = sum(1 for r in reqs if r.tpot_seconds is not None and r.tpot_seconds > tpot_s)
+    return out
 
 
 #: benchmarks/power_replay.py's SENSITIVITY_BAND, for an installed package without the benchmarks folder
@@ -248,7 +289,8 @@ def _band() -> dict[str, dict[str, float]]:
 SENSITIVITY_BAND = _band()
 
 
-def plan(workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int, band: bool) -> list[Job]:
+def plan(workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int, band: bool,
+         clock_switch_seconds: float | None = None) -> list[Job]:
     for w in workloads:
         if w not in WORKLOADS:
             raise BenchError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
@@ -261,10 +303,13 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
         raise BenchError(f"loads must be positive numbers, got {loads}")
     if minutes <= 0:
         raise BenchError(f"minutes must be positive, got {minutes:g}")
-    jobs = [Job(w, x, p, minutes, seed) for w in workloads for x in loads for p in policies]
+    if clock_switch_seconds is not None and not (clock_switch_seconds >= 0 and math.isfinite(clock_switch_seconds)):
+        raise BenchError(f"clock switch seconds must be >= 0, got {clock_switch_seconds:g}")
+    cs = clock_switch_seconds
+    jobs = [Job(w, x, p, minutes, seed, None, cs) for w in workloads for x in loads for p in policies]
     if band:
         mid = 1.0 if 1.0 in loads else loads[len(loads) // 2]
-        jobs += [Job(w, mid, p, minutes, seed, end) for end in SENSITIVITY_BAND for w in workloads
+        jobs += [Job(w, mid, p, minutes, seed, end, cs) for end in SENSITIVITY_BAND for w in workloads
                  for p in BAND_POLICIES if p in policies]
     for j in jobs:
         if j.workload == "conversation" and j.minutes * j.load > 60.0 + 1e-9:
@@ -331,11 +376,13 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
 
 
 def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int = 0,
-              band: bool = False, workers: int = 1, progress: Any = None) -> dict[str, Any]:
+              band: bool = False, workers: int = 1, progress: Any = None, clock_switch_seconds: float | None = None) -> dict[str, Any]:
     """Every job of the plan (in a process pool when workers > 1); returns the whole result document."""
     import resource
 
-    jobs = plan(workloads, loads, policies, minutes, seed, band)
+    from scheduler.sim.core import CLOCK_SWITCH_SECONDS
+
+    jobs = plan(workloads, loads, policies, minutes, seed, band, clock_switch_seconds)
     t0 = time.perf_counter()
 
     def cpu() -> float:  # this process and its reaped workers: the machine-independent cost of the run
@@ -364,7 +411,8 @@ def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], 
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {"workloads": workloads, "loads": loads, "policies": policies, "minutes": minutes, "seed": seed,
                      "band": band, "workers": workers, "park_idle_seconds": PARK_IDLE_SECONDS,
-                     "prompt_heavy_rate_scale": PROMPT_HEAVY_RATE_SCALE},
+                     "prompt_heavy_rate_scale": PROMPT_HEAVY_RATE_SCALE,
+                     "clock_switch_seconds": CLOCK_SWITCH_SECONDS if clock_switch_seconds is None else clock_switch_seconds},
         "policy_sets": {p.name: asdict(p) for p in POLICY_SETS if p.name in policies},
         "fleets": FLEETS,
         "cells": {k: {"workload": c["workload"], "load": c["load"],
@@ -417,6 +465,8 @@ def register(app) -> None:
         seed: int = typer.Option(0, "--seed"),
         band: bool = typer.Option(True, "--band/--no-band", help="rerun baseline, Wattlane and the oracle at load 1 with the unfitted GPU constants at each end of their band"),
         workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1, help="processes replaying in parallel"),
+        clock_switch_seconds: float = typer.Option(None, "--clock-switch-seconds",
+                                                   help="per-batch clocks: stall of one clock change (default 0.02; an assumption)"),
     ) -> None:
         """Replay workloads at several loads under every policy set against the baseline and an oracle (method: simulated)."""
         import sys
@@ -437,7 +487,7 @@ def register(app) -> None:
         pol = [p.strip() for p in policies.split(",") if p.strip()]
         wl = [w.strip() for w in workloads.split(",") if w.strip()]
         try:
-            n = len(plan(wl, load_list, pol, minutes, seed, band))
+            n = len(plan(wl, load_list, pol, minutes, seed, band, clock_switch_seconds))
         except BenchError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -450,7 +500,7 @@ def register(app) -> None:
 
             try:
                 doc = run_bench(workloads=wl, loads=load_list, policies=pol, minutes=minutes, seed=seed, band=band,
-                                workers=workers, progress=tick)
+                                workers=workers, progress=tick, clock_switch_seconds=clock_switch_seconds)
             except (BenchError, ConfigError, TraceError, ProfileError, PromptPoolError, datafiles.DataFileError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None

@@ -51,6 +51,25 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{_pct(c.get('quality_retained'))} | {_pct(share)} | {r['gpu_hours_busy']:.2f} | {r['gpu_hours_parked']:.2f} |"
             )
         lines.append("")
+    loads = st["loads"]
+    mid = 1.0 if 1.0 in loads else loads[len(loads) // 2]
+    lines += [f"## Where the energy goes, load {mid:g}x (per model pool)", "",
+              "Joules per completed request of the whole run drawn by each pool's GPUs: busy (running batches), idle (no batch,",
+              "not parked) and parked (idle at the lowest clock); GPU-seconds in each state; the mean SM clock its batches ran at;",
+              "its requests that missed the TTFT or the TPOT target.", "",
+              "| workload | policy | pool | GPUs | requests | busy J/req | idle J/req | parked J/req | GPU-s busy/idle/parked | batch clock (MHz) | TTFT / TPOT misses |",
+              "|---|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
+    for cell in doc["cells"].values():
+        if cell["load"] != mid:
+            continue
+        for name, r in cell["policies"].items():
+            for mid_, b in (r.get("by_model") or {}).items():
+                clock = b.get("mean_busy_clock_mhz")
+                lines.append(f"| {cell['workload']} | {name} | {mid_} | {b['gpus']} | {b['requests']} | {b['busy_joules_per_request']:.0f} | "
+                             f"{b['idle_joules_per_request']:.0f} | {b['parked_joules_per_request']:.0f} | "
+                             f"{b['busy_seconds']:.0f}/{b['idle_seconds']:.0f}/{b['parked_seconds']:.0f} | "
+                             f"{'-' if clock is None else f'{clock:.0f}'} | {b['ttft_misses']} / {b['tpot_misses']} |")
+    lines.append("")
     band = doc.get("sensitivity_band") or {}
     if band:
         lines += ["## Sensitivity band (unfitted GPU constants)", "",

@@ -25,7 +25,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from scheduler.sim.physics import IterationWork, OperatingPoint, iteration_work, operating_point
+import numpy as np
+
+from scheduler.sim.physics import IterationWork, OperatingPoint, cost_at, idle_power_watts, iteration_work, operating_point, work_parts
 from scheduler.sim.profiles import ModelProfile
 
 #: share of GPU memory vLLM may use (gpu_memory_utilization) and what it keeps for activations
@@ -35,6 +37,18 @@ ACTIVATION_RESERVE_BYTES = 1.0e9
 ARRIVAL_RATE_WINDOW_SECONDS = 30.0
 #: extra sequences at which the decode step time is probed for its per-sequence slope
 _SLOPE_PROBE_SEQUENCES = 32
+#: per-batch clocks: time for a clock change to take effect. Assumed, not measured: NVML clock locks apply
+#: in milliseconds to tens of milliseconds depending on the GPU and the target clock (Velicka et al.,
+#: "Methodology for GPU Frequency Switching Latency Measurement", arXiv 2502.20075); the batch stalls for
+#: this long at each change (docs/benchmarks.md shows the effect of 4x this value)
+CLOCK_SWITCH_SECONDS = 0.02
+#: per-batch clocks: prompts remembered for the arrival reserve (its 95th percentile)
+RECENT_PROMPTS = 200
+#: per-batch clocks: candidate clocks are the GPU's supported clocks at about this spacing
+BATCH_CLOCK_SPACING_MHZ = 60.0
+#: per-batch clocks: keep the current clock when it costs at most this much more than the best candidate
+#: (each change stalls the batch, so near-ties are not worth one)
+BATCH_CLOCK_KEEP_FRACTION = 0.03
 
 
 @dataclass(eq=False)
@@ -81,6 +95,9 @@ class Segment:
     capped: bool = False
     clock_mhz: float = 0.0
     start_energy_joules: list[float] = field(default_factory=list)
+    #: when the segment was planned: a clock change (per-batch clocks) stalls it from here to start_s
+    planned_s: float | None = None
+    stall_joules: list[float] = field(default_factory=list)
 
     def seconds(self, j: int) -> float:
         return j * self.first_seconds + self.slope_seconds * j * (j - 1) / 2.0
@@ -161,8 +178,139 @@ class BatchCore:
         self._slo_chunks: list[tuple[int, int]] | None = None
         self._slo_ttft_seconds: float | None = None
         self._slo_prefill_tokens_per_second = 0.0
+        #: per-batch clocks (set_batch_clocks): None when off
+        self._batch_clocks: dict | None = None
+        self._clock_now_mhz: float | None = None  # the clock the engine last set (None: not managing it)
+        self.clock_switches = 0
+        self._recent_prompts: deque[int] = deque(maxlen=RECENT_PROMPTS)
+        self._reserve_cache: dict = {}
         for g in self.gpus:
             g.attach_model(True)
+
+    # --- per-batch clocks ------------------------------------------------------------------------
+    def set_batch_clocks(self, ttft_seconds: float, tpot_seconds: float, *, headroom_fraction: float = 0.25,
+                         switch_seconds: float = CLOCK_SWITCH_SECONDS) -> None:
+        """Choose the SM clock for every batch from the deadlines of the work in it, and drop it between batches.
+
+        Each segment runs at the clock that costs the least energy (the segment's own plus the idle
+        energy a faster one would draw until the slowest candidate finishes) among those that keep
+        (1 - headroom) of the SLO: every queued prompt prefilled by its TTFT deadline (arrival +
+        TTFT target), at the rate this batch prefills at that clock, and a batch with running
+        sequences within the TPOT target (or, when even the top clock misses it, at the top clock).
+        Prefill is compute-bound, so its time grows about as 1 / clock: the check uses the same
+        iteration model as the batches (scheduler.sim.physics), never a shortcut. The top clock is
+        the governor's lock or the maximum; with nothing to run the GPUs drop to their lowest clock.
+        Each change stalls the batch for switch_seconds at idle power. Placement and routing still
+        predict at the top clock (what the replica can do when a deadline needs it).
+        """
+        if not 0.0 <= headroom_fraction < 1.0:
+            raise ValueError(f"headroom_fraction must be in [0, 1), got {headroom_fraction!r}")
+        if switch_seconds < 0:
+            raise ValueError(f"switch_seconds must be >= 0, got {switch_seconds!r}")
+        g = self.gpus[0]
+        supported = sorted(set(float(f) for f in g.clock_constraints().supported_mhz))
+        step = max(1, round(BATCH_CLOCK_SPACING_MHZ / max(g.profile.sm_clock_step_mhz, 1.0)))
+        grid = supported[::step]
+        if grid[-1] != supported[-1]:
+            grid.append(supported[-1])
+        self._batch_clocks = {"ttft": ttft_seconds * (1.0 - headroom_fraction), "tpot": tpot_seconds * (1.0 - headroom_fraction),
+                              "switch": switch_seconds, "grid": np.array(grid), "idle_mhz": supported[0]}
+        self._go_idle_clock(None)
+
+    def _go_idle_clock(self, now: float | None) -> None:
+        bc = self._batch_clocks
+        if bc is None:
+            return
+        if self._clock_now_mhz != bc["idle_mhz"]:
+            if self._clock_now_mhz is not None:
+                self.clock_switches += 1
+            self._clock_now_mhz = bc["idle_mhz"]
+            for g in self.gpus:
+                g.set_idle_clock_mhz(bc["idle_mhz"], at_s=now)
+
+    def _top_clock_mhz(self) -> float:
+        return min(g.max_clock_mhz_allowed() for g in self.gpus)
+
+    def _choose_clock(self, work: IterationWork, now: float, *, decoding: bool, prefill_tokens: int,
+                      queue: Sequence[tuple[float | None, int]], iterations: int = 1) -> float:
+        """The clock for one segment (see set_batch_clocks). queue: (arrival_s, or None without a TTFT deadline; prompt tokens left) in prefill order."""
+        bc = self._batch_clocks
+        assert bc is not None
+        top = self._top_clock_mhz()
+        g0 = self.gpus[0]
+        prof, fit = g0.profile, self.model.fit
+        grid = bc["grid"][bc["grid"] <= top + 1e-9]
+        if grid.size == 0 or grid[-1] < top - 1e-9:
+            grid = np.append(grid, top)
+        # the power limit caps the clock as the driver would: no candidate runs faster than the capped top
+        s_cap = operating_point(prof, fit, work, g0.power_limit_watts(), top).clock_mhz / prof.sm_clock_max_mhz
+        s = np.minimum(grid / prof.sm_clock_max_mhz, s_cap)
+        t_over, t_mem, t_comp = work_parts(prof, fit, work)
+        sec, joules = cost_at(s, prof, fit, t_over, t_mem, t_comp)
+        switch = np.where(np.abs(grid - (self._clock_now_mhz or -1.0)) < 1e-9, 0.0, bc["switch"])
+        ok = np.ones(grid.shape, dtype=bool)
+        # a decode run of several iterations pays one clock change for all of them (at most a segment's worth):
+        # the per-iteration comparisons below spread the change's time and energy over them
+        k = max(1, min(iterations, int(self.max_segment_seconds / max(float(sec[-1]), 1e-9))))
+        # a request that arrives while this batch runs waits for it, then prefills at the top clock: the batch
+        # leaves it that much of the TTFT target, for a prompt as long as the 95th percentile of recent ones
+        reserve = self._arrival_reserve_seconds(top)
+        ok &= sec + switch <= max(bc["ttft"] - reserve, float(sec[-1]))
+        if decoding and self.running:
+            # TPOT is a mean over a request's tokens: each running request may spend per remaining token what
+            # its target (x its tokens) leaves after the time it has already decoded, prefills of others included
+            allow = min((bc["tpot"] * (r.output_tokens - 1) - (now - (r.first_token_s or now))) / max(r.output_tokens - self.generated(r), 1)
+                        for r in self.running.values())
+            ok &= sec + switch / k <= max(allow, float(sec[-1]))
+        if queue:
+            if self.waiting and not prefill_tokens:
+                return top  # a queue that cannot be admitted yet: finish what runs as fast as allowed
+            rate = prefill_tokens / sec  # tokens per second of this batch at each candidate
+            cum = 0
+            for arrival, left in queue:
+                cum += left
+                if arrival is None:
+                    continue
+                # a prompt finishing in this batch is done at its end; later ones at this batch's rate
+                t_done = switch + (sec if cum <= prefill_tokens else cum / rate)
+                budget = arrival + bc["ttft"] - now
+                if t_done[-1] > budget:
+                    continue  # late even at the top clock: no clock saves it, do not let it pin the rest
+                ok &= t_done <= budget
+        if not ok.any():
+            return float(grid[-1])
+        idle_w = idle_power_watts(prof, model_loaded=True, max_clock_mhz=bc["idle_mhz"])
+        cost = joules + idle_w * (float(sec.max()) - sec) + switch / k * idle_power_watts(prof, model_loaded=True, max_clock_mhz=top)
+        cost = np.where(ok, cost, np.inf)
+        best = int(np.argmin(cost))
+        cur = np.flatnonzero(switch == 0.0)
+        if cur.size and ok[cur[0]] and cost[cur[0]] <= (1.0 + BATCH_CLOCK_KEEP_FRACTION) * cost[best]:
+            best = int(cur[0])
+        return float(grid[best])
+
+    def _arrival_reserve_seconds(self, top: float) -> float:
+        """Prefill time at the top clock of a prompt at the 95th percentile of this replica's recent prompts."""
+        if not self._recent_prompts:
+            return 0.0
+        ordered = sorted(self._recent_prompts)
+        tokens = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        key = (tokens, top)
+        if self._reserve_cache.get("key") != key:
+            w = iteration_work(self.model, decode_tokens=0, decode_context_tokens=0, prefill_tokens=tokens,
+                               prefill_attention_pairs=tokens * tokens / 2.0, prefill_sequences=1)
+            self._reserve_cache = {"key": key, "seconds": self.operating_point(w, top)[0]}
+        return self._reserve_cache["seconds"]
+
+    def _set_batch_clock(self, mhz: float, now: float) -> float:
+        """Apply a segment's clock; returns the stall (seconds) the change costs."""
+        if self._clock_now_mhz is not None and abs(mhz - self._clock_now_mhz) < 1e-9:
+            return 0.0
+        first = self._clock_now_mhz is None
+        self._clock_now_mhz = mhz
+        if first:
+            return 0.0
+        self.clock_switches += 1
+        return self._batch_clocks["switch"] if self._batch_clocks else 0.0
 
     # --- SLO-aware batching ----------------------------------------------------------------------
     def set_slo_batching(self, ttft_seconds: float, tpot_seconds: float, *, headroom_fraction: float = 0.2,
@@ -263,15 +411,16 @@ class BatchCore:
     def idle(self) -> bool:
         return self.segment is None
 
-    def operating_point(self, work: IterationWork) -> tuple[float, list[float], bool, float]:
-        """(seconds, joules per GPU, capped, clock) of one iteration across the replica's GPUs."""
+    def operating_point(self, work: IterationWork, clock_mhz: float | None = None) -> tuple[float, list[float], bool, float]:
+        """(seconds, joules per GPU, capped, clock) of one iteration across the replica's GPUs (clock_mhz: a lower cap)."""
         points: list[OperatingPoint] = []
         cache: dict[tuple, OperatingPoint] = {}
         for g in self.gpus:
             key = g.control_key()
             op = cache.get(key)
             if op is None:
-                op = operating_point(g.profile, self.model.fit, work, g.power_limit_watts(), g.max_clock_mhz_allowed())
+                top = g.max_clock_mhz_allowed() if clock_mhz is None else min(clock_mhz, g.max_clock_mhz_allowed())
+                op = operating_point(g.profile, self.model.fit, work, g.power_limit_watts(), top)
                 cache[key] = op
             points.append(op)
         seconds = max(p.seconds for p in points)
@@ -288,6 +437,8 @@ class BatchCore:
         self._arrivals += 1.0
         self._arrival_prompt_tokens += req.prompt_tokens
         self._arrivals_at = now
+        if self._batch_clocks is not None:
+            self._recent_prompts.append(req.prompt_tokens)
         req._seq = next(self._seq)
         req._prefill_len = req.prompt_tokens
         req.state = "waiting"
@@ -406,12 +557,19 @@ class BatchCore:
                 self.model, decode_tokens=n_run, decode_context_tokens=self._dec_base + n_run * self.iteration,
                 prefill_tokens=tokens, prefill_attention_pairs=pairs, prefill_sequences=len(chunks),
             )
-            seconds, joules, capped, clock = self.operating_point(work)
+            cap = None
+            if self._batch_clocks is not None:
+                # a preempted request prefills again but has had its first token: it has no TTFT deadline left
+                queue = [(r.arrival_s if r.first_token_s is None else None, r._prefill_len - r._prefilled) for r in self.prefilling]
+                queue += [(r.arrival_s if r.first_token_s is None else None, r._prefill_len) for r in self.waiting]
+                cap = self._choose_clock(work, now, decoding=n_run > 0, prefill_tokens=tokens, queue=queue)
+            seconds, joules, capped, clock = self.operating_point(work, cap)
             seg = Segment(now, 1, seconds, 0.0, joules, [0.0] * len(joules), chunks, capped, clock)
-            return self._start(seg, now)
+            return self._start(seg, now, cap)
         if n_run == 0:
             for g in self.gpus:
                 g.set_idle(at_s=now)
+            self._go_idle_clock(now)
             return None
         # a decode run: up to the next completion and while the KV cache has room
         k = self._heap_top() - self.iteration
@@ -422,10 +580,16 @@ class BatchCore:
         k = max(1, min(k, room))
         ctx0 = self._dec_base + n_run * self.iteration
         w0 = iteration_work(self.model, decode_tokens=n_run, decode_context_tokens=ctx0)
-        t0, e0, capped, clock = self.operating_point(w0)
+        cap = None
+        if self._batch_clocks is not None:
+            # the run's last iteration is its slowest (the context grows): the TPOT check uses it
+            w_end = iteration_work(self.model, decode_tokens=n_run, decode_context_tokens=ctx0 + n_run * (k - 1)) if k > 1 else w0
+            queue = [(r.arrival_s if r.first_token_s is None else None, r._prefill_len) for r in self.waiting]
+            cap = self._choose_clock(w_end, now, decoding=True, prefill_tokens=0, queue=queue, iterations=k)
+        t0, e0, capped, clock = self.operating_point(w0, cap)
         if k > 1:
             w1 = iteration_work(self.model, decode_tokens=n_run, decode_context_tokens=ctx0 + n_run * (k - 1))
-            t1, e1, capped1, _ = self.operating_point(w1)
+            t1, e1, capped1, _ = self.operating_point(w1, cap)
             dt = (t1 - t0) / (k - 1)
             de = [(b - a) / (k - 1) for a, b in zip(e0, e1)]
             capped = capped or capped1
@@ -434,7 +598,7 @@ class BatchCore:
         seg = Segment(now, k, t0, dt, e0, de, [], capped, clock)
         if seg.seconds(k) > self.max_segment_seconds and k > 1:
             seg.iterations = seg.iterations_within(self.max_segment_seconds)
-        return self._start(seg, now)
+        return self._start(seg, now, cap)
 
     def _heap_top(self) -> int:
         heap = self._heap
@@ -445,8 +609,17 @@ class BatchCore:
             heapq.heappop(heap)
         raise RuntimeError("running requests without a finish entry")  # pragma: no cover
 
-    def _start(self, seg: Segment, now: float) -> float:
+    def _start(self, seg: Segment, now: float, clock_mhz: float | None = None) -> float:
         self.segment = seg
+        seg.planned_s = now
+        if clock_mhz is not None:
+            stall = self._set_batch_clock(clock_mhz, now)
+            if stall > 0:
+                # the clock change takes effect after `stall`: the GPUs wait at the idle power of the faster clock
+                seg.start_s = now + stall
+                top = max(clock_mhz, min(g.idle_clock_mhz() for g in self.gpus))
+                seg.stall_joules = [stall * idle_power_watts(g.profile, model_loaded=True, max_clock_mhz=min(top, g.max_clock_mhz_allowed()))
+                                    for g in self.gpus]
         seg.start_energy_joules = [g.energy_joules_at(now) for g in self.gpus]
         self._apply_power(seg, now)
         return seg.end_s
@@ -454,10 +627,11 @@ class BatchCore:
     def _apply_power(self, seg: Segment, now: float) -> None:
         """Hold each GPU at the segment's mean power from now until the segment ends."""
         end = seg.end_s
-        total = seg.seconds(seg.iterations)
+        planned = seg.start_s if seg.planned_s is None else seg.planned_s
+        total = end - planned
         for i, g in enumerate(self.gpus):
-            joules = seg.joules(i, seg.iterations)
-            if now > seg.start_s:  # re-planned mid-segment: what was drawn so far stays drawn
+            joules = seg.joules(i, seg.iterations) + (seg.stall_joules[i] if seg.stall_joules else 0.0)
+            if now > planned:  # re-planned mid-segment: what was drawn so far stays drawn
                 joules -= g.energy_joules_at(now) - seg.start_energy_joules[i]
                 total = end - now
             power = joules / total if total > 0 else g.idle_power_watts()

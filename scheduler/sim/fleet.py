@@ -146,6 +146,8 @@ class FleetSimulator:
         oracle: bool = False,
         quality_budget: Any | None = None,
         slo_batching: bool = False,
+        batch_clocks: bool = False,
+        clock_switch_seconds: float | None = None,
     ):
         """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
         "placement-only" (the placement hook chooses among all replicas; no model selection).
@@ -162,6 +164,9 @@ class FleetSimulator:
             average instead of a per-request wall (route mode).
         slo_batching: each replica sizes its prefill chunks and running sequences from the SLO
             (BatchCore.set_slo_batching) instead of the fixed engine options.
+        batch_clocks: each replica sets its SM clock per batch from the deadlines of the work in it and
+            drops it between batches (BatchCore.set_batch_clocks); a governor's clock lock is its ceiling.
+        clock_switch_seconds: with batch_clocks, the stall of one clock change (default core.CLOCK_SWITCH_SECONDS).
         """
         if auto_selection not in AUTO_SELECTIONS:
             raise ValueError(f"auto_selection must be one of {', '.join(AUTO_SELECTIONS)}, got {auto_selection!r}")
@@ -177,6 +182,7 @@ class FleetSimulator:
         self.oracle = oracle
         self.quality_budget = quality_budget
         self.slo_batching = slo_batching
+        self.batch_clocks = batch_clocks
         self._predictor = predictor
         self._prompt_pool = prompt_pool
         self.strong_models = None if strong_models is None else frozenset(strong_models)
@@ -204,6 +210,9 @@ class FleetSimulator:
                 core = build_core(m, config, gpus, key=f"models[{i}] (id {m.id})")
                 if slo_batching:
                     core.set_slo_batching(self.slo_ttft, self.slo_tpot)
+                if batch_clocks:
+                    core.set_batch_clocks(self.slo_ttft, self.slo_tpot, **({} if clock_switch_seconds is None else
+                                                                         {"switch_seconds": clock_switch_seconds}))
                 self.replicas.append(SimReplica(f"{m.id}#{r}", m.id, core, self.loop, self._done.append, park_idle_seconds))
         if not self.replicas:
             raise ConfigError("no model with engine 'simulated'", file=config.source_path, key="models", fix="set engine: simulated on at least one model")
@@ -319,6 +328,7 @@ class FleetSimulator:
             preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
             settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
                       "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "slo_batching": self.slo_batching,
+                      "batch_clocks": self.batch_clocks, "clock_switches": sum(r.core.clock_switches for r in self.replicas),
                       "quality_budget": self.quality_budget is not None,
                       "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
             routing=routed.summary() if routed is not None else {},

@@ -18,6 +18,8 @@ class MeteredGpu(SimulatedGpu):
     def __init__(self, *args, **kwargs):
         self.busy_seconds = self.idle_seconds = self.parked_seconds = 0.0
         self.busy_joules = self.idle_joules = self.parked_joules = 0.0
+        #: integral of the busy clock over busy time (its mean is the clock the batches ran at)
+        self.busy_clock_mhz_seconds = 0.0
         super().__init__(*args, **kwargs)
 
     def parked(self) -> bool:
@@ -27,7 +29,8 @@ class MeteredGpu(SimulatedGpu):
         if not self._model_loaded:
             return True
         low = self.profile.sm_clock_min_mhz + self.profile.sm_clock_step_mhz
-        return (self._locked is not None and self._locked[1] <= low) or self._power_limit <= self.profile.power_limit_min_watts
+        # the lowest clock counts however it was set: a parking lock or an engine's idle clock (per-batch clocks)
+        return self.idle_clock_mhz() <= low or self._power_limit <= self.profile.power_limit_min_watts
 
     def _book(self, now: float) -> None:
         dt = now - self._t_last
@@ -37,6 +40,7 @@ class MeteredGpu(SimulatedGpu):
         if self._busy:
             self.busy_seconds += dt
             self.busy_joules += e
+            self.busy_clock_mhz_seconds += self._busy_clock_mhz * dt
         else:
             self.idle_seconds += dt
             self.idle_joules += e
@@ -56,5 +60,6 @@ class MeteredGpu(SimulatedGpu):
             return {
                 "busy_seconds": self.busy_seconds, "idle_seconds": self.idle_seconds, "parked_seconds": self.parked_seconds,
                 "busy_joules": self.busy_joules, "idle_joules": self.idle_joules, "parked_joules": self.parked_joules,
+                "busy_clock_mhz_seconds": self.busy_clock_mhz_seconds,
                 "energy_joules": self._energy,
             }

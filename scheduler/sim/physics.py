@@ -102,6 +102,11 @@ def _parts(gpu: GpuProfile, fit: ModelFit, flops, nbytes, sequences):
     return t_over, t_mem, t_comp
 
 
+def work_parts(gpu: GpuProfile, fit: ModelFit, work: IterationWork):
+    """(fixed, memory, compute) seconds of one iteration at the maximum clock: the inputs of cost_at."""
+    return _parts(gpu, fit, work.flops, work.bytes, work.sequences)
+
+
 def cost_at(s, gpu: GpuProfile, fit: ModelFit, t_over, t_mem, t_comp):
     """(seconds, joules) of one iteration on one GPU at clock fraction s."""
     beta = bandwidth_factor(s, gpu.memory_clock_knee)

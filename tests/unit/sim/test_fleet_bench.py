@@ -39,6 +39,21 @@ def test_energy_components_sum_to_total_and_gpu_hours_cover_the_run(doc):
     assert doc["run"]["cpu_seconds"] > 0
 
 
+def test_per_model_breakdown_adds_up_to_the_totals(doc):
+    for cell in doc["cells"].values():
+        for name, r in cell["policies"].items():
+            pools = r["by_model"]
+            per_req = sum(b["busy_joules_per_request"] + b["idle_joules_per_request"] + b["parked_joules_per_request"] for b in pools.values())
+            assert per_req == pytest.approx(r["energy_per_request_joules"], rel=1e-9), name
+            assert sum(b["gpus"] for b in pools.values()) == 8
+            assert {m: b["requests"] for m, b in pools.items() if b["requests"]} == {m: n for m, n in r["requests_by_model"].items() if n}
+            for b in pools.values():
+                assert b["mean_busy_clock_mhz"] is None or 200 <= b["mean_busy_clock_mhz"] <= 1980 + 1e-6
+        # per-batch clocks run batches below the top clock; the fixed-clock baseline never does
+        assert cell["policies"]["baseline"]["by_model"]["llama-3.1-70b"]["mean_busy_clock_mhz"] == pytest.approx(1980)
+        assert cell["policies"]["wattlane-all"]["by_model"]["llama-3.1-70b"]["mean_busy_clock_mhz"] < 1900
+
+
 def test_shares_sum_to_one_and_quality_is_against_the_baseline(doc):
     for cell in doc["cells"].values():
         pol = cell["policies"]
