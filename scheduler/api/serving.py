@@ -89,6 +89,9 @@ class InferenceResult:
     created_s: int
     mean_logprob: float | None = None
     system_fingerprint: str | None = None
+    #: how the token counts were obtained (engines.base.TokenCountMethod values): usage.*_tokens_method
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
     def usage_energy(self) -> dict[str, Any] | None:
         """usage.energy of the response (protocol.EnergyUsage)."""
@@ -210,7 +213,7 @@ class StreamSession:
                     prompt_tokens=failure.prompt_tokens if failure else self._prompt_tokens,
                     completion_tokens=failure.completion_tokens if failure else self._completion_tokens,
                     energy=failure.energy if failure else None, first_token_s=self._first_token_s,
-                    text="".join(self._text))
+                    text="".join(self._text), counted=failure)
 
 
 class Serving:
@@ -320,7 +323,7 @@ class Serving:
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",
                                          prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens,
-                                         energy=first.energy)
+                                         energy=first.energy, counted=first)
                 earlier = f" (first attempt: {'; '.join(failures)})" if failures else ""
                 raise replica_error(first.kind, first.message + earlier, first.param)
             return session
@@ -345,7 +348,8 @@ class Serving:
             await self._record_ended(
                 replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
                 {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
-                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
+                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy,
+                counted=first)
 
     def _is_upstream(self, model: str) -> bool:
         m = self.config.model(model)
@@ -447,6 +451,8 @@ class Serving:
             second.carbon = replace(second.carbon, gco2e=first.carbon.gco2e + second.carbon.gco2e)
         second.prompt_tokens += first.prompt_tokens
         second.completion_tokens += first.completion_tokens
+        second.prompt_tokens_method = _joined(first.prompt_tokens_method, second.prompt_tokens_method)
+        second.completion_tokens_method = _joined(first.completion_tokens_method, second.completion_tokens_method)
         return second
 
     # --- accounting (one Accounting.record per ended request) -------------------------------------
@@ -469,19 +475,25 @@ class Serving:
             created_s=int(s.started_s),
             mean_logprob=end.mean_logprob,
             system_fingerprint=s.system_fingerprint,
+            prompt_tokens_method=end.prompt_tokens_method,
+            completion_tokens_method=end.completion_tokens_method,
         )
         return await self.accounting.record(s.job, result, "ok", end.energy)
 
     async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
                             prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
-                            first_token_s: float | None = None, text: str = "") -> None:
-        """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did."""
+                            first_token_s: float | None = None, text: str = "",
+                            counted: ReplicaError | None = None) -> None:
+        """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did
+        (and, from the replica's error event `counted`, how those tokens were counted)."""
         latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, time.monotonic(), 0)
         result = InferenceResult(
             request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, routing=routing,
             energy=energy, carbon=None, ttft_seconds=ttft, tpot_seconds=None,
             latency_seconds=latency, created_s=int(created_s),
+            prompt_tokens_method=counted.prompt_tokens_method if counted else None,
+            completion_tokens_method=counted.completion_tokens_method if counted else None,
         )
         try:
             await self.accounting.record(job, result, status, energy)
@@ -524,6 +536,11 @@ class Serving:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def _joined(first: str | None, second: str | None) -> str | None:
+    """The method of a sum of two counts: theirs if they agree, else both names ("tokenizer+server")."""
+    return first if first == second else "+".join(m or "unknown" for m in (first, second))
 
 
 def _timing(accepted_s: float, first_token_s: float | None, ended_s: float, completion_tokens: int

@@ -40,6 +40,7 @@ from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
     ContextLengthError,
     EngineError,
+    EngineEvent,
     EngineUnavailable,
     GenerationRequest,
     ModelKind,
@@ -283,6 +284,7 @@ class ModelServer:
         texts: list[str] = []
         energy: EnergyReport | None = None
         settled = False
+        last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
         yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
                            system_fingerprint=self.engine.system_fingerprint)
         reports = None
@@ -293,7 +295,7 @@ class ModelServer:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
             async with contextlib.aclosing(self.engine.generate(request)) as events:
                 async for ev in events:
-                    prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
+                    prompt_tokens, completion_tokens, last = ev.prompt_tokens, ev.completion_tokens, ev
                     if first_token_mono is None and completion_tokens > 0:
                         first_token_mono = time.monotonic()
                     if ev.finished:
@@ -304,7 +306,7 @@ class ModelServer:
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
-                            else time.monotonic() - first_token_mono)
+                            else time.monotonic() - first_token_mono, **self._token_methods(ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
@@ -323,27 +325,37 @@ class ModelServer:
             raise
         except ContextLengthError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
-                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
+                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt",
+                                          last=last)
         except RequestRejectedError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
-                                          str(exc), param=exc.param)
+                                          str(exc), param=exc.param, last=last)
         except EngineUnavailable as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
-                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}")
+                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
+                                          last=last)
         except EngineError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {exc}")
+                                          f"model {self.model.id} failed: {exc}", last=last)
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {type(exc).__name__}")
+                                          f"model {self.model.id} failed: {type(exc).__name__}", last=last)
 
     async def _error_event(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                           kind: ReplicaErrorKind, message: str, param: str | None = None) -> ReplicaError:
+                           kind: ReplicaErrorKind, message: str, param: str | None = None,
+                           last: EngineEvent | None = None) -> ReplicaError:
         energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens)
         self._push_stats()
         return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens, energy=energy, param=param)
+                            completion_tokens=completion_tokens, energy=energy, param=param,
+                            **self._token_methods(last))
+
+    def _token_methods(self, ev: EngineEvent | None) -> dict[str, str | None]:
+        """How an event's token counts were obtained: its own labels, else its engine's (none before any event)."""
+        default = getattr(self.engine, "token_counts_method", None) if ev is not None else None
+        return {"prompt_tokens_method": getattr(ev, "prompt_tokens_method", None) or default,
+                "completion_tokens_method": getattr(ev, "completion_tokens_method", None) or default}
 
     async def _finish_energy(self, reports: "_AgentReports | None", t_s: float, prompt_tokens: int,
                              completion_tokens: int) -> EnergyReport | None:
