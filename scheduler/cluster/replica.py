@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -176,6 +177,8 @@ class ModelServer:
         self.replica_id = f"{self.model.id}#{rank}"
         self.device_ids = devices_for_replica(self.model, rank)
         self.node = node_for_replica(self.model, rank)
+        here = runtime.this_node()
+        self.ray_node_id = here.node_id if here is not None else None
         # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
         self.agent = runtime.get_node_agent(self.node)
         if self.model.endpoints and self.agent is not None:
@@ -376,6 +379,8 @@ class ModelServer:
     _link: AgentLink | None = None
     _link_retry_s = 0.0
     _link_connecting: "asyncio.Task | None" = None
+    #: the Ray node this replica runs on (None outside Ray): the agent's link is offered only on its own
+    ray_node_id: str | None = None
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every
@@ -393,7 +398,12 @@ class ModelServer:
 
     async def _connect_link(self) -> None:
         try:
-            path = await self.agent.link_address.remote()
+            path = await self.agent.link_address.remote(self.ray_node_id)
+            if path is None:  # the agent runs on another machine: its socket cannot be reached from here
+                self._link_retry_s = math.inf  # the replica never changes node, nor the agent: Ray calls for good
+                log.info("replica %s: node agent of %s is on another Ray node; using Ray calls", self.replica_id,
+                         self.node)
+                return
             self._link = await AgentLink.connect(path)
         except Exception as exc:  # an agent on another machine, or an old one: Ray calls do the job
             log.warning("replica %s: no link to the node agent (%s); using Ray calls", self.replica_id, exc)
