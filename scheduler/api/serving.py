@@ -129,6 +129,8 @@ class StreamSession:
         self._first = first
         self.result: InferenceResult | None = None
         self.routing = {"model": routed.model, "device": start.device, "node": start.node, "reason": routed.reason}
+        #: whose node agent keeps the work if the client leaves
+        self._abandoned_node = start.abandoned_node or start.node
         #: None unless the engine promises that a seed reproduces the text
         self.system_fingerprint: str | None = start.system_fingerprint
         self.started_s = time.time()
@@ -206,7 +208,7 @@ class StreamSession:
             elif status == "cancelled":
                 # no await here: a cancelled task (or a closing generator) cannot wait for the ledger
                 self._serving._settle_abandoned(self.job, self.routing, self.started_s, self._prompt_tokens,
-                                                self._completion_tokens, self._first_token_s)
+                                                self._completion_tokens, self._first_token_s, self._abandoned_node)
             elif status == "error":
                 await self._serving._record_ended(
                     self.job, self.routing, self.started_s, "error",
@@ -383,7 +385,8 @@ class Serving:
             events.cancel()
             routing = {"model": model, "device": start.device if start else None,
                        "node": start.node if start else None, "reason": routed.reason}
-            self._settle_abandoned(job, routing, time.time(), 0, 0, None)
+            self._settle_abandoned(job, routing, time.time(), 0, 0, None,
+                                   start.abandoned_node or start.node if start else None)
             raise
         except StopAsyncIteration:
             raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
@@ -501,11 +504,11 @@ class Serving:
             log.exception("could not record %s request %s", status, job.request_id)
 
     def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                          completion_tokens: int, first_token_s: float | None) -> None:
+                          completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
         """Record a request its client abandoned, in the background: the replica stops it and leaves the
-        energy and tokens of the work done with its node agent, which this collects for the ledger."""
-        self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s),
-                            f"settle-{job.request_id}")
+        energy and tokens of the work done with the agent of `node`, which this collects for the ledger."""
+        self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s,
+                                         node), f"settle-{job.request_id}")
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
         """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
@@ -519,10 +522,10 @@ class Serving:
         return task
 
     async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                      completion_tokens: int, first_token_s: float | None) -> None:
+                      completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
         work = None
         try:
-            work = await self.accounting.abandoned_work(routing.get("node"), job.request_id)
+            work = await self.accounting.abandoned_work(node, job.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
         # the replica saw at least what reached the gateway

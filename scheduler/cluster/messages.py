@@ -130,6 +130,9 @@ class ReplicaStart:
     time_s: float
     #: None unless the engine promises that a seed reproduces the text
     system_fingerprint: str | None = None
+    #: the node whose agent keeps the work of a request whose client leaves, when not `node` (no agent
+    #: runs there: an upstream server's host without Wattlane); None: `node`'s agent
+    abandoned_node: str | None = None
 
 
 @dataclass(frozen=True)

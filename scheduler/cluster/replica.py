@@ -194,6 +194,11 @@ class ModelServer:
             from scheduler.engines.factory import build_engine
 
             self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
+        if self.agent is None and self.model.endpoints:
+            # no agent on the server's host: a request whose client leaves gets the engine's estimate, kept by
+            # this process's own node agent, where the gateway collects it (ReplicaStart.abandoned_node)
+            self.abandon_node = runtime.node_name()
+            self.abandon_agent = runtime.get_node_agent(self.abandon_node)
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
@@ -289,7 +294,9 @@ class ModelServer:
         settled = False
         last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
         yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
-                           system_fingerprint=self.engine.system_fingerprint)
+                           system_fingerprint=self.engine.system_fingerprint,
+                           abandoned_node=self.abandon_node if self.agent is None and self.abandon_agent is not None
+                           else None)
         reports = None
         if self.agent is not None:
             reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
@@ -323,7 +330,7 @@ class ModelServer:
                         texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
-            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None)
+            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid)
             self._push_stats()
             raise
         except ContextLengthError as exc:
@@ -364,16 +371,24 @@ class ModelServer:
                              completion_tokens: int) -> EnergyReport | None:
         """The request's energy, from its node agent: one round trip, which also carries the final counts."""
         if reports is None:
-            # no meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure
-            estimate = getattr(self.engine, "estimate_energy", None)
-            return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
+            return self._estimated_energy(prompt_tokens, completion_tokens)
         return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
+    def _estimated_energy(self, prompt_tokens: int, completion_tokens: int) -> EnergyReport | None:
+        """No meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure."""
+        estimate = getattr(self.engine, "estimate_energy", None)
+        return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
+
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                 energy: EnergyReport | None) -> None:
+                 energy: EnergyReport | None, request_id: str) -> None:
         """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
         if reports is not None:
             reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+        elif self.abandon_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
+            # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
+            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens)
+            estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
+            contextvars.Context().run(self.abandon_agent.abandon_request.remote, finish, estimate)
 
     # --- the agent link -------------------------------------------------------------------------
     _link: AgentLink | None = None
@@ -381,6 +396,9 @@ class ModelServer:
     _link_connecting: "asyncio.Task | None" = None
     #: the Ray node this replica runs on (None outside Ray): the agent's link is offered only on its own
     ray_node_id: str | None = None
+    #: where an abandoned request's estimated energy goes when no agent runs on the work's node (see __init__)
+    abandon_node: str | None = None
+    abandon_agent: Any = None
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every

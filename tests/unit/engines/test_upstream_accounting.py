@@ -1,21 +1,26 @@
-"""An upstream request's response and ledger row say how its tokens were obtained (no Ray, seconds).
+"""An upstream request's response and ledger row say how its tokens and joules were obtained (no Ray, seconds).
 
 A server that sends no usage leaves the prompt's tokens estimated from its length and the output's
 counted from the stream's chunks: usage.prompt_tokens_method and completion_tokens_method name the
 estimates (the server's own counts are "server"), the ledger row carries the same names, and the
-real openai client still parses the response.
+real openai client still parses the response. A client that leaves a request on a server that no
+node agent meters is charged the joules-per-token estimate of the work done, under that estimate's
+method name, kept by the replica's own node agent for the gateway's ledger row.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import anyio
 import pytest
 
 from scheduler.api.serving import Job
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD
 from tests.support.fake_upstream import WORDS, FakeUpstream
-from tests.support.upstream_serving import UpstreamFleet, upstream_config
+from tests.support.upstream_serving import NODE, REPLICA_NODE, UpstreamFleet, upstream_config
 
 PROMPT = "say hello to the upstream"  # 25 UTF-8 bytes: 7 tokens by the 4-bytes-per-token estimate
 PROMPT_ESTIMATE = 7
@@ -96,3 +101,75 @@ def test_the_openai_client_parses_labelled_usage_from_the_gateway(fake, tmp_path
     assert usage is not None and usage.completion_tokens == len(WORDS)
     assert (usage.prompt_tokens_method, usage.completion_tokens_method) == ("utf8-bytes-estimate",
                                                                             "stream-chunk-estimate")
+
+
+async def _cancel_after(fleet: UpstreamFleet, tokens: int, stream: bool) -> list[str]:
+    """A client that leaves once `tokens` tokens reached the gateway (streaming) or the server sent them."""
+    got: list[str] = []
+    if stream:
+        session = await fleet.serving.open(job("req-left", max_tokens=200))
+        async with anyio.create_task_group() as tg:
+            async def consume():
+                async for text in session.deltas():
+                    got.append(text)
+                    if len(got) == tokens:
+                        tg.cancel_scope.cancel()  # the client disconnected
+            tg.start_soon(consume)
+    else:
+        task = asyncio.create_task(fleet.serving.run(job("req-left", max_tokens=200)))
+        engine = fleet.engines()[0]
+        while engine.running == 0:  # tokens are streaming from the server to the replica
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await fleet.serving.settled()
+    return got
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_that_leaves_an_unmetered_upstream_is_charged_the_estimate_of_the_work_done(fake, stream):
+    """No node agent on the server's host: the abandoned work still costs joules, estimated and labelled so."""
+    async def main():
+        # stall-mid: two tokens, then the server stalls (the read timeout is well past the test)
+        fleet = UpstreamFleet(upstream_config([(fake.base_url, "stall-mid")], read_timeout_seconds=30.0))
+        try:
+            got = await _cancel_after(fleet, 2, stream)
+            rows = fleet.rows()
+            expected = fleet.engines()[0].estimate_energy(PROMPT_ESTIMATE, 2)
+            return got, rows, expected, list(fleet.abandoned_lookups), fleet.engines()[0].stats()
+        finally:
+            await fleet.aclose()
+
+    got, rows, expected, lookups, stats = asyncio.run(main())
+    assert stats["running"] == 0 and stats["waiting"] == 0, "the upstream request was closed"
+    assert [r["status"] for r in rows] == ["cancelled"]
+    row = rows[0]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (PROMPT_ESTIMATE, 2)
+    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "gpu"
+    assert row["joules"] == pytest.approx(expected.joules) and row["joules"] > 0
+    assert row["gco2e"] is not None and row["gco2e"] > 0
+    assert (row["node"], lookups) == (NODE, [REPLICA_NODE]), "collected from the replica's own node agent"
+    if stream:
+        assert got == WORDS[:2]
+
+
+def test_a_replica_with_an_agent_on_its_servers_host_leaves_abandoned_work_there(fake):
+    """Where the server's host has an agent, that agent settles the request, and the gateway asks it (start.node)."""
+    from scheduler.cluster.messages import ReplicaStart
+
+    async def main() -> Any:
+        fleet = UpstreamFleet(upstream_config([(fake.base_url, "ok")]))
+        try:
+            server = fleet.replicas.servers[0]
+            server.agent = fleet.agent_handle  # stands for the agent of the server's host
+            gen = server.generate(job("r").request)
+            start = await gen.__anext__()
+            await gen.aclose()
+            return start
+        finally:
+            await fleet.aclose()
+
+    start = asyncio.run(main())
+    assert isinstance(start, ReplicaStart) and start.node == NODE and start.abandoned_node is None
