@@ -220,8 +220,12 @@ class NodeAgent:
         self._replica_stats.pop(replica_id, None)
 
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
+        """A replica's latest stats, for the gateway's routing view and, when its work runs on this node, the
+        governor: an upstream replica whose server's host has no agent publishes here, and its device names
+        are that host's (they may read like this node's own: gpu0, cpu0)."""
         self._replica_stats[replica_id] = stats
-        self.power.report_replica_stats(replica_id, stats)
+        if stats.get("node", self.node) == self.node:
+            self.power.report_replica_stats(replica_id, stats)
 
     def progress(self, msg: RequestProgress) -> None:
         for d in self._request_devices.get(msg.request_id, ()):

@@ -195,10 +195,10 @@ class ModelServer:
 
             self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
         if self.agent is None and self.model.endpoints:
-            # no agent on the server's host: a request whose client leaves gets the engine's estimate, kept by
-            # this process's own node agent, where the gateway collects it (ReplicaStart.abandoned_node)
-            self.abandon_node = runtime.node_name()
-            self.abandon_agent = runtime.get_node_agent(self.abandon_node)
+            # no agent on the server's host: this process's own node agent publishes the replica's stats to the
+            # gateway and keeps the engine's estimate of a request whose client leaves (ReplicaStart.abandoned_node)
+            self.home_node = runtime.node_name()
+            self.home_agent = runtime.get_node_agent(self.home_node)
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
@@ -210,7 +210,8 @@ class ModelServer:
         request start and end would put two actor calls on every request's path. A change inside the
         interval goes out in one trailing push at its end, so the last state is always published.
         """
-        if self.agent is None:
+        agent = self._publishing_agent()
+        if agent is None:
             return
         wait_s = getattr(self, "_stats_pushed_s", float("-inf")) + STATS_PUSH_INTERVAL_SECONDS - time.monotonic()
         try:
@@ -219,10 +220,15 @@ class ModelServer:
             wait_s = 0.0
         if wait_s <= 0:
             self._stats_pushed_s = time.monotonic()
-            self.agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+            agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
         elif not getattr(self, "_stats_push_pending", False):
             self._stats_push_pending = True
             loop.call_later(wait_s, self._push_trailing_stats)
+
+    def _publishing_agent(self) -> Any:
+        """The agent the replica's stats go to: its work's node's, else (an upstream server's host without one)
+        its own node's, so that the gateway's routing hears of every replica."""
+        return self.agent if self.agent is not None else self.home_agent
 
     def _push_trailing_stats(self) -> None:
         self._stats_push_pending = False
@@ -241,11 +247,12 @@ class ModelServer:
             stats["joules_per_decode_token"] = self._joules_per_work_token
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
         ejected = stats.get("ejected")
-        if self.agent is not None and ejected != getattr(self, "_published_ejected", None):
+        agent = self._publishing_agent()
+        if agent is not None and ejected != getattr(self, "_published_ejected", None):
             # Serve calls this every stats period: an ejection or re-admission reaches the gateway's
             # routing now, not at this replica's next request (an ejected replica gets none)
             self._published_ejected = ejected
-            self.agent.replica_stats.remote(self.replica_id, stats)
+            agent.replica_stats.remote(self.replica_id, stats)
         return stats
 
     def _learn_energy(self, energy: EnergyReport | None) -> None:
@@ -295,7 +302,7 @@ class ModelServer:
         last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
         yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
                            system_fingerprint=self.engine.system_fingerprint,
-                           abandoned_node=self.abandon_node if self.agent is None and self.abandon_agent is not None
+                           abandoned_node=self.home_node if self.agent is None and self.home_agent is not None
                            else None)
         reports = None
         if self.agent is not None:
@@ -384,11 +391,11 @@ class ModelServer:
         """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
         if reports is not None:
             reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
-        elif self.abandon_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
+        elif self.home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
             # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
             finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens)
             estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
-            contextvars.Context().run(self.abandon_agent.abandon_request.remote, finish, estimate)
+            contextvars.Context().run(self.home_agent.abandon_request.remote, finish, estimate)
 
     # --- the agent link -------------------------------------------------------------------------
     _link: AgentLink | None = None
@@ -396,9 +403,9 @@ class ModelServer:
     _link_connecting: "asyncio.Task | None" = None
     #: the Ray node this replica runs on (None outside Ray): the agent's link is offered only on its own
     ray_node_id: str | None = None
-    #: where an abandoned request's estimated energy goes when no agent runs on the work's node (see __init__)
-    abandon_node: str | None = None
-    abandon_agent: Any = None
+    #: this process's node and its agent, for a replica whose work's node has no agent (see __init__)
+    home_node: str | None = None
+    home_agent: Any = None
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every
@@ -429,9 +436,10 @@ class ModelServer:
             self._link_connecting = None
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
-        if self.agent is not None:
+        agent = self._publishing_agent()
+        if agent is not None:
             try:
-                await asyncio.wait_for(self.agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
+                await asyncio.wait_for(agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
             except Exception as exc:  # its node agent is gone too: nothing of this replica is left there
                 log.info("replica %s: node agent not told of the stop: %s", self.replica_id, type(exc).__name__)
         await self.engine.close()

@@ -53,7 +53,7 @@ def replica(config: WattlaneConfig, rank: int, own_agent: Any = None) -> _Server
     server.device_ids = list(model.endpoints[rank].devices)
     server.node = NODE
     server.agent = None  # no node agent on the server's host: the estimate
-    server.abandon_node, server.abandon_agent = REPLICA_NODE, own_agent
+    server.home_node, server.home_agent = REPLICA_NODE, own_agent
     server.engine = build_upstream_engine(model, config, Path("."), replica_index=rank)
     server._joules_per_work_token = None
     return server
@@ -85,7 +85,7 @@ class UpstreamFleet:
     def __init__(self, config: WattlaneConfig):
         self.config = config
         self.agent = object.__new__(NodeAgent.__ray_actor_class__)  # request accounting only: no devices
-        self.agent.node = REPLICA_NODE
+        self.agent.node, self.agent.devices, self.agent.power_action_counts = REPLICA_NODE, {}, {}
         self.agent._init_request_accounting()
         self.agent_handle = Remote(self.agent)
         self.replicas = ReplicaSet([replica(config, i, self.agent_handle)

@@ -173,3 +173,42 @@ def test_a_replica_with_an_agent_on_its_servers_host_leaves_abandoned_work_there
 
     start = asyncio.run(main())
     assert isinstance(start, ReplicaStart) and start.node == NODE and start.abandoned_node is None
+
+
+def test_a_replica_whose_servers_host_has_no_agent_publishes_its_stats_to_its_own_nodes_agent(fake):
+    """The gateway routes on every model's replica stats, from the agents, and on none while a model is
+    missing: an upstream replica without an agent on its server's host must still be heard, ejections included."""
+    async def main() -> Any:
+        fleet = UpstreamFleet(upstream_config([(fake.base_url, "http500"), (fake.base_url, "ok")],
+                                              ejection_base_seconds=60.0))
+        try:
+            await fleet.serving.run(job("req-1"))  # the first endpoint fails, is ejected; the retry answers
+            for s in fleet.replicas.servers:
+                s.record_routing_stats()  # what Serve calls every stats period
+            await asyncio.sleep(0.2)  # the trailing push of the last change
+            return await fleet.agent.gateway_view()
+        finally:
+            await fleet.aclose()
+
+    view = asyncio.run(main())
+    assert sorted(view.replica_stats) == ["up#0", "up#1"]
+    assert view.replica_stats["up#0"]["ejected"] is True and view.replica_stats["up#1"]["ejected"] is False
+    assert {s["node"] for s in view.replica_stats.values()} == {NODE}  # the work's node, not the publisher's
+
+
+def test_the_governor_hears_only_of_replicas_whose_work_runs_on_its_node():
+    """Another host's replica (published here for routing) names that host's devices, which may read like
+    this node's own (cpu0, gpu0): its load must not steer this node's power governor."""
+    from types import SimpleNamespace
+
+    from scheduler.cluster.node_agent import NodeAgent
+
+    reported: list[str] = []
+    agent = object.__new__(NodeAgent.__ray_actor_class__)
+    agent.node = REPLICA_NODE
+    agent.power = SimpleNamespace(report_replica_stats=lambda rid, stats: reported.append(rid))
+    agent._init_request_accounting()
+    agent.replica_stats("local#0", {"node": REPLICA_NODE, "device_ids": ["cpu0"], "running": 1})
+    agent.replica_stats("up#0", {"node": NODE, "device_ids": ["cpu0"], "running": 3})
+    assert reported == ["local#0"]
+    assert sorted(agent._replica_stats) == ["local#0", "up#0"]  # both in the gateway's routing view
