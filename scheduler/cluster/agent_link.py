@@ -1,9 +1,10 @@
 """The request path's link from a replica to its node agent: the typed messages over a Unix socket.
 
-A replica and its node agent are often on the same machine, and a request's energy is on its response path: the replica waits for the agent's answer to its
-RequestFinish before its end event can go out. A Ray actor call carries that answer through several
-threads on each side (the core worker's, then the actor's event loop, and back); each hand-over is a
-thread wake-up, and on a busy machine each costs a scheduling delay. Over a Unix socket the message
+A replica and its node agent are usually on the same machine, and a request's energy is on its
+response path: the replica waits for the agent's answer to its RequestFinish before its end event
+can go out. A Ray actor call carries that answer through several threads on each side (the core
+worker's, then the actor's event loop, and back); each hand-over is a thread wake-up, and on a busy
+machine each costs a scheduling delay. Over a Unix socket the message
 goes from the replica's event loop to the agent's and back with one wake-up each way; vLLM links its
 API server and engine core the same way (ZeroMQ over IPC). Everything else the agent does (power,
 readings, simulated engines, the gateway's abandoned-request lookups) stays on Ray.

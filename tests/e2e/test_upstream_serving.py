@@ -3,10 +3,10 @@ own server on the installed GGUF models, reached with the official `openai` clie
 
 One Wattlane and three upstream servers for the module (two serving SmolLM2, one Gemma): `auto`
 routing, streaming and not, responses that name the endpoint's model, node and device and carry the
-CPU's estimated energy shared among the upstream's requests; a client that leaves a stream on a server
-whose host has no Wattlane agent, charged the joules-per-token estimate of its work; then a crash of one SmolLM2 server under
-a bounded load (it is ejected, traffic goes on, every request completes or gets a clear error, the
-ledger has every completed one) and its restart (it is re-admitted).
+CPU's estimated energy shared among the upstream's requests; a client that leaves a stream on a
+server whose host has no Wattlane agent, charged the joules-per-token estimate of its work; then a
+crash of one SmolLM2 server under a bounded load (it is ejected, traffic goes on, every request
+completes or gets a clear error, the ledger has every completed one) and its restart (it is re-admitted).
 """
 
 from __future__ import annotations
