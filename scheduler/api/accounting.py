@@ -93,6 +93,8 @@ class Accounting:
             baseline_model=base.model if base else None,
             baseline_joules=base.joules if base else None,
             baseline_method=base.method if base else None,
+            prompt_tokens_method=result.prompt_tokens_method,
+            completion_tokens_method=result.completion_tokens_method,
         )
         await self.ledger.arecord(row)
         if job.admission is not None:  # the caller's budgets count what this row counts

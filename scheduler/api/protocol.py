@@ -177,13 +177,18 @@ def new_id(prefix: str) -> str:
 
 
 def usage_block(
-    prompt_tokens: int, completion_tokens: int, energy: dict[str, Any] | None, carbon: dict[str, Any] | None
+    prompt_tokens: int, completion_tokens: int, energy: dict[str, Any] | None, carbon: dict[str, Any] | None,
+    prompt_tokens_method: str | None = None, completion_tokens_method: str | None = None,
 ) -> dict[str, Any]:
     usage: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+    if prompt_tokens_method is not None:
+        usage["prompt_tokens_method"] = prompt_tokens_method
+    if completion_tokens_method is not None:
+        usage["completion_tokens_method"] = completion_tokens_method
     if energy is not None:
         usage["energy"] = energy
     if carbon is not None:
@@ -220,10 +225,16 @@ class CarbonUsage(_Response):
     region: str
 
 
+_TOKENS_METHOD = ("how the count was obtained: tokenizer or server (counted); simulated; request-hint; "
+                  "utf8-bytes-estimate or stream-chunk-estimate (estimated: an upstream server sent no usage)")
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_method: str | None = Field(default=None, description=_TOKENS_METHOD)
+    completion_tokens_method: str | None = Field(default=None, description=_TOKENS_METHOD)
     energy: EnergyUsage | None = None
     carbon: CarbonUsage | None = None
 

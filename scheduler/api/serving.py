@@ -91,6 +91,9 @@ class InferenceResult:
     created_s: int
     mean_logprob: float | None = None
     system_fingerprint: str | None = None
+    #: how the token counts were obtained (engines.base.TokenCountMethod values): usage.*_tokens_method
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
     def usage_energy(self) -> dict[str, Any] | None:
         """usage.energy of the response (protocol.EnergyUsage)."""
@@ -128,6 +131,8 @@ class StreamSession:
         self._first = first
         self.result: InferenceResult | None = None
         self.routing = {"model": routed.model, "device": start.device, "node": start.node, "reason": routed.reason}
+        #: whose node agent keeps the work if the client leaves
+        self._abandoned_node = start.abandoned_node or start.node
         #: None unless the engine promises that a seed reproduces the text
         self.system_fingerprint: str | None = start.system_fingerprint
         self.started_s = time.time()
@@ -205,14 +210,14 @@ class StreamSession:
             elif status == "cancelled":
                 # no await here: a cancelled task (or a closing generator) cannot wait for the ledger
                 self._serving._settle_abandoned(self.job, self.routing, self.started_s, self._prompt_tokens,
-                                                self._completion_tokens, self._first_token_s)
+                                                self._completion_tokens, self._first_token_s, self._abandoned_node)
             elif status == "error":
                 await self._serving._record_ended(
                     self.job, self.routing, self.started_s, "error",
                     prompt_tokens=failure.prompt_tokens if failure else self._prompt_tokens,
                     completion_tokens=failure.completion_tokens if failure else self._completion_tokens,
                     energy=failure.energy if failure else None, first_token_s=self._first_token_s,
-                    text="".join(self._text))
+                    text="".join(self._text), counted=failure)
 
 
 class Serving:
@@ -322,7 +327,7 @@ class Serving:
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",
                                          prompt_tokens=first.prompt_tokens, completion_tokens=first.completion_tokens,
-                                         energy=first.energy)
+                                         energy=first.energy, counted=first)
                 earlier = f" (first attempt: {'; '.join(failures)})" if failures else ""
                 raise replica_error(first.kind, first.message + earlier, first.param)
             return session
@@ -347,7 +352,8 @@ class Serving:
             await self._record_ended(
                 replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
                 {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
-                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy)
+                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy,
+                counted=first)
 
     def _is_upstream(self, model: str) -> bool:
         m = self.config.model(model)
@@ -381,7 +387,8 @@ class Serving:
             events.cancel()
             routing = {"model": model, "device": start.device if start else None,
                        "node": start.node if start else None, "reason": routed.reason}
-            self._settle_abandoned(job, routing, time.time(), 0, 0, None)
+            self._settle_abandoned(job, routing, time.time(), 0, 0, None,
+                                   start.abandoned_node or start.node if start else None)
             raise
         except StopAsyncIteration:
             raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
@@ -450,6 +457,8 @@ class Serving:
             second.carbon = replace(second.carbon, gco2e=first.carbon.gco2e + second.carbon.gco2e)
         second.prompt_tokens += first.prompt_tokens
         second.completion_tokens += first.completion_tokens
+        second.prompt_tokens_method = _joined(first.prompt_tokens_method, second.prompt_tokens_method)
+        second.completion_tokens_method = _joined(first.completion_tokens_method, second.completion_tokens_method)
         return second
 
     # --- accounting (one Accounting.record per ended request) -------------------------------------
@@ -472,19 +481,25 @@ class Serving:
             created_s=int(s.started_s),
             mean_logprob=end.mean_logprob,
             system_fingerprint=s.system_fingerprint,
+            prompt_tokens_method=end.prompt_tokens_method,
+            completion_tokens_method=end.completion_tokens_method,
         )
         return await self.accounting.record(s.job, result, "ok", end.energy)
 
     async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
                             prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
-                            first_token_s: float | None = None, text: str = "") -> None:
-        """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did."""
+                            first_token_s: float | None = None, text: str = "",
+                            counted: ReplicaError | None = None) -> None:
+        """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did
+        (and, from the replica's error event `counted`, how those tokens were counted)."""
         latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, time.monotonic(), 0)
         result = InferenceResult(
             request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, routing=routing,
             energy=energy, carbon=None, ttft_seconds=ttft, tpot_seconds=None,
             latency_seconds=latency, created_s=int(created_s),
+            prompt_tokens_method=counted.prompt_tokens_method if counted else None,
+            completion_tokens_method=counted.completion_tokens_method if counted else None,
         )
         try:
             await self.accounting.record(job, result, status, energy)
@@ -492,11 +507,11 @@ class Serving:
             log.exception("could not record %s request %s", status, job.request_id)
 
     def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                          completion_tokens: int, first_token_s: float | None) -> None:
+                          completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
         """Record a request its client abandoned, in the background: the replica stops it and leaves the
-        energy and tokens of the work done with its node agent, which this collects for the ledger."""
-        self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s),
-                            f"settle-{job.request_id}")
+        energy and tokens of the work done with the agent of `node`, which this collects for the ledger."""
+        self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s,
+                                         node), f"settle-{job.request_id}")
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
         """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
@@ -510,10 +525,10 @@ class Serving:
         return task
 
     async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                      completion_tokens: int, first_token_s: float | None) -> None:
+                      completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
         work = None
         try:
-            work = await self.accounting.abandoned_work(routing.get("node"), job.request_id)
+            work = await self.accounting.abandoned_work(node, job.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
         # the replica saw at least what reached the gateway
@@ -527,6 +542,11 @@ class Serving:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def _joined(first: str | None, second: str | None) -> str | None:
+    """The method of a sum of two counts: theirs if they agree, else both names ("tokenizer+server")."""
+    return first if first == second else "+".join(m or "unknown" for m in (first, second))
 
 
 def _timing(accepted_s: float, first_token_s: float | None, ended_s: float, completion_tokens: int

@@ -1,13 +1,16 @@
 """The request path's link from a replica to its node agent: the typed messages over a Unix socket.
 
-A replica and its node agent are on the same machine by construction (runtime.get_node_agent), and
-a request's energy is on its response path: the replica waits for the agent's answer to its
-RequestFinish before its end event can go out. A Ray actor call carries that answer through several
-threads on each side (the core worker's, then the actor's event loop, and back); each hand-over is a
-thread wake-up, and on a busy machine each costs a scheduling delay. Over a Unix socket the message
+A replica and its node agent are usually on the same machine, and a request's energy is on its
+response path: the replica waits for the agent's answer to its RequestFinish before its end event
+can go out. A Ray actor call carries that answer through several threads on each side (the core
+worker's, then the actor's event loop, and back); each hand-over is a thread wake-up, and on a busy
+machine each costs a scheduling delay. Over a Unix socket the message
 goes from the replica's event loop to the agent's and back with one wake-up each way; vLLM links its
 API server and engine core the same way (ZeroMQ over IPC). Everything else the agent does (power,
 readings, simulated engines, the gateway's abandoned-request lookups) stays on Ray.
+
+The link is used only where the replica runs on its agent's own Ray node (link_reaches): a replica
+of an upstream model reports to the agent of the server's host, which is usually another machine.
 
 Frames are a 4-byte big-endian length and a pickle of (call_id, message); call_id 0 means no answer
 is wanted. The agent dispatches on the message's type (cluster.messages), never on a name. If the
@@ -38,6 +41,19 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("!I")
 #: a frame larger than this is not a message of ours: the connection is dropped
 MAX_FRAME_BYTES = 1 << 20
+
+
+def link_reaches(agent_ray_node_id: str | None, replica_ray_node_id: str | None) -> bool:
+    """Whether a replica may use its node agent's Unix socket: only when both run on the same Ray node.
+
+    A Unix socket connects only within one kernel. On another machine its path is absent or, where the
+    temporary directory is a shared filesystem (TMPDIR on NFS), it is the other host's file, which
+    exists here and refuses every connect; neither the path nor a host name (Wattlane node names
+    come from hostnames or resources a user sets) proves one machine. A Ray node id names one raylet,
+    on one machine, so equal ids do. Several Ray nodes on one machine (test clusters) have different
+    ids and keep to Ray calls: slower there, never wrong.
+    """
+    return agent_ray_node_id is not None and agent_ray_node_id == replica_ray_node_id
 
 
 def socket_path() -> str:

@@ -130,6 +130,9 @@ class ReplicaStart:
     time_s: float
     #: None unless the engine promises that a seed reproduces the text
     system_fingerprint: str | None = None
+    #: the node whose agent keeps the work of a request whose client leaves, when not `node` (no agent
+    #: runs there: an upstream server's host without Wattlane); None: `node`'s agent
+    abandoned_node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,9 @@ class ReplicaEnd:
     #: seconds from the first token to this event (the replica's monotonic clock), when the gateway did
     #: not see that token arrive (no deltas were sent): it dates the first token on its own clock from it
     first_token_to_end_seconds: float | None = None
+    #: how the counts above were obtained (engines.base.TokenCountMethod values; None: not said)
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,9 @@ class ReplicaError:
     energy: EnergyReport | None
     #: the request field at fault, for CONTEXT_LENGTH ("messages" or "prompt")
     param: str | None = None
+    #: how the counts above were obtained, as in ReplicaEnd
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 ReplicaEvent = ReplicaStart | ReplicaDelta | ReplicaEnd | ReplicaError

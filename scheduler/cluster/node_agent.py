@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from scheduler.cluster import runtime
-from scheduler.cluster.agent_link import AgentLinkServer, socket_path
+from scheduler.cluster.agent_link import AgentLinkServer, link_reaches, socket_path
 from scheduler.cluster.messages import (
     AbandonedWork,
     EnergyReport,
@@ -97,6 +97,8 @@ class Mailbox:
 class NodeAgent:
     #: serves the replicas' request-path messages once the first replica asks for its address
     _link_server: AgentLinkServer | None = None
+    #: the Ray node this agent runs on (None outside Ray): only replicas on it may use the link
+    ray_node_id: str | None = None
 
     def __init__(self, config: dict[str, Any], state_dir: str, node: str,
                  owns_simulated: bool | list[str] = True, own_state_dir: bool = False):
@@ -109,6 +111,8 @@ class NodeAgent:
         self.config = WattlaneConfig.model_validate(config)
         self.state_dir = Path(state_dir) / "nodes" / node if own_state_dir else Path(state_dir)
         self.node = node
+        here = runtime.this_node()
+        self.ray_node_id = here.node_id if here is not None else None
         from scheduler.devices.discovery import discover_devices
 
         # simulated GPUs are not hardware of any node: each is created by the one agent that owns it
@@ -164,8 +168,11 @@ class NodeAgent:
         """The service answers from t_s (default now): idle energy before it is start-up energy."""
         self.attributor.mark_ready(time.time() if t_s is None else t_s)
 
-    async def link_address(self) -> str:
-        """The Unix socket the replicas on this node send their request messages to (started on first ask)."""
+    async def link_address(self, caller_ray_node_id: str | None = None) -> str | None:
+        """The Unix socket the replicas on this node send their request messages to (started on first ask);
+        None for a caller on another Ray node (agent_link.link_reaches), which keeps to Ray calls."""
+        if not link_reaches(self.ray_node_id, caller_ray_node_id):
+            return None
         if self._link_server is None:
             server = AgentLinkServer(self, socket_path())
             await server.start()
@@ -213,8 +220,12 @@ class NodeAgent:
         self._replica_stats.pop(replica_id, None)
 
     def replica_stats(self, replica_id: str, stats: dict[str, Any]) -> None:
+        """A replica's latest stats, for the gateway's routing view and, when its work runs on this node, the
+        governor: an upstream replica whose server's host has no agent publishes here, and its device names
+        are that host's (they may read like this node's own: gpu0, cpu0)."""
         self._replica_stats[replica_id] = stats
-        self.power.report_replica_stats(replica_id, stats)
+        if stats.get("node", self.node) == self.node:
+            self.power.report_replica_stats(replica_id, stats)
 
     def progress(self, msg: RequestProgress) -> None:
         for d in self._request_devices.get(msg.request_id, ()):

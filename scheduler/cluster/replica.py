@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -40,6 +41,7 @@ from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.engines.base import (
     ContextLengthError,
     EngineError,
+    EngineEvent,
     EngineUnavailable,
     GenerationRequest,
     ModelKind,
@@ -175,6 +177,8 @@ class ModelServer:
         self.replica_id = f"{self.model.id}#{rank}"
         self.device_ids = devices_for_replica(self.model, rank)
         self.node = node_for_replica(self.model, rank)
+        here = runtime.this_node()
+        self.ray_node_id = here.node_id if here is not None else None
         # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
         self.agent = runtime.get_node_agent(self.node)
         if self.model.endpoints and self.agent is not None:
@@ -190,6 +194,11 @@ class ModelServer:
             from scheduler.engines.factory import build_engine
 
             self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
+        if self.agent is None and self.model.endpoints:
+            # no agent on the server's host: this process's own node agent publishes the replica's stats to the
+            # gateway and keeps the engine's estimate of a request whose client leaves (ReplicaStart.abandoned_node)
+            self.home_node = runtime.node_name()
+            self.home_agent = runtime.get_node_agent(self.home_node)
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
@@ -201,7 +210,8 @@ class ModelServer:
         request start and end would put two actor calls on every request's path. A change inside the
         interval goes out in one trailing push at its end, so the last state is always published.
         """
-        if self.agent is None:
+        agent = self._publishing_agent()
+        if agent is None:
             return
         wait_s = getattr(self, "_stats_pushed_s", float("-inf")) + STATS_PUSH_INTERVAL_SECONDS - time.monotonic()
         try:
@@ -210,10 +220,15 @@ class ModelServer:
             wait_s = 0.0
         if wait_s <= 0:
             self._stats_pushed_s = time.monotonic()
-            self.agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+            agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
         elif not getattr(self, "_stats_push_pending", False):
             self._stats_push_pending = True
             loop.call_later(wait_s, self._push_trailing_stats)
+
+    def _publishing_agent(self) -> Any:
+        """The agent the replica's stats go to: its work's node's, else (an upstream server's host without one)
+        its own node's, so that the gateway's routing hears of every replica."""
+        return self.agent if self.agent is not None else self.home_agent
 
     def _push_trailing_stats(self) -> None:
         self._stats_push_pending = False
@@ -232,11 +247,12 @@ class ModelServer:
             stats["joules_per_decode_token"] = self._joules_per_work_token
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
         ejected = stats.get("ejected")
-        if self.agent is not None and ejected != getattr(self, "_published_ejected", None):
+        agent = self._publishing_agent()
+        if agent is not None and ejected != getattr(self, "_published_ejected", None):
             # Serve calls this every stats period: an ejection or re-admission reaches the gateway's
             # routing now, not at this replica's next request (an ejected replica gets none)
             self._published_ejected = ejected
-            self.agent.replica_stats.remote(self.replica_id, stats)
+            agent.replica_stats.remote(self.replica_id, stats)
         return stats
 
     def _learn_energy(self, energy: EnergyReport | None) -> None:
@@ -283,8 +299,11 @@ class ModelServer:
         texts: list[str] = []
         energy: EnergyReport | None = None
         settled = False
+        last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
         yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
-                           system_fingerprint=self.engine.system_fingerprint)
+                           system_fingerprint=self.engine.system_fingerprint,
+                           abandoned_node=self.home_node if self.agent is None and self.home_agent is not None
+                           else None)
         reports = None
         if self.agent is not None:
             reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
@@ -293,7 +312,7 @@ class ModelServer:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
             async with contextlib.aclosing(self.engine.generate(request)) as events:
                 async for ev in events:
-                    prompt_tokens, completion_tokens = ev.prompt_tokens, ev.completion_tokens
+                    prompt_tokens, completion_tokens, last = ev.prompt_tokens, ev.completion_tokens, ev
                     if first_token_mono is None and completion_tokens > 0:
                         first_token_mono = time.monotonic()
                     if ev.finished:
@@ -304,7 +323,7 @@ class ModelServer:
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
-                            else time.monotonic() - first_token_mono)
+                            else time.monotonic() - first_token_mono, **self._token_methods(ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
@@ -318,52 +337,75 @@ class ModelServer:
                         texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
-            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None)
+            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid)
             self._push_stats()
             raise
         except ContextLengthError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
-                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt")
+                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt",
+                                          last=last)
         except RequestRejectedError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
-                                          str(exc), param=exc.param)
+                                          str(exc), param=exc.param, last=last)
         except EngineUnavailable as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
-                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}")
+                                          f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
+                                          last=last)
         except EngineError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {exc}")
+                                          f"model {self.model.id} failed: {exc}", last=last)
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {type(exc).__name__}")
+                                          f"model {self.model.id} failed: {type(exc).__name__}", last=last)
 
     async def _error_event(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                           kind: ReplicaErrorKind, message: str, param: str | None = None) -> ReplicaError:
+                           kind: ReplicaErrorKind, message: str, param: str | None = None,
+                           last: EngineEvent | None = None) -> ReplicaError:
         energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens)
         self._push_stats()
         return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens, energy=energy, param=param)
+                            completion_tokens=completion_tokens, energy=energy, param=param,
+                            **self._token_methods(last))
+
+    def _token_methods(self, ev: EngineEvent | None) -> dict[str, str | None]:
+        """How an event's token counts were obtained: its own labels, else its engine's (none before any event)."""
+        default = getattr(self.engine, "token_counts_method", None) if ev is not None else None
+        return {"prompt_tokens_method": getattr(ev, "prompt_tokens_method", None) or default,
+                "completion_tokens_method": getattr(ev, "completion_tokens_method", None) or default}
 
     async def _finish_energy(self, reports: "_AgentReports | None", t_s: float, prompt_tokens: int,
                              completion_tokens: int) -> EnergyReport | None:
         """The request's energy, from its node agent: one round trip, which also carries the final counts."""
         if reports is None:
-            # no meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure
-            estimate = getattr(self.engine, "estimate_energy", None)
-            return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
+            return self._estimated_energy(prompt_tokens, completion_tokens)
         return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
+    def _estimated_energy(self, prompt_tokens: int, completion_tokens: int) -> EnergyReport | None:
+        """No meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure."""
+        estimate = getattr(self.engine, "estimate_energy", None)
+        return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
+
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                 energy: EnergyReport | None) -> None:
+                 energy: EnergyReport | None, request_id: str) -> None:
         """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
         if reports is not None:
             reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+        elif self.home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
+            # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
+            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens)
+            estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
+            contextvars.Context().run(self.home_agent.abandon_request.remote, finish, estimate)
 
     # --- the agent link -------------------------------------------------------------------------
     _link: AgentLink | None = None
     _link_retry_s = 0.0
     _link_connecting: "asyncio.Task | None" = None
+    #: the Ray node this replica runs on (None outside Ray): the agent's link is offered only on its own
+    ray_node_id: str | None = None
+    #: this process's node and its agent, for a replica whose work's node has no agent (see __init__)
+    home_node: str | None = None
+    home_agent: Any = None
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every
@@ -381,7 +423,12 @@ class ModelServer:
 
     async def _connect_link(self) -> None:
         try:
-            path = await self.agent.link_address.remote()
+            path = await self.agent.link_address.remote(self.ray_node_id)
+            if path is None:  # the agent runs on another machine: its socket cannot be reached from here
+                self._link_retry_s = math.inf  # the replica never changes node, nor the agent: Ray calls for good
+                log.info("replica %s: node agent of %s is on another Ray node; using Ray calls", self.replica_id,
+                         self.node)
+                return
             self._link = await AgentLink.connect(path)
         except Exception as exc:  # an agent on another machine, or an old one: Ray calls do the job
             log.warning("replica %s: no link to the node agent (%s); using Ray calls", self.replica_id, exc)
@@ -389,9 +436,10 @@ class ModelServer:
             self._link_connecting = None
 
     async def __del__(self) -> None:  # Serve calls this on graceful replica shutdown
-        if self.agent is not None:
+        agent = self._publishing_agent()
+        if agent is not None:
             try:
-                await asyncio.wait_for(self.agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
+                await asyncio.wait_for(agent.replica_gone.remote(self.replica_id), HEALTH_TIMEOUT_SECONDS)
             except Exception as exc:  # its node agent is gone too: nothing of this replica is left there
                 log.info("replica %s: node agent not told of the stop: %s", self.replica_id, type(exc).__name__)
         await self.engine.close()

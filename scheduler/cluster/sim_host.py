@@ -23,6 +23,7 @@ from scheduler.engines.base import (
     GenerationRequest,
     ModelKind,
     ReplicaStats,
+    TokenCountMethod,
 )
 
 
@@ -63,6 +64,8 @@ def agent_for_simulated_replica(model: ModelConfig, config: WattlaneConfig, repl
 
 class AgentHostedEngine(Engine):
     """Replica-side proxy of a SimulatedEngine hosted by the node agent."""
+
+    token_counts_method = TokenCountMethod.SIMULATED.value
 
     def __init__(self, agent: Any, model: dict[str, Any], replica_index: int):
         import ray

@@ -49,8 +49,9 @@ _CHECKPOINT: Any = object()
 METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated",
                 # an upstream server no node agent meters: its model's joules-per-token profile (engines/openai_upstream.py)
                 "upstream-jpt-estimate": "estimated"}
-#: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL)
-SCHEMA_VERSION = 2
+#: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL);
+#: 3 added prompt_tokens_method and completion_tokens_method
+SCHEMA_VERSION = 3
 #: CSV chunks an export reads ahead of a slow client (bounds each export's memory)
 EXPORT_READ_AHEAD_CHUNKS = 4
 
@@ -91,6 +92,10 @@ class LedgerRow:
     baseline_model: str | None = None
     baseline_joules: float | None = None
     baseline_method: str | None = None
+    #: how prompt_tokens and completion_tokens were obtained (engines.base.TokenCountMethod: tokenizer,
+    #: server, simulated, request-hint, or an estimate's name); None when unknown (a cancelled request)
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
     @property
     def time_iso(self) -> str:

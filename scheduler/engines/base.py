@@ -86,6 +86,26 @@ class GenerationRequest:
 FinishReason = Literal["stop", "length", "error"]
 
 
+class TokenCountMethod(str, Enum):
+    """How a request's token counts were obtained: usage.prompt_tokens_method and completion_tokens_method.
+
+    As with energy methods, a count that was estimated never carries the name of one that was counted.
+    """
+
+    #: the model's own tokenizer, in the engine (llama.cpp): exact
+    TOKENIZER = "tokenizer"
+    #: the upstream server's usage report: exact as that server counts
+    SERVER = "server"
+    #: the simulator's prompt model and output length
+    SIMULATED = "simulated"
+    #: a count given with the request itself (trace replay)
+    REQUEST_HINT = "request-hint"
+    #: a prompt the server reported no count for: its UTF-8 bytes / 4 (engines/openai_upstream.py)
+    BYTES_ESTIMATE = "utf8-bytes-estimate"
+    #: output the server reported no count for: one token per streamed content chunk
+    CHUNK_ESTIMATE = "stream-chunk-estimate"
+
+
 @dataclass
 class EngineEvent:
     """One step of a generation.
@@ -103,6 +123,9 @@ class EngineEvent:
     finish_reason: FinishReason | None = None
     #: mean log-probability of the completion tokens so far, when the engine can report it
     mean_logprob: float | None = None
+    #: TokenCountMethod values of the counts above; None: the engine's token_counts_method
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass
@@ -200,6 +223,9 @@ class Engine(abc.ABC):
     #: same seed gives the same text (it changes with anything that could change that text); None
     #: (the default) tells clients a seed promises nothing here
     system_fingerprint: str | None = None
+    #: how its token counts are obtained (TokenCountMethod), when its events do not say (they do where
+    #: it varies by request: an upstream server that sends usage or not)
+    token_counts_method: str | None = None
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
         """Tokens the prompt occupies after templating (used for context checks and routing).

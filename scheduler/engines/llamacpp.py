@@ -31,6 +31,7 @@ from scheduler.engines.base import (
     GenerationRequest,
     ModelKind,
     ReplicaStats,
+    TokenCountMethod,
 )
 from scheduler.weights import resolve_weights
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class LlamaCppEngine(Engine):
+    token_counts_method = TokenCountMethod.TOKENIZER.value
+
     def __init__(
         self,
         model_id: str,

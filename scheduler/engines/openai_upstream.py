@@ -5,7 +5,8 @@ AsyncClient, and each content chunk comes back as an EngineEvent as it arrives, 
 reports the work to its node agent as it happens, exactly as for a local engine. Usage is the
 server's when it sends it (stream_options.include_usage); otherwise output tokens are the content
 chunks counted and prompt tokens an estimate from the prompt's length (counted in the replica's
-stats as `prompt_tokens_estimated`).
+stats as `prompt_tokens_estimated`). Each count names its source in its events (TokenCountMethod:
+"server", or the estimate's name), which the response's usage and the ledger row carry.
 
 Load: where the server publishes it (vLLM, SGLang, TGI and llama.cpp's /metrics, llama.cpp's /slots,
 or an endpoint's metrics_url), a ServerLoadPoller (upstream_load.py) scrapes it from the first
@@ -40,6 +41,7 @@ from scheduler.engines.base import (
     ModelKind,
     ReplicaStats,
     RequestRejectedError,
+    TokenCountMethod,
 )
 from scheduler.engines.upstream_health import EndpointHealth, HealthChecker
 from scheduler.engines.upstream_load import SERVER_KINDS, ServerLoad, ServerLoadPoller, server_root, to_replica_stats
@@ -152,6 +154,10 @@ class UpstreamEngine(Engine):
         path = "/v1/chat/completions" if request.kind == ModelKind.CHAT else "/v1/completions"
         prompt_estimate = self._estimate_prompt_tokens(request)
         prompt_tokens, completion_tokens = prompt_estimate, 0
+        # until the server's usage arrives (at the end, if at all) both counts are estimates
+        prompt_method = (TokenCountMethod.REQUEST_HINT if request.prompt_tokens_hint is not None
+                         else TokenCountMethod.BYTES_ESTIMATE).value
+        completion_method = TokenCountMethod.CHUNK_ESTIMATE.value
         usage: dict[str, Any] | None = None
         finish_reason: str | None = None
         last_token_s: float | None = None
@@ -180,7 +186,9 @@ class UpstreamEngine(Engine):
                         last_token_s = now
                         completion_tokens += 1
                         yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
-                                          completion_tokens=completion_tokens, time_s=now)
+                                          completion_tokens=completion_tokens, time_s=now,
+                                          prompt_tokens_method=prompt_method,
+                                          completion_tokens_method=completion_method)
                 else:
                     if finish_reason is None:
                         raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
@@ -199,15 +207,18 @@ class UpstreamEngine(Engine):
                 self.running -= 1
             else:
                 self.waiting -= 1
-        if usage is not None:
-            prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
-            completion_tokens = int(usage.get("completion_tokens") or completion_tokens)
-        else:
+        server, usage = TokenCountMethod.SERVER.value, usage or {}
+        if _count(usage.get("prompt_tokens")):
+            prompt_tokens, prompt_method = _count(usage["prompt_tokens"]), server
+        if _count(usage.get("completion_tokens")):
+            completion_tokens, completion_method = _count(usage["completion_tokens"]), server
+        if prompt_method != server:
             self.prompt_tokens_estimated += 1
         self.health.succeeded()
         self.requests_completed += 1
         yield EngineEvent(text="", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          time_s=time.time(), finished=True, finish_reason=_FINISH.get(finish_reason or "", "stop"))
+                          time_s=time.time(), finished=True, finish_reason=_FINISH.get(finish_reason or "", "stop"),
+                          prompt_tokens_method=prompt_method, completion_tokens_method=completion_method)
 
     async def _raise_for_status(self, resp: httpx.Response) -> None:
         body = b""
@@ -328,6 +339,13 @@ class UpstreamEngine(Engine):
 
 
 _DONE: Any = object()
+
+
+def _count(value: Any) -> int:
+    """A token count from a usage report; 0 when it has none (some servers send 0 for a count they do not keep)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return 0
+    return int(value)
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:

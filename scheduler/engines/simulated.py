@@ -17,7 +17,15 @@ from pathlib import Path
 
 from scheduler.config import ModelConfig, WattlaneConfig
 from scheduler.devices.simulated import SimulatedGpu
-from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationRequest, ModelKind, ReplicaStats
+from scheduler.engines.base import (
+    Engine,
+    EngineError,
+    EngineEvent,
+    GenerationRequest,
+    ModelKind,
+    ReplicaStats,
+    TokenCountMethod,
+)
 from scheduler.sim.builders import build_core, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
 
@@ -39,6 +47,8 @@ class _Listener(CoreListener):
 
 class SimulatedEngine(Engine):
     """Continuous batching on simulated GPUs in real time (one instance per replica)."""
+
+    token_counts_method = TokenCountMethod.SIMULATED.value
 
     def __init__(
         self,

@@ -3,9 +3,10 @@ own server on the installed GGUF models, reached with the official `openai` clie
 
 One Wattlane and three upstream servers for the module (two serving SmolLM2, one Gemma): `auto`
 routing, streaming and not, responses that name the endpoint's model, node and device and carry the
-CPU's estimated energy shared among the upstream's requests; then a crash of one SmolLM2 server under
-a bounded load (it is ejected, traffic goes on, every request completes or gets a clear error, the
-ledger has every completed one) and its restart (it is re-admitted).
+CPU's estimated energy shared among the upstream's requests; a client that leaves a stream on a
+server whose host has no Wattlane agent, charged the joules-per-token estimate of its work; then a
+crash of one SmolLM2 server under a bounded load (it is ejected, traffic goes on, every request
+completes or gets a clear error, the ledger has every completed one) and its restart (it is re-admitted).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from tests.support.served import served
 pytestmark = pytest.mark.slow
 
 SMOL, GEMMA = "smol-up", "gemma-up"
+#: the Gemma server again, declared on a host where no Wattlane agent runs: its energy is an estimate
+FAR, FAR_HOST = "gemma-far", "gpu-host-without-agent"
 
 
 def wattlane_config(smol: list[LlamaServer], gemma: LlamaServer) -> dict[str, Any]:
@@ -44,6 +47,9 @@ def wattlane_config(smol: list[LlamaServer], gemma: LlamaServer) -> dict[str, An
              "max_ongoing_requests": 4, "endpoints": [endpoint(s) for s in smol], "upstream": fast_health},
             {"id": GEMMA, "kind": "completion", "engine": "openai", "params_b": 0.27, "quality": 0.9,
              "max_ongoing_requests": 8, "endpoints": [endpoint(gemma)], "upstream": fast_health},
+            # larger than Gemma: `auto` never picks it before Gemma (smallest adequate model first)
+            {"id": FAR, "kind": "completion", "engine": "openai", "params_b": 8.0, "quality": 0.9,
+             "endpoints": [{**endpoint(gemma), "node": FAR_HOST}], "upstream": fast_health},
         ],
         "devices": {"nvml": False, "cpu": True},
         "energy": {"carbon": {"provider": "fixed", "intensity_gco2e_per_kwh": 400.0, "region": "FRA"}},
@@ -99,6 +105,9 @@ def test_auto_routes_to_upstream_servers_streaming_and_not(stack):
     # the host's CPU, estimated (no RAPL here), shared among the upstream's requests by the node agent
     assert energy["method"] in ("cpu-estimate", "rapl") and energy["joules"] > 0 and energy["device"] == "cpu0"
     assert body.usage.completion_tokens >= 1 and body.usage.prompt_tokens >= 1
+    # llama-cpp-python's server streams no usage (0.3.x): the counts are estimates, and the answer says so
+    methods = (body.usage.prompt_tokens_method, body.usage.completion_tokens_method)
+    assert methods in (("server", "server"), ("utf8-bytes-estimate", "stream-chunk-estimate")), methods
 
     # completions, streamed: min_quality 1.0 leaves only the larger model (Gemma's server) adequate
     stream = client.completions.create(model="auto", prompt="The capital of France is", max_tokens=6, stream=True,
@@ -116,6 +125,32 @@ def test_auto_routes_to_upstream_servers_streaming_and_not(stack):
     with pytest.raises(openai.BadRequestError) as exc:
         client.completions.create(model=GEMMA, prompt="word " * 3000, max_tokens=4)
     assert exc.value.status_code == 400 and exc.value.body["code"]
+
+
+def test_a_client_that_leaves_a_server_no_agent_meters_is_charged_the_estimate_of_its_work(stack):
+    wl, _ = stack
+    rid = "far-abandoned-1"
+    body = {"model": FAR, "prompt": "Once upon a time", "max_tokens": 200, "stream": True}
+    texts = 0
+    with httpx.stream("POST", wl.url + "/v1/completions", json=body, headers={"X-Request-Id": rid},
+                      timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text":""' not in line:
+                texts += 1
+            if texts == 3:
+                break  # the client leaves: the connection closes with this block
+    assert texts == 3
+
+    def row() -> dict[str, Any] | None:
+        data = httpx.get(wl.url + "/v1/energy/requests", params={"id": rid}, timeout=30).json()["data"]
+        return data[0] if data else None
+
+    assert wait_for(lambda: row() is not None), "the abandoned request has no ledger row"
+    r = row()
+    assert r["status"] == "cancelled" and r["node"] == FAR_HOST and r["completion_tokens"] >= 3
+    # no agent on the server's host: the replica's own node agent kept the estimate for the gateway
+    assert r["energy_method"] == "upstream-jpt-estimate" and r["joules"] > 0, r
 
 
 def test_a_crashed_endpoint_is_ejected_traffic_continues_and_it_is_readmitted(stack):

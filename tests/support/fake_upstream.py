@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-MODES = ("ok", "ok-nousage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid", "http500",
+MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid", "http500",
          "wrong-model", "no-such-model", "too-long", "error-chunk")
 WORDS = ["Hello", " from", " the", " fake", " upstream"]
 
@@ -117,7 +117,10 @@ class FakeUpstream:
                     await asyncio.sleep(self.stall_seconds)
                 yield _chunk(name, word, chat=chat)
             yield _chunk(name, None if chat else "", "stop", chat=chat)
-            if mode != "ok-nousage":
+            if mode == "ok-no-prompt-usage":  # a usage report that counts only the output
+                yield "data: " + json.dumps({"id": "x", "model": name, "choices": [],
+                                             "usage": {"completion_tokens": len(WORDS)}}) + "\n\n"
+            elif mode != "ok-nousage":
                 yield "data: " + json.dumps({"id": "x", "model": name, "choices": [],
                                              "usage": {"prompt_tokens": 7, "completion_tokens": len(WORDS),
                                                        "total_tokens": 7 + len(WORDS)}}) + "\n\n"

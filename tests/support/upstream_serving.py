@@ -4,7 +4,9 @@ ModelServer replicas hosting the real UpstreamEngine -> real HTTP servers on loo
 Only Ray's boundary is replaced (as in tests/support/serving.py): a deployment handle becomes a
 ReplicaSet that asks scheduler.routing.serve_router.rank_running_replicas, the code Serve's router
 runs, which replica takes each call, from the stats each replica publishes at that moment. No
-node agent runs, so energy is the joules-per-token estimate (upstream-jpt-estimate).
+node agent runs on the servers' host, so energy is the joules-per-token estimate (upstream-jpt-estimate);
+the replicas' own node (the gateway's here) has one, the real NodeAgent's request accounting, which
+keeps an abandoned request's estimate for the gateway.
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from typing import Any
 from scheduler.api.accounting import Accounting
 from scheduler.api.model_selection import ModelSelection
 from scheduler.api.serving import Serving
+from scheduler.cluster.node_agent import NodeAgent
 from scheduler.config import WattlaneConfig
 from scheduler.energy.carbon import make_carbon_provider
 from scheduler.energy.ledger import Ledger
 from scheduler.energy.metrics import WattlaneMetrics
 from scheduler.engines.openai_upstream import build_upstream_engine
 from scheduler.routing.serve_router import rank_running_replicas
-from tests.support.serving import InProcessStream, _over_the_wire, _Server
+from tests.support.serving import InProcessStream, Remote, _over_the_wire, _Server
 
 NODE = "upstream-host"
+#: where the replicas run, with a node agent (the servers' host has none)
+REPLICA_NODE = "gateway-host"
 
 
 def upstream_config(endpoints: list[tuple[str, str]], **upstream: Any) -> WattlaneConfig:
@@ -40,7 +45,7 @@ def upstream_config(endpoints: list[tuple[str, str]], **upstream: Any) -> Wattla
     })
 
 
-def replica(config: WattlaneConfig, rank: int) -> _Server:
+def replica(config: WattlaneConfig, rank: int, own_agent: Any = None) -> _Server:
     model = config.models[0]
     server = object.__new__(_Server)
     server.config, server.model, server.state_dir = config, model, Path(".")
@@ -48,6 +53,7 @@ def replica(config: WattlaneConfig, rank: int) -> _Server:
     server.device_ids = list(model.endpoints[rank].devices)
     server.node = NODE
     server.agent = None  # no node agent on the server's host: the estimate
+    server.home_node, server.home_agent = REPLICA_NODE, own_agent
     server.engine = build_upstream_engine(model, config, Path("."), replica_index=rank)
     server._joules_per_work_token = None
     return server
@@ -78,14 +84,24 @@ class ReplicaSet:
 class UpstreamFleet:
     def __init__(self, config: WattlaneConfig):
         self.config = config
-        self.replicas = ReplicaSet([replica(config, i) for i in range(len(config.models[0].endpoints))])
+        self.agent = object.__new__(NodeAgent.__ray_actor_class__)  # request accounting only: no devices
+        self.agent.node, self.agent.devices, self.agent.power_action_counts = REPLICA_NODE, {}, {}
+        self.agent._init_request_accounting()
+        self.agent_handle = Remote(self.agent)
+        self.replicas = ReplicaSet([replica(config, i, self.agent_handle)
+                                    for i in range(len(config.models[0].endpoints))])
         self.ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.sqlite3")
+        #: the nodes the gateway asked for abandoned work
+        self.abandoned_lookups: list[str] = []
 
-        async def no_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
-            return None
+        async def take_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
+            self.abandoned_lookups.append(node)
+            if node != REPLICA_NODE:
+                return None  # no agent on the servers' host (runtime.get_node_agent finds none)
+            return await self.agent_handle.take_abandoned.remote(request_id, timeout_seconds)
 
         self.accounting = Accounting(make_carbon_provider(config.energy.carbon), self.ledger, WattlaneMetrics(),
-                                     abandoned=no_abandoned)
+                                     abandoned=take_abandoned)
         self.serving = Serving(config, ModelSelection(config), self.accounting, {"up": self.replicas})
 
     def engines(self) -> list[Any]:

@@ -134,7 +134,7 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
         payload = {
             "id": job.request_id, "object": obj, "created": result.created_s, "model": result.model,
             "choices": [message(result)],
-            "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.usage_energy(), result.usage_carbon()),
+            "usage": _usage(result),
             "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
         return JSONResponse(payload, headers={**_headers(result, job), **_energy_headers(result)})
@@ -165,8 +165,13 @@ async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: 
     yield _sse(final)
     if include_usage:
         yield _sse({**base, "choices": [],
-                    "usage": usage_block(result.prompt_tokens, result.completion_tokens, result.usage_energy(), result.usage_carbon())})
+                    "usage": _usage(result)})
     yield b"data: [DONE]\n\n"
+
+
+def _usage(result: InferenceResult) -> dict[str, Any]:
+    return usage_block(result.prompt_tokens, result.completion_tokens, result.usage_energy(), result.usage_carbon(),
+                       result.prompt_tokens_method, result.completion_tokens_method)
 
 
 def _attach_footprint(final_chunk: dict[str, Any], result: InferenceResult) -> None:

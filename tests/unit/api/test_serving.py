@@ -99,6 +99,9 @@ def test_a_chat_is_answered_with_energy_and_carbon_and_its_row_is_committed_befo
     assert result.energy.method == "simulated" and result.energy.joules > 0
     assert result.carbon.gco2e > 0 and result.carbon.region == "FRA"
     assert [(r["request_id"], r["status"]) for r in rows] == [("chatcmpl-1", "ok")]
+    # the simulator's counts say so, in the result and the row (engines name their counts' source)
+    assert (result.prompt_tokens_method, result.completion_tokens_method) == ("simulated", "simulated")
+    assert (rows[0]["prompt_tokens_method"], rows[0]["completion_tokens_method"]) == ("simulated", "simulated")
     assert rows[0]["joules"] == pytest.approx(result.energy.joules)
     assert rows[0]["gco2e"] == pytest.approx(result.carbon.gco2e)
     assert 0 <= result.ttft_seconds <= result.latency_seconds
@@ -211,6 +214,8 @@ def test_replica_errors_reach_the_client_through_one_mapping_and_are_recorded_wi
     assert [r["status"] for r in rows] == ["error"]
     assert min(after, 1) <= rows[0]["completion_tokens"] <= after  # the tokens the replica saw before it failed
     assert rows[0]["energy_method"] == "simulated" and rows[0]["joules"] is not None
+    # an error row labels its counts too, once the engine produced an event (none before it)
+    assert rows[0]["completion_tokens_method"] == ("simulated" if after else None)
 
 
 def test_cascade_escalates_an_unsure_small_model_and_charges_both_attempts():

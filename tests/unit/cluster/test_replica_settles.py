@@ -29,6 +29,8 @@ from scheduler.engines.base import Engine, EngineError, EngineEvent, GenerationR
 from tests.support.serving import Remote
 
 DEVICE = "gpu0"
+#: the Ray node the agent (and, unless a test says otherwise, the replica) runs on
+RAY_NODE = "ray-node-a"
 
 
 def make_agent() -> Any:
@@ -42,6 +44,7 @@ def make_agent() -> Any:
                                              power_limit_watts=lambda: 300.0)}
     agent.power = SimpleNamespace(work_arrived=lambda d: None, report_replica_stats=lambda r, s: None)
     agent.node = "n1"
+    agent.ray_node_id = RAY_NODE
     agent._init_request_accounting()
     agent.meter = DeviceMeter([], 0.1)  # the interval above covers the test: nothing to read at a request's end
     return agent
@@ -87,6 +90,7 @@ def make_server(engine: Engine, agent: Any) -> ModelServer:
     server.replica_id = "m#0"
     server.device_ids = [DEVICE]
     server.node = "n1"
+    server.ray_node_id = RAY_NODE
     server.agent = Remote(agent)
     server.engine = engine
     server._joules_per_work_token = None
@@ -444,6 +448,51 @@ def test_requests_go_over_the_agent_link_once_it_is_up_and_through_ray_when_it_b
         assert isinstance(end, ReplicaEnd) and end.energy is not None and end.energy.device == DEVICE
     assert recorder.agent.attributor.running(DEVICE) == 0
     assert [name for name, _ in recorder.calls if name == "finish_request"] == ["finish_request"] * 2
+
+
+def test_a_replica_on_another_ray_node_never_tries_the_agents_socket_and_asks_for_it_once(monkeypatch) -> None:
+    """An upstream replica reports to the agent of its server's host, usually another machine: its socket
+    path is of no use there (or, on a shared /tmp, another host's file that refuses connects)."""
+    from scheduler.cluster import replica
+
+    monkeypatch.setattr(replica, "LINK_RETRY_SECONDS", 0.0)  # a retry would come at every request
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(ScriptedEngine(2), recorder)
+        server.ray_node_id = "ray-node-b"
+        ends = []
+        for i in range(4):
+            request = GenerationRequest(f"r{i}", ModelKind.CHAT, messages=[])
+            ends.append([ev async for ev in server.generate(request)][-1])
+            await asyncio.sleep(0.01)  # room for a background connect
+        await asyncio.gather(*server.agent.tasks)
+        return server, ends
+
+    server, ends = asyncio.run(main())
+    assert all(isinstance(e, ReplicaEnd) and e.energy is not None for e in ends)
+    assert server._link is None and recorder.agent._link_server is None, "no socket opened for a remote replica"
+    assert [a for n, a in recorder.calls if n == "link_address"] == ["ray-node-b"], "asked once, never again"
+    assert [n for n, _ in recorder.calls].count("finish_request") == 4  # every request settled through Ray
+
+
+@pytest.mark.parametrize(("agent_node", "replica_node", "reaches"), [
+    ("ray-node-a", "ray-node-a", True), ("ray-node-a", "ray-node-b", False),
+    (None, None, False), ("ray-node-a", None, False)])
+def test_the_link_reaches_only_a_replica_on_the_agents_own_ray_node(agent_node, replica_node, reaches) -> None:
+    from scheduler.cluster.agent_link import link_reaches
+
+    agent = make_agent()
+    agent.ray_node_id = agent_node
+
+    async def main():
+        path = await agent.link_address(replica_node)
+        agent.close_link()
+        return path
+
+    path = asyncio.run(main())
+    assert link_reaches(agent_node, replica_node) is reaches
+    assert (path is not None) is reaches
 
 
 def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(tmp_path, monkeypatch) -> None:
