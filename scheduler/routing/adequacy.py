@@ -1,9 +1,13 @@
-"""The adequacy predictor: P(the weak model answers this prompt adequately), from a shipped artefact.
+"""The adequacy predictor: how much the strong model is expected to gain over the weak one on a prompt, from a shipped artefact.
 
-Inference is numpy only: a logistic model over the hashed features of scheduler.routing.features,
-its weights stored in scheduler/routing/artefacts/adequacy.npz (rebuilt by
-`python -m scheduler.routing.train`). The model is trained to predict "only the strong model is
-right" (RouteLLM's win label); adequacy is one minus that probability.
+Inference is numpy only: two logistic models over the same hashed features of
+scheduler.routing.features, one for P(strong model correct) and one for P(weak model correct), their
+weights stored in scheduler/routing/artefacts/adequacy.npz (rebuilt by `python -m scheduler.routing.train`).
+The routing score is the expected accuracy gain of the strong model,
+gain = P(strong correct) - P(weak correct) = P(only strong right) - P(only weak right):
+ranking prompts by it is what maximises accuracy at every strong-call share, whereas RouteLLM's win label
+("only strong right") alone ignores the prompts where the strong model is the one that fails.
+Adequacy is 1 - max(gain, 0): 1 when the weak model is expected to do as well.
 """
 
 from __future__ import annotations
@@ -19,25 +23,35 @@ from scheduler.routing.features import N_FEATURES, featurize
 
 ARTEFACT_DIR = Path(__file__).resolve().parent / "artefacts"
 DEFAULT_ARTEFACT = ARTEFACT_DIR / "adequacy.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class PredictorError(RuntimeError):
     """The artefact is missing or does not match this code's feature layout."""
 
 
+def _sigmoid(z: float) -> float:
+    if z < -700:
+        return 0.0
+    return 1.0 / (1.0 + math.exp(-z))
+
+
 class AdequacyPredictor:
     """Scores prompts; pure and thread-safe after construction (weights are read-only)."""
 
-    def __init__(self, weights: np.ndarray, intercept: float, metadata: dict):
-        if weights.shape != (N_FEATURES,):
-            raise PredictorError(
-                f"artefact has {weights.shape[0]} weights but the features have {N_FEATURES}; "
-                "rebuild it with `python -m scheduler.routing.train`"
-            )
-        self.weights = weights.astype(np.float64)
+    def __init__(self, weights_strong: np.ndarray, intercept_strong: float, weights_weak: np.ndarray,
+                 intercept_weak: float, metadata: dict):
+        for name, w in (("strong", weights_strong), ("weak", weights_weak)):
+            if w.shape != (N_FEATURES,):
+                raise PredictorError(
+                    f"artefact's {name}-model head has {w.shape[0]} weights but the features have {N_FEATURES}; "
+                    "rebuild it with `python -m scheduler.routing.train`"
+                )
+        # one (N_FEATURES, 2) matrix: a prompt's columns are gathered once for both heads
+        self.weights = np.stack([weights_strong, weights_weak], axis=1).astype(np.float64)
         self.weights.setflags(write=False)
-        self.intercept = float(intercept)
+        self.intercepts = np.array([intercept_strong, intercept_weak], dtype=np.float64)
+        self.intercepts.setflags(write=False)
         self.metadata = metadata
 
     @classmethod
@@ -49,20 +63,30 @@ class AdequacyPredictor:
             meta = json.loads(str(z["metadata"]))
             if meta.get("format_version") != FORMAT_VERSION:
                 raise PredictorError(f"{p}: format {meta.get('format_version')} != {FORMAT_VERSION}; rebuild it")
-            return cls(np.asarray(z["weights"]), float(z["intercept"]), meta)
+            return cls(np.asarray(z["weights_strong"]), float(z["intercept_strong"]),
+                       np.asarray(z["weights_weak"]), float(z["intercept_weak"]), meta)
 
-    def strong_needed_probability(self, prompt: str) -> float:
-        """P(only the strong model answers correctly) for this prompt."""
+    def correct_probabilities(self, prompt: str) -> tuple[float, float]:
+        """(P(strong model correct), P(weak model correct)) for this prompt."""
         idx, val = featurize(prompt)
-        z = float(self.weights[idx] @ val) + self.intercept
-        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+        z = val @ self.weights[idx] + self.intercepts
+        return _sigmoid(float(z[0])), _sigmoid(float(z[1]))
+
+    def strong_gain(self, prompt: str) -> float:
+        """Expected accuracy gain of the strong model over the weak one, in [-1, 1]; the routing score."""
+        p_strong, p_weak = self.correct_probabilities(prompt)
+        return p_strong - p_weak
 
     def adequacy(self, prompt: str) -> float:
-        """P(the weak model is adequate for this prompt) = 1 - P(strong needed)."""
-        return 1.0 - self.strong_needed_probability(prompt)
+        """How adequate the weak model is: 1 - max(expected gain of the strong model, 0), in [0, 1]."""
+        return 1.0 - max(self.strong_gain(prompt), 0.0)
 
-    def strong_needed_many(self, prompts: list[str]) -> np.ndarray:
-        return np.fromiter((self.strong_needed_probability(p) for p in prompts), dtype=np.float64, count=len(prompts))
+    def strong_gain_many(self, prompts: list[str]) -> np.ndarray:
+        """strong_gain of each prompt: higher = more in need of the strong model (what the routing curve ranks)."""
+        return np.fromiter((self.strong_gain(p) for p in prompts), dtype=np.float64, count=len(prompts))
+
+    #: the routing score under the name the metrics and calibration use
+    strong_needed_many = strong_gain_many
 
 
 @lru_cache(maxsize=4)

@@ -55,9 +55,10 @@ def calibrate(
             raise ValueError("strong share must be between 0 and 1")
         k = int(round(strong_share * n))  # type: ignore[operator]
         goal = f"strong share {strong_share:g}"
-    # the top-k prompts by P(strong needed) go to the strong model: put the adequacy threshold halfway
+    # the top-k prompts by expected strong-model gain go to the strong model: put the adequacy threshold halfway
     # between the k-th and (k+1)-th prompt, so that exactly those k fall below it
-    adequacy_sorted = 1.0 - np.sort(need)[::-1]
+    # adequacy = 1 - max(score, 0) (adequacy.py): prompts the weak model is expected to do as well on all read 1
+    adequacy_sorted = 1.0 - np.clip(np.sort(need)[::-1], 0.0, 1.0)
     if k <= 0:
         threshold = 0.0
     elif k >= n:

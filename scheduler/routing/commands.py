@@ -32,11 +32,35 @@ def _load(data: Path, artefact: Optional[Path]):
     return rows, predictor
 
 
+def _baseline_summary(rows, predictor) -> tuple[dict | None, str]:
+    """The TF-IDF baseline, refitted on the repository's training part with the C recorded in the artefact, scored on rows."""
+    from scheduler.routing.data import RoutingDataError
+    from scheduler.routing.metrics import routing_curve
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None, "TF-IDF baseline: skipped (needs scikit-learn: pip install -e '.[train]')"
+    c = (predictor.metadata.get("baseline") or {}).get("C")
+    if c is None:
+        return None, "TF-IDF baseline: skipped (the artefact records no baseline C)"
+    from scheduler.routing.baseline import fit_baseline
+    from scheduler.routing.train import split_data
+
+    try:
+        train = split_data().train
+    except RoutingDataError as exc:
+        return None, f"TF-IDF baseline: skipped (no training data: {exc})"
+    scores = fit_baseline(train, c).scores(rows.prompts)
+    return routing_curve(scores, rows.weak_correct, rows.strong_correct).summary(), ""
+
+
 def route_eval_cmd(
     data: Annotated[Path, typer.Option("--data", help="CSV with columns prompt, weak_correct, strong_correct (0/1)")],
     artefact: Annotated[Optional[Path], typer.Option("--artefact", help="predictor artefact (default: the shipped one)")] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="also fit and score the TF-IDF baseline (scikit-learn)")] = True,
 ) -> None:
-    """Evaluate the adequacy predictor on labelled prompts: APGR, CPT(50%), CPT(80%); last line is JSON."""
+    """Evaluate the adequacy predictor, and the TF-IDF baseline beside it, on labelled prompts: APGR, CPT(50%), CPT(80%); last line is JSON."""
     from scheduler.routing.metrics import random_router_summary, routing_curve
 
     rows, predictor = _load(data, artefact)
@@ -47,10 +71,21 @@ def route_eval_cmd(
     s = curve.summary()
     rnd = random_router_summary(rows.weak_correct, rows.strong_correct, seeds=50)
     print(f"rows: {len(rows)}  weak accuracy: {curve.weak_accuracy:.1%}  strong accuracy: {curve.strong_accuracy:.1%}")
-    print(f"APGR:     {s['apgr']:.3f}   (random router {rnd['apgr']:.3f})")
-    print(f"CPT(50%): {s['cpt50']:.1%}   (random router {rnd['cpt50']:.1%})")
-    print(f"CPT(80%): {s['cpt80']:.1%}   (random router {rnd['cpt80']:.1%})")
-    print(json.dumps({"apgr": round(s["apgr"], 4), "cpt50": round(s["cpt50"], 4), "cpt80": round(s["cpt80"], 4)}))
+    base, why = _baseline_summary(rows, predictor) if baseline else (None, "")
+    def other(key: str, fmt: str) -> str:
+        b = f", TF-IDF baseline {base[key]:{fmt}}" if base else ""
+        return f"(random router {rnd[key]:{fmt}}{b})"
+    print(f"APGR:     {s['apgr']:.3f}   {other('apgr', '.3f')}")
+    print(f"CPT(50%): {s['cpt50']:.1%}   {other('cpt50', '.1%')}")
+    print(f"CPT(80%): {s['cpt80']:.1%}   {other('cpt80', '.1%')}")
+    if why:
+        print(why)
+    elif base:
+        print("TF-IDF baseline: refitted on the repository's training part (rows of that part in this file favour it)")
+    out = {"apgr": round(s["apgr"], 4), "cpt50": round(s["cpt50"], 4), "cpt80": round(s["cpt80"], 4)}
+    if base:
+        out["baseline"] = {k: round(v, 4) for k, v in base.items()}
+    print(json.dumps(out))
 
 
 def route_calibrate_cmd(

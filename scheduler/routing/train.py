@@ -5,7 +5,9 @@
 
 Steps, all deterministic: load data/routing (MMLU + GSM8K), remove duplicate questions (data.dedupe),
 split 75/25 stratified (seed 0), choose the L2 constant C by 5-fold stratified cross-validation on the
-training part only (mean validation APGR over a small grid), fit on the whole training part, and write
+training part only (mean validation APGR over a small grid), fit the two heads (P(strong correct) and
+P(weak correct), see adequacy.py) on the whole training part, choose the TF-IDF baseline's C on the same
+folds (baseline.py; recorded in the metadata so the comparison can be refitted quickly), and write
 scheduler/routing/artefacts/adequacy.npz and the held-out rows to scheduler/data/routing-held-out.csv.gz
 (the prompts `wattlane simulate --model auto` draws from). Running it again reproduces both files
 (weights to float32 rounding; tests/unit/routing/test_train_reproduces_artefact.py checks).
@@ -32,7 +34,7 @@ from scheduler.routing.metrics import routing_curve
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
 #: candidate inverse L2 strengths; cross-validation picks one
-C_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+C_GRID = (0.5, 1.0, 2.0)
 CV_FOLDS = 5
 CV_SEED = 0
 MAX_ITER = 3000
@@ -61,9 +63,30 @@ def _fit_matrix(x, labels: np.ndarray, c: float):
     return model
 
 
-def fit(prompts: list[str], labels: np.ndarray, c: float) -> tuple[np.ndarray, float]:
-    model = _fit_matrix(featurize_many(prompts), labels, c)
-    return model.coef_[0].astype(np.float32), float(model.intercept_[0])
+@dataclass
+class Heads:
+    """The two logistic heads of the predictor: P(strong correct) and P(weak correct)."""
+
+    weights_strong: np.ndarray
+    intercept_strong: float
+    weights_weak: np.ndarray
+    intercept_weak: float
+
+    def gain(self, x) -> np.ndarray:
+        """Expected accuracy gain of the strong model for each row of a feature matrix."""
+        zs = x @ self.weights_strong.astype(np.float64) + self.intercept_strong
+        zw = x @ self.weights_weak.astype(np.float64) + self.intercept_weak
+        return 1.0 / (1.0 + np.exp(-zs)) - 1.0 / (1.0 + np.exp(-zw))
+
+
+def fit_matrix(x, strong_correct: np.ndarray, weak_correct: np.ndarray, c: float) -> Heads:
+    ms = _fit_matrix(x, strong_correct, c)
+    mw = _fit_matrix(x, weak_correct, c)
+    return Heads(ms.coef_[0].astype(np.float32), float(ms.intercept_[0]), mw.coef_[0].astype(np.float32), float(mw.intercept_[0]))
+
+
+def fit(data: routing_data.RoutingData, c: float) -> Heads:
+    return fit_matrix(featurize_many(data.prompts), data.strong_correct, data.weak_correct, c)
 
 
 def _cv_strata(data: routing_data.RoutingData) -> np.ndarray:
@@ -82,9 +105,8 @@ def cv_folds(train: routing_data.RoutingData, folds: int = CV_FOLDS, seed: int =
 
 def fold_apgr(x, train: routing_data.RoutingData, fit_idx: np.ndarray, val_idx: np.ndarray, c: float) -> float:
     """Fit on fit_idx with C = c, score val_idx; x is featurize_many(train.prompts)."""
-    model = _fit_matrix(x[fit_idx], train.strong_needed[fit_idx], c)
-    z = x[val_idx] @ model.coef_[0] + model.intercept_[0]
-    return routing_curve(1.0 / (1.0 + np.exp(-z)), train.weak_correct[val_idx], train.strong_correct[val_idx]).apgr()
+    heads = fit_matrix(x[fit_idx], train.strong_correct[fit_idx], train.weak_correct[fit_idx], c)
+    return routing_curve(heads.gain(x[val_idx]), train.weak_correct[val_idx], train.strong_correct[val_idx]).apgr()
 
 
 def cross_validate(train: routing_data.RoutingData, grid=C_GRID, folds: int = CV_FOLDS, seed: int = CV_SEED) -> dict:
@@ -104,28 +126,51 @@ def cross_validate(train: routing_data.RoutingData, grid=C_GRID, folds: int = CV
     }
 
 
-def save(path: Path, weights: np.ndarray, intercept: float, metadata: dict) -> None:
+def cross_validate_baseline(train: routing_data.RoutingData, grid=None, folds: int = CV_FOLDS, seed: int = CV_SEED) -> dict:
+    """The TF-IDF baseline's C, chosen exactly as the predictor's: mean validation APGR on the same folds."""
+    from scheduler.routing.baseline import BASELINE_C_GRID, fit_baseline
+
+    grid = grid or BASELINE_C_GRID
+    scores: dict[float, list[float]] = {c: [] for c in grid}
+    for fit_idx, val_idx in cv_folds(train, folds, seed):
+        part, val = train.subset(fit_idx), train.subset(val_idx)
+        for c in grid:
+            s = fit_baseline(part, c).scores(val.prompts)
+            scores[c].append(routing_curve(s, val.weak_correct, val.strong_correct).apgr())
+    means = {c: float(np.mean(v)) for c, v in scores.items()}
+    best = max(grid, key=lambda c: (round(means[c], 6), -c))
+    return {"folds": folds, "seed": seed, "grid": list(grid), "mean_apgr": {str(c): round(m, 5) for c, m in means.items()},
+            "best_c": best}
+
+
+def save(path: Path, heads: Heads, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.npz")
-    np.savez_compressed(tmp, weights=weights, intercept=np.float64(intercept), metadata=np.str_(json.dumps(metadata)))
+    np.savez_compressed(
+        tmp, weights_strong=heads.weights_strong, intercept_strong=np.float64(heads.intercept_strong),
+        weights_weak=heads.weights_weak, intercept_weak=np.float64(heads.intercept_weak), metadata=np.str_(json.dumps(metadata)),
+    )
     tmp.replace(path)
 
 
-def train(*, all_data: bool = False, c: float | None = None, grid=C_GRID) -> tuple[np.ndarray, float, dict, Split]:
-    """Everything main() does but writing: (weights, intercept, metadata, split)."""
+def train(*, all_data: bool = False, c: float | None = None, grid=C_GRID) -> tuple[Heads, dict, Split]:
+    """Everything main() does but writing: (heads, metadata, split)."""
     split = split_data()
     cv = None
     if c is None:
         cv = cross_validate(split.train, grid)
         c = cv["best_c"]
     rows = routing_data.concat([split.train, split.test]) if all_data else split.train
-    weights, intercept = fit(rows.prompts, rows.strong_needed, c)
+    heads = fit(rows, c)
+    baseline_cv = cross_validate_baseline(split.train)
     meta = {
         "format_version": FORMAT_VERSION,
-        "label": "strong_correct == 1 and weak_correct == 0 (strong needed)",
-        "model": "logistic regression (sklearn, L2, lbfgs)",
+        "label": "two heads: strong_correct and weak_correct; routing score = P(strong correct) - P(weak correct)",
+        "model": "two logistic regressions (sklearn, L2, lbfgs), expected strong-model gain",
         "C": c,
         "cross_validation": cv or "C given on the command line",
+        "baseline": {"model": "TF-IDF word 1-2-grams (sublinear tf) + logistic regression on strong_needed (baseline.py)",
+                     "C": baseline_cv["best_c"], "cross_validation": baseline_cv},
         "hash_bits": HASH_BITS,
         "n_features": N_FEATURES,
         "train_rows": len(rows),
@@ -135,7 +180,7 @@ def train(*, all_data: bool = False, c: float | None = None, grid=C_GRID) -> tup
         "weak_model": "mistralai/Mixtral-8x7B-Instruct-v0.1",
         "strong_model": "gpt-4-1106-preview",
     }
-    return weights, intercept, meta, split
+    return heads, meta, split
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,16 +193,18 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     try:
-        weights, intercept, meta, split = train(all_data=args.all_data, c=args.c)
+        heads, meta, split = train(all_data=args.all_data, c=args.c)
     except routing_data.RoutingDataError as exc:
         print(f"error: {exc}")
         return 2
-    save(args.out, weights, intercept, meta)
+    save(args.out, heads, meta)
     if not args.all_data:  # an all-data model has seen these rows: leave the shipped held-out file alone
         routing_data.write_csv(split.test, args.held_out_out)
     cv = meta["cross_validation"]
     if isinstance(cv, dict):
         print("cross-validation (mean APGR): " + ", ".join(f"C={c} {m:.4f}" for c, m in cv["mean_apgr"].items()))
+    bcv = meta["baseline"]["cross_validation"]
+    print("baseline cross-validation (mean APGR): " + ", ".join(f"C={c} {m:.4f}" for c, m in bcv["mean_apgr"].items()))
     print(f"dedupe: {meta['dedupe']}")
     print(f"wrote {args.out} (C={meta['C']}, {meta['train_rows']} rows) and {args.held_out_out} ({len(split.test)} rows) "
           f"in {time.time() - started:.1f} s")

@@ -74,7 +74,10 @@ def test_route_eval_prints_metrics_and_json_last_line(app, small_csv):
     res = CliRunner().invoke(app, ["route-eval", "--data", str(small_csv)])
     assert res.exit_code == 0, res.output
     last = json.loads(res.output.strip().splitlines()[-1])
-    assert set(last) == {"apgr", "cpt50", "cpt80"} and all(0.0 <= v <= 1.5 for v in last.values())
+    assert set(last) == {"apgr", "cpt50", "cpt80", "baseline"}
+    assert all(0.0 <= last[k] <= 1.5 for k in ("apgr", "cpt50", "cpt80"))
+    # the TF-IDF baseline stays visible beside the predictor
+    assert set(last["baseline"]) == {"apgr", "cpt50", "cpt80"} and "TF-IDF baseline" in res.output
     assert "APGR" in res.output and "CPT(50%)" in res.output
 
 

@@ -79,3 +79,33 @@ def test_split_is_disjoint_stratified_and_seeded():
     assert gsm / sum(d == "gsm8k" for d in data.dataset) == pytest.approx(0.25, abs=0.02)
     tr2, te2 = routing_data.stratified_split(data, 0.25, 0)
     assert np.array_equal(te, te2)
+
+
+#: how far the shipped predictor must stay above the TF-IDF baseline on held-out APGR, per dataset; below the
+#: measured margins (docs/results/routing-eval.md) so that float and BLAS differences do not flip it, far above
+#: what a change that lost the gain-ranking or the char n-grams would keep
+BASELINE_MARGIN = {"mmlu": 0.02, "gsm8k": 0.02}
+
+
+def test_shipped_predictor_beats_the_tfidf_baseline_on_held_out_data():
+    from scheduler.routing.baseline import fit_baseline
+    from scheduler.routing.train import split_data
+
+    split = split_data()
+    predictor = load_predictor()
+    baseline = fit_baseline(split.train, predictor.metadata["baseline"]["C"])
+    test = split.test
+    for name, margin in BASELINE_MARGIN.items():
+        part = test.subset(np.array([i for i in range(len(test)) if test.dataset[i] == name]))
+        ours = routing_curve(predictor.strong_needed_many(part.prompts), part.weak_correct, part.strong_correct).apgr()
+        theirs = routing_curve(baseline.scores(part.prompts), part.weak_correct, part.strong_correct).apgr()
+        assert ours >= theirs + margin, f"{name}: predictor APGR {ours:.3f}, TF-IDF baseline {theirs:.3f}"
+
+
+def test_adequacy_is_one_minus_the_positive_part_of_the_expected_gain():
+    predictor = load_predictor()
+    for prompt in ("What is 2 + 2?", "Statement 1 | Every group is abelian.\nA. True, True\nB. False, False\nAnswer:"):
+        p_strong, p_weak = predictor.correct_probabilities(prompt)
+        assert 0.0 <= p_strong <= 1.0 and 0.0 <= p_weak <= 1.0
+        assert predictor.strong_gain(prompt) == pytest.approx(p_strong - p_weak)
+        assert predictor.adequacy(prompt) == pytest.approx(1.0 - max(p_strong - p_weak, 0.0))

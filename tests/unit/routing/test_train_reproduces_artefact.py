@@ -1,6 +1,7 @@
 """The shipped predictor and held-out prompts are what `python -m scheduler.routing.train` makes from data/routing.
 
-A full retrain (5-fold CV over 6 values of C, then the final fit) takes minutes on two cores, so this
+A full retrain (5-fold CV over 3 values of C for two heads, the final fit, and the baseline's CV) takes
+minutes on two cores, so this
 checks the parts that can drift, each for real: the held-out file byte for byte, the final fit with the
 recorded C, one cross-validation fold against its recorded score, and the duplicate handling.
 """
@@ -40,12 +41,13 @@ def test_packaged_held_out_prompts_are_the_split_byte_for_byte(split, tmp_path):
 def test_refit_with_the_recorded_c_reproduces_the_shipped_weights(split, shipped):
     meta = shipped.metadata
     assert meta["train_rows"] == len(split.train) and meta["dedupe"] == split.dedupe.as_dict()
-    weights, intercept = fit(split.train.prompts, split.train.strong_needed, meta["C"])
-    assert np.max(np.abs(weights - shipped.weights)) <= WEIGHT_ATOL
-    assert intercept == pytest.approx(shipped.intercept, abs=WEIGHT_ATOL)
-    z = featurize_many(split.test.prompts[:300]) @ weights.astype(np.float64) + intercept
-    refit_p = 1.0 / (1.0 + np.exp(-z))
-    assert np.max(np.abs(refit_p - shipped.strong_needed_many(split.test.prompts[:300]))) <= PROBABILITY_ATOL
+    heads = fit(split.train, meta["C"])
+    assert np.max(np.abs(heads.weights_strong - shipped.weights[:, 0])) <= WEIGHT_ATOL
+    assert np.max(np.abs(heads.weights_weak - shipped.weights[:, 1])) <= WEIGHT_ATOL
+    assert heads.intercept_strong == pytest.approx(shipped.intercepts[0], abs=WEIGHT_ATOL)
+    assert heads.intercept_weak == pytest.approx(shipped.intercepts[1], abs=WEIGHT_ATOL)
+    refit_gain = heads.gain(featurize_many(split.test.prompts[:300]))
+    assert np.max(np.abs(refit_gain - shipped.strong_needed_many(split.test.prompts[:300]))) <= PROBABILITY_ATOL
 
 
 def test_c_is_the_cross_validation_winner_and_a_fold_recomputes(split, shipped):
