@@ -7,7 +7,8 @@ The routing score is the expected accuracy gain of the strong model,
 gain = P(strong correct) - P(weak correct) = P(only strong right) - P(only weak right):
 ranking prompts by it is what maximises accuracy at every strong-call share, whereas RouteLLM's win label
 ("only strong right") alone ignores the prompts where the strong model is the one that fails.
-Adequacy is 1 - max(gain, 0): 1 when the weak model is expected to do as well.
+Adequacy is 1 - max(gain, GAIN_FLOOR): near 1 when the weak model is expected to do as well, never 1 itself,
+so that min_quality 1.0 keeps meaning "the largest model".
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from scheduler.routing.features import N_FEATURES, featurize
 ARTEFACT_DIR = Path(__file__).resolve().parent / "artefacts"
 DEFAULT_ARTEFACT = ARTEFACT_DIR / "adequacy.npz"
 FORMAT_VERSION = 2
+#: the smallest gain adequacy reads; keeps adequacy below 1 (min_quality 1.0 = always the largest model)
+GAIN_FLOOR = 1e-4
 
 
 class PredictorError(RuntimeError):
@@ -78,8 +81,8 @@ class AdequacyPredictor:
         return p_strong - p_weak
 
     def adequacy(self, prompt: str) -> float:
-        """How adequate the weak model is: 1 - max(expected gain of the strong model, 0), in [0, 1]."""
-        return 1.0 - max(self.strong_gain(prompt), 0.0)
+        """How adequate the weak model is: 1 - max(expected gain of the strong model, GAIN_FLOOR), in [0, 1)."""
+        return 1.0 - max(self.strong_gain(prompt), GAIN_FLOOR)
 
     def strong_gain_many(self, prompts: list[str]) -> np.ndarray:
         """strong_gain of each prompt: higher = more in need of the strong model (what the routing curve ranks)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.routing.adequacy import AdequacyPredictor
+from scheduler.routing.adequacy import GAIN_FLOOR, AdequacyPredictor
 from scheduler.routing.data import RoutingData
 from scheduler.routing.metrics import routing_curve
 
@@ -57,8 +57,8 @@ def calibrate(
         goal = f"strong share {strong_share:g}"
     # the top-k prompts by expected strong-model gain go to the strong model: put the adequacy threshold halfway
     # between the k-th and (k+1)-th prompt, so that exactly those k fall below it
-    # adequacy = 1 - max(score, 0) (adequacy.py): prompts the weak model is expected to do as well on all read 1
-    adequacy_sorted = 1.0 - np.clip(np.sort(need)[::-1], 0.0, 1.0)
+    # adequacy = 1 - max(score, GAIN_FLOOR) (adequacy.py): prompts the weak model is expected to do as well on read alike
+    adequacy_sorted = 1.0 - np.clip(np.sort(need)[::-1], GAIN_FLOOR, 1.0)
     if k <= 0:
         threshold = 0.0
     elif k >= n:

@@ -229,7 +229,8 @@ def render_markdown(res: dict) -> str:
     lines = [
         "# Adequacy predictor: held-out evaluation (RouteLLM metrics)",
         "",
-        f"Command: `{res['command']}` (generated {res['generated_at']}).",
+        f"Command: `{res['command']}` (generated {res['generated_at']}). The same comparison on any labelled CSV: "
+        "`wattlane route-eval --data scheduler/data/routing-held-out.csv.gz` (predictor, TF-IDF baseline and random router).",
         "",
         f"Data: data/routing MMLU + GSM8K (weak {res['predictor']['weak_model']}, strong {res['predictor']['strong_model']}), "
         f"{_dedupe_sentence(res['split']['dedupe'])} "
