@@ -1,8 +1,8 @@
 """Turn a prompt into the sparse feature vector the adequacy predictor scores (numpy only, no sklearn).
 
 Hashed word unigrams and bigrams plus hashed character 4-grams of the question text, and a few
-handcrafted dense cues (length, digits, math and multiple-choice markers). Words hash with crc32, char
-n-grams with a vectorised polynomial hash, so the same text maps to the same columns in every process (Python's hash() is salted per process).
+handcrafted dense cues (length, digits, math and multiple-choice markers, word-problem steps and quantities).
+Words hash with crc32, char n-grams with a vectorised polynomial hash, so the same text maps to the same columns in every process (Python's hash() is salted per process).
 Training and inference share this one function, so they cannot drift apart.
 """
 
@@ -22,6 +22,7 @@ _MASK = N_HASHED - 1
 _WORD_RE = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 _NUMBER_RE = re.compile(r"\d+(?:[.,]\d+)?")
 _CHOICE_RE = re.compile(r"^[A-D]\.\s", re.MULTILINE)
+_SENTENCE_END_RE = re.compile(r"[.?!](?:\s|$)")
 _MATH_RE = re.compile(r"[=+*/^<>%$]|\\frac|\\sqrt|\bsolve\b|\bequation\b|\bprobability\b", re.IGNORECASE)
 #: char n-grams are costly in pure Python; long prompts only contribute their first characters
 _CHAR_LIMIT = 1500
@@ -37,6 +38,11 @@ DENSE_NAMES = (
     "question_marks",
     "newlines",
     "uppercase_fraction",
+    # word-problem cues: sentences (about one reasoning step each), distinct quantities and the largest one's
+    # magnitude; on GSM8K they separate the problems the weak model fails from those it solves better than words do
+    "sentences",
+    "distinct_numbers",
+    "largest_number_magnitude",
     "bias",
 )
 N_DENSE = len(DENSE_NAMES)
@@ -102,8 +108,19 @@ def hashed_counts(text: str, fmt: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, cnt.astype(np.float64)
 
 
+def _largest_number(numbers: list[str]) -> float:
+    largest = 0.0
+    for n in numbers:
+        try:
+            largest = max(largest, min(float(n.replace(",", "")), 1e12))
+        except ValueError:  # "1,2" read as a list, not a number
+            continue
+    return largest
+
+
 def dense_features(text: str) -> np.ndarray:
     codes = _codes(text)
+    numbers = _NUMBER_RE.findall(text)
     n_chars = max(len(codes), 1)
     digits = int(((codes >= 48) & (codes <= 57)).sum())
     upper = int(((codes >= 65) & (codes <= 90)).sum())
@@ -112,12 +129,15 @@ def dense_features(text: str) -> np.ndarray:
             math.log1p(len(codes)) / 8.0,
             math.log1p(len(text.split())) / 6.0,
             digits / n_chars * 5.0,
-            math.log1p(len(_NUMBER_RE.findall(text))) / 3.0,
+            math.log1p(len(numbers)) / 3.0,
             1.0 if len(_CHOICE_RE.findall(text)) >= 2 else 0.0,
             math.log1p(len(_MATH_RE.findall(text))) / 3.0,
             min(text.count("?"), 5) / 5.0,
             math.log1p(text.count("\n")) / 4.0,
             upper / n_chars * 5.0,
+            math.log1p(len(_SENTENCE_END_RE.findall(text))) / 3.0,
+            math.log1p(len(set(numbers))) / 3.0,
+            math.log1p(_largest_number(numbers)) / 10.0,
             1.0,
         ],
         dtype=np.float64,

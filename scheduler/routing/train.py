@@ -34,7 +34,7 @@ from scheduler.routing.metrics import routing_curve
 SPLIT_SEED = 0
 TEST_FRACTION = 0.25
 #: candidate inverse L2 strengths; cross-validation picks one
-C_GRID = (0.25, 0.5, 1.0, 2.0)
+C_GRID = (0.25, 0.5, 1.0)
 CV_FOLDS = 5
 CV_SEED = 0
 MAX_ITER = 3000

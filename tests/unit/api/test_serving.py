@@ -35,6 +35,17 @@ def job(rid: str = "chatcmpl-1", *, model: str = "auto", max_tokens: int = 4, pr
                controls={"priority": priority} if priority else {})
 
 
+def test_the_prompt_these_tests_send_to_auto_reads_as_easy_to_the_shipped_predictor():
+    """job() relies on "auto" picking the small model for "hi": a predictor that read it as needing the large one
+    would fail the tests below for that reason, not theirs, so say so here."""
+    from scheduler.config import load_config
+    from scheduler.datafiles import sim_fleet_config
+    from scheduler.routing.adequacy import load_predictor
+
+    min_quality = load_config(sim_fleet_config()).routing.default_min_quality
+    assert load_predictor().adequacy(job().request.messages[-1]["content"]) >= min_quality
+
+
 def run(fleet_test) -> Any:
     """Run `fleet_test(fleet)` on a fresh fleet and close it (abandoned requests settled first)."""
     import tempfile
