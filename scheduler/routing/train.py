@@ -10,7 +10,7 @@ P(weak correct), see adequacy.py) on the whole training part, choose the TF-IDF 
 folds (baseline.py; recorded in the metadata so the comparison can be refitted quickly), and write
 scheduler/routing/artefacts/adequacy.npz and the held-out rows to scheduler/data/routing-held-out.csv.gz
 (the prompts `wattlane simulate --model auto` draws from). Running it again reproduces both files
-(weights to float32 rounding; tests/unit/routing/test_train_reproduces_artefact.py checks).
+(weights to float16 rounding; tests/unit/routing/test_train_reproduces_artefact.py checks).
 
 Needs scikit-learn and scipy (pip install -e '.[train]'); inference needs neither.
 """
@@ -38,6 +38,8 @@ C_GRID = (0.25, 0.5, 1.0)
 CV_FOLDS = 5
 CV_SEED = 0
 MAX_ITER = 3000
+#: how the artefact stores weights (save())
+WEIGHT_DTYPE = np.float16
 DEFAULT_HELD_OUT = datafiles.REPOSITORY_DIR / "scheduler" / "data" / datafiles.HELD_OUT_PROMPTS
 
 
@@ -146,9 +148,12 @@ def cross_validate_baseline(train: routing_data.RoutingData, grid=None, folds: i
 def save(path: Path, heads: Heads, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".partial.npz")
+    # weights as float16: two heads in float32 made the artefact 1.4 MB and the wheel pass its 2 MB limit; the rounding
+    # (at most 3e-4 per weight for weights below 2) moves a prompt's gain by far less than the curve's resolution
     np.savez_compressed(
-        tmp, weights_strong=heads.weights_strong, intercept_strong=np.float64(heads.intercept_strong),
-        weights_weak=heads.weights_weak, intercept_weak=np.float64(heads.intercept_weak), metadata=np.str_(json.dumps(metadata)),
+        tmp, weights_strong=heads.weights_strong.astype(WEIGHT_DTYPE), intercept_strong=np.float64(heads.intercept_strong),
+        weights_weak=heads.weights_weak.astype(WEIGHT_DTYPE), intercept_weak=np.float64(heads.intercept_weak),
+        metadata=np.str_(json.dumps(metadata)),
     )
     tmp.replace(path)
 
