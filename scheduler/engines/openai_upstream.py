@@ -1,11 +1,12 @@
 """The `openai` engine: one replica fronts one OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
 
 Every request goes upstream as a streaming request (chat or completion) over one shared httpx
-AsyncClient, and each content chunk comes back as an EngineEvent as it arrives, so the replica
-reports the work to its node agent as it happens, exactly as for a local engine. Usage is the
-server's when it sends it (stream_options.include_usage); otherwise output tokens are the content
-chunks counted and prompt tokens an estimate from the prompt's length (counted in the replica's
-stats as `prompt_tokens_estimated`). Each count names its source in its events (TokenCountMethod:
+AsyncClient, whose connections are kept (each response is read to its end, past [DONE]), and each
+content chunk comes back as an EngineEvent as it arrives, so the replica reports the work to its node
+agent as it happens, exactly as for a local engine. Usage is the server's when it sends it
+(stream_options.include_usage); otherwise output tokens are the content chunks counted and prompt
+tokens an estimate from the prompt's length (counted in the replica's stats as
+`prompt_tokens_estimated`). Each count names its source in its events (TokenCountMethod:
 "server", or the estimate's name), which the response's usage and the ledger row carry.
 
 Load: where the server publishes it (vLLM, SGLang, TGI and llama.cpp's /metrics, llama.cpp's /slots,
@@ -21,6 +22,7 @@ backoff); the server's 400 raises RequestRejectedError with its message, for a 4
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -58,6 +60,10 @@ BYTES_PER_PROMPT_TOKEN_ESTIMATE = 4.0
 MAX_ERROR_BODY_BYTES = 4096
 #: a server load scraped longer ago than this is stale: the replica's own counts stand instead
 LOAD_MAX_AGE_SECONDS = 5.0
+#: longest wait, after [DONE], for the end of the response: read to its end, the connection goes back to the
+#: pool; left unread, httpx closes it and the next request connects again (a TCP, and for https a TLS, handshake).
+#: The openai client drains the same way, for as long.
+REST_AFTER_DONE_SECONDS = 0.1
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -242,11 +248,17 @@ class UpstreamEngine(Engine):
     async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Any]:
         """The JSON payloads of a Server-Sent Events stream, then _DONE (if the server sent [DONE])."""
         data: list[str] = []
-        async for line in resp.aiter_lines():
+        lines = resp.aiter_lines()
+        async for line in lines:
             if line == "":
                 if data:
-                    yield self._payload("\n".join(data))
+                    payload = self._payload("\n".join(data))
                     data = []
+                    if payload is _DONE:
+                        await _read_rest(lines)
+                        yield _DONE
+                        return
+                    yield payload
                 continue
             if line.startswith("data:"):
                 data.append(line[5:].removeprefix(" "))
@@ -346,6 +358,19 @@ def _count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return 0
     return int(value)
+
+
+async def _read_rest(lines: AsyncIterator[str]) -> None:
+    """Read what follows [DONE], normally only the end of the chunked body, so that the connection is kept.
+
+    Nothing after [DONE] counts; a server that holds the response open past REST_AFTER_DONE_SECONDS, or
+    breaks it, costs only the connection, which httpx then closes."""
+    try:
+        async with asyncio.timeout(REST_AFTER_DONE_SECONDS):
+            async for _ in lines:
+                await asyncio.sleep(0)  # the deadline holds even where the lines come from a buffer
+    except (TimeoutError, httpx.HTTPError) as exc:
+        log.debug("the response after [DONE] did not end cleanly (%s); its connection is closed", type(exc).__name__)
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:

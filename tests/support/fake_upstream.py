@@ -1,7 +1,8 @@
 """A small OpenAI-compatible server that misbehaves on request, for the upstream engine's fault tests.
 
 The request's `model` picks the behaviour (see MODES): a good stream, or one of the ways real servers
-fail (bad JSON, broken SSE, a stall, a 500, another model's name, a connection cut mid-stream, a 400).
+fail (bad JSON, broken SSE, a stall, a 500, another model's name, a connection cut mid-stream, a 400,
+a response held open after [DONE]).
 It runs in-process on uvicorn in a thread, on a free port of 127.0.0.1; no network beyond loopback.
 """
 
@@ -21,7 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid", "http500",
-         "wrong-model", "no-such-model", "too-long", "error-chunk")
+         "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done")
 WORDS = ["Hello", " from", " the", " fake", " upstream"]
 
 
@@ -43,6 +44,8 @@ class FakeUpstream:
         #: what /metrics answers (Prometheus text); None: 404, as a server without metrics
         self.metrics_text: str | None = None
         self.requests: Counter[str] = Counter()
+        #: the client's port of every generation request, in order: one port for many requests is one connection
+        self.client_ports: list[int] = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -84,6 +87,7 @@ class FakeUpstream:
         body = await request.json()
         mode = body.get("model", "ok")
         self.requests[mode] += 1
+        self.client_ports.append(request.client.port if request.client else 0)
         chat = request.url.path.endswith("chat/completions")
         if not self.healthy:
             return JSONResponse({"error": {"message": "server is shutting down"}}, status_code=503)
@@ -125,5 +129,7 @@ class FakeUpstream:
                                              "usage": {"prompt_tokens": 7, "completion_tokens": len(WORDS),
                                                        "total_tokens": 7 + len(WORDS)}}) + "\n\n"
             yield "data: [DONE]\n\n"
+            if mode == "held-after-done":
+                await asyncio.sleep(self.stall_seconds)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
