@@ -29,6 +29,7 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -173,31 +174,33 @@ class UpstreamEngine(Engine):
             async with self.client().stream("POST", self.base_url + path, json=self._body(request)) as resp:
                 if resp.status_code != 200:
                     await self._raise_for_status(resp)
-                async for chunk in self._chunks(resp):
-                    if chunk is _DONE:
-                        break
-                    self._check_chunk(chunk)
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    text, reason = self._choice(chunk, request.kind)
-                    finish_reason = reason or finish_reason
-                    if text:
-                        now = time.time()
-                        if not streaming:
-                            streaming = True
-                            self.waiting -= 1
-                            self.running += 1
-                        elif last_token_s is not None:
-                            self._learn_decode_step(now - last_token_s)
-                        last_token_s = now
-                        completion_tokens += 1
-                        yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
-                                          completion_tokens=completion_tokens, time_s=now,
-                                          prompt_tokens_method=prompt_method,
-                                          completion_tokens_method=completion_method)
-                else:
-                    if finish_reason is None:
-                        raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
+                # closed here, not left to the loop's async-generator finalizer (one task more per request)
+                async with aclosing(self._chunks(resp)) as chunks:
+                    async for chunk in chunks:
+                        if chunk is _DONE:
+                            break
+                        self._check_chunk(chunk)
+                        if isinstance(chunk.get("usage"), dict):
+                            usage = chunk["usage"]
+                        text, reason = self._choice(chunk, request.kind)
+                        finish_reason = reason or finish_reason
+                        if text:
+                            now = time.time()
+                            if not streaming:
+                                streaming = True
+                                self.waiting -= 1
+                                self.running += 1
+                            elif last_token_s is not None:
+                                self._learn_decode_step(now - last_token_s)
+                            last_token_s = now
+                            completion_tokens += 1
+                            yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
+                                              completion_tokens=completion_tokens, time_s=now,
+                                              prompt_tokens_method=prompt_method,
+                                              completion_tokens_method=completion_method)
+                    else:
+                        if finish_reason is None:
+                            raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
         except httpx.TimeoutException as exc:
             what = "connecting" if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)) else "waiting for data"
             limit = self.options.connect_timeout_seconds if what == "connecting" else self.options.read_timeout_seconds

@@ -11,6 +11,7 @@ the other endpoint, and answers in the OpenAI envelope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -165,6 +166,27 @@ def test_requests_one_after_another_share_one_connection(fake):
 
     ports = asyncio.run(main())
     assert len(ports) == 4 and len(set(ports)) == 1, ports
+
+
+def test_a_request_leaves_no_task_behind_for_the_loop(fake):
+    # the SSE parser, left suspended at [DONE], was closed later by the loop's async-generator finalizer:
+    # one task more per request, run in some other request's time
+    eng = engine(fake.base_url, "ok")
+
+    async def main():
+        created: list[str] = []
+        loop = asyncio.get_running_loop()
+        [ev async for ev in eng.generate(chat("warm"))]
+        loop.set_task_factory(lambda lp, coro, **kw: created.append(repr(coro)) or asyncio.Task(coro, loop=lp, **kw))
+        for i in range(3):
+            async with contextlib.aclosing(eng.generate(chat(f"tasks{i}"))) as events:  # as the replica reads them
+                assert [ev.text async for ev in events][:-1] == WORDS
+        await asyncio.sleep(0.05)  # time for a finalizer's task to be made
+        loop.set_task_factory(None)
+        await eng.close()
+        return created
+
+    assert asyncio.run(main()) == []
 
 
 def test_a_response_held_open_after_done_ends_the_request_promptly_and_well(fake):
