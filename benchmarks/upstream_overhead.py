@@ -230,7 +230,18 @@ def _pct(samples_s: list[float], q: int) -> float:
     return float(np.percentile(np.array(samples_s) * 1000, q))
 
 
-def engine_summary(rounds: list[dict[str, list[float]]]) -> dict[str, Any]:
+def stalled_batches(rounds: list[dict[str, list[float]]], concurrency: int) -> dict[str, Any]:
+    """Per side, the batches (single requests at concurrency 1) whose slowest request took over twice the
+    median batch's slowest, all sides and rounds together: a stall that the engine made would show as more
+    of them on the engine's side; noise spreads them evenly."""
+    maxima = {side: [max(r[side][i:i + concurrency]) for r in rounds for i in range(0, len(r[side]), concurrency)]
+              for side in rounds[0]}
+    threshold_s = 2 * statistics.median(x for v in maxima.values() for x in v)
+    return {"threshold_ms": round(threshold_s * 1000, 3), "batches_per_side": len(maxima["direct"]),
+            **{side: sum(x > threshold_s for x in v) for side, v in maxima.items()}}
+
+
+def engine_summary(rounds: list[dict[str, list[float]]], concurrency: int = 1) -> dict[str, Any]:
     """Per-round and over-round figures of the engine and of the A/A side (direct_again), both against direct."""
     per_round = []
     for r in rounds:
@@ -254,6 +265,7 @@ def engine_summary(rounds: list[dict[str, list[float]]]) -> dict[str, Any]:
         out[f"pooled_engine_p{q}_ms"] = round(_pct(pooled["engine"], q), 3)
         out[f"pooled_engine_added_p{q}_ms"] = round(_pct(pooled["engine"], q) - d, 3)
         out[f"pooled_aa_added_p{q}_ms"] = round(_pct(pooled["direct_again"], q) - d, 3)
+    out["stalled_batches"] = stalled_batches(rounds, concurrency)
     out["per_round"] = per_round
     return out
 
@@ -269,6 +281,11 @@ def engine_verdict(conc: int, s: dict[str, Any]) -> str:
                      f"{'met' if added <= target else 'NOT met'}; the A/A band of the rounds is {lo:+.2f} .. "
                      f"{hi:+.2f} ms, the engine's median is {band} it; all rounds pooled: engine "
                      f"{s[f'pooled_engine_added_p{q}_ms']:+.2f} ms, A/A {s[f'pooled_aa_added_p{q}_ms']:+.2f} ms)")
+    st = s["stalled_batches"]
+    what = "batches whose slowest request took" if conc > 1 else "requests that took"
+    parts.append(f"{what} over twice the median ({st['threshold_ms']:.1f} ms), of "
+                 f"{st['batches_per_side']} per side: engine {st['engine']}, direct {st['direct']}, "
+                 f"A/A {st['direct_again']}")
     return f"- **Engine, concurrency {conc}:** " + "; ".join(parts) + "."
 
 
@@ -291,7 +308,7 @@ async def engine_part(url: str, n: int, rounds_count: int) -> dict[str, Any]:
                              "direct_again": lambda: direct_stream(client, url)}
                     order = list(sides) if i % 2 == 0 else list(sides)[::-1]  # neither direct side always leads
                     rounds.append(await rotate({k: sides[k] for k in order}, n, conc, pauses))
-            out[f"concurrency_{conc}"] = {**engine_summary(rounds), "gc_pauses_by_side": pauses.by_side()}
+            out[f"concurrency_{conc}"] = {**engine_summary(rounds, conc), "gc_pauses_by_side": pauses.by_side()}
     await engine.close()
     return out
 
@@ -383,7 +400,8 @@ def write_results(results: dict[str, Any]) -> None:
               "together, so one stall (the process descheduled on a busy machine, a full garbage collection) "
               "delays a whole batch: with 300 requests p99 is the 3rd-worst sample, usually from one batch, "
               "i.e. one event. A single round's p99 at concurrency 8 says little; the A/A band says how "
-              "little."]
+              "little. What tells an engine's stall from noise is the count of stalled batches: one the engine "
+              "made would show as more of them on the engine's side, noise spreads them over all three."]
     if results["notes"]:
         lines += ["", results["notes"]]
     lines.append("")

@@ -57,7 +57,7 @@ def test_the_verdict_sets_the_engines_median_against_the_target_and_the_aa_band(
         _round(base, [x + 1.0 for x in base], [x + 3.0 for x in base]),  # A/A +3 ms: noise this large
         _round(base, [x + 9.0 for x in base], [x - 2.0 for x in base]),  # one bad round for the engine
     ]
-    s = engine_summary(rounds)
+    s = engine_summary(rounds, 8)
     assert s["rounds"] == 3 and s["requests_per_round"] == 100
     assert abs(s["engine_added_p50_ms_median_of_rounds"] - 1.0) < 1e-6
     assert abs(s["engine_added_p99_ms_median_of_rounds"] - 1.0) < 1e-6  # the bad round does not decide it
@@ -67,6 +67,17 @@ def test_the_verdict_sets_the_engines_median_against_the_target_and_the_aa_band(
     assert "p50 +1.00 ms" in line and "p99 +1.00 ms" in line and "NOT met" not in line
     assert "A/A band of the rounds is -2.00 .. +3.00 ms, the engine's median is inside it" in line
 
+    # the last batch of every round holds the 20 ms request: over twice the median (10 ms) where a side adds to it
+    assert "over twice the median (20.0 ms), of 39 per side: engine 3, direct 0, A/A 1" in line
+
     slow = engine_summary([_round(base, [x + 6.0 for x in base], base)] * 3)
     line = engine_verdict(8, slow)
     assert "p99 +6.00 ms (median of 3 rounds; target +5 ms: NOT met" in line and "is above it" in line
+
+
+def test_stalls_are_counted_per_side_against_the_median_batch():
+    ok = [0.010] * 8
+    stalled = [0.010] * 7 + [0.050]  # one request of the batch stalled: the batch did
+    rounds = [{"direct": ok * 3, "engine": ok + stalled + stalled, "direct_again": stalled + ok * 2}]
+    st = engine_summary(rounds, 8)["stalled_batches"]
+    assert (st["engine"], st["direct"], st["direct_again"], st["batches_per_side"]) == (2, 0, 1, 3)
