@@ -392,9 +392,15 @@ def write_results(results: dict[str, Any]) -> None:
                          f"{r['direct_p99_ms']} | {r['through_p99_ms']} | {r['added_p99_ms']} |")
     lines += ["", "## Reading it", ""]
     lines += [engine_verdict(conc, engine[f"concurrency_{conc}"]) for conc in (1, 8)]
+    if results["gateway"]:
+        g1, g8 = results["gateway"]["concurrency_1"], results["gateway"]["concurrency_8"]
+        lines.append(f"- **Whole gateway:** {g1['added_p50_ms']:+.1f} ms p50 sequentially, "
+                     f"{g8['added_p50_ms']:+.1f} ms at concurrency 8 (one round, no A/A): the gateway's own path "
+                     "(Serve proxy, routing, the replica hop, energy, ledger), measured for local engines by "
+                     "`benchmarks/gateway_overhead.py` (issue #11), plus the upstream hop.")
     lines += ["", "Both sides keep their connections: the direct side reads each response to its end, as the "
               "openai client does, and so does the engine (it stopped at [DONE] before, which made httpx "
-              "close the connection after every request, about 1 ms more per request here, a TCP or TLS "
+              "close the connection after every request: 0.5 to 1.5 ms more per request here, a TCP or TLS "
               "handshake more against a remote server).",
               "", "At concurrency 8 one llama.cpp thread serves eight clients, and a batch of eight is in flight "
               "together, so one stall (the process descheduled on a busy machine, a full garbage collection) "
