@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid", "http500",
-         "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done")
+MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid",
+         "http500", "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done")
 WORDS = ["Hello", " from", " the", " fake", " upstream"]
 
 
