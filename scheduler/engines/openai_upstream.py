@@ -28,14 +28,22 @@ import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from scheduler.config import ModelConfig, UpstreamEndpointConfig, UpstreamOptions, WattlaneConfig
+from scheduler.config import (
+    CPU_DEVICE_ID,
+    NVML_DEVICE_ID,
+    ModelConfig,
+    UpstreamEndpointConfig,
+    UpstreamOptions,
+    WattlaneConfig,
+)
+from scheduler.devices.resolve import is_node_local_name
 from scheduler.engines.base import (
     Engine,
     EngineError,
@@ -83,6 +91,8 @@ class UpstreamEngine(Engine):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.joules_per_prompt_token, self.joules_per_output_token = joules_per_prompt_token, joules_per_output_token
         self.node = node
+        #: what the estimate covers (usage.energy.scope), from the devices the endpoint declares
+        self.estimate_scope = estimate_scope(endpoint.devices)
         self.health = EndpointHealth(options.ejection_base_seconds, options.ejection_max_seconds)
         self._client: httpx.AsyncClient | None = None
         self._checker: HealthChecker | None = None
@@ -340,8 +350,8 @@ class UpstreamEngine(Engine):
 
         dynamic = prompt_tokens * self.joules_per_prompt_token + completion_tokens * self.joules_per_output_token
         return EnergyReport(joules=dynamic, dynamic_joules=dynamic, idle_joules=0.0, method=JPT_ESTIMATE_METHOD,
-                            scope="gpu", device=",".join(self.endpoint.devices), node=self.node, metered=True,
-                            complete=True, work_tokens=float(prompt_tokens + completion_tokens))
+                            scope=self.estimate_scope, device=",".join(self.endpoint.devices), node=self.node,
+                            metered=True, complete=True, work_tokens=float(prompt_tokens + completion_tokens))
 
     async def close(self) -> None:
         if self._checker is not None:
@@ -354,6 +364,20 @@ class UpstreamEngine(Engine):
 
 
 _DONE: Any = object()
+
+
+def estimate_scope(devices: Sequence[str]) -> str:
+    """What an estimate for a server on `devices` covers: "gpu" (gpuN, an NVML index or a GPU UUID), "cpu"
+    (cpu0), "cpu+gpu" for a server on both, "unknown" where a name is neither (the config allows none such)."""
+    kinds = set()
+    for name in devices:
+        if name == CPU_DEVICE_ID:
+            kinds.add("cpu")
+        elif NVML_DEVICE_ID.match(name) or is_node_local_name(name):
+            kinds.add("gpu")
+        else:
+            return "unknown"
+    return "+".join(sorted(kinds)) or "unknown"
 
 
 def _count(value: Any) -> int:

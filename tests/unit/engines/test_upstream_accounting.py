@@ -5,7 +5,8 @@ counted from the stream's chunks: usage.prompt_tokens_method and completion_toke
 estimates (the server's own counts are "server"), the ledger row carries the same names, and the
 real openai client still parses the response. A client that leaves a request on a server that no
 node agent meters is charged the joules-per-token estimate of the work done, under that estimate's
-method name, kept by the replica's own node agent for the gateway's ledger row.
+method name and the scope of the endpoint's devices, kept by the replica's own node agent for the
+gateway's ledger row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 
 from scheduler.api.serving import Job
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
-from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD
+from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, UpstreamEngine
 from tests.support.fake_upstream import WORDS, FakeUpstream
 from tests.support.upstream_serving import NODE, REPLICA_NODE, UpstreamFleet, upstream_config
 
@@ -147,7 +148,8 @@ def test_a_client_that_leaves_an_unmetered_upstream_is_charged_the_estimate_of_t
     assert [r["status"] for r in rows] == ["cancelled"]
     row = rows[0]
     assert (row["prompt_tokens"], row["completion_tokens"]) == (PROMPT_ESTIMATE, 2)
-    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "gpu"
+    # the endpoints of upstream_config run on cpu0: the estimate covers a CPU
+    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "cpu"
     assert row["joules"] == pytest.approx(expected.joules) and row["joules"] > 0
     assert row["gco2e"] is not None and row["gco2e"] > 0
     assert (row["node"], lookups) == (NODE, [REPLICA_NODE]), "collected from the replica's own node agent"
@@ -212,3 +214,18 @@ def test_the_governor_hears_only_of_replicas_whose_work_runs_on_its_node():
     agent.replica_stats("up#0", {"node": NODE, "device_ids": ["cpu0"], "running": 3})
     assert reported == ["local#0"]
     assert sorted(agent._replica_stats) == ["local#0", "up#0"]  # both in the gateway's routing view
+
+
+@pytest.mark.parametrize(("devices", "scope"), [
+    (("gpu0",), "gpu"), (("3",), "gpu"), (("GPU-8f1e",), "gpu"), (("gpu0", "gpu1"), "gpu"),
+    (("cpu0",), "cpu"), (("cpu0", "gpu0"), "cpu+gpu"),
+])
+def test_the_estimates_scope_is_what_the_endpoint_runs_on(devices, scope):
+    """usage.energy.scope of an estimate says the hardware of the endpoint's declared devices."""
+    config = upstream_config([("http://127.0.0.1:9", "ok")], devices=devices)
+    model = config.models[0]
+    engine = UpstreamEngine(model.id, ModelKind.CHAT, model.endpoints[0], model.upstream, context_length=2048,
+                            joules_per_prompt_token=0.1, joules_per_output_token=1.0, node=NODE,
+                            health_checks=False)
+    energy = engine.estimate_energy(PROMPT_ESTIMATE, 3)
+    assert energy.scope == scope and energy.device == ",".join(devices) and energy.method == JPT_ESTIMATE_METHOD
