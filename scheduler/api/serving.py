@@ -21,6 +21,7 @@ from scheduler.api.accounting import Accounting
 from scheduler.api.errors import ApiError, replica_error
 from scheduler.api.model_selection import ModelSelection, Routed
 from scheduler.cluster.messages import (
+    AbandonedWork,
     EnergyReport,
     ReplicaEnd,
     ReplicaError,
@@ -489,9 +490,9 @@ class Serving:
     async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
                             prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
                             first_token_s: float | None = None, text: str = "",
-                            counted: ReplicaError | None = None) -> None:
+                            counted: ReplicaError | AbandonedWork | None = None) -> None:
         """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did
-        (and, from the replica's error event `counted`, how those tokens were counted)."""
+        (and, from the replica's error event or abandoned work `counted`, how those tokens were counted)."""
         latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, time.monotonic(), 0)
         result = InferenceResult(
             request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
@@ -531,12 +532,15 @@ class Serving:
             work = await self.accounting.abandoned_work(node, job.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
-        # the replica saw at least what reached the gateway
+        # the replica saw at least what reached the gateway; its counts' methods hold where its counts stand
+        replica_counts = (work is not None and work.prompt_tokens >= prompt_tokens
+                          and work.completion_tokens >= completion_tokens)
         await self._record_ended(
             job, routing, created_s, "cancelled",
             prompt_tokens=max(prompt_tokens, work.prompt_tokens if work else 0),
             completion_tokens=max(completion_tokens, work.completion_tokens if work else 0),
-            energy=work.energy if work else None, first_token_s=first_token_s)
+            energy=work.energy if work else None, first_token_s=first_token_s,
+            counted=work if replica_counts else None)
 
     async def settled(self) -> None:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""

@@ -91,6 +91,9 @@ class RequestFinish:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     start: RequestStart | None = None
+    #: how the counts were obtained (engines.base.TokenCountMethod values), kept with an abandoned request's work
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class AbandonedWork:
     energy: EnergyReport | None
     prompt_tokens: int
     completion_tokens: int
+    #: how the counts were obtained, as in ReplicaEnd (None: not said, or the agent settled it without them)
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass(frozen=True)

@@ -304,7 +304,8 @@ class NodeAgent:
         then `energy` is given) and keep the outcome until the gateway takes it for the ledger."""
         if energy is None:
             energy = await self.finish_request(msg)
-        self._abandoned.put(msg.request_id, AbandonedWork(energy, msg.prompt_tokens or 0, msg.completion_tokens or 0))
+        self._abandoned.put(msg.request_id, AbandonedWork(energy, msg.prompt_tokens or 0, msg.completion_tokens or 0,
+                                                          msg.prompt_tokens_method, msg.completion_tokens_method))
 
     async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
         """The outcome abandon_request kept for request_id, waiting a short while for it.

@@ -337,7 +337,8 @@ class ModelServer:
                         texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
-            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid)
+            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid,
+                          self._token_methods(last))
             self._push_stats()
             raise
         except ContextLengthError as exc:
@@ -387,13 +388,14 @@ class ModelServer:
         return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
 
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                 energy: EnergyReport | None, request_id: str) -> None:
-        """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
+                 energy: EnergyReport | None, request_id: str, methods: dict[str, str | None]) -> None:
+        """Settle a cancelled request with the agent (one-way: this task is being cancelled); `methods` say
+        how its counts were obtained, for the gateway's ledger row."""
         if reports is not None:
-            reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+            reports.abandon(replace(reports.finish(time.time(), prompt_tokens, completion_tokens), **methods), energy)
         elif self.home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
             # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
-            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens)
+            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens, **methods)
             estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
             contextvars.Context().run(self.home_agent.abandon_request.remote, finish, estimate)
 

@@ -6,7 +6,7 @@ estimates (the server's own counts are "server"), the ledger row carries the sam
 real openai client still parses the response. A client that leaves a request on a server that no
 node agent meters is charged the joules-per-token estimate of the work done, under that estimate's
 method name and the scope of the endpoint's devices, kept by the replica's own node agent for the
-gateway's ledger row.
+gateway's ledger row, whose token counts name their methods too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from tests.support.upstream_serving import NODE, REPLICA_NODE, UpstreamFleet, up
 
 PROMPT = "say hello to the upstream"  # 25 UTF-8 bytes: 7 tokens by the 4-bytes-per-token estimate
 PROMPT_ESTIMATE = 7
+#: the counts' methods of a request that ended before the server's usage report
+ESTIMATED_COUNTS = ("utf8-bytes-estimate", "stream-chunk-estimate")
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,7 @@ def test_a_client_that_leaves_an_unmetered_upstream_is_charged_the_estimate_of_t
     assert (row["prompt_tokens"], row["completion_tokens"]) == (PROMPT_ESTIMATE, 2)
     # the endpoints of upstream_config run on cpu0: the estimate covers a CPU
     assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "cpu"
+    assert (row["prompt_tokens_method"], row["completion_tokens_method"]) == ESTIMATED_COUNTS
     assert row["joules"] == pytest.approx(expected.joules) and row["joules"] > 0
     assert row["gco2e"] is not None and row["gco2e"] > 0
     assert (row["node"], lookups) == (NODE, [REPLICA_NODE]), "collected from the replica's own node agent"
