@@ -337,6 +337,10 @@ class ModelServer:
                         texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
+            if last is None:  # before the engine's first event: what it had handed on (an upstream server's prefill)
+                last = self.engine.take_unreported_work(rid)
+                if last is not None:
+                    prompt_tokens, completion_tokens = last.prompt_tokens, last.completion_tokens
             self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid,
                           self._token_methods(last))
             self._push_stats()

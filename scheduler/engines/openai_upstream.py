@@ -14,6 +14,10 @@ or an endpoint's metrics_url), a ServerLoadPoller (upstream_load.py) scrapes it 
 request on, and stats() publishes the server's running, waiting and KV-cache figures over the
 replica's own in-flight counts.
 
+A client that leaves before the first token still cost the server the prompt's prefill once the whole
+request reached it (httpx's trace of the request body): the engine keeps that prompt's count for its
+replica (take_unreported_work), which charges it like any other work of the request.
+
 Failures: anything that is not the client's fault (no connection, a stall past the read timeout, a
 5xx, bad JSON, broken SSE, a server serving another model) raises EngineError and counts against
 the endpoint's health (EndpointHealth: ejection, re-admission by health check with exponential
@@ -73,6 +77,8 @@ LOAD_MAX_AGE_SECONDS = 5.0
 #: pool; left unread, httpx closes it and the next request connects again (a TCP, and for https a TLS, handshake).
 #: The openai client drains the same way, for as long.
 REST_AFTER_DONE_SECONDS = 0.1
+#: most stopped requests whose prompt the server had, kept for the replica to take (it takes each at once)
+MAX_UNREPORTED_REQUESTS = 1024
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -102,6 +108,8 @@ class UpstreamEngine(Engine):
         self.prompt_tokens_estimated = 0  # requests whose prompt tokens the server did not report
         self.requests_completed = 0
         self._decode_seconds_per_token: float | None = None
+        #: request id -> the prompt the server was sent for a request stopped before its first token
+        self._unreported: dict[str, EngineEvent] = {}
         #: the server's own load from its /metrics (and llama.cpp's /slots), where it has them
         self.load_poller: ServerLoadPoller | None = None
         if endpoint.metrics_url or endpoint.server in SERVER_KINDS:
@@ -180,8 +188,16 @@ class UpstreamEngine(Engine):
         last_token_s: float | None = None
         self.waiting += 1
         streaming = False
+        sent = False  # the whole request reached the server: from here it is prefilling the prompt
+
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            nonlocal sent
+            if name.endswith(".send_request_body.complete"):  # http11. or http2.
+                sent = True
+
         try:
-            async with self.client().stream("POST", self.base_url + path, json=self._body(request)) as resp:
+            async with self.client().stream("POST", self.base_url + path, json=self._body(request),
+                                            extensions={"trace": trace}) as resp:
                 if resp.status_code != 200:
                     await self._raise_for_status(resp)
                 # closed here, not left to the loop's async-generator finalizer (one task more per request)
@@ -221,6 +237,12 @@ class UpstreamEngine(Engine):
             raise self._fail(f"the connection broke mid-response ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
             raise self._fail(f"HTTP failure ({type(exc).__name__}: {exc})") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            if sent and not streaming:  # the replica has no event of this request to count its prompt from
+                self._keep_unreported(request.request_id, EngineEvent(
+                    text="", prompt_tokens=prompt_tokens, completion_tokens=0, time_s=time.time(),
+                    prompt_tokens_method=prompt_method, completion_tokens_method=completion_method))
+            raise
         finally:
             if streaming:
                 self.running -= 1
@@ -319,6 +341,19 @@ class UpstreamEngine(Engine):
             raise self._fail("sent a chunk whose text is not a string")
         reason = c.get("finish_reason")
         return text or "", reason if isinstance(reason, str) else None
+
+    def _keep_unreported(self, request_id: str, work: EngineEvent) -> None:
+        self._unreported[request_id] = work
+        while len(self._unreported) > MAX_UNREPORTED_REQUESTS:  # a caller that never takes them (not a replica)
+            del self._unreported[next(iter(self._unreported))]
+
+    def take_unreported_work(self, request_id: str) -> EngineEvent | None:
+        """The prompt of a request stopped after it reached the server and before its first token.
+
+        Charged whole: the server may not have finished prefilling it, but no server tells how far it got,
+        and servers finish the prefill step they have started (docs/energy.md: a client that leaves before the
+        first token)."""
+        return self._unreported.pop(request_id, None)
 
     def _learn_decode_step(self, seconds: float) -> None:
         prev = self._decode_seconds_per_token

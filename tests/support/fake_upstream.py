@@ -1,8 +1,9 @@
 """A small OpenAI-compatible server that misbehaves on request, for the upstream engine's fault tests.
 
 The request's `model` picks the behaviour (see MODES): a good stream, or one of the ways real servers
-fail (bad JSON, broken SSE, a stall, a 500, another model's name, a connection cut mid-stream, a 400,
-a response held open after [DONE]).
+fail (bad JSON, broken SSE, a stall before the first token, with or without the response's headers, or
+mid-stream, a 500, another model's name, a connection cut mid-stream, a 400, a response held open after
+[DONE]).
 It runs in-process on uvicorn in a thread, on a free port of 127.0.0.1; no network beyond loopback.
 """
 
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid",
-         "http500", "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done")
+         "http500", "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done", "stall-headers")
 WORDS = ["Hello", " from", " the", " fake", " upstream"]
 
 
@@ -96,6 +97,10 @@ class FakeUpstream:
         if mode == "no-such-model":
             return JSONResponse({"error": {"message": f"The model `{mode}` does not exist.", "code": 404}},
                                 status_code=404)
+        if mode == "stall-headers":  # a server that sends no headers until its first token (prefilling)
+            deadline = time.monotonic() + self.stall_seconds
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.02)  # a client that left frees the handler (the server's shutdown waits for it)
         if mode == "too-long":
             return JSONResponse({"error": {"message": "This model's maximum context length is 2048 tokens. However, "
                                            "you requested 5000 tokens.", "type": "BadRequestError", "param": None,
