@@ -98,7 +98,7 @@ class UpstreamEngine(Engine):
         self.joules_per_prompt_token, self.joules_per_output_token = joules_per_prompt_token, joules_per_output_token
         self.node = node
         #: what the estimate covers (usage.energy.scope), from the devices the endpoint declares
-        self.estimate_scope = estimate_scope(endpoint.devices)
+        self.energy_scope = estimate_scope(endpoint.devices)
         self.health = EndpointHealth(options.ejection_base_seconds, options.ejection_max_seconds)
         self._client: httpx.AsyncClient | None = None
         self._checker: HealthChecker | None = None
@@ -385,7 +385,7 @@ class UpstreamEngine(Engine):
 
         dynamic = prompt_tokens * self.joules_per_prompt_token + completion_tokens * self.joules_per_output_token
         return EnergyReport(joules=dynamic, dynamic_joules=dynamic, idle_joules=0.0, method=JPT_ESTIMATE_METHOD,
-                            scope=self.estimate_scope, device=",".join(self.endpoint.devices), node=self.node,
+                            scope=self.energy_scope, device=",".join(self.endpoint.devices), node=self.node,
                             metered=True, complete=True, work_tokens=float(prompt_tokens + completion_tokens))
 
     async def close(self) -> None:
