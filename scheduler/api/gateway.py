@@ -168,7 +168,7 @@ class Gateway:
             seen = self._power_seen.get((node, key), 0)
             if n > seen:
                 device, action = key.split("|", 1)
-                self.metrics.power_actions.labels(device=device, action=action).inc(n - seen)
+                self.metrics.power_action(device=device, action=action, count=n - seen)
                 self._power_seen[(node, key)] = n
 
     def replicas_by_model(self) -> dict[str, list[dict[str, Any]]] | None:
