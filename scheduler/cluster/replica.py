@@ -55,6 +55,9 @@ PROGRESS_INTERVAL_SECONDS = 0.1
 #: how long a request's start waits to travel with its engine's first event (the prompt it took on)
 #: before it goes alone: the agent counts a queued request as running, and a parked device wakes for it
 START_REPORT_DELAY_SECONDS = 0.05
+#: how long after its engine's first event a request's start goes to the agent (with the work done by
+#: then), unless the request has ended by then: its finish carries the start, one message instead of two
+START_WITH_WORK_DELAY_SECONDS = 0.01
 #: how long a replica waits before it tries again to connect to its node agent's link
 LINK_RETRY_SECONDS = 10.0
 #: how often, at most, the replica pushes its stats to the node agent
@@ -85,13 +88,15 @@ def resolve_endpoint_devices(agent: Any, model: ModelConfig, rank: int, names: l
 class _AgentReports:
     """One request's messages to its node agent, each one-way but the last.
 
-    The start goes with the engine's first event, which carries the prompt's tokens (one message, not
-    two), or alone after START_REPORT_DELAY_SECONDS if the engine has not started it by then. Progress
-    follows at most every PROGRESS_INTERVAL_SECONDS. The finish, awaited for the energy, carries the
-    final counts and the start again: the agent starts a request it never heard of (a start that was
-    lost, or not yet sent) before finishing it, and ignores a start it already has. They go over the
-    agent link (one connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's
-    calls to an actor in order too).
+    The start goes START_WITH_WORK_DELAY_SECONDS after the engine's first event, carrying the work done
+    by then (the prompt's tokens, and any token since), or alone after START_REPORT_DELAY_SECONDS if the
+    engine has not started it by then. A request that ends before its start went sends one message:
+    the finish, which carries the start (with the latest counts) and the final counts; the agent starts
+    a request it never heard of before finishing it, and ignores a start it already has. Short requests
+    are most requests, and a message the agent handles while the engine decodes takes CPU from it.
+    Progress follows at most every PROGRESS_INTERVAL_SECONDS. They go over the agent link (one
+    connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's calls to an
+    actor in order too).
     """
 
     def __init__(self, agent: Any, link: AgentLink | None, start: RequestStart):
@@ -114,17 +119,20 @@ class _AgentReports:
         else:
             self.agent.progress.remote(msg)
 
-    def _send_start(self, ev: Any = None) -> None:
+    def _send_start(self) -> None:
         self._timer.cancel()
         self.started = True
-        self._send(self.start if ev is None else replace(
-            self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens, progress_t_s=ev.time_s))
+        self._send(self.start)
 
     def progress(self, ev: Any) -> None:
         """A running request's engine event (not its last)."""
         if not self.started:
+            if self.start.progress_t_s is None:  # the engine's first event: the start goes soon, not now
+                self._timer.cancel()
+                self._timer = asyncio.get_running_loop().call_later(START_WITH_WORK_DELAY_SECONDS, self._send_start)
             self.last_report_s = ev.time_s
-            self._send_start(ev)
+            self.start = replace(self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                 progress_t_s=ev.time_s)
         elif ev.time_s - self.last_report_s >= PROGRESS_INTERVAL_SECONDS:
             self.last_report_s = ev.time_s
             self._send(RequestProgress(self.start.request_id, ev.prompt_tokens, ev.completion_tokens, ev.time_s))
