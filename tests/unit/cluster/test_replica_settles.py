@@ -563,3 +563,34 @@ def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(t
 
     path = asyncio.run(main())
     assert not stale.exists() and live.exists() and not os.path.exists(path)
+
+
+def test_the_agent_link_answers_a_finish_at_once_with_the_same_energy_a_late_abandon_gets() -> None:
+    """The link answers a finish without a task when nothing must be waited for; the outcome is still kept
+    for a replica cancelled while it waited (its abandon_request must get the same joules, not new ones)."""
+    from scheduler.cluster import agent_link
+
+    agent = make_agent()
+    t0 = time.time()
+
+    async def main():
+        server = agent_link.AgentLinkServer(agent, agent_link.socket_path())
+        await server.start()
+        link = await agent_link.AgentLink.connect(server.path)
+        try:
+            start = RequestStart("r1", (DEVICE,), t0 - 0.5)
+            energy = await link.call(RequestFinish("r1", t0, 8, 3, start=start))  # its start never went alone
+            spawned = len(server._tasks)
+            running = agent.attributor.running(DEVICE)
+            await agent.abandon_request(RequestFinish("r1", time.time(), 8, 3))
+            late = await agent.take_abandoned("r1", 0.1)
+            return energy, spawned, running, late
+        finally:
+            link.close()
+            server.close()
+
+    energy, spawned, running, late = asyncio.run(main())
+    assert energy is not None and energy.work_tokens == 8 * agent.attributor.prefill_token_weight + 3
+    assert spawned == 0, "answered without a task"
+    assert running == 0
+    assert late is not None and late.energy == energy, "one request, one charge"
