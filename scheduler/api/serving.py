@@ -380,9 +380,13 @@ class Serving:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
                 placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
                 events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
-                start = await asyncio.wait_for(events.__anext__(), timeout_s)
+                item = await asyncio.wait_for(events.__anext__(), timeout_s)
+                # a request without deltas that ended soon sends one event, its end, carrying its start
+                start = item if isinstance(item, ReplicaStart) else getattr(item, "start", None)
+                if start is None:
+                    raise _ReplicaFailure(f"answered {type(item).__name__} before its start")
                 started()
-            first = await asyncio.wait_for(events.__anext__(), timeout_s)
+            first = item if item is not start else await asyncio.wait_for(events.__anext__(), timeout_s)
             return events, start, first
         except asyncio.CancelledError:  # the client left while the request waited for its replica
             events.cancel()
