@@ -168,7 +168,7 @@ class Gateway:
             seen = self._power_seen.get((node, key), 0)
             if n > seen:
                 device, action = key.split("|", 1)
-                self.metrics.power_actions.labels(device=device, action=action).inc(n - seen)
+                self.metrics.power_action(device=device, action=action, count=n - seen)
                 self._power_seen[(node, key)] = n
 
     def replicas_by_model(self) -> dict[str, list[dict[str, Any]]] | None:
@@ -227,12 +227,19 @@ class Gateway:
             close()
 
 
-async def _take_abandoned(node: str, request_id: str, timeout_seconds: float) -> Any:
-    """What an abandoned request left with its node agent (None when the agent is gone)."""
-    agent = await asyncio.to_thread(runtime.get_node_agent, node)
-    if agent is None:
-        return None
-    return await agent.take_abandoned.remote(request_id, timeout_seconds)
+async def _take_abandoned(node: str | None, request_id: str, timeout_seconds: float) -> Any:
+    """What an abandoned request left with its node agent (None when the agent is gone); node None:
+    every alive node's agent is asked, and the one that had the request answers."""
+    if node is not None:
+        agent = await asyncio.to_thread(runtime.get_node_agent, node)
+        if agent is None:
+            return None
+        return await agent.take_abandoned.remote(request_id, timeout_seconds)
+    agents = await asyncio.to_thread(
+        lambda: [a for a in (runtime.get_node_agent(n.name) for n in runtime.cluster_nodes()) if a is not None])
+    found = await asyncio.gather(*(a.take_abandoned.remote(request_id, timeout_seconds) for a in agents),
+                                 return_exceptions=True)
+    return next((w for w in found if w is not None and not isinstance(w, BaseException)), None)
 
 
 def pending_startup_rows(snapshots: list[dict[str, Any]], recorded: set[tuple[str, str, float]]) -> list[dict[str, Any]]:

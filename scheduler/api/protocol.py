@@ -211,7 +211,8 @@ class EnergyUsage(_Response):
     idle_joules: float | None
     method: str | None = Field(
         description="nvml-counter, rapl (measured); cpu-estimate or another named estimate; simulated")
-    scope: str | None = Field(description="what the figure covers: gpu, cpu, cpu+dram")
+    scope: str | None = Field(description="what the figure covers: gpu, cpu, cpu+dram; an upstream estimate "
+                                          "for a server on both CPU and GPUs: cpu+gpu")
     device: str | None
 
 

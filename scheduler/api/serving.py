@@ -21,6 +21,7 @@ from scheduler.api.accounting import Accounting
 from scheduler.api.errors import ApiError, replica_error
 from scheduler.api.model_selection import ModelSelection, Routed
 from scheduler.cluster.messages import (
+    AbandonedWork,
     EnergyReport,
     ReplicaEnd,
     ReplicaError,
@@ -379,9 +380,13 @@ class Serving:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
                 placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
                 events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
-                start = await asyncio.wait_for(events.__anext__(), timeout_s)
+                item = await asyncio.wait_for(events.__anext__(), timeout_s)
+                # a request without deltas that ended soon sends one event, its end, carrying its start
+                start = item if isinstance(item, ReplicaStart) else getattr(item, "start", None)
+                if start is None:
+                    raise _ReplicaFailure(f"answered {type(item).__name__} before its start")
                 started()
-            first = await asyncio.wait_for(events.__anext__(), timeout_s)
+            first = item if item is not start else await asyncio.wait_for(events.__anext__(), timeout_s)
             return events, start, first
         except asyncio.CancelledError:  # the client left while the request waited for its replica
             events.cancel()
@@ -489,9 +494,9 @@ class Serving:
     async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
                             prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
                             first_token_s: float | None = None, text: str = "",
-                            counted: ReplicaError | None = None) -> None:
+                            counted: ReplicaError | AbandonedWork | None = None) -> None:
         """Ledger row for a request that did not finish normally, with the energy and tokens of the work it did
-        (and, from the replica's error event `counted`, how those tokens were counted)."""
+        (and, from the replica's error event or abandoned work `counted`, how those tokens were counted)."""
         latency, ttft, _ = _timing(job.accepted_monotonic_s, first_token_s, time.monotonic(), 0)
         result = InferenceResult(
             request_id=job.request_id, model=routing["model"], text=text, finish_reason=status,
@@ -531,12 +536,15 @@ class Serving:
             work = await self.accounting.abandoned_work(node, job.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
-        # the replica saw at least what reached the gateway
+        # the replica saw at least what reached the gateway; its counts' methods hold where its counts stand
+        replica_counts = (work is not None and work.prompt_tokens >= prompt_tokens
+                          and work.completion_tokens >= completion_tokens)
         await self._record_ended(
             job, routing, created_s, "cancelled",
             prompt_tokens=max(prompt_tokens, work.prompt_tokens if work else 0),
             completion_tokens=max(completion_tokens, work.completion_tokens if work else 0),
-            energy=work.energy if work else None, first_token_s=first_token_s)
+            energy=work.energy if work else None, first_token_s=first_token_s,
+            counted=work if replica_counts else None)
 
     async def settled(self) -> None:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""

@@ -133,7 +133,15 @@ class AgentLinkServer:
         elif isinstance(message, RequestProgress):
             agent.progress(message)
         elif isinstance(message, RequestFinish):
-            self._spawn(self._answer(call_id, agent.finish_request(message), writer))
+            try:
+                value = agent.finish_at_once(message)
+            except Exception as exc:  # the replica logs it and answers without energy
+                log.exception("agent link: call %d failed", call_id)
+                value = exc
+            if value is NotImplemented:  # something must be waited for: a task answers when it is done
+                self._spawn(self._answer(call_id, agent.finish_request(message), writer))
+            else:
+                self._write_answer(call_id, value, writer)
         elif isinstance(message, AbandonRequest):
             self._spawn(agent.abandon_request(message.finish, message.energy))
         else:
@@ -151,6 +159,10 @@ class AgentLinkServer:
         except Exception as exc:  # the replica logs it and answers without energy
             log.exception("agent link: call %d failed", call_id)
             value = exc
+        self._write_answer(call_id, value, writer)
+
+    @staticmethod
+    def _write_answer(call_id: int, value: Any, writer: asyncio.StreamWriter) -> None:
         if call_id and not writer.is_closing():
             writer.write(_frame(call_id, value))
 

@@ -91,6 +91,9 @@ class RequestFinish:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     start: RequestStart | None = None
+    #: how the counts were obtained (engines.base.TokenCountMethod values), kept with an abandoned request's work
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class AbandonedWork:
     energy: EnergyReport | None
     prompt_tokens: int
     completion_tokens: int
+    #: how the counts were obtained, as in ReplicaEnd (None: not said, or the agent settled it without them)
+    prompt_tokens_method: str | None = None
+    completion_tokens_method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +165,9 @@ class ReplicaEnd:
     #: how the counts above were obtained (engines.base.TokenCountMethod values; None: not said)
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None
+    #: the request's start, when it did not go ahead as an event of its own (a request without deltas
+    #: that ended within START_EVENT_DELAY_SECONDS: cluster/replica.py)
+    start: ReplicaStart | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +184,8 @@ class ReplicaError:
     #: how the counts above were obtained, as in ReplicaEnd
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None
+    #: the request's start, as in ReplicaEnd
+    start: ReplicaStart | None = None
 
 
 ReplicaEvent = ReplicaStart | ReplicaDelta | ReplicaEnd | ReplicaError

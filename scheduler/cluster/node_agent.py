@@ -272,6 +272,40 @@ class NodeAgent:
                     prefill_tokens_done=prompt_tokens, decode_tokens_done=completion_tokens))
             except KeyError:
                 pass
+        return self._energy_report(device_ids, parts)
+
+    def finish_at_once(self, msg: RequestFinish) -> Any:
+        """finish_request's answer without a task or an await, when nothing has to be waited for: the usual
+        case (the request runs here, and its devices' counters are read now). NotImplemented when
+        finish_request must run instead (a finish already under way or done, a start never seen, a meter
+        that has not covered the request's end). The agent link answers a finish this way, at once."""
+        rid = msg.request_id
+        if rid in self._finishing or rid in self._finished:
+            return NotImplemented
+        device_ids = self._request_devices.get(rid)
+        if device_ids is None:
+            if msg.start is None:
+                return NotImplemented
+            self._start(msg.start)
+            device_ids = self._request_devices[rid]
+        self._cover(device_ids, msg.t_s)
+        if any((c := self.attributor.covered_until(d)) is not None and c < msg.t_s for d in device_ids):
+            return NotImplemented  # finish_request waits for the meter (the request is started: it finds it)
+        del self._request_devices[rid]
+        parts = []
+        for d in device_ids:
+            try:
+                parts.append(self.attributor.finish(f"{rid}@{d}", msg.t_s, prefill_tokens_done=msg.prompt_tokens,
+                                                    decode_tokens_done=msg.completion_tokens))
+            except KeyError:
+                pass
+        energy = self._energy_report(device_ids, parts)
+        if energy is not None:  # kept a short while, as _keep_outcome keeps finish_request's
+            self._finished.put(rid, energy)
+        return energy
+
+    def _energy_report(self, device_ids: list[str], parts: list[Any]) -> EnergyReport | None:
+        """One request's EnergyReport: the sum of its share on each of its devices."""
         if not parts:
             return None
         devices = [self.devices[d] for d in device_ids if d in self.devices]
@@ -304,7 +338,8 @@ class NodeAgent:
         then `energy` is given) and keep the outcome until the gateway takes it for the ledger."""
         if energy is None:
             energy = await self.finish_request(msg)
-        self._abandoned.put(msg.request_id, AbandonedWork(energy, msg.prompt_tokens or 0, msg.completion_tokens or 0))
+        self._abandoned.put(msg.request_id, AbandonedWork(energy, msg.prompt_tokens or 0, msg.completion_tokens or 0,
+                                                          msg.prompt_tokens_method, msg.completion_tokens_method))
 
     async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
         """The outcome abandon_request kept for request_id, waiting a short while for it.

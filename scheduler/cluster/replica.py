@@ -55,6 +55,14 @@ PROGRESS_INTERVAL_SECONDS = 0.1
 #: how long a request's start waits to travel with its engine's first event (the prompt it took on)
 #: before it goes alone: the agent counts a queued request as running, and a parked device wakes for it
 START_REPORT_DELAY_SECONDS = 0.05
+#: how long after its engine's first event a request's start goes to the agent (with the work done by
+#: then), unless the request has ended by then: its finish carries the start, one message instead of two
+START_WITH_WORK_DELAY_SECONDS = 0.01
+#: how long a request without deltas runs before its start goes to the gateway as an event of its own;
+#: one that ends sooner sends one event, its end carrying its start (each event is a Ray round)
+START_EVENT_DELAY_SECONDS = 0.05
+#: stands in the engine's events for "the start event is due" (see _with_start_due)
+_START_DUE = object()
 #: how long a replica waits before it tries again to connect to its node agent's link
 LINK_RETRY_SECONDS = 10.0
 #: how often, at most, the replica pushes its stats to the node agent
@@ -85,13 +93,15 @@ def resolve_endpoint_devices(agent: Any, model: ModelConfig, rank: int, names: l
 class _AgentReports:
     """One request's messages to its node agent, each one-way but the last.
 
-    The start goes with the engine's first event, which carries the prompt's tokens (one message, not
-    two), or alone after START_REPORT_DELAY_SECONDS if the engine has not started it by then. Progress
-    follows at most every PROGRESS_INTERVAL_SECONDS. The finish, awaited for the energy, carries the
-    final counts and the start again: the agent starts a request it never heard of (a start that was
-    lost, or not yet sent) before finishing it, and ignores a start it already has. They go over the
-    agent link (one connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's
-    calls to an actor in order too).
+    The start goes START_WITH_WORK_DELAY_SECONDS after the engine's first event, carrying the work done
+    by then (the prompt's tokens, and any token since), or alone after START_REPORT_DELAY_SECONDS if the
+    engine has not started it by then. A request that ends before its start went sends one message:
+    the finish, which carries the start (with the latest counts) and the final counts; the agent starts
+    a request it never heard of before finishing it, and ignores a start it already has. Short requests
+    are most requests, and a message the agent handles while the engine decodes takes CPU from it.
+    Progress follows at most every PROGRESS_INTERVAL_SECONDS. They go over the agent link (one
+    connection: in order) or, when it is down, as Ray calls (Ray delivers one caller's calls to an
+    actor in order too).
     """
 
     def __init__(self, agent: Any, link: AgentLink | None, start: RequestStart):
@@ -114,17 +124,20 @@ class _AgentReports:
         else:
             self.agent.progress.remote(msg)
 
-    def _send_start(self, ev: Any = None) -> None:
+    def _send_start(self) -> None:
         self._timer.cancel()
         self.started = True
-        self._send(self.start if ev is None else replace(
-            self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens, progress_t_s=ev.time_s))
+        self._send(self.start)
 
     def progress(self, ev: Any) -> None:
         """A running request's engine event (not its last)."""
         if not self.started:
+            if self.start.progress_t_s is None:  # the engine's first event: the start goes soon, not now
+                self._timer.cancel()
+                self._timer = asyncio.get_running_loop().call_later(START_WITH_WORK_DELAY_SECONDS, self._send_start)
             self.last_report_s = ev.time_s
-            self._send_start(ev)
+            self.start = replace(self.start, prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                 progress_t_s=ev.time_s)
         elif ev.time_s - self.last_report_s >= PROGRESS_INTERVAL_SECONDS:
             self.last_report_s = ev.time_s
             self._send(RequestProgress(self.start.request_id, ev.prompt_tokens, ev.completion_tokens, ev.time_s))
@@ -155,6 +168,32 @@ class _AgentReports:
                 pass
         # outside this request's context, or Ray cancels the call along with the request it belongs to
         contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
+
+
+async def _with_start_due(events: AsyncIterator[EngineEvent], delay_s: float) -> AsyncIterator[Any]:
+    """An engine's events, with _START_DUE among them once delay_s has passed (at once, not at the next event:
+    an engine may be silent a long while, behind other requests or in a long prompt)."""
+    due_mono = time.monotonic() + delay_s
+    while (remaining_s := due_mono - time.monotonic()) > 0:
+        nxt = asyncio.ensure_future(anext(events, None))
+        try:
+            done, _ = await asyncio.wait((nxt,), timeout=remaining_s)
+            if not done:
+                yield _START_DUE
+            ev = await nxt
+        finally:
+            if not nxt.done():  # cancelled: the engine stops where it waits, before its events are closed
+                nxt.cancel()
+                await asyncio.wait((nxt,))
+        if ev is None:
+            return
+        yield ev
+        if not done:
+            break
+    else:
+        yield _START_DUE
+    async for ev in events:
+        yield ev
 
 
 def node_for_replica(model: ModelConfig, rank: int) -> str:
@@ -283,9 +322,13 @@ class ModelServer:
                        deltas: bool = True) -> AsyncIterator[ReplicaEvent]:
         """Run one request. `placement` is the router's hint for Serve's request router; unused here.
 
-        With deltas=False (a non-streaming request) the text goes in the end event, whole: two stream
-        items per request (start, end) instead of one per token, each of which costs the gateway a Ray
-        round of its own.
+        With deltas=False (a non-streaming request) the text goes in the end event, whole, and the start
+        event goes only once the request has run START_EVENT_DELAY_SECONDS: a shorter one is one stream
+        item (its end, carrying its start) instead of one per token, each of which costs the gateway a Ray
+        round of its own, and CPU the engine may need on a small machine. (The gateway's admission
+        counts a request as queued until it hears of its start: a late start overstates that by at
+        most the delay.) A replica whose work no node agent meters sends its start at once: the gateway
+        needs it to find where an abandoned request's estimate is kept.
 
         Every way out settles the request with the node agent, so its device's running count comes
         back down and its joules are charged: the end event carries the energy; an error event
@@ -300,18 +343,27 @@ class ModelServer:
         energy: EnergyReport | None = None
         settled = False
         last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
-        yield ReplicaStart(replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
-                           system_fingerprint=self.engine.system_fingerprint,
-                           abandoned_node=self.home_node if self.agent is None and self.home_agent is not None
-                           else None)
+        start: ReplicaStart | None = ReplicaStart(
+            replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
+            system_fingerprint=self.engine.system_fingerprint,
+            abandoned_node=self.home_node if self.agent is None and self.home_agent is not None else None)
+        if deltas or self.agent is None:
+            yield start
+            start = None  # from here on: the start still to send (None: sent)
         reports = None
         if self.agent is not None:
             reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
             self._push_stats()
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
-            async with contextlib.aclosing(self.engine.generate(request)) as events:
+            async with contextlib.aclosing(self.engine.generate(request)) as engine_events, \
+                    contextlib.aclosing(engine_events if start is None else
+                                        _with_start_due(engine_events, START_EVENT_DELAY_SECONDS)) as events:
                 async for ev in events:
+                    if ev is _START_DUE:
+                        out, start = start, None
+                        yield out
+                        continue
                     prompt_tokens, completion_tokens, last = ev.prompt_tokens, ev.completion_tokens, ev
                     if first_token_mono is None and completion_tokens > 0:
                         first_token_mono = time.monotonic()
@@ -323,7 +375,7 @@ class ModelServer:
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
-                            else time.monotonic() - first_token_mono, **self._token_methods(ev))
+                            else time.monotonic() - first_token_mono, start=start, **self._token_methods(ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
@@ -337,35 +389,40 @@ class ModelServer:
                         texts.append(ev.text)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
-            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid)
+            if last is None:  # before the engine's first event: what it had handed on (an upstream server's prefill)
+                last = self.engine.take_unreported_work(rid)
+                if last is not None:
+                    prompt_tokens, completion_tokens = last.prompt_tokens, last.completion_tokens
+            self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid,
+                          self._token_methods(last))
             self._push_stats()
             raise
         except ContextLengthError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt",
-                                          last=last)
+                                          last=last, start=start)
         except RequestRejectedError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
-                                          str(exc), param=exc.param, last=last)
+                                          str(exc), param=exc.param, last=last, start=start)
         except EngineUnavailable as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
                                           f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
-                                          last=last)
+                                          last=last, start=start)
         except EngineError as exc:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {exc}", last=last)
+                                          f"model {self.model.id} failed: {exc}", last=last, start=start)
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
-                                          f"model {self.model.id} failed: {type(exc).__name__}", last=last)
+                                          f"model {self.model.id} failed: {type(exc).__name__}", last=last, start=start)
 
     async def _error_event(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
                            kind: ReplicaErrorKind, message: str, param: str | None = None,
-                           last: EngineEvent | None = None) -> ReplicaError:
+                           last: EngineEvent | None = None, start: ReplicaStart | None = None) -> ReplicaError:
         energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens)
         self._push_stats()
         return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens, energy=energy, param=param,
+                            completion_tokens=completion_tokens, energy=energy, param=param, start=start,
                             **self._token_methods(last))
 
     def _token_methods(self, ev: EngineEvent | None) -> dict[str, str | None]:
@@ -387,13 +444,14 @@ class ModelServer:
         return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
 
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                 energy: EnergyReport | None, request_id: str) -> None:
-        """Settle a cancelled request with the agent (one-way: this task is being cancelled)."""
+                 energy: EnergyReport | None, request_id: str, methods: dict[str, str | None]) -> None:
+        """Settle a cancelled request with the agent (one-way: this task is being cancelled); `methods` say
+        how its counts were obtained, for the gateway's ledger row."""
         if reports is not None:
-            reports.abandon(reports.finish(time.time(), prompt_tokens, completion_tokens), energy)
+            reports.abandon(replace(reports.finish(time.time(), prompt_tokens, completion_tokens), **methods), energy)
         elif self.home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
             # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
-            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens)
+            finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens, **methods)
             estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
             contextvars.Context().run(self.home_agent.abandon_request.remote, finish, estimate)
 

@@ -60,6 +60,16 @@ def cluster_nodes() -> list[ClusterNode]:
     return [node_from_ray(n) for n in ray.nodes() if n.get("Alive")]
 
 
+def cluster_id() -> str:
+    """Names this run of the Ray cluster: its head node's id, new each time the head starts."""
+    import ray
+
+    heads = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and HEAD_RESOURCE in (n.get("Resources") or {}))
+    if not heads:
+        raise RuntimeError("the Ray cluster has no alive head node")
+    return heads[0]
+
+
 _this_node: ClusterNode | None = None
 
 

@@ -44,6 +44,23 @@ def replica_count_options(model: ModelConfig) -> dict[str, Any]:
     }}
 
 
+def gateway_actor_options(config: WattlaneConfig, state_dir: Path) -> dict[str, Any]:
+    """Ray options of the gateway replicas: all on the head node; with several, shared metric files.
+
+    Replicas are separate processes sharing the state directory's ledger and teams database, all on the
+    head node: each ledger row is written once (by the replica that served the request), and SQLite's
+    locking (WAL, busy_timeout) keeps several writer processes on one host safe; not across hosts. Their
+    Prometheus series go to one folder there (energy/metrics.py), so a scrape of any replica is complete;
+    the variable reaches the gateway replicas' processes only, never Ray's own nor the model replicas'."""
+    from scheduler.energy.metrics import MULTIPROC_ENV, multiprocess_dir
+
+    options: dict[str, Any] = {"num_cpus": 0, "resources": {runtime.HEAD_RESOURCE: 0.001}}
+    if config.server.gateway_replicas > 1:
+        path = multiprocess_dir(Path(state_dir), runtime.cluster_id())
+        options["runtime_env"] = {"env_vars": {MULTIPROC_ENV: str(path)}}
+    return options
+
+
 def build_app(config: WattlaneConfig, state_dir: Path):
     """The Serve application: gateway ingress bound to one deployment per model."""
     from ray import serve
@@ -77,10 +94,7 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         name="gateway",
         num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
-        # replicas are separate processes sharing the state directory's ledger and teams database, all on the
-        # head node: each ledger row is written once (by the replica that served the request), and SQLite's
-        # locking (WAL, busy_timeout) keeps several writer processes on one host safe; not across hosts
-        ray_actor_options={"num_cpus": 0, "resources": {runtime.HEAD_RESOURCE: 0.001}},
+        ray_actor_options=gateway_actor_options(config, state_dir),
     )
     return gateway.bind(cfg, str(state_dir), handles)
 

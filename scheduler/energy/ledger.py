@@ -30,7 +30,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -306,9 +306,8 @@ class Ledger:
 
     @staticmethod
     def _values(row: LedgerRow) -> tuple[Any, ...]:
-        d = asdict(row)
-        d["time_iso"] = row.time_iso
-        return tuple(d[c] for c in COLUMNS)
+        # getattr, not asdict: asdict deep-copies every field, a tenth of the commit's time
+        return tuple(getattr(row, c) for c in COLUMNS)
 
     def close(self) -> None:
         """Flush every queued row, commit, and stop the writer. Later record() calls fail."""

@@ -3,19 +3,39 @@
 The gateway calls observe_request() once per finished request; replicas' queue lengths, power
 actions and grid intensity have their own setters; device gauges are read at scrape time from a
 callable (the node agents' latest DeviceSnapshots), so a scrape never touches a device.
+
+Several gateway replicas (separate processes on the head node) run in prometheus-client's multiprocess
+mode: the deployment gives only them PROMETHEUS_MULTIPROC_DIR (multiprocess_dir()), each replica's
+request counters and histograms live in files there, and a scrape of any replica sums every replica's,
+the dead ones' included, so totals never go back. What every replica sees alike (device readings, power
+actions the node agents count, model replicas' queues, grid intensity) is exported by the scraped
+replica alone, from its own view, so it appears once and never from a replica that is gone. Budget
+shares are read from the shared teams database by whichever replica checks a budget: the latest wins.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+#: prometheus-client reads it once, when first imported: it must be in the process's environment from its start
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: the state directory's folder for the gateway replicas' metric files
+MULTIPROC_DIRNAME = "prometheus-multiproc"
+#: the Ray cluster the files were written in: files from another cluster's run are wiped
+_CLUSTER_MARK = "cluster-id"
 
 #: joules per request span a CPU-side 135M model (~1 J) to long 70B GPU generations (~10 kJ)
 ENERGY_BUCKETS_JOULES = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, float("inf"))
@@ -68,11 +88,79 @@ class _DeviceCollector(Collector):
         return []
 
 
+class _SharedViewCollector(Collector):
+    """Series every gateway replica knows alike: model replicas' queues, power actions, grid intensity.
+
+    Kept in plain dicts (never in prometheus-client's value classes, which multiprocess mode would
+    write to files and sum over the replicas), so the scraped replica exports its view once."""
+
+    def __init__(self) -> None:
+        self.queues: dict[tuple[str, str], tuple[float, float]] = {}
+        self.power_actions: dict[tuple[str, str], float] = {}
+        self.grid_intensity: dict[str, float] = {}
+
+    def collect(self) -> Iterable[Any]:
+        running = GaugeMetricFamily("wattlane_num_requests_running", "Requests running on a replica.", labels=["model", "replica"])
+        waiting = GaugeMetricFamily("wattlane_num_requests_waiting", "Requests queued for a replica.", labels=["model", "replica"])
+        for (model, replica), (r, w) in list(self.queues.items()):
+            running.add_metric([model, replica], r)
+            waiting.add_metric([model, replica], w)
+        actions = CounterMetricFamily("wattlane_power_actions", "Power setting changes applied, by device and action.",
+                                      labels=["device", "action"])
+        for (device, action), n in list(self.power_actions.items()):
+            actions.add_metric([device, action], n)
+        grid = GaugeMetricFamily("wattlane_grid_intensity_gco2e_per_kwh", "Grid carbon intensity in force, gCO2e per kWh.",
+                                 labels=["region"])
+        for region, v in list(self.grid_intensity.items()):
+            grid.add_metric([region], v)
+        yield from (running, waiting, actions, grid)
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+
+class _OwnSeriesCollector(Collector):
+    """The wattlane_ series of the multiprocess files (other code in the process may write its own there)."""
+
+    def __init__(self, path: str) -> None:
+        self._inner = MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterable[Any]:
+        return [m for m in self._inner.collect() if m.name.startswith("wattlane_")]
+
+
+def multiprocess_dir(state_dir: Path, cluster_id: str) -> Path:
+    """The gateway replicas' metric folder, emptied when its files come from another Ray cluster.
+
+    Files of this cluster's dead replicas stay: their requests still count and the totals never fall
+    (a redeploy that keeps the running replicas must not lose their files from under them either)."""
+    path = Path(state_dir) / MULTIPROC_DIRNAME
+    mark = path / _CLUSTER_MARK
+    if path.exists() and (not mark.exists() or mark.read_text().strip() != cluster_id):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if not mark.exists():
+        mark.write_text(cluster_id + "\n")
+    return path
+
+
+def multiprocess_active() -> str | None:
+    """The multiprocess folder this process writes its series to, or None (in-process, as in tests)."""
+    path = os.environ.get(MULTIPROC_ENV)
+    if not path:
+        return None
+    if values.ValueClass is values.MutexValue:
+        raise RuntimeError(f"{MULTIPROC_ENV} is set but prometheus_client was imported before it was: "
+                           "set it in the process's environment from its start")
+    return path
+
+
 class WattlaneMetrics:
     """All Wattlane series in their own CollectorRegistry (never the global default one)."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.multiprocess_path = multiprocess_active()
         r = self.registry
         self.request_energy = Histogram(
             "wattlane_request_energy_joules", "Energy attributed to one request, in joules.", ["model"], buckets=ENERGY_BUCKETS_JOULES, registry=r
@@ -83,9 +171,6 @@ class WattlaneMetrics:
         self.tokens = Counter("wattlane_tokens_total", "Tokens processed, by kind (prompt or completion).", ["model", "kind"], registry=r)
         self.ttft = Histogram("wattlane_request_ttft_seconds", "Time to first token in seconds.", ["model"], buckets=TTFT_BUCKETS_SECONDS, registry=r)
         self.tpot = Histogram("wattlane_request_tpot_seconds", "Mean time per output token after the first, in seconds.", ["model"], buckets=TPOT_BUCKETS_SECONDS, registry=r)
-        self.running = Gauge("wattlane_num_requests_running", "Requests running on a replica.", ["model", "replica"], registry=r)
-        self.waiting = Gauge("wattlane_num_requests_waiting", "Requests queued for a replica.", ["model", "replica"], registry=r)
-        self.power_actions = Counter("wattlane_power_actions_total", "Power setting changes applied, by device and action.", ["device", "action"], registry=r)
         # savings against the baseline (energy/baseline.py): two counters, because a request can cost more
         # than its baseline (a cascade's repeat) and a counter cannot go down; saved = baseline - actual
         savings_labels = ["model", "team", "api_key"]
@@ -96,12 +181,14 @@ class WattlaneMetrics:
         self.savings_actual = Counter(
             "wattlane_savings_actual_joules_total",
             "Joules attributed to the same requests (those with a baseline estimate).", savings_labels, registry=r)
-        # set by the budget enforcement (teams and keys): the share of each budget used in its current period
+        # set by the budget enforcement (teams and keys): the share of each budget used in its current period,
+        # read from the database all replicas share, so with several replicas the latest reading is the one
         self.budget_used = Gauge(
             "wattlane_budget_used_ratio", "Share of an energy or carbon budget used in its current period (1 = all).",
-            ["scope", "name", "kind"], registry=r)
-        self.grid_intensity = Gauge("wattlane_grid_intensity_gco2e_per_kwh", "Grid carbon intensity in force, gCO2e per kWh.", ["region"], registry=r)
+            ["scope", "name", "kind"], registry=r, multiprocess_mode="mostrecent")
+        self._shared = _SharedViewCollector()
         self._devices = _DeviceCollector()
+        r.register(self._shared)
         r.register(self._devices)
 
     def observe_request(
@@ -149,28 +236,35 @@ class WattlaneMetrics:
         self.budget_used.labels(scope=scope, name=name, kind=kind).set(used_ratio)
 
     def set_replica_queue(self, *, model: str, replica: str, running: int, waiting: int) -> None:
-        self.running.labels(model=model, replica=replica).set(running)
-        self.waiting.labels(model=model, replica=replica).set(waiting)
+        self._shared.queues[(model, replica)] = (float(running), float(waiting))
 
     def remove_replica(self, *, model: str, replica: str) -> None:
-        for g in (self.running, self.waiting):
-            try:
-                g.remove(model, replica)
-            except KeyError:
-                pass
+        self._shared.queues.pop((model, replica), None)
 
-    def power_action(self, *, device: str, action: str) -> None:
+    def power_action(self, *, device: str, action: str, count: int = 1) -> None:
         """action: e.g. set_power_limit, reset_power_limit, lock_clocks, reset_clocks, restore."""
-        self.power_actions.labels(device=device, action=action).inc()
+        if count < 0:
+            raise ValueError("a counter only goes up")
+        key = (device, action)
+        self._shared.power_actions[key] = self._shared.power_actions.get(key, 0.0) + count
 
     def set_grid_intensity(self, *, region: str, gco2e_per_kwh: float) -> None:
-        self.grid_intensity.labels(region=region).set(gco2e_per_kwh)
+        self._shared.grid_intensity[region] = float(gco2e_per_kwh)
 
     def set_device_source(self, source: DeviceSource | None) -> None:
         """A callable returning DeviceSnapshot objects (or dicts with their keys), called per scrape."""
         self._devices.source = source
 
     def render(self) -> tuple[bytes, str]:
-        """The exposition text and its content type, for GET /metrics."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition text and its content type, for GET /metrics.
+
+        In multiprocess mode: every gateway replica's request series, summed, plus this replica's view
+        of what they all share."""
+        if self.multiprocess_path is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        scrape = CollectorRegistry()
+        scrape.register(_OwnSeriesCollector(self.multiprocess_path))
+        scrape.register(self._shared)
+        scrape.register(self._devices)
+        return generate_latest(scrape), CONTENT_TYPE_LATEST
 

@@ -264,6 +264,16 @@ class Engine(abc.ABC):
         """Live load and energy figures for placement and the governor (see ReplicaStats)."""
         return ReplicaStats(running=0, waiting=0)
 
+    def take_unreported_work(self, request_id: str) -> EngineEvent | None:
+        """The work a request stopped before its first event had already handed on, once; None: none.
+
+        A generation cancelled before it yielded anything has no counts in the replica, but its backend
+        may already be working on it: an upstream server that was sent the prompt is prefilling it. The
+        replica asks here when its client leaves so that work is charged. Engines whose first event
+        comes as soon as they take the prompt (llama.cpp) keep this default.
+        """
+        return None
+
     async def close(self) -> None:
         """Free the model."""
 

@@ -1,17 +1,22 @@
 """The `openai` engine: one replica fronts one OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, Ollama).
 
 Every request goes upstream as a streaming request (chat or completion) over one shared httpx
-AsyncClient, and each content chunk comes back as an EngineEvent as it arrives, so the replica
-reports the work to its node agent as it happens, exactly as for a local engine. Usage is the
-server's when it sends it (stream_options.include_usage); otherwise output tokens are the content
-chunks counted and prompt tokens an estimate from the prompt's length (counted in the replica's
-stats as `prompt_tokens_estimated`). Each count names its source in its events (TokenCountMethod:
+AsyncClient, whose connections are kept (each response is read to its end, past [DONE]), and each
+content chunk comes back as an EngineEvent as it arrives, so the replica reports the work to its node
+agent as it happens, exactly as for a local engine. Usage is the server's when it sends it
+(stream_options.include_usage); otherwise output tokens are the content chunks counted and prompt
+tokens an estimate from the prompt's length (counted in the replica's stats as
+`prompt_tokens_estimated`). Each count names its source in its events (TokenCountMethod:
 "server", or the estimate's name), which the response's usage and the ledger row carry.
 
 Load: where the server publishes it (vLLM, SGLang, TGI and llama.cpp's /metrics, llama.cpp's /slots,
 or an endpoint's metrics_url), a ServerLoadPoller (upstream_load.py) scrapes it from the first
 request on, and stats() publishes the server's running, waiting and KV-cache figures over the
 replica's own in-flight counts.
+
+A client that leaves before the first token still cost the server the prompt's prefill once the whole
+request reached it (httpx's trace of the request body): the engine keeps that prompt's count for its
+replica (take_unreported_work), which charges it like any other work of the request.
 
 Failures: anything that is not the client's fault (no connection, a stall past the read timeout, a
 5xx, bad JSON, broken SSE, a server serving another model) raises EngineError and counts against
@@ -21,18 +26,28 @@ backoff); the server's 400 raises RequestRejectedError with its message, for a 4
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from scheduler.config import ModelConfig, UpstreamEndpointConfig, UpstreamOptions, WattlaneConfig
+from scheduler.config import (
+    CPU_DEVICE_ID,
+    NVML_DEVICE_ID,
+    ModelConfig,
+    UpstreamEndpointConfig,
+    UpstreamOptions,
+    WattlaneConfig,
+)
+from scheduler.devices.resolve import is_node_local_name
 from scheduler.engines.base import (
     Engine,
     EngineError,
@@ -58,6 +73,12 @@ BYTES_PER_PROMPT_TOKEN_ESTIMATE = 4.0
 MAX_ERROR_BODY_BYTES = 4096
 #: a server load scraped longer ago than this is stale: the replica's own counts stand instead
 LOAD_MAX_AGE_SECONDS = 5.0
+#: longest wait, after [DONE], for the end of the response: read to its end, the connection goes back to the
+#: pool; left unread, httpx closes it and the next request connects again (a TCP, and for https a TLS, handshake).
+#: The openai client drains the same way, for as long.
+REST_AFTER_DONE_SECONDS = 0.1
+#: most stopped requests whose prompt the server had, kept for the replica to take (it takes each at once)
+MAX_UNREPORTED_REQUESTS = 1024
 #: OpenAI's finish reasons that the engine interface knows; others (tool_calls, ...) end as "stop"
 _FINISH = {"stop": "stop", "length": "length"}
 
@@ -76,6 +97,8 @@ class UpstreamEngine(Engine):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.joules_per_prompt_token, self.joules_per_output_token = joules_per_prompt_token, joules_per_output_token
         self.node = node
+        #: what the estimate covers (usage.energy.scope), from the devices the endpoint declares
+        self.energy_scope = estimate_scope(endpoint.devices)
         self.health = EndpointHealth(options.ejection_base_seconds, options.ejection_max_seconds)
         self._client: httpx.AsyncClient | None = None
         self._checker: HealthChecker | None = None
@@ -85,6 +108,8 @@ class UpstreamEngine(Engine):
         self.prompt_tokens_estimated = 0  # requests whose prompt tokens the server did not report
         self.requests_completed = 0
         self._decode_seconds_per_token: float | None = None
+        #: request id -> the prompt the server was sent for a request stopped before its first token
+        self._unreported: dict[str, EngineEvent] = {}
         #: the server's own load from its /metrics (and llama.cpp's /slots), where it has them
         self.load_poller: ServerLoadPoller | None = None
         if endpoint.metrics_url or endpoint.server in SERVER_KINDS:
@@ -163,35 +188,45 @@ class UpstreamEngine(Engine):
         last_token_s: float | None = None
         self.waiting += 1
         streaming = False
+        sent = False  # the whole request reached the server: from here it is prefilling the prompt
+
+        async def trace(name: str, info: dict[str, Any]) -> None:
+            nonlocal sent
+            if name.endswith(".send_request_body.complete"):  # http11. or http2.
+                sent = True
+
         try:
-            async with self.client().stream("POST", self.base_url + path, json=self._body(request)) as resp:
+            async with self.client().stream("POST", self.base_url + path, json=self._body(request),
+                                            extensions={"trace": trace}) as resp:
                 if resp.status_code != 200:
                     await self._raise_for_status(resp)
-                async for chunk in self._chunks(resp):
-                    if chunk is _DONE:
-                        break
-                    self._check_chunk(chunk)
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    text, reason = self._choice(chunk, request.kind)
-                    finish_reason = reason or finish_reason
-                    if text:
-                        now = time.time()
-                        if not streaming:
-                            streaming = True
-                            self.waiting -= 1
-                            self.running += 1
-                        elif last_token_s is not None:
-                            self._learn_decode_step(now - last_token_s)
-                        last_token_s = now
-                        completion_tokens += 1
-                        yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
-                                          completion_tokens=completion_tokens, time_s=now,
-                                          prompt_tokens_method=prompt_method,
-                                          completion_tokens_method=completion_method)
-                else:
-                    if finish_reason is None:
-                        raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
+                # closed here, not left to the loop's async-generator finalizer (one task more per request)
+                async with aclosing(self._chunks(resp)) as chunks:
+                    async for chunk in chunks:
+                        if chunk is _DONE:
+                            break
+                        self._check_chunk(chunk)
+                        if isinstance(chunk.get("usage"), dict):
+                            usage = chunk["usage"]
+                        text, reason = self._choice(chunk, request.kind)
+                        finish_reason = reason or finish_reason
+                        if text:
+                            now = time.time()
+                            if not streaming:
+                                streaming = True
+                                self.waiting -= 1
+                                self.running += 1
+                            elif last_token_s is not None:
+                                self._learn_decode_step(now - last_token_s)
+                            last_token_s = now
+                            completion_tokens += 1
+                            yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
+                                              completion_tokens=completion_tokens, time_s=now,
+                                              prompt_tokens_method=prompt_method,
+                                              completion_tokens_method=completion_method)
+                    else:
+                        if finish_reason is None:
+                            raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
         except httpx.TimeoutException as exc:
             what = "connecting" if isinstance(exc, (httpx.ConnectTimeout, httpx.PoolTimeout)) else "waiting for data"
             limit = self.options.connect_timeout_seconds if what == "connecting" else self.options.read_timeout_seconds
@@ -202,6 +237,12 @@ class UpstreamEngine(Engine):
             raise self._fail(f"the connection broke mid-response ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
             raise self._fail(f"HTTP failure ({type(exc).__name__}: {exc})") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            if sent and not streaming:  # the replica has no event of this request to count its prompt from
+                self._keep_unreported(request.request_id, EngineEvent(
+                    text="", prompt_tokens=prompt_tokens, completion_tokens=0, time_s=time.time(),
+                    prompt_tokens_method=prompt_method, completion_tokens_method=completion_method))
+            raise
         finally:
             if streaming:
                 self.running -= 1
@@ -242,11 +283,17 @@ class UpstreamEngine(Engine):
     async def _chunks(self, resp: httpx.Response) -> AsyncIterator[Any]:
         """The JSON payloads of a Server-Sent Events stream, then _DONE (if the server sent [DONE])."""
         data: list[str] = []
-        async for line in resp.aiter_lines():
+        lines = resp.aiter_lines()
+        async for line in lines:
             if line == "":
                 if data:
-                    yield self._payload("\n".join(data))
+                    payload = self._payload("\n".join(data))
                     data = []
+                    if payload is _DONE:
+                        await _read_rest(lines)
+                        yield _DONE
+                        return
+                    yield payload
                 continue
             if line.startswith("data:"):
                 data.append(line[5:].removeprefix(" "))
@@ -295,6 +342,19 @@ class UpstreamEngine(Engine):
         reason = c.get("finish_reason")
         return text or "", reason if isinstance(reason, str) else None
 
+    def _keep_unreported(self, request_id: str, work: EngineEvent) -> None:
+        self._unreported[request_id] = work
+        while len(self._unreported) > MAX_UNREPORTED_REQUESTS:  # a caller that never takes them (not a replica)
+            del self._unreported[next(iter(self._unreported))]
+
+    def take_unreported_work(self, request_id: str) -> EngineEvent | None:
+        """The prompt of a request stopped after it reached the server and before its first token.
+
+        Charged whole: the server may not have finished prefilling it, but no server tells how far it got,
+        and servers finish the prefill step they have started (docs/energy.md: a client that leaves before the
+        first token)."""
+        return self._unreported.pop(request_id, None)
+
     def _learn_decode_step(self, seconds: float) -> None:
         prev = self._decode_seconds_per_token
         self._decode_seconds_per_token = seconds if prev is None else 0.9 * prev + 0.1 * seconds
@@ -325,8 +385,8 @@ class UpstreamEngine(Engine):
 
         dynamic = prompt_tokens * self.joules_per_prompt_token + completion_tokens * self.joules_per_output_token
         return EnergyReport(joules=dynamic, dynamic_joules=dynamic, idle_joules=0.0, method=JPT_ESTIMATE_METHOD,
-                            scope="gpu", device=",".join(self.endpoint.devices), node=self.node, metered=True,
-                            complete=True, work_tokens=float(prompt_tokens + completion_tokens))
+                            scope=self.energy_scope, device=",".join(self.endpoint.devices), node=self.node,
+                            metered=True, complete=True, work_tokens=float(prompt_tokens + completion_tokens))
 
     async def close(self) -> None:
         if self._checker is not None:
@@ -341,11 +401,38 @@ class UpstreamEngine(Engine):
 _DONE: Any = object()
 
 
+def estimate_scope(devices: Sequence[str]) -> str:
+    """What an estimate for a server on `devices` covers: "gpu" (gpuN, an NVML index or a GPU UUID), "cpu"
+    (cpu0), "cpu+gpu" for a server on both, "unknown" where a name is neither (the config allows none such)."""
+    kinds = set()
+    for name in devices:
+        if name == CPU_DEVICE_ID:
+            kinds.add("cpu")
+        elif NVML_DEVICE_ID.match(name) or is_node_local_name(name):
+            kinds.add("gpu")
+        else:
+            return "unknown"
+    return "+".join(sorted(kinds)) or "unknown"
+
+
 def _count(value: Any) -> int:
     """A token count from a usage report; 0 when it has none (some servers send 0 for a count they do not keep)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         return 0
     return int(value)
+
+
+async def _read_rest(lines: AsyncIterator[str]) -> None:
+    """Read what follows [DONE], normally only the end of the chunked body, so that the connection is kept.
+
+    Nothing after [DONE] counts; a server that holds the response open past REST_AFTER_DONE_SECONDS, or
+    breaks it, costs only the connection, which httpx then closes."""
+    try:
+        async with asyncio.timeout(REST_AFTER_DONE_SECONDS):
+            async for _ in lines:
+                await asyncio.sleep(0)  # the deadline holds even where the lines come from a buffer
+    except (TimeoutError, httpx.HTTPError) as exc:
+        log.debug("the response after [DONE] did not end cleanly (%s); its connection is closed", type(exc).__name__)
 
 
 def _error_fields(body: bytes) -> tuple[str, str | None, str | None]:

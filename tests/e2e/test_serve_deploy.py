@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.ray_cluster import LocalRayCluster
 from tests.support.server import free_port
@@ -33,6 +34,16 @@ def small_sim_config(state_dir: Path, port: int) -> dict:
     # two gateway replicas: each request's ledger row is written once, by the replica that served it
     cfg["server"]["gateway_replicas"] = 2
     return cfg
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
+        for sample in fam.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"{key} exported twice"
+            out[key] = sample.value
+    return out
 
 
 def test_serve_deploy_of_the_generated_config_serves_with_energy(tmp_path):
@@ -71,6 +82,15 @@ def test_serve_deploy_of_the_generated_config_serves_with_energy(tmp_path):
         assert sorted(r["request_id"] for r in rows) == sorted([resp.id] + [m.id for m in more])
         assert sum(r["joules"] for r in rows) == pytest.approx(
             sum(x.usage.model_extra["energy"]["joules"] for x in [resp, *more]))
+        # both replicas counted requests (one metric file each), and whichever one a scrape reaches
+        # shows them all, with the device once
+        files = list((state / "prometheus-multiproc").glob("counter_*.db"))
+        assert len({f.stem.rsplit("_", 1)[1] for f in files}) == 2, files
+        for _ in range(4):
+            scraped = scrape(f"http://127.0.0.1:{port}/metrics")
+            assert sum(v for (name, _), v in scraped.items() if name == "wattlane_requests_total") == 1 + len(more)
+            assert [dict(labels)["device"] for (name, labels) in scraped if name == "wattlane_device_power_watts"] == [
+                "sim-h100-0"]
         # a second deploy (a config change, or the same file again) keeps the one agent per node
         cluster.serve("deploy", str(serve_file))
         cluster.wait_app_running()

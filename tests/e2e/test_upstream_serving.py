@@ -151,6 +151,10 @@ def test_a_client_that_leaves_a_server_no_agent_meters_is_charged_the_estimate_o
     assert r["status"] == "cancelled" and r["node"] == FAR_HOST and r["completion_tokens"] >= 3
     # no agent on the server's host: the replica's own node agent kept the estimate for the gateway
     assert r["energy_method"] == "upstream-jpt-estimate" and r["joules"] > 0, r
+    # cut off before the server's usage report: the counts are the estimates, named so; the server is on a CPU
+    assert (r["prompt_tokens_method"], r["completion_tokens_method"]) == ("utf8-bytes-estimate",
+                                                                          "stream-chunk-estimate"), r
+    assert r["energy_scope"] == "cpu", r
 
 
 def test_a_crashed_endpoint_is_ejected_traffic_continues_and_it_is_readmitted(stack):

@@ -1,7 +1,9 @@
 """A small OpenAI-compatible server that misbehaves on request, for the upstream engine's fault tests.
 
 The request's `model` picks the behaviour (see MODES): a good stream, or one of the ways real servers
-fail (bad JSON, broken SSE, a stall, a 500, another model's name, a connection cut mid-stream, a 400).
+fail (bad JSON, broken SSE, a stall before the first token, with or without the response's headers, or
+mid-stream, a 500, another model's name, a connection cut mid-stream, a 400, a response held open after
+[DONE]).
 It runs in-process on uvicorn in a thread, on a free port of 127.0.0.1; no network beyond loopback.
 """
 
@@ -20,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid", "http500",
-         "wrong-model", "no-such-model", "too-long", "error-chunk")
+MODES = ("ok", "ok-nousage", "ok-no-prompt-usage", "bad-json", "broken-sse", "truncated", "stall", "stall-mid",
+         "http500", "wrong-model", "no-such-model", "too-long", "error-chunk", "held-after-done", "stall-headers")
 WORDS = ["Hello", " from", " the", " fake", " upstream"]
 
 
@@ -43,6 +45,8 @@ class FakeUpstream:
         #: what /metrics answers (Prometheus text); None: 404, as a server without metrics
         self.metrics_text: str | None = None
         self.requests: Counter[str] = Counter()
+        #: the client's port of every generation request, in order: one port for many requests is one connection
+        self.client_ports: list[int] = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -84,6 +88,7 @@ class FakeUpstream:
         body = await request.json()
         mode = body.get("model", "ok")
         self.requests[mode] += 1
+        self.client_ports.append(request.client.port if request.client else 0)
         chat = request.url.path.endswith("chat/completions")
         if not self.healthy:
             return JSONResponse({"error": {"message": "server is shutting down"}}, status_code=503)
@@ -92,6 +97,10 @@ class FakeUpstream:
         if mode == "no-such-model":
             return JSONResponse({"error": {"message": f"The model `{mode}` does not exist.", "code": 404}},
                                 status_code=404)
+        if mode == "stall-headers":  # a server that sends no headers until its first token (prefilling)
+            deadline = time.monotonic() + self.stall_seconds
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                await asyncio.sleep(0.02)  # a client that left frees the handler (the server's shutdown waits for it)
         if mode == "too-long":
             return JSONResponse({"error": {"message": "This model's maximum context length is 2048 tokens. However, "
                                            "you requested 5000 tokens.", "type": "BadRequestError", "param": None,
@@ -125,5 +134,7 @@ class FakeUpstream:
                                              "usage": {"prompt_tokens": 7, "completion_tokens": len(WORDS),
                                                        "total_tokens": 7 + len(WORDS)}}) + "\n\n"
             yield "data: [DONE]\n\n"
+            if mode == "held-after-done":
+                await asyncio.sleep(self.stall_seconds)
 
         return StreamingResponse(stream(), media_type="text/event-stream")

@@ -33,11 +33,12 @@ NODE = "upstream-host"
 REPLICA_NODE = "gateway-host"
 
 
-def upstream_config(endpoints: list[tuple[str, str]], **upstream: Any) -> WattlaneConfig:
-    """One chat model `up` served by the given (base_url, served_model_name) endpoints."""
+def upstream_config(endpoints: list[tuple[str, str]], devices: tuple[str, ...] = ("cpu0",),
+                    **upstream: Any) -> WattlaneConfig:
+    """One chat model `up` served by the given (base_url, served_model_name) endpoints, each on `devices`."""
     return WattlaneConfig.model_validate({
         "models": [{"id": "up", "kind": "chat", "engine": "openai", "params_b": 0.135,
-                    "endpoints": [{"base_url": url, "served_model_name": name, "node": NODE, "devices": ["cpu0"]}
+                    "endpoints": [{"base_url": url, "served_model_name": name, "node": NODE, "devices": list(devices)}
                                   for url, name in endpoints],
                     "upstream": {"health_check_period_seconds": 0.2, "read_timeout_seconds": 1.0, **upstream}}],
         "energy": {"carbon": {"provider": "fixed", "intensity_gco2e_per_kwh": 400.0, "region": "FRA"}},

@@ -455,3 +455,55 @@ def test_a_non_streaming_answer_takes_two_replica_events_and_still_dates_its_fir
     by_id = {r["request_id"]: r for r in rows}
     assert [by_id[k]["status"] for k in ("chatcmpl-1", "chatcmpl-2")] == ["ok", "ok"]
     assert by_id["chatcmpl-1"]["joules"] == pytest.approx(result.energy.joules)
+
+
+def test_a_short_request_without_deltas_is_one_event_whose_end_carries_its_start_and_admission_sees_it_start():
+    """Each stream item is a Ray round on the request's path: a short non-streaming request sends one."""
+    async def check(fleet: Fleet):
+        result = await fleet.serving.run(job(max_tokens=1))
+        starts = fleet.serving.selection.starts
+        return result, fleet.handles[SMALL].streams[0].sent, starts.pending(SMALL), starts.start_rate_per_second(SMALL)
+
+    result, sent, pending, start_rate = run(check)
+    assert [type(ev) for ev in sent] == [ReplicaEnd]
+    assert sent[0].start is not None and sent[0].start.replica == f"{SMALL}#0"
+    assert result.routing["device"] == sent[0].start.device and result.energy.joules > 0
+    assert pending == 0 and start_rate > 0, "admission counted the request as started, not as still queued"
+
+
+def test_a_long_request_without_deltas_sends_its_start_once_it_has_run_a_while():
+    from scheduler.cluster.replica import START_EVENT_DELAY_SECONDS
+
+    async def check(fleet: Fleet):
+        task = asyncio.create_task(fleet.serving.run(job(max_tokens=2000)))
+        await asyncio.sleep(START_EVENT_DELAY_SECONDS * 3)
+        sent_while_running = list(fleet.handles[SMALL].streams[0].sent)
+        pending_while_running = fleet.serving.selection.starts.pending(SMALL)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return sent_while_running, pending_while_running
+
+    sent, pending = run(check)
+    assert [type(ev) for ev in sent] == [ReplicaStart]
+    assert pending == 0, "admission saw the start while the request ran"
+
+
+def test_a_request_without_deltas_whose_client_leaves_before_its_start_arrived_gets_a_row_with_the_work_done():
+    """Its start has not reached the gateway, so the gateway does not know the node: the agents are asked."""
+    from scheduler.cluster.replica import START_EVENT_DELAY_SECONDS
+
+    async def check(fleet: Fleet):
+        task = asyncio.create_task(fleet.serving.run(job(max_tokens=2000)))
+        await asyncio.sleep(START_EVENT_DELAY_SECONDS / 2)
+        assert fleet.handles[SMALL].streams[0].sent == []  # nothing reached the gateway yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await fleet.serving.settled()
+        return fleet.rows(), fleet.agent.attributor.running()
+
+    rows, running = run(check)
+    assert running == 0, "the node agent settled the request"
+    assert [r["status"] for r in rows] == ["cancelled"]
+    assert rows[0]["joules"] > 0 and rows[0]["energy_method"] == "simulated"

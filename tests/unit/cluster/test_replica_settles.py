@@ -353,7 +353,8 @@ class SlowStartEngine(ScriptedEngine):
             yield ev
 
 
-def test_a_request_costs_its_agent_one_start_carrying_the_prompt_and_one_finish() -> None:
+def test_a_short_request_costs_its_agent_one_message_the_finish_carrying_its_start() -> None:
+    """A request that ends before its start went: no start message, and the finish starts it with its counts."""
     recorder = RecordingAgent()
 
     async def main():
@@ -364,10 +365,53 @@ def test_a_request_costs_its_agent_one_start_carrying_the_prompt_and_one_finish(
 
     events = asyncio.run(main())
     assert isinstance(events[-1], ReplicaEnd) and events[-1].energy is not None
+    # the work attributed is the whole request's: 8 prompt tokens at the attributor's weight, 3 decoded
+    assert events[-1].energy.work_tokens == 8 * recorder.agent.attributor.prefill_token_weight + 3
     # the first request goes by Ray calls while the link to the agent connects
     names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
+    assert names == ["finish_request"], names
+    finish = recorder.calls[-1][1]
+    assert finish.start is not None and finish.start.progress_t_s is not None
+    assert (finish.start.prompt_tokens, finish.start.completion_tokens) == (8, 3)  # the latest counts, not the first
+    assert recorder.agent.attributor.running(DEVICE) == 0
+
+
+class PacedEngine(ScriptedEngine):
+    """Takes `gap_s` between its token events."""
+
+    def __init__(self, tokens: int, gap_s: float):
+        super().__init__(tokens)
+        self.gap_s = gap_s
+
+    async def generate(self, request):
+        for i in range(1, self.tokens + 1):
+            yield EngineEvent("w ", 8, i, time.time())
+            await asyncio.sleep(self.gap_s)
+        yield EngineEvent("", 8, self.tokens, time.time(), finished=True, finish_reason="length")
+
+
+def test_a_longer_request_is_reported_running_soon_after_its_first_event_with_the_work_done() -> None:
+    from scheduler.cluster.replica import START_WITH_WORK_DELAY_SECONDS
+
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(PacedEngine(3, gap_s=START_WITH_WORK_DELAY_SECONDS * 3), recorder)
+        gen = server.generate(REQUEST)
+        assert isinstance(await gen.__anext__(), ReplicaStart)
+        consumer = asyncio.create_task(_drain(gen))
+        await asyncio.sleep(START_WITH_WORK_DELAY_SECONDS * 2)
+        running_during_the_work = recorder.agent.attributor.running(DEVICE)
+        events = await consumer
+        await asyncio.gather(*server.agent.tasks)
+        return running_during_the_work, events
+
+    running, events = asyncio.run(main())
+    assert running == 1
+    assert isinstance(events[-1], ReplicaEnd) and events[-1].energy is not None
+    names = [name for name, _ in recorder.calls if name not in ("replica_stats", "link_address")]
     assert names == ["start_request", "finish_request"], names
-    start = recorder.calls[[n for n, _ in recorder.calls].index("start_request")][1]
+    start = next(msg for name, msg in recorder.calls if name == "start_request")
     assert (start.prompt_tokens, start.completion_tokens) == (8, 1) and start.progress_t_s is not None
     assert recorder.agent.attributor.running(DEVICE) == 0
 
@@ -519,3 +563,34 @@ def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(t
 
     path = asyncio.run(main())
     assert not stale.exists() and live.exists() and not os.path.exists(path)
+
+
+def test_the_agent_link_answers_a_finish_at_once_with_the_same_energy_a_late_abandon_gets() -> None:
+    """The link answers a finish without a task when nothing must be waited for; the outcome is still kept
+    for a replica cancelled while it waited (its abandon_request must get the same joules, not new ones)."""
+    from scheduler.cluster import agent_link
+
+    agent = make_agent()
+    t0 = time.time()
+
+    async def main():
+        server = agent_link.AgentLinkServer(agent, agent_link.socket_path())
+        await server.start()
+        link = await agent_link.AgentLink.connect(server.path)
+        try:
+            start = RequestStart("r1", (DEVICE,), t0 - 0.5)
+            energy = await link.call(RequestFinish("r1", t0, 8, 3, start=start))  # its start never went alone
+            spawned = len(server._tasks)
+            running = agent.attributor.running(DEVICE)
+            await agent.abandon_request(RequestFinish("r1", time.time(), 8, 3))
+            late = await agent.take_abandoned("r1", 0.1)
+            return energy, spawned, running, late
+        finally:
+            link.close()
+            server.close()
+
+    energy, spawned, running, late = asyncio.run(main())
+    assert energy is not None and energy.work_tokens == 8 * agent.attributor.prefill_token_weight + 3
+    assert spawned == 0, "answered without a task"
+    assert running == 0
+    assert late is not None and late.energy == energy, "one request, one charge"

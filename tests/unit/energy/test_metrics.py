@@ -120,3 +120,79 @@ def test_own_registry_and_two_instances_do_not_clash() -> None:
 def test_every_design_metric_is_declared(name: str) -> None:
     body, _ = WattlaneMetrics().render()
     assert f"# TYPE {name}\n" in body.decode()
+
+
+# one gateway replica, as its own process: counts requests, sees the shared state, and scrapes if asked
+_REPLICA = """
+import sys
+from scheduler.energy.metrics import WattlaneMetrics
+requests, budget_ratio, scrape = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3] == "scrape"
+m = WattlaneMetrics()
+for _ in range(requests):
+    m.observe_request(model="small", status="ok", prompt_tokens=10, completion_tokens=5, ttft_seconds=0.2,
+                      joules=2.0, dynamic_joules=1.5, idle_joules=0.5, gco2e=0.1)
+# every replica reads the same node agents: one device, one power action, one queue, one intensity
+m.set_device_source(lambda: [{"device_id": "gpu0", "node": "n0", "kind": "nvidia-gpu", "power_watts": 100.0,
+                              "energy_joules": 5000.0}])
+m.power_action(device="gpu0", action="set_power_limit")
+m.set_replica_queue(model="small", replica="r0", running=1, waiting=2)
+m.set_grid_intensity(region="FRA", gco2e_per_kwh=56.0)
+m.set_budget_used(scope="team", name="research", kind="energy", used_ratio=budget_ratio)
+if scrape:
+    sys.stdout.write(m.render()[0].decode())
+"""
+
+
+def _run_replica(tmp_path, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _REPLICA, *args], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_scrape_of_one_replica_sums_every_replicas_requests_and_shows_shared_state_once(tmp_path) -> None:
+    _run_replica(tmp_path, "3", "0.2", "quiet")  # this replica has exited: its requests still count
+    body = _run_replica(tmp_path, "2", "0.4", "scrape")
+    got: dict[str, list] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            got.setdefault(s.name, []).append(s)
+
+    def only(name: str) -> float:
+        assert len(got.get(name, [])) == 1, (name, got.get(name))
+        return got[name][0].value
+
+    assert only("wattlane_requests_total") == 5
+    assert {s.labels["kind"]: s.value for s in got["wattlane_tokens_total"]} == {"prompt": 50, "completion": 25}
+    assert {s.labels["part"]: s.value for s in got["wattlane_energy_joules_total"]} == {"dynamic": 7.5, "idle": 2.5}
+    assert only("wattlane_carbon_grams_total") == pytest.approx(0.5)
+    assert only("wattlane_request_energy_joules_count") == 5
+    assert only("wattlane_request_ttft_seconds_count") == 5
+    # what both replicas saw alike appears once, not summed
+    assert only("wattlane_device_power_watts") == 100.0
+    assert only("wattlane_device_energy_joules_total") == 5000.0
+    assert only("wattlane_power_actions_total") == 1
+    assert only("wattlane_num_requests_waiting") == 2
+    assert only("wattlane_grid_intensity_gco2e_per_kwh") == 56.0
+    assert only("wattlane_budget_used_ratio") == 0.4  # the latest reading of the shared budget
+
+
+def test_multiprocess_folder_is_wiped_only_for_another_cluster(tmp_path) -> None:
+    from scheduler.energy.metrics import multiprocess_dir
+
+    path = multiprocess_dir(tmp_path, "head-a")
+    (path / "counter_123.db").write_bytes(b"x")
+    assert (multiprocess_dir(tmp_path, "head-a") / "counter_123.db").exists()  # a redeploy keeps live files
+    assert not (multiprocess_dir(tmp_path, "head-b") / "counter_123.db").exists()  # a new cluster starts at 0
+
+
+def test_multiprocess_variable_set_after_import_is_refused(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="imported before"):
+        WattlaneMetrics()

@@ -11,6 +11,7 @@ the other endpoint, and answers in the OpenAI envelope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from scheduler.api.errors import ApiError
 from scheduler.api.serving import Job
 from scheduler.config import UpstreamEndpointConfig, UpstreamOptions
 from scheduler.engines.base import EngineError, GenerationRequest, ModelKind, RequestRejectedError, SamplingParams
-from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, UpstreamEngine
+from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, REST_AFTER_DONE_SECONDS, UpstreamEngine
 from scheduler.engines.upstream_health import EndpointHealth
 from tests.support.fake_upstream import WORDS, FakeUpstream
 from tests.support.upstream_serving import UpstreamFleet, upstream_config
@@ -148,6 +149,54 @@ def test_a_client_that_leaves_closes_the_upstream_request(fake):
     got, stats = asyncio.run(main())
     assert [g.completion_tokens for g in got] == [1, 2]
     assert time.monotonic() - t0 < 5.0 and stats["running"] == 0 and not eng.health.ejected
+
+
+def test_requests_one_after_another_share_one_connection(fake):
+    # stopping at [DONE] without reading the end of the body made httpx close the connection, so every
+    # request connected again (a TCP, and for https a TLS, handshake more per request)
+    eng = engine(fake.base_url, "ok")
+
+    async def main():
+        first = len(fake.client_ports)
+        for i in range(4):
+            events = [ev async for ev in eng.generate(chat(f"reuse{i}"))]
+            assert [e.text for e in events[:-1]] == WORDS and events[-1].finished
+        await eng.close()
+        return fake.client_ports[first:]
+
+    ports = asyncio.run(main())
+    assert len(ports) == 4 and len(set(ports)) == 1, ports
+
+
+def test_a_request_leaves_no_task_behind_for_the_loop(fake):
+    # the SSE parser, left suspended at [DONE], was closed later by the loop's async-generator finalizer:
+    # one task more per request, run in some other request's time
+    eng = engine(fake.base_url, "ok")
+
+    async def main():
+        created: list[str] = []
+        loop = asyncio.get_running_loop()
+        [ev async for ev in eng.generate(chat("warm"))]
+        loop.set_task_factory(lambda lp, coro, **kw: created.append(repr(coro)) or asyncio.Task(coro, loop=lp, **kw))
+        for i in range(3):
+            async with contextlib.aclosing(eng.generate(chat(f"tasks{i}"))) as events:  # as the replica reads them
+                assert [ev.text async for ev in events][:-1] == WORDS
+        await asyncio.sleep(0.05)  # time for a finalizer's task to be made
+        loop.set_task_factory(None)
+        await eng.close()
+        return created
+
+    assert asyncio.run(main()) == []
+
+
+def test_a_response_held_open_after_done_ends_the_request_promptly_and_well(fake):
+    eng = engine(fake.base_url, "held-after-done", read_timeout_seconds=30.0)
+    t0 = time.monotonic()
+    events = asyncio.run(collect(eng, chat()))
+    assert time.monotonic() - t0 < REST_AFTER_DONE_SECONDS + 2.0
+    assert [e.text for e in events[:-1]] == WORDS
+    assert events[-1].finished and events[-1].completion_tokens == len(WORDS)
+    assert not eng.health.ejected
 
 
 def test_ejection_backoff_doubles_while_rechecks_fail_and_resets_after_success():

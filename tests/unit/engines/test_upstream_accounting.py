@@ -5,25 +5,33 @@ counted from the stream's chunks: usage.prompt_tokens_method and completion_toke
 estimates (the server's own counts are "server"), the ledger row carries the same names, and the
 real openai client still parses the response. A client that leaves a request on a server that no
 node agent meters is charged the joules-per-token estimate of the work done, under that estimate's
-method name, kept by the replica's own node agent for the gateway's ledger row.
+method name and the scope of the endpoint's devices, kept by the replica's own node agent for the
+gateway's ledger row, whose token counts name their methods too. Work done is the prompt as soon as
+the server has it, before any token: without an agent it is in the estimate, with one it takes its
+share of the metered joules beside the server's other requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 import anyio
 import pytest
 
 from scheduler.api.serving import Job
+from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
-from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD
+from scheduler.engines.openai_upstream import JPT_ESTIMATE_METHOD, UpstreamEngine
 from tests.support.fake_upstream import WORDS, FakeUpstream
-from tests.support.upstream_serving import NODE, REPLICA_NODE, UpstreamFleet, upstream_config
+from tests.support.serving import Remote, node_agent
+from tests.support.upstream_serving import NODE, REPLICA_NODE, UpstreamFleet, replica, upstream_config
 
 PROMPT = "say hello to the upstream"  # 25 UTF-8 bytes: 7 tokens by the 4-bytes-per-token estimate
 PROMPT_ESTIMATE = 7
+#: the counts' methods of a request that ended before the server's usage report
+ESTIMATED_COUNTS = ("utf8-bytes-estimate", "stream-chunk-estimate")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +155,9 @@ def test_a_client_that_leaves_an_unmetered_upstream_is_charged_the_estimate_of_t
     assert [r["status"] for r in rows] == ["cancelled"]
     row = rows[0]
     assert (row["prompt_tokens"], row["completion_tokens"]) == (PROMPT_ESTIMATE, 2)
-    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "gpu"
+    # the endpoints of upstream_config run on cpu0: the estimate covers a CPU
+    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "cpu"
+    assert (row["prompt_tokens_method"], row["completion_tokens_method"]) == ESTIMATED_COUNTS
     assert row["joules"] == pytest.approx(expected.joules) and row["joules"] > 0
     assert row["gco2e"] is not None and row["gco2e"] > 0
     assert (row["node"], lookups) == (NODE, [REPLICA_NODE]), "collected from the replica's own node agent"
@@ -212,3 +222,146 @@ def test_the_governor_hears_only_of_replicas_whose_work_runs_on_its_node():
     agent.replica_stats("up#0", {"node": NODE, "device_ids": ["cpu0"], "running": 3})
     assert reported == ["local#0"]
     assert sorted(agent._replica_stats) == ["local#0", "up#0"]  # both in the gateway's routing view
+
+
+async def _sent_then_left(fleet: UpstreamFleet, fake: FakeUpstream, mode: str, stream: bool) -> None:
+    """A client that leaves once the server has its whole request, before any token."""
+    before = fake.requests[mode]
+    req = job("req-early", max_tokens=200)
+    task = asyncio.create_task(fleet.serving.open(req) if stream else fleet.serving.run(req))
+    while fake.requests[mode] == before:  # the server read the body: it is prefilling
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await fleet.serving.settled()
+
+
+# stall: the server answers with its headers, then nothing; stall-headers: not even the headers (it prefills first)
+@pytest.mark.parametrize("mode", ["stall", "stall-headers"])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+def test_a_client_that_leaves_before_the_first_token_is_charged_the_prompt_the_server_had(fake, mode, stream):
+    """The server was prefilling the prompt when the client left: the estimate charges that prompt, labelled."""
+    async def main():
+        fleet = UpstreamFleet(upstream_config([(fake.base_url, mode)], read_timeout_seconds=30.0))
+        try:
+            await _sent_then_left(fleet, fake, mode, stream)
+            expected = fleet.engines()[0].estimate_energy(PROMPT_ESTIMATE, 0)
+            return fleet.rows(), expected, fleet.engines()[0].stats()
+        finally:
+            await fleet.aclose()
+
+    rows, expected, stats = asyncio.run(main())
+    assert stats["running"] == 0 and stats["waiting"] == 0, "the upstream request was closed"
+    assert [r["status"] for r in rows] == ["cancelled"]
+    row = rows[0]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (PROMPT_ESTIMATE, 0)
+    assert (row["prompt_tokens_method"], row["completion_tokens_method"]) == ESTIMATED_COUNTS
+    assert row["energy_method"] == JPT_ESTIMATE_METHOD and row["energy_scope"] == "cpu"
+    assert row["joules"] == pytest.approx(expected.joules) and row["joules"] > 0
+
+
+def test_a_request_still_being_sent_when_its_client_leaves_is_charged_nothing():
+    """A server that has not got the whole request cannot prefill it: no prompt is charged.
+
+    The server here accepts connections (the kernel does, into its backlog) and never reads, so a body
+    larger than the sockets' buffers is still being written when the client leaves."""
+    with socket.socket() as listener:
+        # a small, fixed receive buffer (accepted connections inherit it): the body fills it whatever the host's
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        async def main():
+            fleet = UpstreamFleet(upstream_config([(url, "ok")], health_check_timeout_seconds=30.0))
+            try:
+                request = GenerationRequest("req-unsent", ModelKind.CHAT, params=SamplingParams(max_tokens=8),
+                                            messages=[{"role": "user", "content": "x" * (32 << 20)}])
+                task = asyncio.create_task(_drain(fleet.replicas.servers[0].generate(request)))
+                await asyncio.sleep(1.0)  # connected, writing, blocked on the full buffers
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                work = await fleet.agent_handle.take_abandoned.remote("req-unsent", 5.0)
+                return work, fleet.engines()[0].stats()
+            finally:
+                await fleet.aclose()
+
+        work, stats = asyncio.run(main())
+    assert stats["waiting"] == 0 and stats["running"] == 0
+    assert work is not None and (work.prompt_tokens, work.completion_tokens) == (0, 0)
+    assert work.energy is not None and work.energy.method == JPT_ESTIMATE_METHOD and work.energy.joules == 0
+
+
+async def _drain(events: Any) -> None:
+    async for _ in events:
+        pass
+
+
+def test_with_an_agent_on_the_servers_host_the_prompt_takes_its_share_of_the_metered_joules(fake):
+    """Two servers on one metered GPU: one decodes, the other's client leaves while it prefills. The agent
+    shares the metered joules by work; the prompt the server had is that request's work (reported 0 before,
+    it was charged nothing and the decoding request paid for its prefill)."""
+    config = upstream_config([(fake.base_url, "stall-mid"), (fake.base_url, "stall")], devices=("gpu0",),
+                             read_timeout_seconds=30.0)
+    gpu = SimulatedGpu("gpu0", "l40s", node=NODE)
+
+    async def main():
+        agent = node_agent({"gpu0": gpu}, config)
+        agent.node = NODE
+        handle = Remote(agent)
+        servers = [replica(config, i) for i in range(2)]
+        for server in servers:
+            server.agent = handle  # the agent of the servers' host meters their GPU
+        decoding, prefilling = servers
+        tasks, seen = [], {"a": [], "b": []}
+
+        async def consume(server, rid, key):
+            async for ev in server.generate(job(rid).request):
+                seen[key].append(ev)
+
+        try:
+            tasks.append(asyncio.create_task(consume(decoding, "req-decoding", "a")))
+            while len(seen["a"]) < 3:  # start and two tokens: the agent has its work
+                await asyncio.sleep(0.01)
+            before = fake.requests["stall"]
+            tasks.append(asyncio.create_task(consume(prefilling, "req-prefilling", "b")))
+            while fake.requests["stall"] == before:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            tasks[1].cancel()  # the second client leaves before its first token
+            await asyncio.gather(tasks[1], return_exceptions=True)
+            work = await handle.take_abandoned.remote("req-prefilling", 5.0)
+            return work, len(seen["b"])
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*handle.tasks, return_exceptions=True)
+            for server in servers:
+                await server.engine.close()
+
+    work, events = asyncio.run(main())
+    assert events == 1, "only the start event: no token came"
+    assert work is not None and (work.prompt_tokens, work.completion_tokens) == (PROMPT_ESTIMATE, 0)
+    assert (work.prompt_tokens_method, work.completion_tokens_method) == ESTIMATED_COUNTS
+    energy = work.energy
+    assert energy is not None and energy.method == "simulated" and energy.scope == "gpu"  # metered, not estimated
+    assert energy.dynamic_joules > 0
+    assert energy.work_tokens == pytest.approx(PROMPT_ESTIMATE * config.energy.prefill_token_weight)
+
+
+@pytest.mark.parametrize(("devices", "scope"), [
+    (("gpu0",), "gpu"), (("3",), "gpu"), (("GPU-8f1e",), "gpu"), (("gpu0", "gpu1"), "gpu"),
+    (("cpu0",), "cpu"), (("cpu0", "gpu0"), "cpu+gpu"),
+])
+def test_the_estimates_scope_is_what_the_endpoint_runs_on(devices, scope):
+    """usage.energy.scope of an estimate says the hardware of the endpoint's declared devices."""
+    config = upstream_config([("http://127.0.0.1:9", "ok")], devices=devices)
+    model = config.models[0]
+    engine = UpstreamEngine(model.id, ModelKind.CHAT, model.endpoints[0], model.upstream, context_length=2048,
+                            joules_per_prompt_token=0.1, joules_per_output_token=1.0, node=NODE,
+                            health_checks=False)
+    energy = engine.estimate_energy(PROMPT_ESTIMATE, 3)
+    assert energy.scope == scope and energy.device == ",".join(devices) and energy.method == JPT_ESTIMATE_METHOD
