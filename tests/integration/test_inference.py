@@ -136,9 +136,13 @@ def test_completion_stream_with_gemma(client):
 
 
 def test_auto_picks_by_kind(client):
-    chat = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    # min_quality 1: only the largest model that serves the request's kind will do, whatever the predictor
+    # thinks of the prompt; the completion model is larger but serves no chat, so a chat stays on the chat model
+    strict = {"min_quality": 1.0}
+    chat = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          extra_body=strict)
     assert chat.model == CHAT_MODEL and chat.model_extra["routing"]["reason"]
-    comp = client.completions.create(model="auto", prompt="Hello", max_tokens=4)
+    comp = client.completions.create(model="auto", prompt="Hello", max_tokens=4, extra_body=strict)
     assert comp.model == COMPLETION_MODEL
 
 
