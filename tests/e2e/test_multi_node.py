@@ -230,10 +230,13 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
     audit = httpx.get(url + "/v1/power/audit", params={"device": GPU_OF["c"], "node": "c"},
                       timeout=30).json()["data"]
     assert any(a["action"] == "restore" for a in audit), audit
+    # energy placement packs work onto replicas already busy (an idle GPU's wake-up costs more), so a replica
+    # takes traffic only once the busy ones are full (max_ongoing_requests 2 each): long requests, more of
+    # them than a and b hold together, as in the load before the kill
     deadline = time.time() + 240
     while True:
-        with concurrent.futures.ThreadPoolExecutor(6) as pool:
-            rs = list(pool.map(lambda _: chat(url), range(6)))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            rs = list(pool.map(lambda _: chat(url, max_tokens=64), range(8)))
         if any(r.status_code == 200 and r.json()["routing"]["node"] == "c" for r in rs):
             break
         assert time.time() < deadline, "node c took no traffic after it came back"
