@@ -71,6 +71,27 @@ STATS_PUSH_INTERVAL_SECONDS = 0.1
 HEALTH_TIMEOUT_SECONDS = 5.0
 
 
+class SurplusReplicaError(RuntimeError):
+    """Serve gave a replica a rank past its model's last GPU group or endpoint (see check_rank_has_a_slot)."""
+
+
+def check_rank_has_a_slot(model: ModelConfig, rank: int) -> None:
+    """Refuse a rank with no GPU group (simulated engine) or endpoint (upstream engine) of its own.
+
+    Serve starts the replacement of a failed replica before the failed one has stopped, and releases a
+    rank only once its replica has stopped, so the replacement can get rank `replicas` (one past the
+    last). Taken modulo, it would double up on replica 0's GPUs or endpoint, and when Serve later
+    renumbers it, it would keep them: the failed replica's GPUs or endpoint would never be served again,
+    even after its node comes back. Refused, Serve retries it until the old rank is free.
+    """
+    bound = model.engine == "simulated" or bool(model.endpoints)
+    if bound and rank >= model.replicas:
+        raise SurplusReplicaError(
+            f"replica rank {rank} of model {model.id}: the model has {model.replicas} "
+            f"{'endpoint' if model.endpoints else 'GPU group'}(s), ranks 0-{model.replicas - 1}; Serve is "
+            "replacing a replica that has not stopped yet and retries this one once its rank is free")
+
+
 def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
     """A local-engine replica runs on one of its model's devices, spread by rank; an upstream replica's
     work runs on its endpoint's devices."""
@@ -213,6 +234,7 @@ class ModelServer:
         self.state_dir = Path(state_dir)
         ctx = serve.get_replica_context()
         rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
+        check_rank_has_a_slot(self.model, rank)
         self.replica_id = f"{self.model.id}#{rank}"
         self.device_ids = devices_for_replica(self.model, rank)
         self.node = node_for_replica(self.model, rank)

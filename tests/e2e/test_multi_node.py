@@ -233,11 +233,18 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
     # energy placement packs work onto replicas already busy (an idle GPU's wake-up costs more), so a replica
     # takes traffic only once the busy ones are full (max_ongoing_requests 2 each): long requests, more of
     # them than a and b hold together, as in the load before the kill
-    deadline = time.time() + 240
+    back_s = time.time()
+    deadline = back_s + 240
     while True:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             rs = list(pool.map(lambda _: chat(url, max_tokens=64), range(8)))
         if any(r.status_code == 200 and r.json()["routing"]["node"] == "c" for r in rs):
             break
-        assert time.time() < deadline, "node c took no traffic after it came back"
+        if time.time() > deadline:
+            went = sorted((r.status_code, r.json()["routing"]["device"] if r.status_code == 200 else
+                           r.json()["error"]["code"]) for r in rs)
+            status = cluster.serve("status", timeout=60)
+            pytest.fail(f"node c took no traffic in 240 s after its device came back; the last round went to "
+                        f"{went}; serve status:\n{status.stdout}{status.stderr}")
         time.sleep(3)
+    print(f"node c took traffic {time.time() - back_s:.0f} s after its device came back")
