@@ -108,8 +108,10 @@ class InferenceResult:
 class _ReplicaFailure(Exception):
     """A replica failed before producing anything; the request may be retried elsewhere.
 
-    replica_gone: the replica itself is gone (its actor died, as with its node): the model's other
-    replicas can take the request, and Serve's router has already stopped choosing the dead one."""
+    replica_gone: the replica itself is gone (its actor died, as with its node) or cannot run anything (its
+    node agent left with its node): the model's other replicas can take the request. Serve's router stops
+    choosing a dead actor at once, but a live replica whose node agent left only once Serve's health probe
+    has failed it: the retries ask the router to pass it over (Serving.open)."""
 
     def __init__(self, message: str, replica: str | None = None, replica_gone: bool = False):
         super().__init__(message)
@@ -275,16 +277,21 @@ class Serving:
         routed = routed or await self._admitted(job)
         failures: list[str] = []
         model, avoid = routed.model, []
+        #: replicas that answered "unavailable" (their node left): Serve's router keeps offering them, by their
+        #: last published stats, until its controller notices, so the retries ask it to pass them over
+        gone: list[str] = []
         attempt = landings = unavailable_retries = 0
         while attempt < 2:
             try:
-                events, start, first = await self._start(job, model, routed, deltas, avoid)
+                events, start, first = await self._start(job, model, routed, deltas, avoid + gone)
                 if isinstance(first, ReplicaError) and first.kind is ReplicaErrorKind.UNAVAILABLE:
                     raise _ReplicaFailure(first.message, start.replica, replica_gone=True)
             except _ReplicaFailure as exc:
                 failures.append(f"{model}: {exc}")
                 if exc.replica_gone and unavailable_retries < UNAVAILABLE_RETRIES:
                     unavailable_retries += 1
+                    if exc.replica and exc.replica not in gone:
+                        gone.append(exc.replica)
                     log.warning("request %s: a replica of %s is gone (%s); retrying on %s", job.request_id, model,
                                 exc, model)
                     continue

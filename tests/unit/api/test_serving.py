@@ -155,6 +155,46 @@ def test_a_replica_whose_node_left_is_retried_on_its_own_model_before_anything_i
     assert [(r["model"], r["status"]) for r in rows] == [(SMALL, "ok")]
 
 
+def test_the_retry_after_an_unavailable_replica_asks_the_router_to_pass_that_replica_over():
+    """Serve's router keeps offering a live replica whose node agent left (by its last published stats)
+    until the health probe fails it, so the retry's placement hint names it in avoid_replicas."""
+    from scheduler.engines.base import EngineUnavailable
+
+    async def check(fleet: Fleet):
+        handle = fleet.handles[SMALL]
+        server, placements = handle.server, []
+        real, calls = server.engine.generate, []
+
+        async def generate(request):
+            calls.append(1)
+            if len(calls) == 1:
+                raise EngineUnavailable("the node agent hosting it is gone (ActorDiedError)")
+            async for ev in real(request):
+                yield ev
+
+        class Recording:
+            def options(self, **_: Any) -> "Recording":
+                return self
+
+            @property
+            def generate(self) -> "Recording":
+                return self
+
+            def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> Any:
+                placements.append(dict(placement or {}))
+                return handle.generate.remote(request, placement, deltas)
+
+        server.engine.generate = generate
+        fleet.serving.handles[SMALL] = Recording()
+        result = await fleet.serving.run(job(model=SMALL))
+        return result, placements, server.replica_id, fleet.rows()
+
+    result, placements, replica_id, rows = run(check)
+    assert result.model == SMALL and result.finish_reason == "length"
+    assert [p.get("avoid_replicas") for p in placements] == [None, [replica_id]]
+    assert [(r["model"], r["status"]) for r in rows] == [(SMALL, "ok")]
+
+
 def test_a_replica_actor_that_died_with_its_node_is_retried_on_its_own_model():
     from ray.exceptions import ActorDiedError
 
