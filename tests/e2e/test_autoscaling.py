@@ -38,10 +38,10 @@ def autoscaled_config(state_dir: Path, port: int) -> dict:
 
 
 def running_replicas(cluster: LocalRayCluster) -> int:
-    proc = subprocess.run([str(Path(sys.executable).with_name("serve")), "status", "--address", cluster.dashboard_url],
-                          env=cluster.env, capture_output=True, text=True, timeout=120)
-    app = (yaml.safe_load(proc.stdout) or {}).get("applications", {}).get("wattlane", {})
-    return int(app.get("deployments", {}).get("model-llama-3-1-8b", {}).get("replica_states", {}).get("RUNNING", 0))
+    """From the dashboard's Serve API (what `serve status` reads), without starting a CLI process every poll."""
+    details = httpx.get(cluster.dashboard_url + "/api/serve/applications/", timeout=60).json()
+    deployment = details["applications"]["wattlane"]["deployments"]["model-llama-3-1-8b"]
+    return sum(1 for r in deployment["replicas"] if r["state"] == "RUNNING")
 
 
 def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(tmp_path):
@@ -75,14 +75,17 @@ def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(t
         for t in threads:
             t.start()
         peak = 1
-        deadline = time.time() + 90
+        rise_s = time.time()
+        deadline = rise_s + 90
         while peak < 2 and time.time() < deadline:  # the rise: 10 in flight against a target of 2 per replica
             time.sleep(2)
             peak = max(peak, running_replicas(cluster))
+        out_s = time.time() - rise_s
         time.sleep(5)  # let the new replicas take work
         stop.set()
         for t in threads:
             t.join(150)
+        fall_s = time.time()
         assert peak >= 2, "the model did not scale out under load"
         assert len(devices_used) >= 2, devices_used
         assert set(statuses) <= {200, 503}, statuses
@@ -91,11 +94,14 @@ def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(t
         while running_replicas(cluster) > 1:
             assert time.time() < deadline, "the model did not scale back in"
             time.sleep(2)
+        in_s = time.time() - fall_s
         deadline = time.time() + 30  # the GPUs freed (and idle) are parked by the governor
         while True:
             devices = httpx.get(url + "/v1/devices", timeout=30).json()["data"]
             parked = [d["device_id"] for d in devices if d.get("locked_clocks_mhz")]
             if len(parked) >= 2:
+                print(f"autoscaling: out to {peak} replicas {out_s:.0f} s into the load, back to 1 replica "
+                      f"{in_s:.0f} s after it, {len(parked)} GPUs parked {time.time() - fall_s:.0f} s after it")
                 break
             assert time.time() < deadline, devices
             time.sleep(1)

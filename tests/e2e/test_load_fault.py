@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize(("config", "concurrency", "seconds"), [
-    ("configs/sim-fleet.yaml", 16, 15),
-    ("configs/local.yaml", 3, 20),
+    ("configs/sim-fleet.yaml", 16, 10),
+    ("configs/local.yaml", 3, 14),
 ], ids=["simulated", "llamacpp"])
 def test_mixed_load_loses_nothing_and_leaks_nothing(config: str, concurrency: int, seconds: float) -> None:
     report = run(REPO / config, concurrency=concurrency, seconds=seconds, seed=1)

@@ -1,6 +1,7 @@
 """Three Ray nodes on this machine (three raylets, each Wattlane node a, b or c with its own simulated GPU)
-serving one model through the gateway, deployed with `serve deploy`: requests spread over the nodes, each
-response names its node and device, each node's energy adds up to its own meters; a killed node agent
+serving one model through the gateway, deployed with `serve deploy` of what `wattlane deploy-config` wrote:
+requests spread over the nodes, each response names its node and device, each node's energy adds up to its
+own meters and the ledger holds each response's joules; deploying again keeps one agent per node; a killed node agent
 comes back without double counting; a node that dies is dropped and none of its requests is lost silently,
 and when it comes back it gets its agent, its device with restored settings, and traffic."""
 
@@ -59,6 +60,7 @@ def cluster(tmp_path_factory):
         c.serve("deploy", str(tmp / "serve.yaml"))
         c.wait_app_running()
         c.url = f"http://127.0.0.1:{port}"
+        c.serve_file = tmp / "serve.yaml"
         yield c
     finally:
         c.stop()
@@ -121,6 +123,24 @@ def test_requests_spread_over_three_nodes_and_each_node_adds_up(cluster):
     assert len({books[n]["ready"]["pid"] for n in NODES}) == 3  # three agents, one per node
     for node in NODES:
         assert_node_energy_adds_up(books, bodies, node)
+    # the gateway wrote each request's ledger row, with the joules its response said
+    rows = {r["request_id"]: r for r in httpx.get(cluster.url + "/v1/energy/requests", params={"limit": 100},
+                                                  timeout=30).json()["data"]}
+    assert set(rows) == {b["id"] for b in bodies}
+    assert all(rows[b["id"]]["joules"] == pytest.approx(b["usage"]["energy"]["joules"]) for b in bodies)
+
+
+def test_a_second_serve_deploy_keeps_one_agent_per_node(cluster):
+    """A config change, or the same file again: the application builder finds each node's agent."""
+    before = node_books(cluster, NODES)
+    cluster.serve("deploy", str(cluster.serve_file))
+    cluster.wait_app_running()
+    r = chat(cluster.url)
+    assert r.status_code == 200 and r.json()["usage"]["energy"]["joules"] > 0, r.text
+    devices = httpx.get(cluster.url + "/v1/devices", timeout=30).json()["data"]
+    assert sorted(d["device_id"] for d in devices) == sorted(GPU_OF.values())
+    after = node_books(cluster, NODES)
+    assert {n: after[n]["ready"]["pid"] for n in NODES} == {n: before[n]["ready"]["pid"] for n in NODES}
 
 
 def test_killed_node_agent_is_restarted_and_meters_from_zero_again(cluster):

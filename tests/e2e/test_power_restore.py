@@ -55,6 +55,11 @@ def _device(url: str, device_id: str) -> dict:
 def test_restore_after_kill_9_and_on_ctrl_c(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "sim-fleet.yaml").read_text())
     cfg["power"]["mode"] = "enforce"
+    # the fleet's eight GPUs, one model replica: the agent holds every device; each replica would only
+    # add a process to start, twice
+    small = next(m for m in cfg["models"] if m["id"] == "llama-3.1-8b")
+    small.update(devices=["sim-h100-0"], replicas=1)
+    cfg["models"] = [small]
     config = tmp_path / "fleet.yaml"
     config.write_text(yaml.safe_dump(cfg))
     state = tmp_path / "state"

@@ -1,5 +1,6 @@
-"""Teams on the served simulated fleet with two gateway replicas (two processes): keys made and revoked with
-the CLI while the server runs, a budget that holds across both replicas, downgrade and 429 through Serve's proxy."""
+"""Two gateway replicas (two processes) on the served simulated fleet: each request's ledger row written once
+and complete /metrics from either replica; teams: keys made and revoked with the CLI while the server runs, a
+budget that holds across both replicas, downgrade and 429 through Serve's proxy."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler.teams import budgets
 from scheduler.teams.store import TeamsStore
@@ -53,6 +55,43 @@ def cli(srv, config: Path, *args: str) -> str:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {OPERATOR}"}, timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"{key} exported twice"
+            out[key] = sample.value
+    return out
+
+
+def test_each_request_has_one_ledger_row_and_either_replicas_metrics_count_them_all(fleet):
+    """First in the module: the server has answered nothing else yet, so its totals are these requests."""
+    srv, config = fleet
+    key = json.loads(cli(srv, config, "create", "--id", "rows", "--json"))["key"]
+    time.sleep(0.6)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: chat(srv.url, key, max_tokens=4), range(8)))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    # each row written once, by the replica that served the request, into the one ledger
+    rows = httpx.get(srv.url + "/v1/energy/requests", params={"limit": 100},
+                     headers={"Authorization": f"Bearer {OPERATOR}"}, timeout=30).json()["data"]
+    assert sorted(r["request_id"] for r in rows) == sorted(a.json()["id"] for a in answers)
+    assert sum(r["joules"] for r in rows) == pytest.approx(sum(a.json()["usage"]["energy"]["joules"] for a in answers))
+    # both replicas counted requests (one metric file each), and whichever one a scrape reaches shows them
+    # all, each device once
+    files = list((srv.state_dir / "prometheus-multiproc").glob("counter_*.db"))
+    assert len({f.stem.rsplit("_", 1)[1] for f in files}) == 2, files
+    devices = sorted(d["device_id"] for d in httpx.get(srv.url + "/v1/devices", timeout=30, headers={
+        "Authorization": f"Bearer {OPERATOR}"}).json()["data"])
+    for _ in range(4):
+        scraped = scrape(srv.url)
+        assert sum(v for (name, _), v in scraped.items() if name == "wattlane_requests_total") == len(answers)
+        assert sorted(dict(labels)["device"] for (name, labels) in scraped
+                      if name == "wattlane_device_power_watts") == devices
 
 
 def test_a_key_made_with_the_cli_works_at_once_and_its_revocation_reaches_both_replicas_within_a_second(fleet):
