@@ -21,7 +21,7 @@ from scheduler.cluster import runtime
 from scheduler.cluster.messages import GatewayView
 from scheduler.config import WattlaneConfig
 from scheduler.energy.baseline import SavingsBaseline
-from scheduler.energy.ledger import METHOD_KINDS
+from scheduler.energy.ledger import method_kind
 
 log = logging.getLogger(__name__)
 
@@ -255,5 +255,5 @@ def pending_startup_rows(snapshots: list[dict[str, Any]], recorded: set[tuple[st
         rows.append({"node": node, "device": snap["device_id"], "started_unix_s": float(snap["started_unix_s"]),
                      "ready_unix_s": float(snap["ready_unix_s"]), "joules": float(snap["startup_energy_joules"]),
                      "energy_method": method, "energy_scope": snap.get("energy_scope"),
-                     "method_kind": METHOD_KINDS.get(method, "unknown") if method else "none", "settled": False})
+                     "method_kind": method_kind(method), "settled": False})
     return rows

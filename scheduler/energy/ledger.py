@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from scheduler.sql_filters import where_clause
+from scheduler.sql_filters import Condition, where_clause
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ _CHECKPOINT: Any = object()
 METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated",
                 # an upstream server no node agent meters: its model's joules-per-token profile (engines/openai_upstream.py)
                 "upstream-jpt-estimate": "estimated"}
+
+
+def startup_window(since: float | None, until: float | None, device: str | None) -> list[Condition]:
+    """Which start-up rows a report over [since, until), of one device or all, covers (Ledger.startups)."""
+    return [("ready_unix_s", ">=", since), ("ready_unix_s", "<", until), ("device", "=", device)]
+
+
+def method_kind(energy_method: str | None) -> str:
+    """measured, estimated or simulated for a known method; "unknown" for another; "none" without a figure."""
+    return METHOD_KINDS.get(energy_method, "unknown") if energy_method else "none"
+
 #: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL);
 #: 3 added prompt_tokens_method and completion_tokens_method
 SCHEMA_VERSION = 3
@@ -480,7 +491,7 @@ class Ledger:
                 group_by: r["grp"],
                 "energy_method": r["energy_method"],
                 # rows without an energy figure are counted, never folded into a method
-                "method_kind": METHOD_KINDS.get(r["energy_method"], "unknown") if r["energy_method"] else "none",
+                "method_kind": method_kind(r["energy_method"]),
                 "energy_scope": r["energy_scope"],
                 "carbon_source": r["carbon_source"],
                 "carbon_region": r["carbon_region"],
@@ -604,11 +615,10 @@ class Ledger:
     def startups(self, *, since: float | None = None, until: float | None = None,
                  device: str | None = None) -> list[dict[str, Any]]:
         """Start-up energy rows whose ready time falls in [since, until), oldest first."""
-        where, params = where_clause((("ready_unix_s", ">=", since), ("ready_unix_s", "<", until), ("device", "=", device)))
+        where, params = where_clause(startup_window(since, until, device))
         with self._read() as conn:
             rows = conn.execute(f"SELECT * FROM startups{where} ORDER BY ready_unix_s, node, device", params).fetchall()
-        return [dict(r) | {"method_kind": METHOD_KINDS.get(r["energy_method"], "unknown") if r["energy_method"] else "none"}
-                for r in rows]
+        return [dict(r) | {"method_kind": method_kind(r["energy_method"])} for r in rows]
 
     def count(self) -> int:
         with self._read() as conn:

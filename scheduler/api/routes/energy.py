@@ -11,8 +11,9 @@ from fastapi.responses import Response, StreamingResponse
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.api.schemas import EnergyRequestList, MethodList, SummaryList
-from scheduler.energy.ledger import GroupBy
+from scheduler.energy.ledger import GroupBy, startup_window
 from scheduler.energy.report import parse_time
+from scheduler.sql_filters import row_matches
 
 router = APIRouter()
 
@@ -73,16 +74,10 @@ async def energy_summary(request: Request, group_by: GroupBy = "model", _: Princ
     startup = [] if by_owner else [row | {"settled": True} for row in await asyncio.to_thread(
         gw.ledger.startups, since=filters["since"], until=filters["until"], device=filters["device"])]
     if not by_owner:
-        startup += [row for row in gw.pending_startups() if _in_window(row, filters)]
+        window = startup_window(filters["since"], filters["until"], filters["device"])
+        startup += [row for row in gw.pending_startups() if row_matches(row, window)]
     return {"object": "list", "group_by": group_by, "data": rows, "startup": startup,
             "startup_joules": sum(s["joules"] for s in startup)}
-
-
-def _in_window(row: dict, filters: dict) -> bool:
-    """The ledger's startups() filter, for a row not in the ledger yet."""
-    return ((filters["since"] is None or row["ready_unix_s"] >= filters["since"])
-            and (filters["until"] is None or row["ready_unix_s"] < filters["until"])
-            and (filters["device"] is None or row["device"] == filters["device"]))
 
 
 @router.get("/v1/energy/methods", response_model=MethodList, response_model_exclude_unset=True, responses=_ERRORS)
