@@ -8,7 +8,8 @@ In a cluster the replica may run on any node: it finds the agent of the node tha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from scheduler.config import ModelConfig, WattlaneConfig
@@ -62,6 +63,27 @@ def agent_for_simulated_replica(model: ModelConfig, config: WattlaneConfig, repl
     return node, agent
 
 
+def _agent_gone_errors() -> tuple[type[Exception], ...]:
+    """What a call to a node agent raises when the agent is gone with its node: its actor died, or Ray cannot
+    place its restart (it is pinned to the node that left)."""
+    import ray
+
+    return (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+
+
+async def _agent_items(gen: Any, produced: Callable[[], bool]) -> AsyncIterator[Any]:
+    """The items of the agent's streaming generator. While nothing has been produced, an agent gone with its
+    node raises EngineUnavailable (the request can run on another replica); after that, its own error."""
+    gone = _agent_gone_errors()
+    try:
+        async for ref in gen:  # iterating raises too: Ray cannot place a pinned agent whose node left
+            yield await ref
+    except gone as exc:
+        if produced():
+            raise
+        raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
+
+
 class AgentHostedEngine(Engine):
     """Replica-side proxy of a SimulatedEngine hosted by the node agent."""
 
@@ -84,7 +106,10 @@ class AgentHostedEngine(Engine):
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         import ray
 
-        return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request, self.spec)))
+        try:
+            return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request, self.spec)))
+        except _agent_gone_errors() as exc:
+            raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         import ray
@@ -93,24 +118,19 @@ class AgentHostedEngine(Engine):
         finished = False
         produced = False
         try:
-            async for ref in gen:
-                try:
-                    item = await ref
-                except ray.exceptions.RayActorError as exc:
-                    if produced:
-                        raise
-                    raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
-                produced = True
-                if isinstance(item, SimEngineFailure):
-                    finished = True
-                    if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:
-                        raise ContextLengthError(*item.context)
-                    raise EngineError(item.message)
-                if isinstance(item, SimEngineStats):
-                    self._stats = ReplicaStats(**item.stats)
-                    continue
-                finished = item.finished
-                yield item
+            async with contextlib.aclosing(_agent_items(gen, lambda: produced)) as items:
+                async for item in items:
+                    produced = True
+                    if isinstance(item, SimEngineFailure):
+                        finished = True
+                        if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:
+                            raise ContextLengthError(*item.context)
+                        raise EngineError(item.message)
+                    if isinstance(item, SimEngineStats):
+                        self._stats = ReplicaStats(**item.stats)
+                        continue
+                    finished = item.finished
+                    yield item
         finally:
             if not finished:  # closed early (the client went away): stop the simulated generation too
                 ray.cancel(gen)

@@ -7,6 +7,7 @@ and when it comes back it gets its agent, its device with restored settings, and
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import subprocess
 import sys
@@ -223,8 +224,11 @@ def test_a_node_that_dies_is_dropped_nothing_is_lost_and_it_comes_back(cluster):
     assert any(b["routing"]["node"] == "c" for t, b in ok if t < killed_s), "c took no traffic before"
     touched_c = [t - killed_s for t, r in outcomes
                  if t >= killed_s and (r.status_code != 200 or r.json()["routing"]["node"] == "c")]
+    kinds = collections.Counter((r.status_code, r.json()["error"]["code"], r.json()["error"]["message"][:90])
+                                for _, r in failed)
     print(f"node loss: {len(outcomes)} requests, {len(failed)} in the error envelope; the last one that started "
-          f"after the kill and failed or went to c started {max(touched_c, default=0):.1f} s after it")
+          f"after the kill and failed or went to c started {max(touched_c, default=0):.1f} s after it; errors: "
+          f"{kinds.most_common(6)}")
     # every request that reached a replica has its ledger row, failed or not (a no_capacity 503 says no
     # replica could take it: the gateway tried its model's other replicas first)
     ids = {r.headers["x-request-id"] for _, r in outcomes
