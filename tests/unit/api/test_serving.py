@@ -131,6 +131,21 @@ def test_a_replica_that_fails_before_its_first_event_is_retried_on_the_next_cand
     assert [(r["model"], r["status"]) for r in rows] == [(LARGE, "ok")]
 
 
+class WrappedHandle:
+    """A model's handle in front of the live one (handle.options(...).generate.remote(...)); a subclass's
+    remote() decides what each call gets."""
+
+    def __init__(self, live: Any) -> None:
+        self.live, self.calls = live, 0
+
+    def options(self, **_: Any) -> "WrappedHandle":
+        return self
+
+    @property
+    def generate(self) -> "WrappedHandle":
+        return self
+
+
 def test_a_replica_whose_node_left_is_retried_on_its_own_model_before_anything_is_sent():
     from scheduler.engines.base import EngineUnavailable
 
@@ -172,20 +187,13 @@ def test_the_retry_after_an_unavailable_replica_asks_the_router_to_pass_that_rep
             async for ev in real(request):
                 yield ev
 
-        class Recording:
-            def options(self, **_: Any) -> "Recording":
-                return self
-
-            @property
-            def generate(self) -> "Recording":
-                return self
-
+        class Recording(WrappedHandle):
             def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> Any:
                 placements.append(dict(placement or {}))
-                return handle.generate.remote(request, placement, deltas)
+                return self.live.generate.remote(request, placement, deltas)
 
         server.engine.generate = generate
-        fleet.serving.handles[SMALL] = Recording()
+        fleet.serving.handles[SMALL] = Recording(handle)
         result = await fleet.serving.run(job(model=SMALL))
         return result, placements, server.replica_id, fleet.rows()
 
@@ -198,18 +206,8 @@ def test_the_retry_after_an_unavailable_replica_asks_the_router_to_pass_that_rep
 def test_a_replica_actor_that_died_with_its_node_is_retried_on_its_own_model():
     from ray.exceptions import ActorDiedError
 
-    class DiedOnce:
+    class DiedOnce(WrappedHandle):
         """The model's handle: the first call meets a replica that died (Serve then drops it)."""
-
-        def __init__(self, live) -> None:
-            self.live, self.calls = live, 0
-
-        def options(self, **_: Any) -> "DiedOnce":
-            return self
-
-        @property
-        def generate(self) -> "DiedOnce":
-            return self
 
         def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> Any:
             self.calls += 1
