@@ -69,6 +69,10 @@ LINK_RETRY_SECONDS = 10.0
 STATS_PUSH_INTERVAL_SECONDS = 0.1
 #: how long Serve's health probe waits for the node agent (it answers at once unless its node is gone)
 HEALTH_TIMEOUT_SECONDS = 5.0
+#: how long a replica that found its node agent gone keeps itself out of Serve's routing (its routing stats
+#: say "ejected"), unless the health probe finds the agent back sooner; Serve's router would otherwise keep
+#: offering it, by its last published stats, until the probe has failed it three times
+AGENT_GONE_EJECT_SECONDS = 30.0
 
 
 class SurplusReplicaError(RuntimeError):
@@ -307,6 +311,8 @@ class ModelServer:
             weight = self.config.energy.prefill_token_weight
             stats["joules_per_decode_token"] = self._joules_per_work_token
             stats["joules_per_prefill_token"] = self._joules_per_work_token * weight
+        if time.monotonic() < self._agent_gone_until_s:
+            stats["ejected"] = True  # the router passes it over (routing/serve_router.py)
         ejected = stats.get("ejected")
         agent = self._publishing_agent()
         if agent is not None and ejected != getattr(self, "_published_ejected", None):
@@ -333,6 +339,7 @@ class ModelServer:
             await asyncio.wait_for(self.agent.ready.remote(), HEALTH_TIMEOUT_SECONDS)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as exc:
             raise RuntimeError(f"node agent of {self.node} does not answer: {type(exc).__name__}") from None
+        self._agent_gone_until_s = 0.0  # back (Ray restarted it): routable again
 
     async def stats(self) -> dict[str, Any]:
         return self.record_routing_stats()
@@ -427,6 +434,7 @@ class ModelServer:
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
                                           str(exc), param=exc.param, last=last, start=start)
         except EngineUnavailable as exc:
+            self._agent_gone_until_s = time.monotonic() + AGENT_GONE_EJECT_SECONDS
             yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
                                           f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
                                           last=last, start=start)
@@ -486,6 +494,8 @@ class ModelServer:
     #: this process's node and its agent, for a replica whose work's node has no agent (see __init__)
     home_node: str | None = None
     home_agent: Any = None
+    #: until when (time.monotonic()) the replica keeps out of routing: its node agent was found gone
+    _agent_gone_until_s = 0.0
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every

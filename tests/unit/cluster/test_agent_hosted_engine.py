@@ -63,7 +63,8 @@ def engine(script: list[Any]) -> AgentHostedEngine:
 def run(script: list[Any]) -> list[Any]:
     async def main() -> list[Any]:
         got = []
-        async for ev in engine(script).generate(GenerationRequest(request_id="r", kind=ModelKind.COMPLETION, prompt="hi")):
+        request = GenerationRequest(request_id="r", kind=ModelKind.COMPLETION, prompt="hi")
+        async for ev in engine(script).generate(request):
             got.append(ev)
         return got
 

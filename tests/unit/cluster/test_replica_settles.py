@@ -594,3 +594,25 @@ def test_the_agent_link_answers_a_finish_at_once_with_the_same_energy_a_late_aba
     assert spawned == 0, "answered without a task"
     assert running == 0
     assert late is not None and late.energy == energy, "one request, one charge"
+
+
+def test_a_replica_that_found_its_node_agent_gone_keeps_out_of_routing_until_the_health_probe_finds_it_back():
+    """Serve's router keeps offering a replica by its last published stats until the health probe has failed
+    it three times; one whose agent left with its node says 'ejected' at once, which the router honours."""
+    from scheduler.engines.base import EngineUnavailable
+
+    agent = make_agent()
+
+    async def main():
+        server = make_server(ScriptedEngine(0, error=EngineUnavailable("the node agent hosting it is gone")), agent)
+        before = server.record_routing_stats().get("ejected")
+        events = [ev async for ev in server.generate(REQUEST)]
+        gone = server.record_routing_stats().get("ejected")
+        server.agent = Remote(SimpleNamespace(ready=lambda: {"pid": 1}, replica_stats=lambda rid, stats: None))  # back
+        await server.check_health()
+        back = server.record_routing_stats().get("ejected")
+        return before, events[-1], gone, back
+
+    before, last, gone, back = asyncio.run(main())
+    assert isinstance(last, ReplicaError) and last.kind is ReplicaErrorKind.UNAVAILABLE
+    assert (before, gone, back) == (None, True, None)
