@@ -9,7 +9,7 @@ In a cluster the replica may run on any node: it finds the agent of the node tha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from scheduler.config import ModelConfig, WattlaneConfig
@@ -71,17 +71,23 @@ def _agent_gone_errors() -> tuple[type[Exception], ...]:
     return (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
 
 
-async def _agent_items(gen: Any, produced: Callable[[], bool]) -> AsyncIterator[Any]:
-    """The items of the agent's streaming generator. While nothing has been produced, an agent gone with its
-    node raises EngineUnavailable (the request can run on another replica); after that, its own error."""
+def _agent_gone(exc: Exception) -> EngineUnavailable:
+    return EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})")
+
+
+async def _agent_items(gen: Any) -> AsyncIterator[Any]:
+    """The items of the agent's streaming generator. Before the first item, an agent gone with its node
+    raises EngineUnavailable (the request can run on another replica); after it, its own error."""
     gone = _agent_gone_errors()
+    produced = False
     try:
         async for ref in gen:  # iterating raises too: Ray cannot place a pinned agent whose node left
             yield await ref
+            produced = True
     except gone as exc:
-        if produced():
+        if produced:
             raise
-        raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
+        raise _agent_gone(exc) from None
 
 
 class AgentHostedEngine(Engine):
@@ -109,18 +115,16 @@ class AgentHostedEngine(Engine):
         try:
             return int(ray.get(self.agent.sim_count_prompt_tokens.remote(self.key, request, self.spec)))
         except _agent_gone_errors() as exc:
-            raise EngineUnavailable(f"the node agent hosting it is gone ({type(exc).__name__})") from None
+            raise _agent_gone(exc) from None
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         import ray
 
         gen = self.agent.sim_generate.options(num_returns="streaming").remote(self.key, request, self.spec)
         finished = False
-        produced = False
         try:
-            async with contextlib.aclosing(_agent_items(gen, lambda: produced)) as items:
+            async with contextlib.aclosing(_agent_items(gen)) as items:
                 async for item in items:
-                    produced = True
                     if isinstance(item, SimEngineFailure):
                         finished = True
                         if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:

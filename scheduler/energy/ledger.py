@@ -49,6 +49,11 @@ _CHECKPOINT: Any = object()
 METHOD_KINDS = {"nvml-counter": "measured", "rapl": "measured", "cpu-estimate": "estimated", "simulated": "simulated",
                 # an upstream server no node agent meters: its model's joules-per-token profile (engines/openai_upstream.py)
                 "upstream-jpt-estimate": "estimated"}
+#: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL);
+#: 3 added prompt_tokens_method and completion_tokens_method
+SCHEMA_VERSION = 3
+#: CSV chunks an export reads ahead of a slow client (bounds each export's memory)
+EXPORT_READ_AHEAD_CHUNKS = 4
 
 
 def startup_window(since: float | None, until: float | None, device: str | None) -> list[Condition]:
@@ -59,12 +64,6 @@ def startup_window(since: float | None, until: float | None, device: str | None)
 def method_kind(energy_method: str | None) -> str:
     """measured, estimated or simulated for a known method; "unknown" for another; "none" without a figure."""
     return METHOD_KINDS.get(energy_method, "unknown") if energy_method else "none"
-
-#: 2 added team, baseline_model, baseline_joules and baseline_method (older files gain them on open, as NULL);
-#: 3 added prompt_tokens_method and completion_tokens_method
-SCHEMA_VERSION = 3
-#: CSV chunks an export reads ahead of a slow client (bounds each export's memory)
-EXPORT_READ_AHEAD_CHUNKS = 4
 
 
 @dataclass
