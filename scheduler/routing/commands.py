@@ -89,26 +89,50 @@ def route_eval_cmd(
 
 
 def route_calibrate_cmd(
-    data: Annotated[Path, typer.Option("--data", help="CSV with columns prompt, weak_correct, strong_correct (0/1)")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="CSV with columns prompt, weak_correct, strong_correct (0/1)")] = None,
+    training_split: Annotated[bool, typer.Option(
+        "--training-split", help="calibrate on the repository's training part, each row scored out of fold (needs scikit-learn; "
+        "reads no held-out row)")] = False,
     target_pgr: Annotated[Optional[float], typer.Option("--target-pgr", help="recover this share of the strong model's quality (0..1)")] = None,
+    target_retained: Annotated[Optional[float], typer.Option(
+        "--target-retained", help="keep this share of the strong model's accuracy (0..1; routed accuracy / always-strong accuracy)")] = None,
     strong_share: Annotated[Optional[float], typer.Option("--strong-share", help="send this share of requests to the strong model (0..1)")] = None,
     write: Annotated[Optional[Path], typer.Option("--write", help="also write the YAML snippet to this file")] = None,
     artefact: Annotated[Optional[Path], typer.Option("--artefact", help="predictor artefact (default: the shipped one)")] = None,
 ) -> None:
-    """Compute routing.default_min_quality from labelled data for a target PGR or strong-model share."""
-    from scheduler.routing.calibrate import calibrate
+    """Compute routing.default_min_quality from labelled data for a target PGR, accuracy retained or strong-model share."""
+    from scheduler.routing.calibrate import calibrate, calibrate_training
 
-    if (target_pgr is None) == (strong_share is None):
-        _fail("give exactly one of --target-pgr or --strong-share")
-    for name, v in (("--target-pgr", target_pgr), ("--strong-share", strong_share)):
+    goals = {"target_pgr": target_pgr, "target_retained": target_retained, "strong_share": strong_share}
+    if sum(v is not None for v in goals.values()) != 1:
+        _fail("give exactly one of --target-pgr, --target-retained or --strong-share")
+    for name, v in (("--target-pgr", target_pgr), ("--target-retained", target_retained), ("--strong-share", strong_share)):
         if v is not None and not 0.0 <= v <= 1.0:
             _fail(f"{name} must be between 0 and 1, got {v}")
-    rows, predictor = _load(data, artefact)
-    try:
-        cal = calibrate(predictor, rows, target_pgr=target_pgr, strong_share=strong_share)
-    except ValueError as exc:
-        _fail(f"{data}: {exc}")
-    snippet = cal.yaml_snippet(str(data))
+    if (data is None) == (not training_split):
+        _fail("give exactly one of --data FILE or --training-split")
+    if training_split:
+        from scheduler.routing.adequacy import PredictorError, load_predictor
+        from scheduler.routing.data import RoutingDataError
+
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            _fail("--training-split needs scikit-learn (pip install -e '.[train]')")
+        try:
+            predictor = load_predictor(str(artefact) if artefact else None)
+            cal = calibrate_training(predictor, **goals)
+        except (PredictorError, RoutingDataError, ValueError) as exc:
+            _fail(str(exc))
+        source = "the training split, out-of-fold scores"
+    else:
+        rows, predictor = _load(data, artefact)
+        try:
+            cal = calibrate(predictor, rows, **goals)
+        except ValueError as exc:
+            _fail(f"{data}: {exc}")
+        source = str(data)
+    snippet = cal.yaml_snippet(source)
     print(snippet, end="")
     if write:
         try:

@@ -99,6 +99,8 @@ class Job:
     seed: int
     band: str | None = None  # None: central constants; "low" / "high": SENSITIVITY_BAND end
     clock_switch_seconds: float | None = None  # per-batch clocks: stall per clock change (None: the core's default)
+    #: the routed policies' quality threshold (None: the fleet config's routing.default_min_quality)
+    min_quality: float | None = None
 
 
 def build_trace(workload: str, load: float, minutes: float, seed: int):
@@ -172,10 +174,11 @@ def run_job(job: Job) -> dict[str, Any]:
             def governor(cfg, devices, clock):
                 return resolve_governor(cfg, devices, clock, policy="slo-feedback", options=opts)
 
-        mq = config.routing.default_min_quality
+        mq = config.routing.default_min_quality if job.min_quality is None else job.min_quality
+        routed = p.model == "auto" and not p.oracle
         budget = QualityBudget(budget_target(mq), initial_threshold=mq) if p.quality_budget else None
         sim = FleetSimulator(
-            config, seed=job.seed, model=p.model, strong_models=[LARGE],
+            config, seed=job.seed, model=p.model, strong_models=[LARGE], min_quality=mq if routed else None,
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
             oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
@@ -184,7 +187,7 @@ def run_job(job: Job) -> dict[str, Any]:
         )
         trace = build_trace(job.workload, job.load, job.minutes, job.seed)
         result = sim.run(trace)
-    return {"job": asdict(job), **metrics(result, config.routing.default_min_quality if p.model == "auto" and not p.oracle else None)}
+    return {"job": asdict(job), **metrics(result, mq if routed else None)}
 
 
 def _config_path(fleet: str, repo: Path) -> Path:
@@ -290,7 +293,7 @@ SENSITIVITY_BAND = _band()
 
 
 def plan(workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int, band: bool,
-         clock_switch_seconds: float | None = None) -> list[Job]:
+         clock_switch_seconds: float | None = None, min_quality: float | None = None) -> list[Job]:
     for w in workloads:
         if w not in WORKLOADS:
             raise BenchError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
@@ -305,11 +308,13 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
         raise BenchError(f"minutes must be positive, got {minutes:g}")
     if clock_switch_seconds is not None and not (clock_switch_seconds >= 0 and math.isfinite(clock_switch_seconds)):
         raise BenchError(f"clock switch seconds must be >= 0, got {clock_switch_seconds:g}")
-    cs = clock_switch_seconds
-    jobs = [Job(w, x, p, minutes, seed, None, cs) for w in workloads for x in loads for p in policies]
+    if min_quality is not None and not 0.0 <= min_quality <= 1.0:
+        raise BenchError(f"min quality must be between 0 and 1, got {min_quality:g}")
+    cs, mq = clock_switch_seconds, min_quality
+    jobs = [Job(w, x, p, minutes, seed, None, cs, mq) for w in workloads for x in loads for p in policies]
     if band:
         mid = 1.0 if 1.0 in loads else loads[len(loads) // 2]
-        jobs += [Job(w, mid, p, minutes, seed, end, cs) for end in SENSITIVITY_BAND for w in workloads
+        jobs += [Job(w, mid, p, minutes, seed, end, cs, mq) for end in SENSITIVITY_BAND for w in workloads
                  for p in BAND_POLICIES if p in policies]
     for j in jobs:
         if j.workload == "conversation" and j.minutes * j.load > 60.0 + 1e-9:
@@ -376,13 +381,14 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
 
 
 def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int = 0,
-              band: bool = False, workers: int = 1, progress: Any = None, clock_switch_seconds: float | None = None) -> dict[str, Any]:
+              band: bool = False, workers: int = 1, progress: Any = None, clock_switch_seconds: float | None = None,
+              min_quality: float | None = None) -> dict[str, Any]:
     """Every job of the plan (in a process pool when workers > 1); returns the whole result document."""
     import resource
 
     from scheduler.sim.core import CLOCK_SWITCH_SECONDS
 
-    jobs = plan(workloads, loads, policies, minutes, seed, band, clock_switch_seconds)
+    jobs = plan(workloads, loads, policies, minutes, seed, band, clock_switch_seconds, min_quality)
     t0 = time.perf_counter()
 
     def cpu() -> float:  # this process and its reaped workers: the machine-independent cost of the run
@@ -412,7 +418,8 @@ def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], 
         "settings": {"workloads": workloads, "loads": loads, "policies": policies, "minutes": minutes, "seed": seed,
                      "band": band, "workers": workers, "park_idle_seconds": PARK_IDLE_SECONDS,
                      "prompt_heavy_rate_scale": PROMPT_HEAVY_RATE_SCALE,
-                     "clock_switch_seconds": CLOCK_SWITCH_SECONDS if clock_switch_seconds is None else clock_switch_seconds},
+                     "clock_switch_seconds": CLOCK_SWITCH_SECONDS if clock_switch_seconds is None else clock_switch_seconds,
+                     "min_quality": min_quality},
         "policy_sets": {p.name: asdict(p) for p in POLICY_SETS if p.name in policies},
         "fleets": FLEETS,
         "cells": {k: {"workload": c["workload"], "load": c["load"],
@@ -467,6 +474,8 @@ def register(app) -> None:
         workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1, help="processes replaying in parallel"),
         clock_switch_seconds: float = typer.Option(None, "--clock-switch-seconds",
                                                    help="per-batch clocks: stall of one clock change (default 0.02; an assumption)"),
+        min_quality: float = typer.Option(None, "--min-quality",
+                                          help="quality threshold of the routed policies (default: the fleet config's routing.default_min_quality)"),
     ) -> None:
         """Replay workloads at several loads under every policy set against the baseline and an oracle (method: simulated)."""
         import sys
@@ -487,7 +496,7 @@ def register(app) -> None:
         pol = [p.strip() for p in policies.split(",") if p.strip()]
         wl = [w.strip() for w in workloads.split(",") if w.strip()]
         try:
-            n = len(plan(wl, load_list, pol, minutes, seed, band, clock_switch_seconds))
+            n = len(plan(wl, load_list, pol, minutes, seed, band, clock_switch_seconds, min_quality))
         except BenchError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -500,7 +509,7 @@ def register(app) -> None:
 
             try:
                 doc = run_bench(workloads=wl, loads=load_list, policies=pol, minutes=minutes, seed=seed, band=band,
-                                workers=workers, progress=tick, clock_switch_seconds=clock_switch_seconds)
+                                workers=workers, progress=tick, clock_switch_seconds=clock_switch_seconds, min_quality=min_quality)
             except (BenchError, ConfigError, TraceError, ProfileError, PromptPoolError, datafiles.DataFileError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None

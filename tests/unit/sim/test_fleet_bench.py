@@ -123,3 +123,18 @@ def test_band_is_the_power_replay_band():
     from benchmarks.power_replay import SENSITIVITY_BAND
 
     assert bench.SENSITIVITY_BAND == SENSITIVITY_BAND == bench.PACKAGED_BAND
+
+
+def test_min_quality_overrides_the_routed_policies_threshold_only():
+    with pytest.raises(bench.BenchError, match="min quality"):
+        bench.plan(["conversation"], [1.0], ["baseline"], 1.0, 0, False, min_quality=1.5)
+    jobs = bench.plan(["prompt-heavy"], [1.0], ["baseline", "wattlane-all", "oracle"], 0.5, 0, False, min_quality=1.0)
+    assert {j.min_quality for j in jobs} == {1.0}
+    doc = bench.run_bench(workloads=["prompt-heavy"], loads=[1.0], policies=["baseline", "wattlane-all", "oracle"],
+                          minutes=0.5, seed=0, min_quality=1.0)
+    pol = doc["cells"]["prompt-heavy@1"]["policies"]
+    assert doc["settings"]["min_quality"] == 1.0
+    # min_quality 1.0: no prompt is adequate for the 8B (adequacy stays below 1), so the routed policy serves all on the 70B
+    assert pol["wattlane-all"]["min_quality"] == 1.0 and pol["wattlane-all"]["share_by_model"][bench.LARGE] == 1.0
+    # the oracle routes by the labels whatever the threshold
+    assert pol["oracle"]["min_quality"] is None and pol["oracle"]["share_by_model"].get(bench.SMALL, 0.0) > 0.5
