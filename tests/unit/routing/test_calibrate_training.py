@@ -1,6 +1,6 @@
 """Calibration for a share of the strong model's accuracy retained, and calibration on the training part with out-of-fold scores.
 
-The out-of-fold calibration refits the two heads on each of the 5 training folds (about 30 s on two cores); its
+The out-of-fold calibration refits the two heads on each of the 5 training folds (about 25 s on two cores, once per session: tests/unit/routing/conftest.py); its
 figures are the ones docs/benchmarks.md and docs/routing.md quote for the training-split operating points.
 """
 
@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from scheduler.routing.adequacy import GAIN_FLOOR, load_predictor
-from scheduler.routing.calibrate import calibrate_scores, out_of_fold_training_scores
+from scheduler.routing.calibrate import calibrate_scores
 
 
 def test_target_retained_takes_the_fewest_strong_calls_that_reach_it():
@@ -30,20 +30,14 @@ def test_target_retained_takes_the_fewest_strong_calls_that_reach_it():
         calibrate_scores(need, weak, strong, target_retained=1.5)
 
 
-@pytest.fixture(scope="module")
-def oof():
-    pytest.importorskip("sklearn")
-    return out_of_fold_training_scores(load_predictor())
-
-
 def _retained(need, data, threshold):
     adequacy = 1.0 - np.clip(need, GAIN_FLOOR, 1.0)
     acc = np.where(adequacy < threshold, data.strong_correct, data.weak_correct).mean()
     return acc / data.strong_correct.mean()
 
 
-def test_training_calibration_is_out_of_fold_and_matches_the_documented_thresholds(oof):
-    train, need = oof
+def test_training_calibration_is_out_of_fold_and_matches_the_documented_thresholds(out_of_fold):
+    train, need = out_of_fold
     assert len(need) == len(train) == 5753
     # the shipped model has seen every training row: in sample it looks far better than out of fold
     shipped = load_predictor().strong_gain_many(list(train.prompts))
