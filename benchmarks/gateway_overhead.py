@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sqlite3
 import statistics
 import tempfile
@@ -85,6 +86,36 @@ def _plain_app(config_json: dict[str, Any], state_dir: str):
     return PlainIngress.bind(PlainModel.bind(config_json, state_dir))
 
 
+def _process_group(title: str) -> str | None:
+    """Whose CPU a Ray process's time is: 'plain', 'wattlane' or 'shared' (Serve's proxy and controller, Ray)."""
+    if "ServeReplica:plain:" in title:
+        return "plain"
+    if "ServeReplica:" in title or "NodeAgent" in title:
+        return "wattlane"
+    if title.startswith("ray::") or any(k in title for k in ("raylet", "gcs_server")):
+        return "shared"
+    return None
+
+
+def _cpu_seconds_by_process() -> dict[str, float]:
+    """User + system CPU seconds used so far by each Ray process (threads included), by its title."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            title = " ".join(proc.info["cmdline"] or ())
+            if _process_group(title) is not None:
+                t = proc.cpu_times()
+                key = os.path.basename(title.split(" ")[0])
+                if not key.startswith("ray::ServeReplica:"):  # Ray titles an actor's process by its running task
+                    key = re.sub(r"\.[A-Za-z_]\w*$", "", key)
+                out[key] = out.get(key, 0.0) + t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = np.array(samples_s) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
@@ -121,9 +152,12 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
             pair = (("plain", "/plain/v1/chat/completions"), ("wattlane", "/v1/chat/completions"))
             rounds: list[dict[str, list[float]]] = []
             missing_footprint = missing_rows = 0
+            cpu_start: dict[str, float] = {}
             for round_index in range(rounds_count):
                 timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
                 for i in range((warmup if round_index == 0 else 0) + requests):
+                    if round_index == 0 and i == warmup:
+                        cpu_start = _cpu_seconds_by_process()
                     # which app goes first alternates too, so neither always follows the other's leftovers
                     for name, path in pair if i % 2 == 0 else pair[::-1]:
                         t0 = time.perf_counter()
@@ -141,10 +175,16 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
                         if round_index > 0 or i >= warmup:
                             timings[name].append(elapsed)
                 rounds.append(timings)
+            cpu_end = _cpu_seconds_by_process()
         ledger.close()
     finally:
         load_after = os.getloadavg()
         dep.stop()
+    timed = requests * rounds_count
+    # the processes' background work (the agent's meter, the gateway's refresher) counts: it is part of the cost
+    cpu_ms_by_process = {k: (v - cpu_start.get(k, 0.0)) * 1000.0 / timed for k, v in sorted(cpu_end.items())}
+    cpu_ms_per_request = {g: sum(v for k, v in cpu_ms_by_process.items() if _process_group(k) == g)
+                          for g in ("plain", "wattlane", "shared")}
     plain = _percentiles([t for r in rounds for t in r["plain"]])
     watt = _percentiles([t for r in rounds for t in r["wattlane"]])
     per_round = []
@@ -171,6 +211,8 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
         "per_round": per_round,
         "added_p50_ms_median_of_rounds": statistics.median(r["added_p50_ms"] for r in per_round),
         "added_p99_ms_median_of_rounds": statistics.median(r["added_p99_ms"] for r in per_round),
+        "cpu_ms_per_request": cpu_ms_per_request,
+        "cpu_ms_per_request_by_process": cpu_ms_by_process,
         "wattlane_answers_without_energy_or_carbon": missing_footprint,
         "wattlane_answers_whose_ledger_row_was_not_committed": missing_rows,
         "target": {"added_p50_ms": 1.0, "added_p99_ms": 3.0},
@@ -219,6 +261,15 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
         f"Median of the per-pair differences: {result['added_median_of_pairs_ms']:.1f} ms. "
         f"Target: at most 1 ms p50 and 3 ms p99 added: {'met' if met else 'not met'}.",
         "",
+        *([f"CPU time per request, user + system, from the processes' counters over the timed rounds (psutil; "
+           "background loops included): plain app's replicas (ingress and model) "
+           f"{c['plain']:.2f} ms, Wattlane's (gateway, model replica, node agent) {c['wattlane']:.2f} ms, shared "
+           f"(Serve's proxy and controller, Ray's raylet and GCS; per pair of requests) {c['shared']:.2f} ms. "
+           "On 2 cores every ms of CPU that a request's processes need while others run is also a wait.", "",
+           "| process | CPU ms per request |", "|---|---:|",
+           *[f"| `{k}` | {v:.2f} |" for k, v in sorted(result.get("cpu_ms_per_request_by_process", {}).items(),
+                                                      key=lambda kv: -kv[1])], ""]
+          if (c := result.get("cpu_ms_per_request")) else []),
         f"Every Wattlane answer carried usage.energy and usage.carbon "
         f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
         f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",

@@ -34,7 +34,7 @@ from scheduler.devices.simulated import SimulatedGpu
 from scheduler.sim.calibration import calibrate_point
 from scheduler.sim.core import BatchCore, CoreListener, SimRequest
 from scheduler.sim.fit import Row, base_profile, fit_setups, read_rows, table_facts
-from scheduler.sim.profiles import ModelFit, ModelProfile, model_profile
+from scheduler.sim.profiles import ModelProfile, model_profile
 
 RESULTS = REPOSITORY_DIR / "docs" / "results"
 PUBLISHED_PREFILL = REPOSITORY_DIR / "data" / "reference" / "published_prefill.csv"

@@ -9,7 +9,6 @@ engine because only it knows them exactly.
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -126,56 +125,6 @@ class EngineEvent:
     #: TokenCountMethod values of the counts above; None: the engine's token_counts_method
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None
-
-
-@dataclass
-class GenerationStats:
-    """Timing of a finished generation, computed from its events."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    started_s: float
-    first_token_s: float | None
-    finished_s: float
-
-    @property
-    def ttft_seconds(self) -> float | None:
-        return None if self.first_token_s is None else self.first_token_s - self.started_s
-
-    @property
-    def tpot_seconds(self) -> float | None:
-        """Mean time per output token after the first (None for fewer than two tokens)."""
-        if self.first_token_s is None or self.completion_tokens < 2:
-            return None
-        return (self.finished_s - self.first_token_s) / (self.completion_tokens - 1)
-
-    @property
-    def latency_seconds(self) -> float:
-        return self.finished_s - self.started_s
-
-
-class StatsRecorder:
-    """Folds a stream of EngineEvents into GenerationStats."""
-
-    def __init__(self, started_s: float | None = None):
-        self.started_s = time.time() if started_s is None else started_s
-        self.first_token_s: float | None = None
-        self.last: EngineEvent | None = None
-
-    def observe(self, event: EngineEvent) -> None:
-        if self.first_token_s is None and event.completion_tokens > 0:
-            self.first_token_s = event.time_s
-        self.last = event
-
-    def stats(self) -> GenerationStats:
-        last = self.last
-        return GenerationStats(
-            prompt_tokens=last.prompt_tokens if last else 0,
-            completion_tokens=last.completion_tokens if last else 0,
-            started_s=self.started_s,
-            first_token_s=self.first_token_s,
-            finished_s=last.time_s if last else self.started_s,
-        )
 
 
 class ReplicaStats(TypedDict, total=False):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,11 +161,3 @@ class PowerService:
         self.stop()
         self.audit_log.close()
 
-
-def stats_from_replicas(replicas: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Group ReplicaStats by device id (a replica spanning devices counts on each)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for s in replicas:
-        for d in s.get("device_ids") or ():
-            out.setdefault(d, []).append(dict(s))
-    return out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx

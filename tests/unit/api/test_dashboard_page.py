@@ -185,7 +185,7 @@ def live_reports(ledger):
         pytest.skip("chromium is not installed")
     import uvicorn
 
-    from scheduler.api.routes import energy, operator
+    from scheduler.api.routes import operator
 
     now = time.time()
     record_all(ledger, [
