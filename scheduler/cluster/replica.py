@@ -104,6 +104,12 @@ def devices_for_replica(model: ModelConfig, rank: int) -> list[str]:
     return [model.devices[rank % len(model.devices)]]
 
 
+def same_slot(model: ModelConfig, rank_a: int, rank_b: int) -> bool:
+    """Whether two ranks of a local or upstream model serve the same endpoint or device (ranks share them modulo)."""
+    n = len(model.endpoints) if model.endpoints else len(model.devices)
+    return n == 0 or rank_a % n == rank_b % n
+
+
 def resolve_endpoint_devices(agent: Any, model: ModelConfig, rank: int, names: list[str]) -> list[str]:
     """An upstream replica's device names as its node's agent knows them: NVML indices and GPU UUIDs exist
     only there. A GPU the node lacks fails the replica's start with the agent's message (endpoint, GPU)."""
@@ -113,6 +119,19 @@ def resolve_endpoint_devices(agent: Any, model: ModelConfig, rank: int, names: l
         return names
     endpoint = model.endpoints[rank % len(model.endpoints)]
     return list(ray.get(agent.resolve_devices.remote(names, f"{endpoint.base_url} of model {model.id}")))
+
+
+def _token_methods(engine: Any, ev: EngineEvent | None) -> dict[str, str | None]:
+    """How an event's token counts were obtained: its own labels, else its engine's (none before any event)."""
+    default = getattr(engine, "token_counts_method", None) if ev is not None else None
+    return {"prompt_tokens_method": getattr(ev, "prompt_tokens_method", None) or default,
+            "completion_tokens_method": getattr(ev, "completion_tokens_method", None) or default}
+
+
+def _estimated_energy(engine: Any, prompt_tokens: int, completion_tokens: int) -> EnergyReport | None:
+    """No meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure."""
+    estimate = getattr(engine, "estimate_energy", None)
+    return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
 
 
 class _AgentReports:
@@ -237,36 +256,105 @@ class ModelServer:
         self.model = ModelConfig.model_validate(model)
         self.state_dir = Path(state_dir)
         ctx = serve.get_replica_context()
-        rank = ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0
-        check_rank_has_a_slot(self.model, rank)
-        self.replica_id = f"{self.model.id}#{rank}"
-        self.device_ids = devices_for_replica(self.model, rank)
-        self.node = node_for_replica(self.model, rank)
         here = runtime.this_node()
         self.ray_node_id = here.node_id if here is not None else None
-        # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
-        self.agent = runtime.get_node_agent(self.node)
-        if self.model.endpoints and self.agent is not None:
-            self.device_ids = resolve_endpoint_devices(self.agent, self.model, rank, self.device_ids)
-        if self.model.engine == "simulated":
-            from scheduler.cluster.sim_host import AgentHostedEngine, agent_for_simulated_replica
-
-            # the work runs where the simulated GPUs are: that node's agent hosts the engine and meters it
-            self.node, self.agent = agent_for_simulated_replica(self.model, self.config, rank)
-            self.engine = AgentHostedEngine(self.agent, self.model.model_dump(mode="json"), rank)
-            self.device_ids = self.engine.device_ids
-        else:
-            from scheduler.engines.factory import build_engine
-
-            self.engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
-        if self.agent is None and self.model.endpoints:
-            # no agent on the server's host: this process's own node agent publishes the replica's stats to the
-            # gateway and keeps the engine's estimate of a request whose client leaves (ReplicaStart.abandoned_node)
-            self.home_node = runtime.node_name()
-            self.home_agent = runtime.get_node_agent(self.home_node)
+        self._apply(self._bind(ctx.rank.rank if getattr(ctx, "rank", None) is not None else 0))
         self._joules_per_work_token: float | None = None
         self._push_stats()
         log.info("replica %s ready on %s (%s)", self.replica_id, self.node, ",".join(self.device_ids))
+
+    def _bind(self, rank: int, current: Any = None) -> dict[str, Any]:
+        """What rank `rank` gives this replica: its id, its devices, the node its work runs on, that node's agent
+        and the engine (blocking: Ray calls). `current`: the engine now running, kept when the rank's slot is the
+        one it already serves (the same endpoint, device or simulated GPU group)."""
+        check_rank_has_a_slot(self.model, rank)
+        device_ids = devices_for_replica(self.model, rank)
+        node = node_for_replica(self.model, rank)
+        # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
+        agent = runtime.get_node_agent(node)
+        if self.model.endpoints and agent is not None:
+            device_ids = resolve_endpoint_devices(agent, self.model, rank, device_ids)
+        if self.model.engine == "simulated":
+            from scheduler.cluster.sim_host import (
+                AgentHostedEngine,
+                agent_for_simulated_replica,
+                replica_simulated_devices,
+            )
+
+            if current is not None and replica_simulated_devices(self.model, self.config, rank) == self.device_ids:
+                engine, node, agent = current, self.node, self.agent
+            else:
+                # the work runs where the simulated GPUs are: that node's agent hosts the engine and meters it
+                node, agent = agent_for_simulated_replica(self.model, self.config, rank)
+                engine = AgentHostedEngine(agent, self.model.model_dump(mode="json"), rank)
+            device_ids = engine.device_ids
+        elif current is not None and same_slot(self.model, rank, self.rank):
+            engine = current
+        else:
+            from scheduler.engines.factory import build_engine
+
+            engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
+        home_node = home_agent = None
+        if agent is None and self.model.endpoints:
+            # no agent on the server's host: this process's own node agent publishes the replica's stats to the
+            # gateway and keeps the engine's estimate of a request whose client leaves (ReplicaStart.abandoned_node)
+            home_node = runtime.node_name()
+            home_agent = runtime.get_node_agent(home_node)
+        return {"rank": rank, "replica_id": f"{self.model.id}#{rank}", "device_ids": list(device_ids), "node": node,
+                "agent": agent, "engine": engine, "home_node": home_node, "home_agent": home_agent}
+
+    def _apply(self, binding: dict[str, Any]) -> None:
+        for name, value in binding.items():
+            setattr(self, name, value)
+
+    async def reconfigure(self, user_config: Any = None, rank: Any = None) -> None:
+        """Follow the rank Serve gives this replica (Serve calls this at start and when the rank changes).
+
+        Scaling in, Serve stops the replicas it likes best to stop, whatever their rank, then renumbers the
+        others to close the gaps. A replica keeps its slot (endpoint, GPU group, device) by its rank, so one
+        that kept its old slot under a new rank would share it with the next replica given that old rank
+        when Serve scales out again, and leave another slot idle. So a renumbered replica moves: new requests
+        go to the new rank's slot at once, and the old engine closes once the requests it runs have ended."""
+        new_rank = getattr(rank, "rank", rank)
+        if new_rank is None or new_rank == self.rank:
+            return
+        old_id, old_engine, old_agent = self.replica_id, self.engine, self._publishing_agent()
+        binding = await asyncio.to_thread(self._bind, int(new_rank), old_engine)
+        log.info("replica %s is now %s (Serve renumbered it): %s on %s", old_id, binding["replica_id"],
+                 ",".join(binding["device_ids"]), binding["node"])
+        moved_agent = binding["agent"] is not self.agent
+        self._apply(binding)
+        if moved_agent:  # the link leads to the old agent: reconnect to the new one on the next request
+            if self._link is not None:
+                self._link.close()
+            self._link, self._link_retry_s = None, 0.0
+        if old_agent is not None:
+            try:
+                await asyncio.wait_for(old_agent.replica_gone.remote(old_id), HEALTH_TIMEOUT_SECONDS)
+            except Exception as exc:
+                log.info("replica %s: node agent not told of the renumbering: %s", old_id, type(exc).__name__)
+        self._stats_pushed_s = float("-inf")
+        self._push_stats()
+        if old_engine is not self.engine:
+            self._retire(old_engine)
+
+    def _retire(self, engine: Any) -> None:
+        """Close an engine this replica no longer routes to, once its last request has ended."""
+        if self._engine_requests.get(id(engine), 0) == 0:
+            asyncio.get_running_loop().create_task(engine.close(), context=contextvars.Context())
+        else:
+            self._retiring[id(engine)] = engine
+
+    def _engine_request_ended(self, engine: Any) -> None:
+        key = id(engine)
+        left = self._engine_requests.get(key, 0) - 1
+        if left > 0:
+            self._engine_requests[key] = left
+            return
+        self._engine_requests.pop(key, None)
+        retiring = self._retiring.pop(key, None)
+        if retiring is not None:
+            asyncio.get_running_loop().create_task(retiring.close(), context=contextvars.Context())
 
     def _push_stats(self) -> None:
         """Tell the node agent (governor, gateway routing) how loaded this replica is now.
@@ -366,6 +454,22 @@ class ModelServer:
         """
         rid = request.request_id
         started = time.time()
+        # the slot this request runs on, whatever rank Serve gives the replica meanwhile (see reconfigure)
+        engine, agent, device_ids = self.engine, self.agent, self.device_ids
+        home_agent = self.home_agent if agent is None else None
+        requests = self._engine_requests
+        requests[id(engine)] = requests.get(id(engine), 0) + 1
+        try:
+            # aclosing: a client that leaves closes this generator, and the request's own must settle it now
+            async with contextlib.aclosing(self._generate(request, deltas, rid, started, engine, agent, device_ids,
+                                                          home_agent)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self._engine_request_ended(engine)
+
+    async def _generate(self, request: GenerationRequest, deltas: bool, rid: str, started: float, engine: Any,
+                        agent: Any, device_ids: list[str], home_agent: Any) -> AsyncIterator[ReplicaEvent]:
         first_token_mono: float | None = None
         prompt_tokens = completion_tokens = 0
         texts: list[str] = []
@@ -373,19 +477,19 @@ class ModelServer:
         settled = False
         last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
         start: ReplicaStart | None = ReplicaStart(
-            replica=self.replica_id, device=",".join(self.device_ids), node=self.node, time_s=started,
-            system_fingerprint=self.engine.system_fingerprint,
-            abandoned_node=self.home_node if self.agent is None and self.home_agent is not None else None)
-        if deltas or self.agent is None:
+            replica=self.replica_id, device=",".join(device_ids), node=self.node, time_s=started,
+            system_fingerprint=engine.system_fingerprint,
+            abandoned_node=self.home_node if home_agent is not None else None)
+        if deltas or agent is None:
             yield start
             start = None  # from here on: the start still to send (None: sent)
         reports = None
-        if self.agent is not None:
-            reports = _AgentReports(self.agent, self._agent_link(), RequestStart(rid, tuple(self.device_ids), started))
+        if agent is not None:
+            reports = _AgentReports(agent, self._agent_link(), RequestStart(rid, tuple(device_ids), started))
             self._push_stats()
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
-            async with contextlib.aclosing(self.engine.generate(request)) as engine_events, \
+            async with contextlib.aclosing(engine.generate(request)) as engine_events, \
                     contextlib.aclosing(engine_events if start is None else
                                         _with_start_due(engine_events, START_EVENT_DELAY_SECONDS)) as events:
                 async for ev in events:
@@ -398,13 +502,13 @@ class ModelServer:
                         first_token_mono = time.monotonic()
                     if ev.finished:
                         settled = True
-                        energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens)
+                        energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens, engine)
                         yield ReplicaEnd(
                             text=ev.text if deltas else "".join(texts) + ev.text, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
-                            else time.monotonic() - first_token_mono, start=start, **self._token_methods(ev))
+                            else time.monotonic() - first_token_mono, start=start, **_token_methods(engine, ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
@@ -419,71 +523,61 @@ class ModelServer:
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
             if last is None:  # before the engine's first event: what it had handed on (an upstream server's prefill)
-                last = self.engine.take_unreported_work(rid)
+                last = engine.take_unreported_work(rid)
                 if last is not None:
                     prompt_tokens, completion_tokens = last.prompt_tokens, last.completion_tokens
             self._abandon(reports, prompt_tokens, completion_tokens, energy if settled else None, rid,
-                          self._token_methods(last))
+                          _token_methods(engine, last), engine, home_agent)
             self._push_stats()
             raise
         except ContextLengthError as exc:
-            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
                                           str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt",
                                           last=last, start=start)
         except RequestRejectedError as exc:
-            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
                                           str(exc), param=exc.param, last=last, start=start)
         except EngineUnavailable as exc:
             self._agent_gone_until_s = time.monotonic() + AGENT_GONE_EJECT_SECONDS
-            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
                                           f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
                                           last=last, start=start)
         except EngineError as exc:
-            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {exc}", last=last, start=start)
         except Exception as exc:  # an engine bug must still settle the request and answer in the envelope
             log.exception("request %s on %s failed", rid, self.replica_id)
-            yield await self._error_event(reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.ENGINE,
                                           f"model {self.model.id} failed: {type(exc).__name__}", last=last, start=start)
 
-    async def _error_event(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                           kind: ReplicaErrorKind, message: str, param: str | None = None,
+    async def _error_event(self, engine: Any, reports: "_AgentReports | None", prompt_tokens: int,
+                           completion_tokens: int, kind: ReplicaErrorKind, message: str, param: str | None = None,
                            last: EngineEvent | None = None, start: ReplicaStart | None = None) -> ReplicaError:
-        energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens)
+        energy = await self._finish_energy(reports, time.time(), prompt_tokens, completion_tokens, engine)
         self._push_stats()
         return ReplicaError(kind=kind, message=message, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, energy=energy, param=param, start=start,
-                            **self._token_methods(last))
-
-    def _token_methods(self, ev: EngineEvent | None) -> dict[str, str | None]:
-        """How an event's token counts were obtained: its own labels, else its engine's (none before any event)."""
-        default = getattr(self.engine, "token_counts_method", None) if ev is not None else None
-        return {"prompt_tokens_method": getattr(ev, "prompt_tokens_method", None) or default,
-                "completion_tokens_method": getattr(ev, "completion_tokens_method", None) or default}
+                            **_token_methods(engine, last))
 
     async def _finish_energy(self, reports: "_AgentReports | None", t_s: float, prompt_tokens: int,
-                             completion_tokens: int) -> EnergyReport | None:
+                             completion_tokens: int, engine: Any) -> EnergyReport | None:
         """The request's energy, from its node agent: one round trip, which also carries the final counts."""
         if reports is None:
-            return self._estimated_energy(prompt_tokens, completion_tokens)
+            return _estimated_energy(engine, prompt_tokens, completion_tokens)
         return await reports.energy(reports.finish(t_s, prompt_tokens, completion_tokens))
 
-    def _estimated_energy(self, prompt_tokens: int, completion_tokens: int) -> EnergyReport | None:
-        """No meter on the work's node: an engine that can estimate its energy (upstream) labels its own figure."""
-        estimate = getattr(self.engine, "estimate_energy", None)
-        return estimate(prompt_tokens or 0, completion_tokens or 0) if estimate is not None else None
-
     def _abandon(self, reports: "_AgentReports | None", prompt_tokens: int, completion_tokens: int,
-                 energy: EnergyReport | None, request_id: str, methods: dict[str, str | None]) -> None:
+                 energy: EnergyReport | None, request_id: str, methods: dict[str, str | None], engine: Any,
+                 home_agent: Any) -> None:
         """Settle a cancelled request with the agent (one-way: this task is being cancelled); `methods` say
         how its counts were obtained, for the gateway's ledger row."""
         if reports is not None:
             reports.abandon(replace(reports.finish(time.time(), prompt_tokens, completion_tokens), **methods), energy)
-        elif self.home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
+        elif home_agent is not None:  # as ReplicaStart.abandoned_node told the gateway
             # no agent meters the work: the estimate for the tokens seen, left where the gateway looks for it
             finish = RequestFinish(request_id, time.time(), prompt_tokens, completion_tokens, **methods)
-            estimate = energy or self._estimated_energy(prompt_tokens, completion_tokens)
-            contextvars.Context().run(self.home_agent.abandon_request.remote, finish, estimate)
+            estimate = energy or _estimated_energy(engine, prompt_tokens, completion_tokens)
+            contextvars.Context().run(home_agent.abandon_request.remote, finish, estimate)
 
     # --- the agent link -------------------------------------------------------------------------
     _link: AgentLink | None = None
@@ -496,6 +590,17 @@ class ModelServer:
     home_agent: Any = None
     #: until when (time.monotonic()) the replica keeps out of routing: its node agent was found gone
     _agent_gone_until_s = 0.0
+    #: the rank whose slot this replica serves (see reconfigure)
+    rank = 0
+
+    @property
+    def _engine_requests(self) -> dict[int, int]:
+        """id(engine) -> requests running on it: an engine a renumbered replica left closes after its last one."""
+        return self.__dict__.setdefault("_engine_requests_by_id", {})
+
+    @property
+    def _retiring(self) -> dict[int, Any]:
+        return self.__dict__.setdefault("_retiring_engines", {})
 
     def _agent_link(self) -> AgentLink | None:
         """The link to the node agent if it is up; otherwise start (re)connecting, at most every
@@ -512,14 +617,20 @@ class ModelServer:
         return None
 
     async def _connect_link(self) -> None:
+        agent = self.agent
         try:
-            path = await self.agent.link_address.remote(self.ray_node_id)
+            path = await agent.link_address.remote(self.ray_node_id)
             if path is None:  # the agent runs on another machine: its socket cannot be reached from here
-                self._link_retry_s = math.inf  # the replica never changes node, nor the agent: Ray calls for good
+                if agent is self.agent:  # Ray calls for good, unless a renumbering moves the replica (reconfigure)
+                    self._link_retry_s = math.inf
                 log.info("replica %s: node agent of %s is on another Ray node; using Ray calls", self.replica_id,
                          self.node)
                 return
-            self._link = await AgentLink.connect(path)
+            link = await AgentLink.connect(path)
+            if agent is not self.agent:  # renumbered meanwhile: that agent meters none of this replica's work now
+                link.close()
+                return
+            self._link = link
         except Exception as exc:  # an agent on another machine, or an old one: Ray calls do the job
             log.warning("replica %s: no link to the node agent (%s); using Ray calls", self.replica_id, exc)
         finally:
@@ -533,4 +644,6 @@ class ModelServer:
             except Exception as exc:  # its node agent is gone too: nothing of this replica is left there
                 log.info("replica %s: node agent not told of the stop: %s", self.replica_id, type(exc).__name__)
         await self.engine.close()
+        for engine in list(self._retiring.values()):  # left by a renumbering, still running requests at shutdown
+            await engine.close()
 
