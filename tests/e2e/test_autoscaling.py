@@ -1,5 +1,6 @@
 """Per-model autoscaling on the simulated fleet in real time: a load that rises scales the model out, the
-fall scales it back in after the downscale delay, and the parking group parks the GPUs it freed."""
+fall scales it back in after the downscale delay, the parking group parks the GPUs it freed, and the replica
+left, renumbered to rank 0 if it had another rank, serves rank 0's GPU."""
 
 from __future__ import annotations
 
@@ -105,5 +106,18 @@ def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(t
                 break
             assert time.time() < deadline, devices
             time.sleep(1)
+        # the replica left has rank 0 (Serve renumbers the ones it keeps) and follows its rank: it serves rank 0's
+        # GPU, so the next replica Serve starts, at rank 1, gets a GPU of its own
+        deadline = time.time() + 60
+        while (device := request_device(url)) != GPUS[0]:
+            assert time.time() < deadline, f"the replica left after scaling in runs on {device}, not rank 0's {GPUS[0]}"
+            time.sleep(1)
     finally:
         cluster.stop()
+
+
+def request_device(url: str) -> str:
+    r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": "llama-3.1-8b", "max_tokens": 4, "messages": [{"role": "user", "content": "Go on."}]})
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["energy"]["device"]
