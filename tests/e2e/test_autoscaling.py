@@ -112,8 +112,48 @@ def test_load_that_rises_and_falls_scales_out_then_in_and_parks_the_freed_gpus(t
         while (device := request_device(url)) != GPUS[0]:
             assert time.time() < deadline, f"the replica left after scaling in runs on {device}, not rank 0's {GPUS[0]}"
             time.sleep(1)
+        # which replica Serve stops is its own choice, so renumber one here: a replica of this model built at
+        # rank 0, in a driver of this cluster, told by reconfigure (as Serve tells it) that it is rank 2 now
+        moved = cluster.driver(RENUMBER % (str(tmp_path / "wattlane.yaml"), str(tmp_path / "state")))
+        assert moved["before"] == ["llama-3.1-8b#0", [GPUS[0]]], moved
+        assert moved["after"] == ["llama-3.1-8b#2", [GPUS[2]]], moved
+        # its next request ran on rank 2's GPU and was metered there; the GPU it left took no part in it
+        assert moved["end"]["device"] == GPUS[2] and moved["end"]["joules"] > 0, moved
+        assert moved["start_replica"] == "llama-3.1-8b#2", moved
     finally:
         cluster.stop()
+
+
+RENUMBER = """
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from scheduler.cluster.replica import ModelServer
+from scheduler.config import load_config
+from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+
+config = load_config(Path(%r))
+server = object.__new__(ModelServer)  # what Serve builds, without a replica context: bound to rank 0 by hand
+server.config, server.model, server.state_dir = config, config.model("llama-3.1-8b"), Path(%r)
+server._apply(server._bind(0))
+server._joules_per_work_token = None
+before = [server.replica_id, server.device_ids]
+
+
+async def main():
+    await server.reconfigure(None, rank=SimpleNamespace(rank=2))
+    request = GenerationRequest("renumbered-1", ModelKind.CHAT, messages=[{"role": "user", "content": "Go on."}],
+                                params=SamplingParams(max_tokens=4))
+    return [ev async for ev in server.generate(request, deltas=False)]
+
+
+events = asyncio.run(main())
+end = events[-1]
+start = end.start if getattr(end, "start", None) is not None else events[0]
+result = {"before": before, "after": [server.replica_id, server.device_ids], "start_replica": start.replica,
+          "end": {"device": end.energy.device, "joules": end.energy.joules}}
+"""
 
 
 def request_device(url: str) -> str:
