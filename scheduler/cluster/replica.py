@@ -268,12 +268,6 @@ class ModelServer:
         and the engine (blocking: Ray calls). `current`: the engine now running, kept when the rank's slot is the
         one it already serves (the same endpoint, device or simulated GPU group)."""
         check_rank_has_a_slot(self.model, rank)
-        device_ids = devices_for_replica(self.model, rank)
-        node = node_for_replica(self.model, rank)
-        # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
-        agent = runtime.get_node_agent(node)
-        if self.model.endpoints and agent is not None:
-            device_ids = resolve_endpoint_devices(agent, self.model, rank, device_ids)
         if self.model.engine == "simulated":
             from scheduler.cluster.sim_host import (
                 AgentHostedEngine,
@@ -288,12 +282,19 @@ class ModelServer:
                 node, agent = agent_for_simulated_replica(self.model, self.config, rank)
                 engine = AgentHostedEngine(agent, self.model.model_dump(mode="json"), rank)
             device_ids = engine.device_ids
-        elif current is not None and same_slot(self.model, rank, self.rank):
-            engine = current
         else:
-            from scheduler.engines.factory import build_engine
+            device_ids = devices_for_replica(self.model, rank)
+            node = node_for_replica(self.model, rank)
+            # the agent of the node the work runs on meters its devices (an upstream server's host may have none)
+            agent = runtime.get_node_agent(node)
+            if self.model.endpoints and agent is not None:
+                device_ids = resolve_endpoint_devices(agent, self.model, rank, device_ids)
+            if current is not None and same_slot(self.model, rank, self.rank):
+                engine = current
+            else:
+                from scheduler.engines.factory import build_engine
 
-            engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
+                engine = build_engine(self.model, self.config, self.state_dir, replica_index=rank)
         home_node = home_agent = None
         if agent is None and self.model.endpoints:
             # no agent on the server's host: this process's own node agent publishes the replica's stats to the
@@ -340,21 +341,20 @@ class ModelServer:
 
     def _retire(self, engine: Any) -> None:
         """Close an engine this replica no longer routes to, once its last request has ended."""
-        if self._engine_requests.get(id(engine), 0) == 0:
-            asyncio.get_running_loop().create_task(engine.close(), context=contextvars.Context())
-        else:
-            self._retiring[id(engine)] = engine
+        self._retiring[id(engine)] = engine
+        self._close_if_idle(engine)
 
     def _engine_request_ended(self, engine: Any) -> None:
-        key = id(engine)
-        left = self._engine_requests.get(key, 0) - 1
-        if left > 0:
-            self._engine_requests[key] = left
-            return
-        self._engine_requests.pop(key, None)
-        retiring = self._retiring.pop(key, None)
-        if retiring is not None:
-            asyncio.get_running_loop().create_task(retiring.close(), context=contextvars.Context())
+        left = self._engine_requests[id(engine)] - 1
+        if left:
+            self._engine_requests[id(engine)] = left
+        else:
+            del self._engine_requests[id(engine)]
+            self._close_if_idle(engine)
+
+    def _close_if_idle(self, engine: Any) -> None:
+        if id(engine) not in self._engine_requests and self._retiring.pop(id(engine), None) is not None:
+            asyncio.get_running_loop().create_task(engine.close(), context=contextvars.Context())
 
     def _push_stats(self) -> None:
         """Tell the node agent (governor, gateway routing) how loaded this replica is now.
@@ -531,15 +531,18 @@ class ModelServer:
             self._push_stats()
             raise
         except ContextLengthError as exc:
-            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.CONTEXT_LENGTH,
-                                          str(exc), param="messages" if request.kind == ModelKind.CHAT else "prompt",
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens,
+                                          ReplicaErrorKind.CONTEXT_LENGTH, str(exc),
+                                          param="messages" if request.kind == ModelKind.CHAT else "prompt",
                                           last=last, start=start)
         except RequestRejectedError as exc:
-            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.INVALID_REQUEST,
-                                          str(exc), param=exc.param, last=last, start=start)
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens,
+                                          ReplicaErrorKind.INVALID_REQUEST, str(exc), param=exc.param, last=last,
+                                          start=start)
         except EngineUnavailable as exc:
             self._agent_gone_until_s = time.monotonic() + AGENT_GONE_EJECT_SECONDS
-            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens, ReplicaErrorKind.UNAVAILABLE,
+            yield await self._error_event(engine, reports, prompt_tokens, completion_tokens,
+                                          ReplicaErrorKind.UNAVAILABLE,
                                           f"model {self.model.id} replica {self.replica_id} unavailable: {exc}",
                                           last=last, start=start)
         except EngineError as exc:

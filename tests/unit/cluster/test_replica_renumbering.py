@@ -51,10 +51,16 @@ def home_agent(monkeypatch):
     return agent, handle
 
 
+def three_endpoints(endpoints: list[FakeUpstream], last_mode: str = "ok"):
+    """The upstream model on the three fake servers; the last one serves requests in `last_mode`."""
+    a, b, c = endpoints
+    return upstream_config([(a.base_url, "ok"), (b.base_url, "ok"), (c.base_url, last_mode)])
+
+
 def test_a_renumbered_replica_moves_to_its_new_ranks_endpoint_and_finishes_what_ran_on_the_old(endpoints, home_agent):
     agent, handle = home_agent
     a, b, c = endpoints
-    config = upstream_config([(a.base_url, "ok"), (b.base_url, "ok"), (c.base_url, "stall-mid")])
+    config = three_endpoints(endpoints, "stall-mid")
 
     async def main():
         server = replica(config, 2, handle)
@@ -92,9 +98,8 @@ def test_a_renumbered_replica_moves_to_its_new_ranks_endpoint_and_finishes_what_
 
 
 def test_the_reconfigure_serve_makes_at_start_with_the_same_rank_keeps_everything(endpoints, home_agent):
+    config = three_endpoints(endpoints)
     _, handle = home_agent
-    a, b, c = endpoints
-    config = upstream_config([(a.base_url, "ok"), (b.base_url, "ok"), (c.base_url, "ok")])
 
     async def main():
         server = replica(config, 1, handle)
