@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 #: how long to wait for a node agent to settle an abandoned request
 ABANDONED_WAIT_SECONDS = 10.0
-#: the same, when the request's node is not known: every agent is asked, and most never had it
-UNKNOWN_NODE_WAIT_SECONDS = 0.5
 
 #: (node, request_id, timeout_seconds) -> the work an abandoned request left with its node agent (node
 #: None: with whichever agent has it)
@@ -121,7 +119,8 @@ class Accounting:
 
         node None: the client left before the replica's start reached the gateway (a request without
         deltas sends its start late, or with its end: cluster/replica.py), so any agent may hold the
-        work; they are asked for a shorter while, as the request may never have reached a replica."""
+        work. They are all asked, for as long: the replica's message can come well after the gateway's
+        cancel on a busy machine, and the row waits in the background, not the client."""
         if self._abandoned is None:
             return None
-        return await self._abandoned(node, request_id, ABANDONED_WAIT_SECONDS if node else UNKNOWN_NODE_WAIT_SECONDS)
+        return await self._abandoned(node, request_id, ABANDONED_WAIT_SECONDS)

@@ -342,17 +342,27 @@ class NodeAgent:
                                                           msg.prompt_tokens_method, msg.completion_tokens_method))
 
     async def take_abandoned(self, request_id: str, timeout_seconds: float) -> AbandonedWork | None:
-        """The outcome abandon_request kept for request_id, waiting a short while for it.
+        """The outcome abandon_request kept for request_id, waiting a while for it.
 
         The replica's abandon_request can itself be lost: Ray cancels the calls a cancelled request
-        makes, and that call is made while it is being cancelled. Then the request is settled here, up
-        to now and with the token counts of its last progress report, so that it stops drawing energy
-        and its joules still reach the ledger."""
+        makes, and that call is made while it is being cancelled. Then a request this agent knows is
+        settled here after ABANDON_GRACE_SECONDS, up to now and with the token counts of its last progress
+        report, so that it stops drawing energy and its joules still reach the ledger. A request it has
+        not heard of (a short one's start travels with its end) has nothing to settle here: its energy
+        comes only with the replica's message, which a busy replica sends late, so that is waited for up
+        to timeout_seconds (agents that never had the request answer None then)."""
+        deadline_mono = time.monotonic() + timeout_seconds
         work = await self._abandoned.take(request_id, min(timeout_seconds, ABANDON_GRACE_SECONDS))
+        while work is None and not self._knows(request_id) and (left_s := deadline_mono - time.monotonic()) > 0:
+            work = await self._abandoned.take(request_id, min(left_s, ABANDON_GRACE_SECONDS))
         if work is not None:
             return work
         energy = await self.finish_request(RequestFinish(request_id, time.time()))
         return None if energy is None else AbandonedWork(energy, 0, 0)
+
+    def _knows(self, request_id: str) -> bool:
+        """Whether the request's start (or its end) reached this agent."""
+        return request_id in self._request_devices or request_id in self._finishing or request_id in self._finished
 
     # --- simulated engines (they drive the simulated GPUs this agent owns) --------------------
     async def sim_open(self, model: dict[str, Any], replica_index: int) -> dict[str, Any]:

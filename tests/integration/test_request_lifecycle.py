@@ -61,20 +61,34 @@ def test_client_disconnect_mid_stream_is_recorded_as_cancelled_with_its_energy(s
 
 def test_a_non_streaming_request_abandoned_before_its_start_reached_the_gateway_is_charged(server):
     """A non-streaming request's start travels with its end unless it runs 50 ms (cluster/replica.py): a
-    client that leaves before then leaves the gateway without the request's node, and every agent is asked."""
-    request_id = f"chatcmpl-left-early-{time.time_ns()}"
+    client that leaves before then leaves the gateway without the request's node, and every agent is asked.
+
+    The client must leave after the replica started the request but before its start came back: on a busy
+    machine, 40 ms after sending can still be before the replica had it (then no work was done, and the row
+    says so). So it tries a few moments, and one of them must land on work done and be charged for it."""
     body = {"model": CHAT_MODEL, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
             "max_tokens": 400, "temperature": 0}
-    headers = {**server.headers(), "X-Request-Id": request_id}
-    with httpx.Client(base_url=server.url, headers=headers, timeout=httpx.Timeout(30.0, read=0.04)) as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/chat/completions", json=body)  # the client gives up 40 ms in: the connection closes
-    row = _ledger_row(server, request_id)
-    assert row is not None, "an abandoned request must still have a ledger row"
-    assert row["status"] == "cancelled"
-    assert row["completion_tokens"] < 400, "the generation must stop early"
-    assert row["joules"] is not None and row["joules"] > 0
-    deadline = time.time() + 15
-    while _running_requests(server) and time.time() < deadline:
-        time.sleep(0.5)
-    assert _running_requests(server) == 0
+    charged = []
+    for leave_after_s in (0.04, 0.06, 0.08):
+        request_id = f"chatcmpl-left-early-{time.time_ns()}"
+        headers = {**server.headers(), "X-Request-Id": request_id}
+        with httpx.Client(base_url=server.url, headers=headers,
+                          timeout=httpx.Timeout(30.0, read=leave_after_s)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                c.post("/v1/chat/completions", json=body)  # the client gives up: the connection closes
+        row = _ledger_row(server, request_id)
+        assert row is not None, "an abandoned request must still have a ledger row"
+        assert row["status"] == "cancelled"
+        assert row["completion_tokens"] < 400, "the generation must stop early"
+        if row["joules"] is None:  # only a request that never reached the engine has no energy
+            assert row["completion_tokens"] == 0, row
+        else:
+            assert row["joules"] > 0, row
+            charged.append(row)
+        deadline = time.time() + 15
+        while _running_requests(server) and time.time() < deadline:
+            time.sleep(0.5)
+        assert _running_requests(server) == 0
+        if charged:
+            break
+    assert charged, "no try left after the replica had started the request"

@@ -295,6 +295,46 @@ def test_an_abandon_call_that_never_arrives_is_settled_when_the_gateway_asks() -
     assert work is not None and work.energy is not None and work.energy.joules > 0
 
 
+def test_a_replica_message_that_comes_late_for_a_request_the_agent_never_heard_of_still_brings_its_energy(
+        monkeypatch) -> None:
+    """A short request's start travels with its end: a client that leaves first leaves the gateway without
+    the request's node, and a busy replica's abandon_request came after the gateway had stopped asking
+    (0.5 s): the cancelled row had no joules (CI, the abandoned non-streaming request's test)."""
+    import scheduler.cluster.node_agent as node_agent
+    from scheduler.api.accounting import Accounting
+
+    monkeypatch.setattr(node_agent, "ABANDON_GRACE_SECONDS", 0.1)  # what the agent waits for a request it knows
+    agent = make_agent()
+
+    async def lookup(node, request_id, timeout_seconds):
+        assert node is None
+        return await agent.take_abandoned(request_id, timeout_seconds)
+
+    accounting = Accounting(carbon=None, ledger=None, metrics=None, abandoned=lookup)
+
+    async def main():
+        t0 = time.time()
+        asking = asyncio.create_task(accounting.abandoned_work(None, "r3"))
+        await asyncio.sleep(0.8)  # the replica is busy: its message comes late, the start inside it
+        await agent.abandon_request(RequestFinish("r3", t0 + 0.25, 8, 0, start=RequestStart("r3", (DEVICE,), t0)))
+        return await asking
+
+    work = asyncio.run(main())
+    assert work is not None and work.energy is not None, "the row's joules come from here"
+    assert (work.energy.device, work.prompt_tokens) == (DEVICE, 8)
+    assert agent.attributor.running(DEVICE) == 0
+
+
+def test_an_agent_that_never_had_the_request_answers_none_once_the_gateway_stops_asking(monkeypatch) -> None:
+    import scheduler.cluster.node_agent as node_agent
+
+    monkeypatch.setattr(node_agent, "ABANDON_GRACE_SECONDS", 0.05)
+    agent = make_agent()
+    t0 = time.monotonic()
+    assert asyncio.run(agent.take_abandoned("never-here", 0.3)) is None
+    assert 0.3 <= time.monotonic() - t0 < 1.0, "asked for 0.3 s: it waits that long, in grace-sized slices"
+
+
 def _agent_with_pending_interval(t0: float) -> Any:
     """An agent whose one metered interval, [t0 - 0.2, t0 + 0.1] with 3 J, is still unsettled."""
     agent = make_agent()
