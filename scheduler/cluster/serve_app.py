@@ -61,6 +61,12 @@ def gateway_actor_options(config: WattlaneConfig, state_dir: Path) -> dict[str, 
     return options
 
 
+#: how often a stopping replica checks whether its requests are done. Serve's default (2 s) is also the least an
+#: idle replica waits: every stop, scale-in and Ctrl-C paid it twice (gateway, then models). A drain still waits
+#: for every request under way, up to graceful_shutdown_timeout_s; only the polling is finer.
+DRAIN_POLL_SECONDS = 0.2
+
+
 def build_app(config: WattlaneConfig, state_dir: Path):
     """The Serve application: gateway ingress bound to one deployment per model."""
     from ray import serve
@@ -82,6 +88,7 @@ def build_app(config: WattlaneConfig, state_dir: Path):
             # a replica whose node agent went with its node fails this probe (check_health) and is replaced
             health_check_period_s=3,
             graceful_shutdown_timeout_s=5,
+            graceful_shutdown_wait_loop_s=DRAIN_POLL_SECONDS,
             # replica choice by predicted energy within the SLO, from the stats replicas publish
             request_router_config=RequestRouterConfig(
                 request_router_class="scheduler.routing.serve_router:EnergyAwareRequestRouter",
@@ -94,6 +101,7 @@ def build_app(config: WattlaneConfig, state_dir: Path):
         name="gateway",
         num_replicas=config.server.gateway_replicas,
         max_ongoing_requests=1000,
+        graceful_shutdown_wait_loop_s=DRAIN_POLL_SECONDS,
         ray_actor_options=gateway_actor_options(config, state_dir),
     )
     return gateway.bind(cfg, str(state_dir), handles)

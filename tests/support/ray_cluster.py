@@ -124,21 +124,24 @@ class LocalRayCluster:
         return proc
 
     def wait_app_running(self, app: str = "wattlane", timeout_s: float = START_TIMEOUT_SECONDS) -> None:
-        import yaml
+        """Poll the dashboard's Serve API (what `serve status` reads, without a Python process per poll)."""
+        import httpx
 
         deadline = time.time() + timeout_s
         last = ""
         while time.time() < deadline:
-            proc = subprocess.run([SERVE, "status", "--address", self.dashboard_url], env=self.env,
-                                  capture_output=True, text=True, timeout=120)
-            last = proc.stdout + proc.stderr
-            if proc.returncode == 0:
-                status = ((yaml.safe_load(proc.stdout) or {}).get("applications") or {}).get(app) or {}
-                if status.get("status") == "RUNNING":
-                    return
-                assert status.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), last
-            time.sleep(2)
-        raise AssertionError(f"application {app} not running after {timeout_s:.0f} s:\n{last}")
+            try:
+                r = httpx.get(self.dashboard_url + "/api/serve/applications/", timeout=30)
+                last = r.text
+                if r.status_code == 200:
+                    status = ((r.json() or {}).get("applications") or {}).get(app) or {}
+                    if status.get("status") == "RUNNING":
+                        return
+                    assert status.get("status") not in ("DEPLOY_FAILED", "UNHEALTHY"), last[-5000:]
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.5)
+        raise AssertionError(f"application {app} not running after {timeout_s:.0f} s:\n{last[-5000:]}")
 
     def driver(self, code: str, timeout: float = 120) -> object:
         """Run `code` in a fresh driver connected to this cluster (namespace wattlane); it sets `result`,

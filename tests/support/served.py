@@ -60,7 +60,7 @@ def served(config: dict[str, Any], workdir: Path, *, ready_timeout_s: float = 24
                 pass
             if time.time() > deadline:
                 raise AssertionError("wattlane serve was not ready in time")
-            time.sleep(1)
+            time.sleep(0.25)
         yield ServedProcess(url=url, state_dir=workdir / "state", proc=proc)
     except BaseException:
         if proc.poll() is None:
