@@ -1,4 +1,4 @@
-"""Fixtures shared by the routing tests: the out-of-fold scores of the training part are computed once (about 25 s)."""
+"""Fixtures shared by the routing tests: the out-of-fold scores of the training part are computed once (about 12 s)."""
 
 import pytest
 

@@ -1,6 +1,6 @@
 """Calibration for a share of the strong model's accuracy retained, and calibration on the training part with out-of-fold scores.
 
-The out-of-fold calibration refits the two heads on each of the 5 training folds (about 25 s on two cores, once per session: tests/unit/routing/conftest.py); its
+The out-of-fold calibration refits the two heads on each of the 5 training folds (about 12 s on two cores, once per session: tests/unit/routing/conftest.py); its
 figures are the ones docs/benchmarks.md and docs/routing.md quote for the training-split operating points.
 """
 
