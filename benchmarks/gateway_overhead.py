@@ -97,23 +97,37 @@ def _process_group(title: str) -> str | None:
     return None
 
 
-def _cpu_seconds_by_process() -> dict[str, float]:
-    """User + system CPU seconds used so far by each Ray process (threads included), by its title."""
+def _process_name(title: str) -> str:
+    """A Ray process's name for the CPU table. Ray titles an actor's process by the task it runs now
+    ("ray::ServeReplica:app:deployment.handle_request_with_rejection"): the task goes, so that a process keeps
+    one name across snapshots (deployment names have no dots)."""
+    return re.sub(r"\.[A-Za-z_]\w*$", "", os.path.basename(title.split(" ")[0]))
+
+
+def _cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (title, user + system CPU seconds used so far, threads included) of each Ray process."""
     import psutil
 
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
             title = " ".join(proc.info["cmdline"] or ())
             if _process_group(title) is not None:
                 t = proc.cpu_times()
-                key = os.path.basename(title.split(" ")[0])
-                if not key.startswith("ray::ServeReplica:"):  # Ray titles an actor's process by its running task
-                    key = re.sub(r"\.[A-Za-z_]\w*$", "", key)
-                out[key] = out.get(key, 0.0) + t.user + t.system
+                out[proc.pid] = (_process_name(title), t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
+
+
+def _cpu_used_by_title(start: dict[int, tuple[str, float]], end: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each title's processes used between two snapshots, by pid: a process that ended in between
+    (another Ray session's leftover) is left out, as its share of the window is unknown; one that started counts
+    from zero."""
+    used: dict[str, float] = {}
+    for pid, (key, cpu_s) in end.items():
+        used[key] = used.get(key, 0.0) + cpu_s - (start[pid][1] if pid in start else 0.0)
+    return used
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -182,7 +196,7 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
         dep.stop()
     timed = requests * rounds_count
     # the processes' background work (the agent's meter, the gateway's refresher) counts: it is part of the cost
-    cpu_ms_by_process = {k: (v - cpu_start.get(k, 0.0)) * 1000.0 / timed for k, v in sorted(cpu_end.items())}
+    cpu_ms_by_process = {k: v * 1000.0 / timed for k, v in sorted(_cpu_used_by_title(cpu_start, cpu_end).items())}
     cpu_ms_per_request = {g: sum(v for k, v in cpu_ms_by_process.items() if _process_group(k) == g)
                           for g in ("plain", "wattlane", "shared")}
     plain = _percentiles([t for r in rounds for t in r["plain"]])

@@ -1,0 +1,23 @@
+"""The gateway-overhead benchmark's CPU table: each process's own use over the window, never negative."""
+
+from benchmarks.gateway_overhead import _cpu_used_by_title, _process_name
+
+
+def test_a_process_that_ended_in_the_window_does_not_subtract_from_its_titles_live_ones():
+    # an orphaned DashboardAgent of an earlier Ray session (pid 7) exits during the timed rounds: the table
+    # showed DashboardAgent at -2.69 ms per request
+    start = {1: ("ray::DashboardAgent", 40.0), 7: ("ray::DashboardAgent", 90.0), 3: ("ray::NodeAgent", 5.0)}
+    end = {1: ("ray::DashboardAgent", 41.5), 3: ("ray::NodeAgent", 6.0), 9: ("ray::ServeReplica:x:gateway", 2.0)}
+    used = _cpu_used_by_title(start, end)
+    assert used == {"ray::DashboardAgent": 1.5, "ray::NodeAgent": 1.0, "ray::ServeReplica:x:gateway": 2.0}
+
+
+def test_a_replica_keeps_one_name_whatever_task_it_runs():
+    # the plain app's ingress was listed as "...plain_ingress.handle_request_with_rejection" when the snapshot
+    # caught it inside a request, and its CPU landed in two rows
+    idle = _process_name("ray::ServeReplica:plain:plain_ingress")
+    busy = _process_name("ray::ServeReplica:plain:plain_ingress.handle_request_with_rejection")
+    assert idle == busy == "ray::ServeReplica:plain:plain_ingress"
+    assert _process_name("ray::ServeReplica:wattlane:model-llama-3-1-8b") == "ray::ServeReplica:wattlane:model-llama-3-1-8b"
+    assert _process_name("ray::NodeAgent.sim_generate") == "ray::NodeAgent"
+    assert _process_name("/usr/bin/raylet --flag=1") == "raylet"
