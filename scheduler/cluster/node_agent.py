@@ -352,11 +352,13 @@ class NodeAgent:
         comes only with the replica's message, which a busy replica sends late, so that is waited for up
         to timeout_seconds (agents that never had the request answer None then)."""
         deadline_mono = time.monotonic() + timeout_seconds
-        work = await self._abandoned.take(request_id, min(timeout_seconds, ABANDON_GRACE_SECONDS))
-        while work is None and not self._knows(request_id) and (left_s := deadline_mono - time.monotonic()) > 0:
+        while True:
+            left_s = max(0.0, deadline_mono - time.monotonic())
             work = await self._abandoned.take(request_id, min(left_s, ABANDON_GRACE_SECONDS))
-        if work is not None:
-            return work
+            if work is not None:
+                return work
+            if self._knows(request_id) or time.monotonic() >= deadline_mono:
+                break
         energy = await self.finish_request(RequestFinish(request_id, time.time()))
         return None if energy is None else AbandonedWork(energy, 0, 0)
 

@@ -74,26 +74,15 @@ def chat(url: str, max_tokens: int = 24, timeout: float = 120) -> httpx.Response
 
 
 BOOKS = """
-import time
+from tests.support.energy_books import counters_and_books
+
 result = {}
 for name in %r:
     agent = runtime.get_node_agent(name)
-    best = None
-    for _ in range(40):  # a counter read and the attributor's books as of the same meter sample
-        view1 = ray.get(agent.gateway_view.remote()).devices
-        balance = ray.get(agent.energy_balance.remote())
-        view2 = ray.get(agent.gateway_view.remote()).devices
-        metered = sum(d["energy_joules_metered"] for d in view1)
-        if metered == sum(d["energy_joules_metered"] for d in view2):
-            # the books end at the meter's last sample; the counter is read up to a meter period after it, which
-            # at idle power is about 1%% of a short run's energy: keep the read closest to the sample
-            counter = sum(d["energy_joules"] for d in view1)
-            if best is None or counter - metered < best["gap"]:
-                best = {"counter": counter, "gap": counter - metered, "balance": balance}
-        time.sleep(0.013)  # not a divisor of the meter period, so the reads walk across it
-    if best is not None:
-        best["ready"] = ray.get(agent.ready.remote())
-    result[name] = best
+    # the counter read closest to the meter's last sample, where the books end (a read up to a meter period
+    # later is about 1%% of a short run's energy at idle power)
+    counter, balance, _ = counters_and_books(agent)
+    result[name] = {"counter": counter, "balance": balance, "ready": ray.get(agent.ready.remote())}
 """
 
 
