@@ -87,14 +87,12 @@ class Gateway:
         return [energy.router, operator.router, dashboard.router, teams.router]
 
     # --- node agents and live readings -----------------------------------------------------------
-    def agents(self) -> dict[str, Any]:
-        """The node agents of the alive nodes, by node name (a node that left is dropped here at once)."""
-        found = {}
-        for node in runtime.cluster_nodes():
-            agent = runtime.get_node_agent(node.name)
-            if agent is not None:
-                found[node.name] = agent
-        return found
+    async def agents(self) -> dict[str, Any]:
+        """The node agents of the alive nodes, by node name (a node that left is dropped here at once).
+
+        Looked up in a worker thread: each lookup is a blocking call to Ray's GCS, and on the event
+        loop it would hold up every request in flight (the refresher asks every second)."""
+        return await asyncio.to_thread(_alive_agents)
 
     def ensure_agents(self) -> None:
         """Start the agent of a node that joined since (blocking: call it from a worker thread).
@@ -109,15 +107,15 @@ class Gateway:
         log.info("starting node agents for nodes that joined")
         start_node_agents(self.config, self.state_dir, detached=True)
 
-    def agent_for_device(self, device_id: str) -> Any:
+    async def agent_for_device(self, device_id: str) -> Any:
         for snap in self.device_snapshots:
             if snap.get("device_id") == device_id:
-                return runtime.get_node_agent(snap.get("agent_node") or snap["node"])
+                return await asyncio.to_thread(runtime.get_node_agent, snap.get("agent_node") or snap["node"])
         return None
 
     async def refresh_devices(self) -> list[dict[str, Any]]:
         """Pull every node agent's view: device readings, replica stats, power-action totals."""
-        agents = list(self.agents().items())
+        agents = list((await self.agents()).items())
         views = await asyncio.gather(*(a.gateway_view.remote() for _, a in agents), return_exceptions=True)
         snaps: list[dict[str, Any]] = []
         fresh: dict[str, dict[str, Any]] = {}
@@ -227,6 +225,16 @@ class Gateway:
             close()
 
 
+def _alive_agents() -> dict[str, Any]:
+    """The node agents of the alive nodes, by node name (blocking: Ray GCS calls)."""
+    found = {}
+    for node in runtime.cluster_nodes():
+        agent = runtime.get_node_agent(node.name)
+        if agent is not None:
+            found[node.name] = agent
+    return found
+
+
 async def _take_abandoned(node: str | None, request_id: str, timeout_seconds: float) -> Any:
     """What an abandoned request left with its node agent (None when the agent is gone); node None:
     every alive node's agent is asked, and the one that had the request answers."""
@@ -235,8 +243,7 @@ async def _take_abandoned(node: str | None, request_id: str, timeout_seconds: fl
         if agent is None:
             return None
         return await agent.take_abandoned.remote(request_id, timeout_seconds)
-    agents = await asyncio.to_thread(
-        lambda: [a for a in (runtime.get_node_agent(n.name) for n in runtime.cluster_nodes()) if a is not None])
+    agents = list((await asyncio.to_thread(_alive_agents)).values())
     found = await asyncio.gather(*(a.take_abandoned.remote(request_id, timeout_seconds) for a in agents),
                                  return_exceptions=True)
     return next((w for w in found if w is not None and not isinstance(w, BaseException)), None)

@@ -387,14 +387,19 @@ class Serving:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
                 placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
                 events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
-                item = await asyncio.wait_for(events.__anext__(), timeout_s)
+                # asyncio.timeout, not wait_for: no task per request wrapping the wait (wait_for's costs the
+                # event loop a round on every request)
+                async with asyncio.timeout(timeout_s):
+                    item = await events.__anext__()
                 # a request without deltas that ended soon sends one event, its end, carrying its start
                 start = item if isinstance(item, ReplicaStart) else getattr(item, "start", None)
                 if start is None:
                     raise _ReplicaFailure(f"answered {type(item).__name__} before its start")
                 started()
-            first = item if item is not start else await asyncio.wait_for(events.__anext__(), timeout_s)
-            return events, start, first
+            if item is not start:
+                return events, start, item
+            async with asyncio.timeout(timeout_s):
+                return events, start, await events.__anext__()
         except asyncio.CancelledError:  # the client left while the request waited for its replica
             events.cancel()
             routing = {"model": model, "device": start.device if start else None,

@@ -7,7 +7,9 @@ worker's, then the actor's event loop, and back); each hand-over is a thread wak
 machine each costs a scheduling delay. Over a Unix socket the message
 goes from the replica's event loop to the agent's and back with one wake-up each way; vLLM links its
 API server and engine core the same way (ZeroMQ over IPC). Everything else the agent does (power,
-readings, simulated engines, the gateway's abandoned-request lookups) stays on Ray.
+readings, simulated engines, the gateway's abandoned-request lookups) stays on Ray. A replica's stats
+(ReplicaStats, several a second under load) take the link too when it is up: a Ray actor call costs
+both processes far more CPU than a frame.
 
 The link is used only where the replica runs on its agent's own Ray node (link_reaches): a replica
 of an upstream model reports to the agent of the server's host, which is usually another machine.
@@ -34,7 +36,7 @@ import tempfile
 from collections.abc import Awaitable
 from typing import Any
 
-from scheduler.cluster.messages import AbandonRequest, RequestFinish, RequestProgress, RequestStart
+from scheduler.cluster.messages import AbandonRequest, ReplicaStats, RequestFinish, RequestProgress, RequestStart
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ class AgentLinkServer:
                 self._write_answer(call_id, value, writer)
         elif isinstance(message, AbandonRequest):
             self._spawn(agent.abandon_request(message.finish, message.energy))
+        elif isinstance(message, ReplicaStats):
+            agent.replica_stats(message.replica_id, message.stats)
         else:
             raise TypeError(f"not a request-path message: {type(message).__name__}")
 
@@ -184,6 +188,14 @@ class AgentLink:
     @property
     def alive(self) -> bool:
         return not self._reading.done() and not self._writer.is_closing()
+
+    def usable_here(self) -> bool:
+        """Alive, and the caller runs on the link's event loop (a stream writer is not thread-safe)."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return here is self._reading.get_loop() and self.alive
 
     def send(self, message: Any) -> None:
         """One-way (start, progress, abandon); raises ConnectionError if the link is down."""

@@ -97,6 +97,14 @@ class RequestFinish:
 
 
 @dataclass(frozen=True)
+class ReplicaStats:
+    """A replica's load and energy figures (ModelServer.record_routing_stats), for routing and the governor."""
+
+    replica_id: str
+    stats: dict
+
+
+@dataclass(frozen=True)
 class AbandonRequest:
     """A request whose client went away: its finish, and its energy if the replica already had it."""
 

@@ -33,6 +33,7 @@ from scheduler.cluster.messages import (
     ReplicaErrorKind,
     ReplicaEvent,
     ReplicaStart,
+    ReplicaStats,
     RequestFinish,
     RequestProgress,
     RequestStart,
@@ -373,10 +374,21 @@ class ModelServer:
             wait_s = 0.0
         if wait_s <= 0:
             self._stats_pushed_s = time.monotonic()
-            agent.replica_stats.remote(self.replica_id, self.record_routing_stats())
+            self._send_stats(agent, self.record_routing_stats())
         elif not getattr(self, "_stats_push_pending", False):
             self._stats_push_pending = True
             loop.call_later(wait_s, self._push_trailing_stats)
+
+    def _send_stats(self, agent: Any, stats: dict[str, Any]) -> None:
+        """Over the agent link when it reaches this agent (a frame), else a Ray call."""
+        link = self._link if agent is self.agent else None
+        if link is not None and link.usable_here():
+            try:
+                link.send(ReplicaStats(self.replica_id, stats))
+                return
+            except ConnectionError:
+                pass
+        agent.replica_stats.remote(self.replica_id, stats)
 
     def _publishing_agent(self) -> Any:
         """The agent the replica's stats go to: its work's node's, else (an upstream server's host without one)
@@ -407,7 +419,7 @@ class ModelServer:
             # Serve calls this every stats period: an ejection or re-admission reaches the gateway's
             # routing now, not at this replica's next request (an ejected replica gets none)
             self._published_ejected = ejected
-            agent.replica_stats.remote(self.replica_id, stats)
+            self._send_stats(agent, stats)
         return stats
 
     def _learn_energy(self, energy: EnergyReport | None) -> None:

@@ -67,10 +67,10 @@ class GatewayForTests:
 
         return [energy.router, operator.router, dashboard.router, teams.router]
 
-    def agents(self) -> dict[str, Remote]:
+    async def agents(self) -> dict[str, Remote]:
         return {node: agent_for(svc) for node, svc in self.power_nodes.items()}
 
-    def agent_for_device(self, device_id: str) -> Remote | None:
+    async def agent_for_device(self, device_id: str) -> Remote | None:
         for node, svc in self.power_nodes.items():
             if device_id in svc.devices:
                 return agent_for(svc)

@@ -76,7 +76,7 @@ async def list_devices(request: Request, node: NodeQuery = None, _: Principal = 
     gw = request.app.state.gateway
     snaps = await gw.refresh_devices()
     if node is not None:
-        known = set(gw.agents()) | {s.get("node") for s in snaps} | {s.get("agent_node") for s in snaps}
+        known = set(await gw.agents()) | {s.get("node") for s in snaps} | {s.get("agent_node") for s in snaps}
         if node not in known:
             raise _node_not_found(node, [k for k in known if k])
         snaps = [s for s in snaps if node in (s.get("node"), s.get("agent_node"))]
@@ -86,7 +86,7 @@ async def list_devices(request: Request, node: NodeQuery = None, _: Principal = 
 async def _agent(request: Request, node: str | None = None, device_id: str | None = None) -> Any:
     """The node agent that owns the device (or the agent of `node`, or the first one): 404/503 if none."""
     gw = request.app.state.gateway
-    agents = gw.agents() if node is not None or device_id is None else {}
+    agents = await gw.agents() if node is not None or device_id is None else {}
     if node is not None and node not in agents:
         raise _node_not_found(node, list(agents))
     if device_id is None:
@@ -98,7 +98,7 @@ async def _agent(request: Request, node: str | None = None, device_id: str | Non
         await gw.refresh_devices()
     snap = next((s for s in gw.device_snapshots if s.get("device_id") == device_id), {})
     owner = snap.get("agent_node") or snap.get("node")
-    agent = gw.agent_for_device(device_id) if node is None or owner == node else None
+    agent = await gw.agent_for_device(device_id) if node is None or owner == node else None
     if agent is None:
         where = f" on node '{node}'" if node is not None else ""
         raise ApiError(404, f"device '{device_id}' does not exist{where}; GET /v1/devices lists them",

@@ -534,6 +534,28 @@ def test_requests_go_over_the_agent_link_once_it_is_up_and_through_ray_when_it_b
     assert [name for name, _ in recorder.calls if name == "finish_request"] == ["finish_request"] * 2
 
 
+def test_replica_stats_go_over_the_agent_link_once_it_is_up() -> None:
+    """Several stats pushes a second under load: as Ray actor calls they cost the replica and the agent far
+    more CPU than a frame on the link, on a machine whose cores serve the requests too."""
+    recorder = RecordingAgent()
+
+    async def main():
+        server = make_server(ScriptedEngine(1), recorder)
+        [ev async for ev in server.generate(REQUEST)]  # its first request starts the link's connection
+        while server._link is None or not server._link.alive:
+            await asyncio.sleep(0.01)
+        ray_calls = len(recorder.calls)
+        server._stats_pushed_s = float("-inf")  # the throttle's interval has passed
+        server._push_stats()
+        await asyncio.sleep(0.05)  # the agent reads the frame
+        recorder.agent.close_link()
+        return recorder.calls[ray_calls:]
+
+    later_ray_calls = asyncio.run(main())
+    assert later_ray_calls == []
+    assert recorder.agent._replica_stats["m#0"]["replica_id"] == "m#0"
+
+
 def test_a_replica_on_another_ray_node_never_tries_the_agents_socket_and_asks_for_it_once(monkeypatch) -> None:
     """An upstream replica reports to the agent of its server's host, usually another machine: its socket
     path is of no use there (or, on a shared /tmp, another host's file that refuses connects)."""
