@@ -130,6 +130,45 @@ def _cpu_used_by_title(start: dict[int, tuple[str, float]], end: dict[int, tuple
     return used
 
 
+def parse_server_timing(header: str) -> dict[str, float]:
+    """Server-Timing "name;dur=ms, ..." -> {name: milliseconds}."""
+    out: dict[str, float] = {}
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name and dur:
+            out[name] = float(dur.split(";")[0])
+    return out
+
+
+#: Wattlane's stages (Server-Timing) and the parts derived from them, with whether the plain app does the same
+STAGE_ROWS = (
+    ("route", "routing: model and replica chosen (routing.select)", False),
+    ("serve_and_transport", "replica - engine - energy: Serve's routing to the replica, the call and its answer", True),
+    ("engine", "the engine: llama.cpp generating the token", True),
+    ("energy", "the node agent's answer with the request's joules (agent link)", False),
+    ("accounting", "carbon, the ledger row's commit, metrics", False),
+    ("gateway_rest", "total - route - replica - accounting: the handler, the job, the answer's JSON", True),
+    ("outside_handler", "client's time - total: HTTP, Serve's proxy, the body's read and validation", True),
+)
+
+
+def stage_breakdown(samples: list[tuple[float, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per stage, p50 and mean in ms over the timed Wattlane answers; samples are (client's seconds, stages in ms)."""
+    rows: dict[str, list[float]] = {name: [] for name, _, _ in STAGE_ROWS}
+    for elapsed_s, ms in samples:
+        derived = {
+            "route": ms.get("route", 0.0), "engine": ms.get("engine", 0.0), "energy": ms.get("energy", 0.0),
+            "accounting": ms.get("accounting", 0.0),
+            "serve_and_transport": ms["replica"] - ms.get("engine", 0.0) - ms.get("energy", 0.0),
+            "gateway_rest": ms["total"] - ms.get("route", 0.0) - ms["replica"] - ms.get("accounting", 0.0),
+            "outside_handler": elapsed_s * 1000.0 - ms["total"],
+        }
+        for name, value in derived.items():
+            rows[name].append(value)
+    return {name: {"p50_ms": float(np.percentile(v, 50)), "mean_ms": float(np.mean(v))}
+            for name, v in rows.items() if v}
+
+
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = np.array(samples_s) * 1000.0
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
@@ -166,6 +205,7 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
             pair = (("plain", "/plain/v1/chat/completions"), ("wattlane", "/v1/chat/completions"))
             rounds: list[dict[str, list[float]]] = []
             missing_footprint = missing_rows = 0
+            stage_samples: list[tuple[float, dict[str, float]]] = []
             cpu_start: dict[str, float] = {}
             for round_index in range(rounds_count):
                 timings: dict[str, list[float]] = {"plain": [], "wattlane": []}
@@ -188,6 +228,8 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
                                 missing_rows += 1
                         if round_index > 0 or i >= warmup:
                             timings[name].append(elapsed)
+                            if name == "wattlane":
+                                stage_samples.append((elapsed, parse_server_timing(r.headers["server-timing"])))
                 rounds.append(timings)
             cpu_end = _cpu_seconds_by_process()
         ledger.close()
@@ -227,6 +269,7 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
         "added_p99_ms_median_of_rounds": statistics.median(r["added_p99_ms"] for r in per_round),
         "cpu_ms_per_request": cpu_ms_per_request,
         "cpu_ms_per_request_by_process": cpu_ms_by_process,
+        "wattlane_stages_ms": stage_breakdown(stage_samples),
         "wattlane_answers_without_energy_or_carbon": missing_footprint,
         "wattlane_answers_whose_ledger_row_was_not_committed": missing_rows,
         "target": {"added_p50_ms": 1.0, "added_p99_ms": 3.0},
@@ -234,6 +277,26 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
                     "load_average_before": load_before, "load_average_after": load_after},
         "time_unix_s": time.time(),
     }
+
+
+def _stage_lines(stages: dict[str, dict[str, float]], result: dict[str, Any]) -> list[str]:
+    own = [name for name, _, plain_too in STAGE_ROWS if not plain_too and name in stages]
+    own_p50 = sum(stages[n]["p50_ms"] for n in own)
+    return [
+        "Where Wattlane's time goes: the stages of its answers' `Server-Timing` headers (measured in the gateway and "
+        "the replica on every timed answer), and the parts derived from them:",
+        "",
+        "| stage | p50 (ms) | mean (ms) | the plain app does it too |",
+        "|---|---:|---:|---|",
+        *[f"| `{name}`: {what} | {stages[name]['p50_ms']:.2f} | {stages[name]['mean_ms']:.2f} | "
+          f"{'yes' if plain_too else '**no**'} |" for name, what, plain_too in STAGE_ROWS if name in stages],
+        "",
+        f"The stages the plain app has no counterpart for ({', '.join(f'`{n}`' for n in own)}) take {own_p50:.2f} ms "
+        f"at their medians, against {result['added_p50_ms']:.1f} ms added at p50: what is left of the difference is "
+        "the same work done slower on a machine where Wattlane's extra processes and threads (the node agent, the "
+        "ledger writer) compete for the same 2 cores.",
+        "",
+    ]
 
 
 def write(result: dict[str, Any], out_dir: Path) -> None:
@@ -284,6 +347,7 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
            *[f"| `{k}` | {v:.2f} |" for k, v in sorted(result.get("cpu_ms_per_request_by_process", {}).items(),
                                                       key=lambda kv: -kv[1])], ""]
           if (c := result.get("cpu_ms_per_request")) else []),
+        *(_stage_lines(st, result) if (st := result.get("wattlane_stages_ms")) else []),
         f"Every Wattlane answer carried usage.energy and usage.carbon "
         f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
         f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",

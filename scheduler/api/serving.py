@@ -71,6 +71,8 @@ class Job:
     admission: Any = None
     #: the caller's W3C trace context (traceparent, tracestate headers), so the request's span joins its trace
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: when routing had chosen its model (time.monotonic()), for the response's Server-Timing
+    routed_monotonic_s: float | None = None
 
 
 @dataclass
@@ -95,6 +97,9 @@ class InferenceResult:
     #: how the token counts were obtained (engines.base.TokenCountMethod values): usage.*_tokens_method
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None
+    #: seconds per stage of the request's path (route, replica, engine, energy, accounting): the
+    #: response's Server-Timing header; a stage that did not run, or was not measured, is absent
+    timings: dict[str, float] = field(default_factory=dict)
 
     def usage_energy(self) -> dict[str, Any] | None:
         """usage.energy of the response (protocol.EnergyUsage)."""
@@ -141,6 +146,8 @@ class StreamSession:
         self.started_s = time.time()
         #: time.monotonic() when the latest event reached the gateway (the first one just did)
         self._received_s = time.monotonic()
+        #: time.monotonic() when the request went to its replica (the attempt that answered)
+        self.dispatched_s = self._received_s
         self._first_token_s: float | None = None
         self._prompt_tokens = 0
         self._completion_tokens = 0
@@ -251,8 +258,11 @@ class Serving:
     async def _admitted(self, job: Job) -> Routed:
         """select(), behind the caller's limits and budgets (429, or a downgraded route) when it has any."""
         if self.teams is None or job.quota is None:
-            return self.select(job)
-        return await self.teams.admit(job, self.select)
+            routed = self.select(job)
+        else:
+            routed = await self.teams.admit(job, self.select)
+        job.routed_monotonic_s = time.monotonic()
+        return routed
 
     def explain(self, job: Job) -> tuple[Any, Any]:
         """(controls, decision) for /v1/route/explain: the same selection, without running anything."""
@@ -283,6 +293,7 @@ class Serving:
         attempt = landings = unavailable_retries = 0
         while attempt < 2:
             try:
+                dispatched_s = time.monotonic()
                 events, start, first = await self._start(job, model, routed, deltas, avoid + gone)
                 if isinstance(first, ReplicaError) and first.kind is ReplicaErrorKind.UNAVAILABLE:
                     raise _ReplicaFailure(first.message, start.replica, replica_gone=True)
@@ -331,6 +342,7 @@ class Serving:
             elif failures:
                 routed.reason += f"; retried after {failures[-1]}"
             session = StreamSession(self, job, routed, events, start, first)
+            session.dispatched_s = dispatched_s
             if isinstance(first, ReplicaError):
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",
@@ -500,8 +512,12 @@ class Serving:
             system_fingerprint=s.system_fingerprint,
             prompt_tokens_method=end.prompt_tokens_method,
             completion_tokens_method=end.completion_tokens_method,
+            timings=_stage_seconds(s, end),
         )
-        return await self.accounting.record(s.job, result, "ok", end.energy)
+        accounting_started_s = time.monotonic()
+        result = await self.accounting.record(s.job, result, "ok", end.energy)
+        result.timings["accounting"] = time.monotonic() - accounting_started_s
+        return result
 
     async def _record_ended(self, job: Job, routing: dict[str, Any], created_s: float, status: str, *,
                             prompt_tokens: int, completion_tokens: int, energy: EnergyReport | None,
@@ -578,3 +594,18 @@ def _timing(accepted_s: float, first_token_s: float | None, ended_s: float, comp
     if first_token_s is not None and completion_tokens > 1:
         tpot = max(0.0, ended_s - first_token_s) / (completion_tokens - 1)
     return latency, ttft, tpot
+
+
+def _stage_seconds(session: StreamSession, end: ReplicaEnd) -> dict[str, float]:
+    """The finished request's stages on the gateway's clock, and the two its replica measured on its own."""
+    job = session.job
+    stages: dict[str, float] = {}
+    if job.routed_monotonic_s is not None:
+        stages["route"] = max(0.0, job.routed_monotonic_s - job.accepted_monotonic_s)
+    # from the handle call to the end event: Serve's queue and transport both ways, the engine, the energy
+    stages["replica"] = max(0.0, session._received_s - session.dispatched_s)
+    if end.engine_seconds is not None:
+        stages["engine"] = end.engine_seconds
+    if end.energy_seconds is not None:
+        stages["energy"] = end.energy_seconds
+    return stages

@@ -176,6 +176,10 @@ class ReplicaEnd:
     #: the request's start, when it did not go ahead as an event of its own (a request without deltas
     #: that ended within START_EVENT_DELAY_SECONDS: cluster/replica.py)
     start: ReplicaStart | None = None
+    #: seconds from handing the request to the engine to its last event (the replica's monotonic clock)
+    engine_seconds: float | None = None
+    #: seconds the replica waited for the node agent's answer with the request's energy
+    energy_seconds: float | None = None
 
 
 @dataclass(frozen=True)

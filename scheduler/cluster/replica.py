@@ -499,6 +499,7 @@ class ModelServer:
         if agent is not None:
             reports = _AgentReports(agent, self._agent_link(), RequestStart(rid, tuple(device_ids), started))
             self._push_stats()
+        engine_started_mono = time.monotonic()
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
             async with contextlib.aclosing(engine.generate(request)) as engine_events, \
@@ -514,13 +515,16 @@ class ModelServer:
                         first_token_mono = time.monotonic()
                     if ev.finished:
                         settled = True
+                        finished_mono = time.monotonic()
                         energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens, engine)
                         yield ReplicaEnd(
                             text=ev.text if deltas else "".join(texts) + ev.text, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
                             mean_logprob=ev.mean_logprob, energy=energy,
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
-                            else time.monotonic() - first_token_mono, start=start, **_token_methods(engine, ev))
+                            else time.monotonic() - first_token_mono, start=start,
+                            engine_seconds=finished_mono - engine_started_mono,
+                            energy_seconds=time.monotonic() - finished_mono, **_token_methods(engine, ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()

@@ -7,6 +7,7 @@ endpoint), hands it to the Serving object, and renders the result as OpenAI JSON
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -110,6 +111,19 @@ def _energy_headers(result: InferenceResult) -> dict[str, str]:
     return h
 
 
+#: the stages of Server-Timing, in the order a request passes them (what each measures: docs/api.md)
+TIMING_STAGES = ("route", "replica", "engine", "energy", "accounting")
+
+
+def server_timing(stage_seconds: dict[str, float], accepted_monotonic_s: float) -> str:
+    """The W3C Server-Timing header (https://www.w3.org/TR/server-timing/): each measured stage and the
+    gateway's total, in milliseconds, so a client (or a browser's network panel) sees where the time went."""
+    total_s = time.monotonic() - accepted_monotonic_s
+    parts = [f"{name};dur={stage_seconds[name] * 1000:.3f}" for name in TIMING_STAGES if name in stage_seconds]
+    parts.append(f"total;dur={total_s * 1000:.3f}")
+    return ", ".join(parts)
+
+
 def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
@@ -137,7 +151,8 @@ async def _respond(request: Request, job: Job, *, stream: bool, include_usage: b
             "usage": _usage(result),
             "routing": result.routing, "system_fingerprint": result.system_fingerprint,
         }
-        return JSONResponse(payload, headers={**_headers(result, job), **_energy_headers(result)})
+        return JSONResponse(payload, headers={**_headers(result, job), **_energy_headers(result),
+                                              "Server-Timing": server_timing(result.timings, job.accepted_monotonic_s)})
     session = await serving.open(job)
     chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
     return StreamingResponse(_stream(session, include_usage, chunk_obj, chunk, opening), media_type="text/event-stream",

@@ -21,3 +21,15 @@ def test_a_replica_keeps_one_name_whatever_task_it_runs():
     assert _process_name("ray::ServeReplica:wattlane:model-llama-3-1-8b") == "ray::ServeReplica:wattlane:model-llama-3-1-8b"
     assert _process_name("ray::NodeAgent.sim_generate") == "ray::NodeAgent"
     assert _process_name("/usr/bin/raylet --flag=1") == "raylet"
+
+
+def test_the_stage_table_derives_the_unmeasured_parts_from_the_header_and_the_clients_time():
+    from benchmarks.gateway_overhead import parse_server_timing, stage_breakdown
+
+    ms = parse_server_timing("route;dur=0.100, replica;dur=5.000, engine;dur=1.200, energy;dur=0.450, "
+                             "accounting;dur=0.350, total;dur=6.000")
+    assert ms == {"route": 0.1, "replica": 5.0, "engine": 1.2, "energy": 0.45, "accounting": 0.35, "total": 6.0}
+    out = stage_breakdown([(0.0130, ms)])  # the client waited 13 ms
+    assert round(out["serve_and_transport"]["p50_ms"], 6) == 3.35  # 5.0 - 1.2 - 0.45
+    assert round(out["gateway_rest"]["p50_ms"], 6) == 0.55  # 6.0 - 0.1 - 5.0 - 0.35
+    assert round(out["outside_handler"]["p50_ms"], 6) == 7.0  # 13 - 6
