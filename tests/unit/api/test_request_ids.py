@@ -11,19 +11,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from scheduler.api.request_ids import SAFE_REQUEST_ID, RequestIdMiddleware, serve_proxy_middlewares
-from tests.support.gateway_app import bearer, build
+from tests.support.gateway_app import bearer
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 #: what a hostile client sent: huge, a forged log line, too long by one, a character outside the set
 UNSAFE = ["x" * 60_000, "fake -- PUT /v1/power/policy 200", "a" * 65, "id/with/slash", "caf\u00e9"]
-
-
-@pytest.fixture
-def client(tmp_path):
-    app, gw = build(tmp_path)
-    with TestClient(app) as c:
-        yield c
-    gw.close()
 
 
 def ledger_rows(client, rid: str) -> list[dict]:

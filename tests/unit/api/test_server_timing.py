@@ -3,20 +3,9 @@ inside one another as the request passed them."""
 
 from __future__ import annotations
 
-import pytest
-from fastapi.testclient import TestClient
-
-from tests.support.gateway_app import bearer, build
+from tests.support.gateway_app import bearer
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
-
-
-@pytest.fixture
-def client(tmp_path):
-    app, gw = build(tmp_path)
-    with TestClient(app) as c:
-        yield c
-    gw.close()
 
 
 def stages(header: str) -> dict[str, float]:
