@@ -7,12 +7,13 @@ after: SQLite in WAL mode with synchronous=NORMAL loses nothing on a process cra
 crash or power loss can drop the last commits).
 
 Writes: arecord(row) commits on the caller's thread when the write connection is idle: a WAL append
-that syncs nothing (synchronous=NORMAL, and checkpoints, which do sync, run on the writer thread), about
-0.1 ms, where a hand-over to the writer thread and back costs two thread wake-ups, milliseconds on a
-busy machine, on the response path. Otherwise (a commit or checkpoint is running) the row queues for
-the writer thread, which commits in groups: rows that queue up while a commit runs go together in the
-next transaction (for at most group_commit_seconds of gathering). The write connection is used under
-a lock, by one thread at a time. Reads open their own connection per call (WAL lets them run beside
+that syncs nothing (synchronous=NORMAL), about 0.1 ms, where a hand-over to the writer thread and back
+costs two thread wake-ups, milliseconds on a busy machine, on the response path. Otherwise (a commit is
+running) the row queues for the writer thread, which commits in groups: rows that queue up while a
+commit runs go together in the next transaction (for at most group_commit_seconds of gathering). The
+write connection is used under a lock, by one thread at a time. Checkpoints, the writes that sync,
+run on the writer thread on a connection of their own, without that lock: a PASSIVE checkpoint copies
+what it can beside a writer, so no request's commit waits for a checkpoint's syncs. Reads open their own connection per call (WAL lets them run beside
 the writer); call them from a worker thread. A streaming export (aexport_csv) gets a thread of its
 own that opens, reads and closes its connection, however many exports run at once.
 """
@@ -213,13 +214,16 @@ class Ledger:
             conn.close()
         self.rows_written = 0
         self.commits = 0
-        #: held while the write connection is in use (a commit or a checkpoint), by whichever thread
+        #: held while the write connection is in use (a commit), by whichever thread
         self._write_lock = threading.Lock()
         self._commits_since_checkpoint = 0
         self._conn = self._connect()
         self._conn_open = True
         # checkpoints (the only writes that sync) run on the writer thread, never in a caller's commit
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        #: the writer thread's own connection for checkpoints (see the module docstring)
+        self._checkpoint_conn = self._connect()
+        self._checkpoint_conn.execute("PRAGMA wal_autocheckpoint=0")
         self._insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
         self._ready = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="wattlane-ledger-writer", daemon=True)
@@ -264,16 +268,15 @@ class Ledger:
         self.rows_written += len(rows)
         self.commits += 1
         self._commits_since_checkpoint += 1
-        if self._commits_since_checkpoint == CHECKPOINT_EVERY_COMMITS:
+        if self._commits_since_checkpoint >= CHECKPOINT_EVERY_COMMITS:
+            self._commits_since_checkpoint = 0  # counted from the request on: it is asked for once
             self._queue.put(_CHECKPOINT)
 
     def _checkpoint(self) -> None:
-        with self._write_lock:
-            self._commits_since_checkpoint = 0
-            try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error as exc:  # a reader holds the WAL: the next one catches up
-                log.warning("ledger checkpoint failed: %s", exc)
+        try:
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # a reader holds the WAL: the next one catches up
+            log.warning("ledger checkpoint failed: %s", exc)
 
     def _write_loop(self) -> None:
         self._ready.set()
@@ -286,6 +289,7 @@ class Ledger:
                 self._checkpoint()
                 continue
             batch = [item]
+            checkpoint_due = False
             # group commit: take what queued while the last commit ran, but never wait for more (a lone
             # row would pay the whole window in latency, and the ledger commit is on the response path)
             deadline = time.monotonic() + self.group_commit_seconds
@@ -298,7 +302,8 @@ class Ledger:
                     stopping = True
                     break
                 if nxt is _CHECKPOINT:
-                    continue  # one runs after this batch anyway when it is due
+                    checkpoint_due = True  # after this batch's commit: the request is not repeated
+                    continue
                 batch.append(nxt)
             live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
             try:
@@ -307,9 +312,12 @@ class Ledger:
             except Exception as exc:  # a bad batch fails its futures, the writer keeps going
                 for _, f in live:
                     f.set_exception(exc)
-                continue
-            for _, f in live:
-                f.set_result(None)
+            else:
+                for _, f in live:
+                    f.set_result(None)
+            if checkpoint_due:
+                self._checkpoint()
+        self._checkpoint_conn.close()
         with self._write_lock:
             self._conn_open = False
             self._conn.close()  # the last connection to close checkpoints the WAL into the database

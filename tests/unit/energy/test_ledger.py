@@ -292,3 +292,90 @@ def test_arecord_commits_on_the_callers_thread_when_idle_and_checkpoints_on_the_
     assert commit_threads.count("wattlane-ledger-writer") <= len(checkpoint_threads)
     assert checkpoint_threads and set(checkpoint_threads) == {"wattlane-ledger-writer"}
     assert Ledger(tmp_path / "l.sqlite3").count() == 12
+
+
+class _SlowCheckpoints:
+    """A connection whose checkpoints take `seconds` (a slow disk's syncs); everything else passes through."""
+
+    def __init__(self, conn, seconds: float, ran: list[float]):
+        self._conn, self._seconds, self._ran = conn, seconds, ran
+
+    def execute(self, sql, *args):
+        if "wal_checkpoint" in sql:
+            time.sleep(self._seconds)
+            self._ran.append(time.monotonic())
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+    def __enter__(self):
+        return self._conn.__enter__()
+
+    def __exit__(self, *exc):
+        return self._conn.__exit__(*exc)
+
+
+def test_a_request_never_waits_for_a_checkpoints_syncs(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint syncs the WAL and the database file; on a slow disk that takes a while, and a request
+    whose row arrived then waited for it before its last byte (the checkpoint held the write connection)."""
+    import scheduler.energy.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY_COMMITS", 1)
+    checkpoints: list[float] = []
+    with Ledger(tmp_path / "l.sqlite3") as lg:
+        for name in ("_conn", "_checkpoint_conn"):  # whichever connection the checkpoint runs on
+            if hasattr(lg, name):
+                setattr(lg, name, _SlowCheckpoints(getattr(lg, name), 0.6, checkpoints))
+        lg.record(row(0)).result(timeout=5)  # its commit asks the writer for a checkpoint: 0.6 s from now
+
+        async def timed_row() -> float:
+            await asyncio.sleep(0.1)  # the checkpoint is under way
+            began = time.monotonic()
+            await lg.arecord(row(1))
+            return time.monotonic() - began
+
+        took_s = asyncio.run(timed_row())
+        assert lg.count() == 2
+    assert took_s < 0.2, f"the row waited {took_s:.2f} s for a checkpoint"
+    assert checkpoints, "the checkpoint ran"
+
+
+def test_checkpoints_keep_coming_when_their_request_arrives_while_the_writer_gathers_a_batch(
+        tmp_path: Path, monkeypatch) -> None:
+    """The writer gathering a group commit skipped a checkpoint request it met; the commit counter, past the
+    threshold, never matched it again, and the WAL grew for as long as the gateway ran."""
+    import scheduler.energy.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY_COMMITS", 2)
+    checkpoints: list[str] = []
+    with Ledger(tmp_path / "l.sqlite3") as lg:
+        real_commit, real_checkpoint = lg._commit, lg._checkpoint
+        slow = threading.Event()
+        slow.set()
+
+        def commit(rows):
+            if slow.is_set():
+                time.sleep(0.15)  # rows queue up behind a slow commit
+            real_commit(rows)
+
+        def checkpoint():
+            checkpoints.append(threading.current_thread().name)
+            real_checkpoint()
+
+        lg._commit, lg._checkpoint = commit, checkpoint
+        futures = [lg.record(row(0))]  # record(): through the writer thread's queue, as rows go under load  # commit 1 (slow); rows 1-3 queue meanwhile
+        time.sleep(0.05)
+        futures += [lg.record(row(i)) for i in (1, 2, 3)]
+        futures[0].result(timeout=5)
+        time.sleep(0.05)  # commit 2 (rows 1-3, slow) asks for a checkpoint; rows 4-5 queue ahead of it
+        futures += [lg.record(row(i)) for i in (4, 5)]
+        for f in futures:
+            f.result(timeout=5)
+        slow.clear()
+        for i in range(6, 16):  # ten more commits, one at a time: five more checkpoints are due
+            lg.record(row(i)).result(timeout=5)
+        deadline = time.monotonic() + 5
+        while len(checkpoints) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert len(checkpoints) >= 5, checkpoints
