@@ -49,9 +49,12 @@ async def replica(state_dir: str, holder: str, budget_joules: float, cost_joules
                 await guard.admit(job, lambda _: routed(predicted_joules))
             except ApiError as exc:
                 counts["refused"] += 1
-                if int(exc.headers["Retry-After"]) > 60:  # spent until the day ends
+                # held by requests still running: 1 s (they end within milliseconds); spent: the seconds to the
+                # day's end, which in the day's last minute are few (a cut at 60 s kept those clients retrying
+                # until midnight reset the budget, and they spent the next day's too)
+                if int(exc.headers["Retry-After"]) > 1:
                     spent_out.set()
-                else:  # held by requests still running: they end within milliseconds
+                else:
                     await asyncio.sleep(0.01)
                 continue
             counts["accepted"] += 1

@@ -102,6 +102,9 @@ def test_budgets_are_exact_across_two_gateway_replicas(tmp_path):
     # 16 clients at once against a budget of 5: without the first-measurement rule 12 would start on the
     # under-predicted 4 J each (48 of 50 J) and spend 120 J
     n, cost, replicas = 5, 10.0, 2
+    to_midnight_s = 86400 - time.time() % 86400
+    if to_midnight_s < 30:  # the day's budget resets at 00:00 UTC: a run across it may spend two days' budgets
+        time.sleep(to_midnight_s + 1)
     # routing under-predicts (4 J for 10 J): what stops the overshoot is the shared transaction and the first measurement
     procs = [subprocess.Popen([sys.executable, "-m", "tests.support.teams_replica", str(tmp_path), f"replica-{i}",
                                str(n * cost), str(cost), "4.0", "8"], cwd=REPO, stdout=subprocess.PIPE, text=True)
