@@ -399,8 +399,8 @@ class Serving:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
                 placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
                 events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
-                # asyncio.timeout, not wait_for: no task per request wrapping the wait (wait_for's costs the
-                # event loop a round on every request)
+                # asyncio.timeout, not wait_for: wait_for (Python 3.11) wraps the wait in a task of its own,
+                # one more task and loop round on every request
                 async with asyncio.timeout(timeout_s):
                     item = await events.__anext__()
                 # a request without deltas that ended soon sends one event, its end, carrying its start

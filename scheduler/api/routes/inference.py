@@ -111,7 +111,7 @@ def _energy_headers(result: InferenceResult) -> dict[str, str]:
     return h
 
 
-#: the stages of Server-Timing, in the order a request passes them (what each measures: docs/api.md)
+#: the stages of Server-Timing, in the order a request passes them (what each measures: README, "headers")
 TIMING_STAGES = ("route", "replica", "engine", "energy", "accounting")
 
 
