@@ -159,6 +159,10 @@ STAGE_ROWS = (
 )
 
 
+def _p50_and_mean(values_ms: list[float]) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(values_ms, 50)), "mean_ms": float(np.mean(values_ms))}
+
+
 def stage_breakdown(samples: list[tuple[float, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Per stage, p50 and mean in ms over the timed Wattlane answers; samples are (client's seconds, stages in ms)."""
     rows: dict[str, list[float]] = {name: [] for name, _, _ in STAGE_ROWS}
@@ -172,8 +176,7 @@ def stage_breakdown(samples: list[tuple[float, dict[str, float]]]) -> dict[str, 
         }
         for name, value in derived.items():
             rows[name].append(value)
-    return {name: {"p50_ms": float(np.percentile(v, 50)), "mean_ms": float(np.mean(v))}
-            for name, v in rows.items() if v}
+    return {name: _p50_and_mean(v) for name, v in rows.items() if v}
 
 
 def _percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -283,10 +286,8 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
         "cpu_ms_per_request": cpu_ms_per_request,
         "cpu_ms_per_request_by_process": cpu_ms_by_process,
         "wattlane_stages_ms": stage_breakdown(stage_samples),
-        "plain_stages_ms": {"serve_and_transport": {"p50_ms": float(np.percentile(plain_transport_ms, 50)),
-                                                    "mean_ms": float(np.mean(plain_transport_ms))},
-                            "engine": {"p50_ms": float(np.percentile(plain_engine_ms, 50)),
-                                       "mean_ms": float(np.mean(plain_engine_ms))}},
+        "plain_stages_ms": {"serve_and_transport": _p50_and_mean(plain_transport_ms),
+                            "engine": _p50_and_mean(plain_engine_ms)},
         "wattlane_answers_without_energy_or_carbon": missing_footprint,
         "wattlane_answers_whose_ledger_row_was_not_committed": missing_rows,
         "target": {"added_p50_ms": 1.0, "added_p99_ms": 3.0},

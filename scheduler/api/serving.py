@@ -133,7 +133,7 @@ class StreamSession:
     """
 
     def __init__(self, serving: "Serving", job: Job, routed: Routed, events: Any, start: ReplicaStart,
-                 first: ReplicaEvent):
+                 first: ReplicaEvent, dispatched_s: float):
         self._serving, self.job, self.routed = serving, job, routed
         self._events = events
         self._first = first
@@ -147,7 +147,7 @@ class StreamSession:
         #: time.monotonic() when the latest event reached the gateway (the first one just did)
         self._received_s = time.monotonic()
         #: time.monotonic() when the request went to its replica (the attempt that answered)
-        self.dispatched_s = self._received_s
+        self.dispatched_s = dispatched_s
         self._first_token_s: float | None = None
         self._prompt_tokens = 0
         self._completion_tokens = 0
@@ -341,8 +341,7 @@ class Serving:
                 routed.reason += f"; retried on another endpoint after {', '.join(avoid)} failed"
             elif failures:
                 routed.reason += f"; retried after {failures[-1]}"
-            session = StreamSession(self, job, routed, events, start, first)
-            session.dispatched_s = dispatched_s
+            session = StreamSession(self, job, routed, events, start, first, dispatched_s)
             if isinstance(first, ReplicaError):
                 session._seen(first)
                 await self._record_ended(job, session.routing, session.started_s, "error",

@@ -13,8 +13,8 @@ running) the row queues for the writer thread, which commits in groups: rows tha
 commit runs go together in the next transaction (for at most group_commit_seconds of gathering). The
 write connection is used under a lock, by one thread at a time. Checkpoints, the writes that sync,
 run on the writer thread on a connection of their own, without that lock: a PASSIVE checkpoint copies
-what it can beside a writer, so no request's commit waits for a checkpoint's syncs. Reads open their own connection per call (WAL lets them run beside
-the writer); call them from a worker thread. A streaming export (aexport_csv) gets a thread of its
+what it can beside a writer, so no request's commit waits for a checkpoint's syncs. Reads open their
+own connection per call (WAL lets them run beside the writer); call them from a worker thread. A streaming export (aexport_csv) gets a thread of its
 own that opens, reads and closes its connection, however many exports run at once.
 """
 

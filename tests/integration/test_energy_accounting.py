@@ -12,6 +12,8 @@ import httpx
 import pytest
 import ray
 
+from benchmarks.gateway_overhead import parse_server_timing
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 CHAT = "smollm2-135m-instruct"
@@ -46,7 +48,7 @@ def test_every_response_carries_labelled_energy_and_carbon(server):
     assert math.isclose(float(r.headers["x-wattlane-energy-joules"]), energy["joules"], rel_tol=1e-5)
     assert math.isclose(float(r.headers["x-wattlane-carbon-gco2e"]), carbon["gco2e"], rel_tol=1e-5)
     # where the time went, on the real path: the engine and the agent's energy answer within the replica stage
-    ms = {name: float(dur) for name, _, dur in (p.strip().partition(";dur=") for p in r.headers["server-timing"].split(","))}
+    ms = parse_server_timing(r.headers["server-timing"])
     assert ms["engine"] > 0 and ms["energy"] > 0 and ms["engine"] + ms["energy"] <= ms["replica"] <= ms["total"], ms
 
 

@@ -3,17 +3,10 @@ inside one another as the request passed them."""
 
 from __future__ import annotations
 
+from benchmarks.gateway_overhead import parse_server_timing as stages
 from tests.support.gateway_app import bearer
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
-
-
-def stages(header: str) -> dict[str, float]:
-    out = {}
-    for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
-    return out
 
 
 def test_a_chat_answer_times_its_stages_in_milliseconds(client):
