@@ -290,8 +290,11 @@ class Serving:
         #: replicas that answered "unavailable" (their node left): Serve's router keeps offering them, by their
         #: last published stats, until its controller notices, so the retries ask it to pass them over
         gone: list[str] = []
-        attempt = landings = unavailable_retries = 0
+        attempt = landings = unavailable_retries = tries = 0
         while attempt < 2:
+            if tries:  # each attempt is work of its own to its replica and node agent: its own id there
+                job.request = replace(job.request, request_id=f"{job.request_id}-retry{tries}")
+            tries += 1
             try:
                 dispatched_s = time.monotonic()
                 events, start, first = await self._start(job, model, routed, deltas, avoid + gone)
@@ -390,6 +393,15 @@ class Serving:
     async def _start(self, job: Job, model: str, routed: Routed, deltas: bool = True,
                      avoid: list[str] | None = None
                      ) -> tuple[Any, ReplicaStart, ReplicaEvent]:
+        """Call the model: (its events, the request's start, the first event after the start).
+
+        A request without deltas (non-streaming) is one unary call, ModelServer.generate_whole, whose answer is
+        its end event: a streaming call costs the gateway and the replica more Ray work even for one item. It
+        then has to be answered within replica_timeout_seconds, and the gateway hears of its start only with its
+        end. So it stays a stream, whose start event comes once it has run START_EVENT_DELAY_SECONDS
+        (cluster/replica.py), with admission "slo", which predicts waits from how fast Serve starts requests,
+        and for an upstream model, whose replica sends its start at once when no node agent meters the
+        server's host: the start says where the estimate of an abandoned request's work is kept."""
         from ray.serve.exceptions import BackPressureError
 
         timeout_s = self.config.routing.replica_timeout_seconds
@@ -397,7 +409,11 @@ class Serving:
         try:
             with self.selection.starts.track(model) as started:  # admission's view of Serve's queue
                 placement = {**routed.placement, "avoid_replicas": avoid} if avoid else routed.placement
-                events = self._stream_handle(model).generate.remote(job.request, placement=placement, deltas=deltas)
+                if deltas or self.config.routing.admission == "slo" or self._is_upstream(model):
+                    events = self._stream_handle(model).generate.remote(job.request, placement=placement,
+                                                                        deltas=deltas)
+                else:  # one unary call: its answer is the end event, carrying the start (see the docstring)
+                    events = _WholeAnswer(self.handles[model].generate_whole.remote(job.request, placement=placement))
                 # asyncio.timeout, not wait_for: wait_for (Python 3.11) wraps the wait in a task of its own,
                 # one more task and loop round on every request
                 async with asyncio.timeout(timeout_s):
@@ -422,6 +438,12 @@ class Serving:
             raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
         except asyncio.TimeoutError:
             events.cancel()
+            # the replica stops the attempt and leaves its work with the node agent: charged in a row of its own
+            routing = {"model": model, "device": start.device if start else None,
+                       "node": start.node if start else None, "reason": routed.reason}
+            self._settle_abandoned(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                                   routing, time.time(), 0, 0, None,
+                                   start.abandoned_node or start.node if start else None, status="error")
             raise _ReplicaFailure(f"no answer within {timeout_s:g} s", start.replica if start else None) from None
         except ApiError:
             raise
@@ -539,11 +561,13 @@ class Serving:
             log.exception("could not record %s request %s", status, job.request_id)
 
     def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                          completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
-        """Record a request its client abandoned, in the background: the replica stops it and leaves the
-        energy and tokens of the work done with the agent of `node`, which this collects for the ledger."""
+                          completion_tokens: int, first_token_s: float | None, node: str | None,
+                          status: str = "cancelled") -> None:
+        """Record a request its client abandoned (or an attempt the gateway stopped: status "error"), in the
+        background: the replica stops it and leaves the energy and tokens of the work done with the agent of
+        `node` under the attempt's id (job.request.request_id), which this collects for the ledger."""
         self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s,
-                                         node), f"settle-{job.request_id}")
+                                         node, status), f"settle-{job.request_id}")
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
         """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
@@ -557,17 +581,17 @@ class Serving:
         return task
 
     async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                      completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
+                      completion_tokens: int, first_token_s: float | None, node: str | None, status: str) -> None:
         work = None
         try:
-            work = await self.accounting.abandoned_work(node, job.request_id)
+            work = await self.accounting.abandoned_work(node, job.request.request_id)
         except Exception as exc:  # the row is still written, without the energy
             log.warning("request %s: energy of the abandoned work is unknown (%s)", job.request_id, exc)
         # the replica saw at least what reached the gateway; its counts' methods hold where its counts stand
         replica_counts = (work is not None and work.prompt_tokens >= prompt_tokens
                           and work.completion_tokens >= completion_tokens)
         await self._record_ended(
-            job, routing, created_s, "cancelled",
+            job, routing, created_s, status,
             prompt_tokens=max(prompt_tokens, work.prompt_tokens if work else 0),
             completion_tokens=max(completion_tokens, work.completion_tokens if work else 0),
             energy=work.energy if work else None, first_token_s=first_token_s,
@@ -577,6 +601,26 @@ class Serving:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+class _WholeAnswer:
+    """A unary call's answer in the shape of a replica's event stream: one event, then the end."""
+
+    def __init__(self, response: Any):
+        self._response = response
+        self._answered = False
+
+    def __aiter__(self) -> "_WholeAnswer":
+        return self
+
+    async def __anext__(self) -> ReplicaEvent:
+        if self._answered:
+            raise StopAsyncIteration
+        self._answered = True
+        return await self._response
+
+    def cancel(self) -> None:
+        self._response.cancel()
 
 
 def _joined(first: str | None, second: str | None) -> str | None:

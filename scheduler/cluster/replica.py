@@ -215,6 +215,20 @@ class _AgentReports:
         contextvars.Context().run(self.agent.abandon_request.remote, msg, energy)
 
 
+async def whole_answer(events: AsyncIterator[ReplicaEvent]) -> ReplicaEnd | ReplicaError:
+    """A request's events without deltas, as one answer: its last event (end or error), carrying its start."""
+    start: ReplicaStart | None = None
+    last: ReplicaEnd | ReplicaError | None = None
+    async for ev in events:
+        if isinstance(ev, ReplicaStart):
+            start = ev
+        elif isinstance(ev, (ReplicaEnd, ReplicaError)):
+            last = ev
+    if last is None:
+        raise RuntimeError("the request ended without an answer")
+    return last if last.start is not None or start is None else replace(last, start=start)
+
+
 async def _with_start_due(events: AsyncIterator[EngineEvent], delay_s: float) -> AsyncIterator[Any]:
     """An engine's events, with _START_DUE among them once delay_s has passed (at once, not at the next event:
     an engine may be silent a long while, behind other requests or in a long prompt)."""
@@ -464,6 +478,26 @@ class ModelServer:
         carries the energy and tokens of the work done; a cancelled stream (the client went away)
         leaves them with the agent, where the gateway collects them for the ledger.
         """
+        # aclosing: a client that leaves closes this generator, and the request's own must settle it now
+        async with contextlib.aclosing(self._events(request, deltas, START_EVENT_DELAY_SECONDS)) as events:
+            async for event in events:
+                yield event
+
+    async def generate_whole(self, request: GenerationRequest,
+                             placement: dict[str, Any] | None = None) -> ReplicaEnd | ReplicaError:
+        """Run one non-streaming request in one unary call: its end (or error) event, carrying its start.
+
+        The same request as generate(deltas=False), without the stream: a streaming call costs the
+        gateway and the replica more Ray work than a unary one, even for one item, and on a small machine
+        that CPU is latency. The gateway uses it unless its admission needs to hear each start as it
+        happens (admission "slo": api.serving.Serving._start). A cancelled call (the client left) settles
+        the request with the node agent exactly as a cancelled stream does."""
+        async with contextlib.aclosing(self._events(request, False, None)) as events:
+            return await whole_answer(events)
+
+    async def _events(self, request: GenerationRequest, deltas: bool,
+                      start_event_delay_s: float | None) -> AsyncIterator[ReplicaEvent]:
+        """generate()'s events; start_event_delay_s None: the start goes only with the end (generate_whole)."""
         rid = request.request_id
         started = time.time()
         # the slot this request runs on, whatever rank Serve gives the replica meanwhile (see reconfigure)
@@ -474,14 +508,15 @@ class ModelServer:
         try:
             # aclosing: a client that leaves closes this generator, and the request's own must settle it now
             async with contextlib.aclosing(self._generate(request, deltas, rid, started, engine, agent, device_ids,
-                                                          home_agent)) as events:
+                                                          home_agent, start_event_delay_s)) as events:
                 async for event in events:
                     yield event
         finally:
             self._engine_request_ended(engine)
 
     async def _generate(self, request: GenerationRequest, deltas: bool, rid: str, started: float, engine: Any,
-                        agent: Any, device_ids: list[str], home_agent: Any) -> AsyncIterator[ReplicaEvent]:
+                        agent: Any, device_ids: list[str], home_agent: Any,
+                        start_event_delay_s: float | None) -> AsyncIterator[ReplicaEvent]:
         first_token_mono: float | None = None
         prompt_tokens = completion_tokens = 0
         texts: list[str] = []
@@ -503,8 +538,8 @@ class ModelServer:
         try:
             # aclosing: a cancelled request stops its engine now, not when the generator is collected
             async with contextlib.aclosing(engine.generate(request)) as engine_events, \
-                    contextlib.aclosing(engine_events if start is None else
-                                        _with_start_due(engine_events, START_EVENT_DELAY_SECONDS)) as events:
+                    contextlib.aclosing(engine_events if start is None or start_event_delay_s is None else
+                                        _with_start_due(engine_events, start_event_delay_s)) as events:
                 async for ev in events:
                     if ev is _START_DUE:
                         out, start = start, None

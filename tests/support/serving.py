@@ -20,7 +20,7 @@ from scheduler.api.accounting import Accounting
 from scheduler.api.model_selection import ModelSelection
 from scheduler.api.serving import Serving
 from scheduler.cluster.node_agent import NodeAgent
-from scheduler.cluster.replica import ModelServer
+from scheduler.cluster.replica import ModelServer, whole_answer
 from scheduler.config import CarbonConfig, WattlaneConfig, load_config
 from scheduler.datafiles import sim_fleet_config
 from scheduler.devices.simulated import SimulatedGpu
@@ -102,12 +102,48 @@ class InProcessStream:
         self._task.cancel()
 
 
+class InProcessResponse:
+    """A unary DeploymentResponse: await it for the answer; cancel() cancels the call, and with it the request
+    on the replica (Serve cancels the replica's task)."""
+
+    def __init__(self, coro: Any):
+        self._task = asyncio.get_running_loop().create_task(coro)
+        self.cancelled = False
+
+    def __await__(self) -> Any:
+        return self._task.__await__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._task.cancel()
+
+
+def whole_call(stream_remote: Any) -> Any:
+    """A handle's unary generate_whole.remote in front of a stand-in's streaming remote(request, placement,
+    deltas): the stream's events without deltas, as one answer (what ModelServer.generate_whole returns)."""
+    def remote(request: Any, placement: Any = None) -> InProcessResponse:
+        stream = stream_remote(request, placement, False)
+
+        async def answer() -> Any:
+            try:
+                return await whole_answer(stream)
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+
+        return InProcessResponse(answer())
+
+    return remote
+
+
 class InProcessHandle:
     """A DeploymentHandle to one in-process ModelServer."""
 
     def __init__(self, server: ModelServer):
         self.server = server
         self.streams: list[InProcessStream] = []
+        #: the unary calls (ModelServer.generate_whole: non-streaming requests), in order
+        self.calls: list[InProcessResponse] = []
 
     def options(self, **_: Any) -> "InProcessHandle":
         return self
@@ -118,6 +154,18 @@ class InProcessHandle:
             stream = InProcessStream(self.server.generate(_over_the_wire(request), placement=placement, deltas=deltas))
             self.streams.append(stream)
             return stream
+
+        return SimpleNamespace(remote=remote)
+
+    @property
+    def generate_whole(self) -> SimpleNamespace:
+        def remote(request: Any, placement: Any = None) -> InProcessResponse:
+            async def call() -> Any:
+                return _over_the_wire(await self.server.generate_whole(_over_the_wire(request), placement=placement))
+
+            response = InProcessResponse(call())
+            self.calls.append(response)
+            return response
 
         return SimpleNamespace(remote=remote)
 

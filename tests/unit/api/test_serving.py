@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -23,7 +24,7 @@ from scheduler.api.errors import ApiError
 from scheduler.api.serving import Job
 from scheduler.cluster.messages import EnergyReport, ReplicaDelta, ReplicaEnd, ReplicaStart
 from scheduler.engines.base import ContextLengthError, EngineError, GenerationRequest, ModelKind, SamplingParams
-from tests.support.serving import Fleet
+from tests.support.serving import Fleet, whole_call
 
 SMALL, LARGE = "llama-3.1-8b", "llama-3.1-70b"
 
@@ -46,12 +47,12 @@ def test_the_prompt_these_tests_send_to_auto_reads_as_easy_to_the_shipped_predic
     assert load_predictor().adequacy(job().request.messages[-1]["content"]) >= min_quality
 
 
-def run(fleet_test) -> Any:
+def run(fleet_test, admission: str = "queue") -> Any:
     """Run `fleet_test(fleet)` on a fresh fleet and close it (abandoned requests settled first)."""
     import tempfile
 
     async def main():
-        fleet = Fleet(Path(tempfile.mkdtemp()))
+        fleet = Fleet(Path(tempfile.mkdtemp()), admission=admission)
         try:
             return await fleet_test(fleet)
         finally:
@@ -75,6 +76,13 @@ class DeadHandle:
 
     def remote(self, request: Any, placement: Any = None, deltas: bool = True) -> "DeadHandle":
         self.calls += 1
+        return self
+
+    @property
+    def generate_whole(self) -> SimpleNamespace:
+        return SimpleNamespace(remote=whole_call(self.remote))
+
+    def __aiter__(self) -> "DeadHandle":
         return self
 
     async def __anext__(self) -> Any:
@@ -145,6 +153,11 @@ class WrappedHandle:
     def generate(self) -> "WrappedHandle":
         return self
 
+    @property
+    def generate_whole(self) -> SimpleNamespace:
+        """A non-streaming request's unary call, in front of what remote() gives."""
+        return SimpleNamespace(remote=whole_call(self.remote))
+
 
 def test_a_replica_whose_node_left_is_retried_on_its_own_model_before_anything_is_sent():
     from scheduler.engines.base import EngineUnavailable
@@ -214,6 +227,9 @@ def test_a_replica_actor_that_died_with_its_node_is_retried_on_its_own_model():
             return DeadStream() if self.calls == 1 else self.live.generate.remote(request, placement, deltas)
 
     class DeadStream:
+        def __aiter__(self) -> "DeadStream":
+            return self
+
         async def __anext__(self) -> Any:
             raise ActorDiedError()
 
@@ -476,21 +492,25 @@ def test_background_ledger_work_runs_outside_the_request_context():
     assert run(check) == ["none"]
 
 
-def test_a_non_streaming_answer_takes_two_replica_events_and_still_dates_its_first_token():
-    """A non-streaming chat needs nothing before its end: the replica sends its start and one end event
-    with the whole text, whatever the length (each event costs a Ray round in a deployment), and the
-    first token is dated from the replica's own measure, so TTFT is not the whole latency."""
+def test_a_non_streaming_answer_is_one_unary_call_and_still_dates_its_first_token():
+    """A non-streaming chat needs nothing before its end: one unary call whose answer is the end event with
+    the whole text and the start, whatever the length (a streaming call costs more Ray work, even for one
+    item), and the first token is dated from the replica's own measure, so TTFT is not the whole latency."""
     async def check(fleet: Fleet):
         result = await fleet.serving.run(job("chatcmpl-1", model=SMALL, max_tokens=12))
         session = await fleet.serving.open(job("chatcmpl-2", model=SMALL, max_tokens=12))
         streamed = [text async for text in session.deltas()]
-        return result, session.result, streamed, fleet.handles[SMALL].streams, fleet.rows()
+        handle = fleet.handles[SMALL]
+        answers = [await call for call in handle.calls]
+        return result, session.result, streamed, answers, handle.streams, fleet.rows()
 
-    result, streamed_result, streamed, streams, rows = run(check)
-    assert [type(ev).__name__ for ev in streams[0].sent] == ["ReplicaStart", "ReplicaEnd"]
-    assert any(isinstance(ev, ReplicaDelta) and ev.text for ev in streams[1].sent), "a stream still gets deltas"
+    result, streamed_result, streamed, answers, streams, rows = run(check)
+    assert [type(a) for a in answers] == [ReplicaEnd] and answers[0].start is not None
+    assert len(streams) == 1, "only the streaming request is a stream"
+    assert any(isinstance(ev, ReplicaDelta) and ev.text for ev in streams[0].sent), "a stream still gets deltas"
     assert result.completion_tokens == streamed_result.completion_tokens == 12
     assert result.text and len(result.text) == len("".join(streamed))
+    assert result.routing["device"] == answers[0].start.device
     assert 0 < result.ttft_seconds < result.latency_seconds
     assert result.tpot_seconds == pytest.approx((result.latency_seconds - result.ttft_seconds) / 11)
     by_id = {r["request_id"]: r for r in rows}
@@ -498,21 +518,34 @@ def test_a_non_streaming_answer_takes_two_replica_events_and_still_dates_its_fir
     assert by_id["chatcmpl-1"]["joules"] == pytest.approx(result.energy.joules)
 
 
-def test_a_short_request_without_deltas_is_one_event_whose_end_carries_its_start_and_admission_sees_it_start():
-    """Each stream item is a Ray round on the request's path: a short non-streaming request sends one."""
+def test_with_slo_admission_a_non_streaming_request_is_a_stream_and_a_short_one_sends_one_event():
+    """Admission "slo" predicts waits from how fast Serve starts requests, so it must hear each start as it
+    happens: the request stays a stream (each item a Ray round), and a short one sends one item, its end."""
     async def check(fleet: Fleet):
         result = await fleet.serving.run(job(max_tokens=1))
         starts = fleet.serving.selection.starts
-        return result, fleet.handles[SMALL].streams[0].sent, starts.pending(SMALL), starts.start_rate_per_second(SMALL)
+        handle = fleet.handles[SMALL]
+        return (result, handle.streams[0].sent, handle.calls, starts.pending(SMALL),
+                starts.start_rate_per_second(SMALL))
 
-    result, sent, pending, start_rate = run(check)
-    assert [type(ev) for ev in sent] == [ReplicaEnd]
+    result, sent, calls, pending, start_rate = run(check, admission="slo")
+    assert calls == [] and [type(ev) for ev in sent] == [ReplicaEnd]
     assert sent[0].start is not None and sent[0].start.replica == f"{SMALL}#0"
     assert result.routing["device"] == sent[0].start.device and result.energy.joules > 0
     assert pending == 0 and start_rate > 0, "admission counted the request as started, not as still queued"
 
 
-def test_a_long_request_without_deltas_sends_its_start_once_it_has_run_a_while():
+def test_a_unary_request_is_counted_started_when_it_is_answered():
+    async def check(fleet: Fleet):
+        await fleet.serving.run(job(max_tokens=1))
+        starts = fleet.serving.selection.starts
+        return starts.pending(SMALL), starts.start_rate_per_second(SMALL)
+
+    pending, start_rate = run(check)
+    assert pending == 0 and start_rate > 0
+
+
+def test_with_slo_admission_a_long_request_without_deltas_sends_its_start_once_it_has_run_a_while():
     from scheduler.cluster.replica import START_EVENT_DELAY_SECONDS
 
     async def check(fleet: Fleet):
@@ -525,26 +558,71 @@ def test_a_long_request_without_deltas_sends_its_start_once_it_has_run_a_while()
             await task
         return sent_while_running, pending_while_running
 
-    sent, pending = run(check)
+    sent, pending = run(check, admission="slo")
     assert [type(ev) for ev in sent] == [ReplicaStart]
     assert pending == 0, "admission saw the start while the request ran"
 
 
-def test_a_request_without_deltas_whose_client_leaves_before_its_start_arrived_gets_a_row_with_the_work_done():
-    """Its start has not reached the gateway, so the gateway does not know the node: the agents are asked."""
+@pytest.mark.parametrize("admission", ["queue", "slo"])
+def test_a_request_that_outlives_the_replica_timeout_is_stopped_charged_and_retried_on_the_next_candidate(
+        admission):
+    """The attempt that timed out is stopped on its replica and its work gets a row of its own; the retry,
+    on the same node agent, is charged its own work (it once got the first attempt's joules, being the same
+    request id to the agent, and its own work went unattributed). A unary call (admission "queue") is
+    answered whole, so replica_timeout_seconds bounds the whole request; a stream's, its start and then its end."""
+    async def check(fleet: Fleet):
+        fleet.config.routing.replica_timeout_seconds = 0.3
+        server = fleet.handles[SMALL].server
+        real = server.engine.generate
+
+        async def stalls(request):  # the small model takes its prompt, then stalls (a stuck engine)
+            async for ev in real(request):
+                yield ev
+                await asyncio.sleep(3600)
+
+        server.engine.generate = stalls
+        result = await fleet.serving.run(job(max_tokens=4))
+        await fleet.serving.settled()
+        handle = fleet.handles[SMALL]
+        balance = fleet.agent.attributor.balance()
+        return (result, handle.calls[0] if admission == "queue" else handle.streams[0], fleet.rows(),
+                fleet.agent.attributor.running(), balance.dynamic_joules + balance.idle_assigned_joules)
+
+    result, first_call, rows, running, charged = run(check, admission=admission)
+    assert first_call.cancelled, "the attempt that timed out was cancelled, and its request stopped on the replica"
+    assert result.model == LARGE and f"retried on {LARGE} after {SMALL} failed" in result.routing["reason"]
+    assert running == 0
+    assert sorted((r["model"], r["status"], r["request_id"]) for r in rows) == [
+        (LARGE, "ok", "chatcmpl-1"), (SMALL, "error", "chatcmpl-1-failed-attempt")]
+    by_model = {r["model"]: r for r in rows}
+    assert by_model[SMALL]["joules"] > 0 and by_model[SMALL]["prompt_tokens"] > 0
+    assert by_model[LARGE]["joules"] == pytest.approx(result.energy.joules) and result.energy.device != \
+        by_model[SMALL]["device"], "the retry is charged its own work, on its own GPUs"
+    assert sum(r["joules"] for r in rows) == pytest.approx(charged), "every joule the agent charged is in a row"
+
+
+@pytest.mark.parametrize("admission", ["queue", "slo"])
+def test_a_request_without_deltas_whose_client_leaves_before_its_start_arrived_gets_a_row_with_the_work_done(
+        admission):
+    """Its start has not reached the gateway, so the gateway does not know the node: the agents are asked
+    (a unary call, admission "queue", brings its start only with its end; a stream sends it after a while)."""
     from scheduler.cluster.replica import START_EVENT_DELAY_SECONDS
 
     async def check(fleet: Fleet):
         task = asyncio.create_task(fleet.serving.run(job(max_tokens=2000)))
         await asyncio.sleep(START_EVENT_DELAY_SECONDS / 2)
-        assert fleet.handles[SMALL].streams[0].sent == []  # nothing reached the gateway yet
+        handle = fleet.handles[SMALL]
+        if admission == "slo":
+            assert handle.streams[0].sent == []  # nothing reached the gateway yet
+        else:
+            assert not handle.calls[0]._task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         await fleet.serving.settled()
         return fleet.rows(), fleet.agent.attributor.running()
 
-    rows, running = run(check)
+    rows, running = run(check, admission=admission)
     assert running == 0, "the node agent settled the request"
     assert [r["status"] for r in rows] == ["cancelled"]
     assert rows[0]["joules"] > 0 and rows[0]["energy_method"] == "simulated"
