@@ -2,7 +2,8 @@
 
 The gateway sends a replica an engines.base.GenerationRequest; the replica answers with a stream of
 ReplicaStart, ReplicaDelta... then one ReplicaEnd or ReplicaError (a request that wants no deltas, a
-non-streaming one, gets ReplicaStart and the end only). The replica tells its node agent about the
+non-streaming one, gets ReplicaStart and the end only, or, in one unary call, the end carrying its
+start: ModelServer.generate_whole). The replica tells its node agent about the
 request with RequestStart, RequestProgress and RequestFinish; the agent answers the finish with an
 EnergyReport and keeps an abandoned request's AbandonedWork for the gateway, which pulls a GatewayView
 from every agent each second. Errors carry a kind, never an HTTP status: the gateway alone maps kinds
@@ -173,8 +174,8 @@ class ReplicaEnd:
     #: how the counts above were obtained (engines.base.TokenCountMethod values; None: not said)
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None
-    #: the request's start, when it did not go ahead as an event of its own (a request without deltas
-    #: that ended within START_EVENT_DELAY_SECONDS: cluster/replica.py)
+    #: the request's start, when it did not go ahead as an event of its own (a unary call, or a request
+    #: without deltas that ended within START_EVENT_DELAY_SECONDS: cluster/replica.py)
     start: ReplicaStart | None = None
     #: seconds from handing the request to the engine to its last event (the replica's monotonic clock)
     engine_seconds: float | None = None
