@@ -60,7 +60,7 @@ def test_client_disconnect_mid_stream_is_recorded_as_cancelled_with_its_energy(s
 
 
 def test_a_non_streaming_request_abandoned_before_its_start_reached_the_gateway_is_charged(server):
-    """A non-streaming request's start travels with its end unless it runs 50 ms (cluster/replica.py): a
+    """A non-streaming request is one unary call whose start comes back with its end (api/serving.py): a
     client that leaves before then leaves the gateway without the request's node, and every agent is asked.
 
     The client must leave after the replica started the request but before its start came back: on a busy
