@@ -441,9 +441,10 @@ class Serving:
             # the replica stops the attempt and leaves its work with the node agent: charged in a row of its own
             routing = {"model": model, "device": start.device if start else None,
                        "node": start.node if start else None, "reason": routed.reason}
-            self._settle_abandoned(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
-                                   routing, time.time(), 0, 0, None,
-                                   start.abandoned_node or start.node if start else None, status="error")
+            # a copy of the job: the retry gives its request an id of its own while this runs
+            self._in_background(self._settle_timed_out(replace(job), routing,
+                                                       start.abandoned_node or start.node if start else None),
+                                f"settle-{job.request.request_id}")
             raise _ReplicaFailure(f"no answer within {timeout_s:g} s", start.replica if start else None) from None
         except ApiError:
             raise
@@ -561,13 +562,26 @@ class Serving:
             log.exception("could not record %s request %s", status, job.request_id)
 
     def _settle_abandoned(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                          completion_tokens: int, first_token_s: float | None, node: str | None,
-                          status: str = "cancelled") -> None:
-        """Record a request its client abandoned (or an attempt the gateway stopped: status "error"), in the
-        background: the replica stops it and leaves the energy and tokens of the work done with the agent of
-        `node` under the attempt's id (job.request.request_id), which this collects for the ledger."""
+                          completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
+        """Record a request its client abandoned, in the background: the replica stops it and leaves the
+        energy and tokens of the work done with the agent of `node` under the attempt's id
+        (job.request.request_id), which this collects for the ledger."""
         self._in_background(self._settle(job, routing, created_s, prompt_tokens, completion_tokens, first_token_s,
-                                         node, status), f"settle-{job.request_id}")
+                                         node), f"settle-{job.request_id}")
+
+    async def _settle_timed_out(self, job: Job, routing: dict[str, Any], node: str | None) -> None:
+        """An attempt the gateway stopped (no answer in time; the request went on to a retry): the work it did,
+        if any, is charged in a row of its own, as a failed attempt's is (_record_failed_attempt)."""
+        try:
+            work = await self.accounting.abandoned_work(node, job.request.request_id)
+        except Exception as exc:
+            log.warning("request %s: energy of the attempt that timed out is unknown (%s)", job.request_id, exc)
+            return
+        if work is None or work.energy is None or work.energy.joules <= 0:
+            return  # it never ran: nothing to charge, and no row that would count as a request
+        await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                                 routing, time.time(), "error", prompt_tokens=work.prompt_tokens,
+                                 completion_tokens=work.completion_tokens, energy=work.energy, counted=work)
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
         """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
@@ -581,7 +595,7 @@ class Serving:
         return task
 
     async def _settle(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
-                      completion_tokens: int, first_token_s: float | None, node: str | None, status: str) -> None:
+                      completion_tokens: int, first_token_s: float | None, node: str | None) -> None:
         work = None
         try:
             work = await self.accounting.abandoned_work(node, job.request.request_id)
@@ -591,7 +605,7 @@ class Serving:
         replica_counts = (work is not None and work.prompt_tokens >= prompt_tokens
                           and work.completion_tokens >= completion_tokens)
         await self._record_ended(
-            job, routing, created_s, status,
+            job, routing, created_s, "cancelled",
             prompt_tokens=max(prompt_tokens, work.prompt_tokens if work else 0),
             completion_tokens=max(completion_tokens, work.completion_tokens if work else 0),
             energy=work.energy if work else None, first_token_s=first_token_s,

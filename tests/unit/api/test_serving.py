@@ -24,7 +24,7 @@ from scheduler.api.errors import ApiError
 from scheduler.api.serving import Job
 from scheduler.cluster.messages import EnergyReport, ReplicaDelta, ReplicaEnd, ReplicaStart
 from scheduler.engines.base import ContextLengthError, EngineError, GenerationRequest, ModelKind, SamplingParams
-from tests.support.serving import Fleet, whole_call
+from tests.support.serving import Fleet, InProcessResponse, whole_call
 
 SMALL, LARGE = "llama-3.1-8b", "llama-3.1-70b"
 
@@ -599,6 +599,33 @@ def test_a_request_that_outlives_the_replica_timeout_is_stopped_charged_and_retr
     assert by_model[LARGE]["joules"] == pytest.approx(result.energy.joules) and result.energy.device != \
         by_model[SMALL]["device"], "the retry is charged its own work, on its own GPUs"
     assert sum(r["joules"] for r in rows) == pytest.approx(charged), "every joule the agent charged is in a row"
+
+
+def test_an_attempt_that_timed_out_before_its_replica_ran_it_leaves_no_row(monkeypatch):
+    """Stuck in Serve's queue, it did no work: a row for it would count as a request of its own."""
+    from scheduler.api import accounting
+
+    monkeypatch.setattr(accounting, "ABANDONED_WAIT_SECONDS", 0.2)
+
+    class StuckInQueue(WrappedHandle):
+        @property
+        def generate_whole(self) -> SimpleNamespace:
+            def remote(request: Any, placement: Any = None) -> InProcessResponse:
+                self.calls += 1
+                return InProcessResponse(asyncio.sleep(3600))
+
+            return SimpleNamespace(remote=remote)
+
+    async def check(fleet: Fleet):
+        fleet.config.routing.replica_timeout_seconds = 0.3
+        fleet.serving.handles[SMALL] = StuckInQueue(fleet.handles[SMALL])
+        result = await fleet.serving.run(job(max_tokens=4))
+        await fleet.serving.settled()
+        return result, fleet.rows()
+
+    result, rows = run(check)
+    assert result.model == LARGE
+    assert [(r["model"], r["status"], r["request_id"]) for r in rows] == [(LARGE, "ok", "chatcmpl-1")]
 
 
 @pytest.mark.parametrize("admission", ["queue", "slo"])
