@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.support.server import free_port
 
 DEFAULT_BINARY = "/usr/bin/prometheus"
 
@@ -44,12 +45,6 @@ def require_prometheus() -> str:
             pytest.fail(msg)
         pytest.skip(msg)
     return binary
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusError(RuntimeError):

@@ -7,6 +7,7 @@ it runs with three API keys so that auth and roles are exercised on the same ins
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass
@@ -23,10 +24,37 @@ KEYS = {"client": "test-client-key", "reader": "test-reader-key", "operator": "t
 KEY_DEFAULTS = {"client-hq": {"min_quality": 1.0}}
 
 
+#: where free_port looks: above Ray's worker ports (10002-19999 by default), below the kernel's ephemeral range
+PORT_RANGE_START = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports bound to 0 (Linux; the usual default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, outside the kernel's ephemeral range.
+
+    A server started in a subprocess binds the port later; meanwhile Ray's processes bind port 0 as they
+    start, and the kernel may give one of them the very port picked here if it came from that range (seen:
+    Serve's proxy failed with "Failed to bind to address '127.0.0.1:45411'"). Outside the range only another
+    explicit choice can take it."""
+    low, _ = ephemeral_port_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(PORT_RANGE_START, max(PORT_RANGE_START + 1, low))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {PORT_RANGE_START} and {low}")
 
 
 def server_config(port: int) -> WattlaneConfig:
