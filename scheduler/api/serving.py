@@ -138,9 +138,9 @@ class StreamSession:
         self._events = events
         self._first = first
         self.result: InferenceResult | None = None
-        self.routing = {"model": routed.model, "device": start.device, "node": start.node, "reason": routed.reason}
+        self.routing = _attempt_routing(routed.model, start, routed)
         #: whose node agent keeps the work if the client leaves
-        self._abandoned_node = start.abandoned_node or start.node
+        self._abandoned_node = _abandoned_node(start)
         #: None unless the engine promises that a seed reproduces the text
         self.system_fingerprint: str | None = start.system_fingerprint
         self.started_s = time.time()
@@ -369,13 +369,19 @@ class Serving:
     async def _record_failed_attempt(self, job: Job, model: str, start: ReplicaStart, first: ReplicaError,
                                      routed: Routed) -> None:
         """An attempt that failed before any token and is retried: the work it did is charged, in a row of its own."""
-        if first.energy is not None and first.energy.joules > 0:
+        await self._charge_attempt(job, _attempt_routing(model, start, routed), start.time_s, first.prompt_tokens, 0,
+                                   first.energy, first)
+
+    async def _charge_attempt(self, job: Job, routing: dict[str, Any], created_s: float, prompt_tokens: int,
+                              completion_tokens: int, energy: EnergyReport | None,
+                              counted: ReplicaError | AbandonedWork) -> None:
+        """A retried attempt's work, in an "error" row of its own; none for an attempt that did no work (a row
+        counts as a request)."""
+        if energy is not None and energy.joules > 0:
             # admission=None: the request's ticket settles once, with the row of the attempt that ends it
-            await self._record_ended(
-                replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
-                {"model": model, "device": start.device, "node": start.node, "reason": routed.reason},
-                start.time_s, "error", prompt_tokens=first.prompt_tokens, completion_tokens=0, energy=first.energy,
-                counted=first)
+            await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+                                     routing, created_s, "error", prompt_tokens=prompt_tokens,
+                                     completion_tokens=completion_tokens, energy=energy, counted=counted)
 
     def _is_upstream(self, model: str) -> bool:
         m = self.config.model(model)
@@ -429,22 +435,17 @@ class Serving:
                 return events, start, await events.__anext__()
         except asyncio.CancelledError:  # the client left while the request waited for its replica
             events.cancel()
-            routing = {"model": model, "device": start.device if start else None,
-                       "node": start.node if start else None, "reason": routed.reason}
-            self._settle_abandoned(job, routing, time.time(), 0, 0, None,
-                                   start.abandoned_node or start.node if start else None)
+            self._settle_abandoned(job, _attempt_routing(model, start, routed), time.time(), 0, 0, None,
+                                   _abandoned_node(start))
             raise
         except StopAsyncIteration:
             raise _ReplicaFailure("ended the stream without a result", start.replica if start else None) from None
         except asyncio.TimeoutError:
             events.cancel()
             # the replica stops the attempt and leaves its work with the node agent: charged in a row of its own
-            routing = {"model": model, "device": start.device if start else None,
-                       "node": start.node if start else None, "reason": routed.reason}
-            # a copy of the job: the retry gives its request an id of its own while this runs
-            self._in_background(self._settle_timed_out(replace(job), routing,
-                                                       start.abandoned_node or start.node if start else None),
-                                f"settle-{job.request.request_id}")
+            # (on a copy of the job: the retry gives its request an id of its own while this runs)
+            self._in_background(self._settle_timed_out(replace(job), _attempt_routing(model, start, routed),
+                                                       _abandoned_node(start)), f"settle-{job.request.request_id}")
             raise _ReplicaFailure(f"no answer within {timeout_s:g} s", start.replica if start else None) from None
         except ApiError:
             raise
@@ -571,17 +572,15 @@ class Serving:
 
     async def _settle_timed_out(self, job: Job, routing: dict[str, Any], node: str | None) -> None:
         """An attempt the gateway stopped (no answer in time; the request went on to a retry): the work it did,
-        if any, is charged in a row of its own, as a failed attempt's is (_record_failed_attempt)."""
+        if any, is charged in a row of its own, as a failed attempt's is."""
         try:
             work = await self.accounting.abandoned_work(node, job.request.request_id)
         except Exception as exc:
             log.warning("request %s: energy of the attempt that timed out is unknown (%s)", job.request_id, exc)
             return
-        if work is None or work.energy is None or work.energy.joules <= 0:
-            return  # it never ran: nothing to charge, and no row that would count as a request
-        await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
-                                 routing, time.time(), "error", prompt_tokens=work.prompt_tokens,
-                                 completion_tokens=work.completion_tokens, energy=work.energy, counted=work)
+        if work is not None:  # None: it never ran
+            await self._charge_attempt(job, routing, time.time(), work.prompt_tokens, work.completion_tokens,
+                                       work.energy, work)
 
     def _in_background(self, coro: Any, name: str) -> asyncio.Task:
         """A ledger write that must finish whatever happens to the request's own task (shutdown waits for it).
@@ -615,6 +614,17 @@ class Serving:
         """Wait until every abandoned request so far is in the ledger (shutdown, tests)."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+
+def _attempt_routing(model: str, start: ReplicaStart | None, routed: Routed) -> dict[str, Any]:
+    """An attempt's `routing` (its row's model, device and node; the latter two unknown before its start)."""
+    return {"model": model, "device": start.device if start else None, "node": start.node if start else None,
+            "reason": routed.reason}
+
+
+def _abandoned_node(start: ReplicaStart | None) -> str | None:
+    """Whose node agent keeps an attempt's work when it is stopped (None before its start: any agent's)."""
+    return (start.abandoned_node or start.node) if start else None
 
 
 class _WholeAnswer:
