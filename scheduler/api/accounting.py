@@ -62,7 +62,7 @@ class Accounting:
             base = self.baseline.estimate(
                 served_model=result.model, request_kind=job.request.kind.value, prompt_tokens=result.prompt_tokens,
                 completion_tokens=result.completion_tokens, joules=joules,
-                cascade_repeat=job.cascade_of is not None)
+                cascade_repeat=job.cascade_of is not None, retried_attempt=job.attempt_of is not None)
             self.baseline.observe(result.model, result.prompt_tokens, result.completion_tokens, joules)
         row = LedgerRow(
             request_id=result.request_id,

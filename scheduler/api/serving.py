@@ -59,6 +59,8 @@ class Job:
     team: str | None = None
     #: a cascade's second attempt: the request id of the first (its baseline already counts the request)
     cascade_of: str | None = None
+    #: the row of a retried request's failed attempt: the request id whose own row carries its baseline
+    attempt_of: str | None = None
     #: the request's own controls (min_quality, slo, priority, max_energy_joules), as sent
     controls: dict[str, Any] = field(default_factory=dict)
     #: the API key's defaults for the same controls
@@ -379,7 +381,8 @@ class Serving:
         counts as a request)."""
         if energy is not None and energy.joules > 0:
             # admission=None: the request's ticket settles once, with the row of the attempt that ends it
-            await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None),
+            await self._record_ended(replace(job, request_id=f"{job.request_id}-failed-attempt", admission=None,
+                                             attempt_of=job.request_id),
                                      routing, created_s, "error", prompt_tokens=prompt_tokens,
                                      completion_tokens=completion_tokens, energy=energy, counted=counted)
 

@@ -28,6 +28,9 @@ deployment without that choice: every request on the largest model. The definiti
   - `largest-model/served`: the request ran on the baseline model: the baseline is its own joules.
   - `largest-model/cascade-repeat`: a cascade's second attempt; the baseline deployment would not
     have run the request again, so its baseline is 0 J and all of its joules count as a loss.
+  - `largest-model/retried-attempt`: the work of an attempt that failed or timed out before the request was
+    retried elsewhere (its "<id>-failed-attempt" row); the request's own row carries its baseline, so this
+    one's is 0 J, as for a cascade's repeat.
 - **Power**: both models' figures are those at the power settings in force, so the estimate credits
   the model choice only; what the power governor saves against default power limits is not counted
   (a conservative figure).
@@ -56,6 +59,7 @@ OBSERVED_MIN_REQUESTS = 3
 OBSERVED_EWMA_WEIGHT = 0.05
 SERVED = f"{METHOD_PREFIX}/served"
 CASCADE_REPEAT = f"{METHOD_PREFIX}/cascade-repeat"
+RETRIED_ATTEMPT = f"{METHOD_PREFIX}/retried-attempt"
 
 #: live ReplicaStats per model id (the gateway's replicas_by_model), or None when not known yet
 ReplicaSource = Callable[[], "Mapping[str, Sequence[Mapping[str, Any]]] | None"]
@@ -123,8 +127,11 @@ class SavingsBaseline:
         return None
 
     def estimate(self, *, served_model: str, request_kind: str, prompt_tokens: int, completion_tokens: int,
-                 joules: float | None, cascade_repeat: bool = False) -> BaselineEstimate | None:
-        """The request's baseline, or None when it has no joules or no model could have served it."""
+                 joules: float | None, cascade_repeat: bool = False,
+                 retried_attempt: bool = False) -> BaselineEstimate | None:
+        """The request's baseline, or None when it has no joules or no model could have served it.
+
+        cascade_repeat and retried_attempt: extra work for a request whose own row carries its baseline."""
         if joules is None or not math.isfinite(joules):
             return None
         base = self.baseline_model(request_kind, prompt_tokens + completion_tokens)
@@ -132,6 +139,8 @@ class SavingsBaseline:
             return None
         if cascade_repeat:
             return BaselineEstimate(base.id, 0.0, CASCADE_REPEAT)
+        if retried_attempt:
+            return BaselineEstimate(base.id, 0.0, RETRIED_ATTEMPT)
         if base.id == served_model:
             return BaselineEstimate(base.id, joules, SERVED)
         served = self._by_id.get(served_model)

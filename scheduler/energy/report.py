@@ -183,7 +183,8 @@ def _tables(report: Report) -> list[tuple[str, list[str], list[list[str]], str]]
                  "(docs/energy.md, Savings). largest-model/replica-stats scales the request's own joules by the "
                  "two models' published joules per token; largest-model/size-prior by the size prior; "
                  "largest-model/served: it ran on the baseline model; largest-model/cascade-repeat: a cascade's "
-                 "second attempt, whose joules are all extra.")
+                 "second attempt, and largest-model/retried-attempt: the work of an attempt that failed before "
+                 "the request was retried, whose joules are all extra.")
     return [totals, groups, carbon, methods, baselines]
 
 

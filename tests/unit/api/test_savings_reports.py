@@ -180,3 +180,45 @@ def test_a_cascade_counts_the_request_once_in_the_baseline_and_its_repeat_as_ext
     # one baseline for the one request; both attempts' joules against it
     assert totals["baseline_joules"] == pytest.approx(first["baseline_joules"])
     assert totals["saved_joules"] == pytest.approx(first["baseline_joules"] - first["joules"] - repeat["joules"])
+
+
+def test_a_retried_request_counts_once_in_the_baseline_and_its_failed_attempt_as_extra_energy(tmp_path):
+    """The attempt that timed out gets an "error" row of its own; the baseline deployment would have served the
+    request once, so that row's baseline is 0 J (it once got a full baseline too: the request counted twice)."""
+    import asyncio
+
+    from scheduler.api.serving import Job
+    from scheduler.energy.baseline import RETRIED_ATTEMPT
+    from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+    from tests.support.serving import Fleet
+
+    async def main():
+        fleet = Fleet(tmp_path)
+        fleet.config.routing.replica_timeout_seconds = 0.3
+        server = fleet.handles[SMALL].server
+        real = server.engine.generate
+
+        async def stalls(request):  # the small model takes its prompt, then stalls: its attempt times out
+            async for ev in real(request):
+                yield ev
+                await asyncio.sleep(3600)
+
+        server.engine.generate = stalls
+        request = GenerationRequest("chatcmpl-1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
+                                    params=SamplingParams(max_tokens=4))
+        try:
+            await fleet.serving.run(Job(request_id="chatcmpl-1", model="auto", request=request, api_key_id="k",
+                                        team="research", controls={"min_quality": 0.0}))
+            await fleet.serving.settled()
+            return fleet.rows(), fleet.ledger.totals()
+        finally:
+            await fleet.aclose()
+
+    rows, totals = asyncio.run(main())
+    by_id = {r["request_id"]: r for r in rows}
+    answered, failed = by_id["chatcmpl-1"], by_id["chatcmpl-1-failed-attempt"]
+    assert answered["model"] == LARGE and answered["baseline_model"] == LARGE and answered["baseline_joules"] > 0
+    assert failed["model"] == SMALL and failed["status"] == "error" and failed["joules"] > 0
+    assert (failed["baseline_joules"], failed["baseline_method"]) == (0.0, RETRIED_ATTEMPT)
+    assert totals["baseline_joules"] == pytest.approx(answered["baseline_joules"])
+    assert totals["saved_joules"] == pytest.approx(answered["baseline_joules"] - answered["joules"] - failed["joules"])
