@@ -33,3 +33,22 @@ def test_the_stage_table_derives_the_unmeasured_parts_from_the_header_and_the_cl
     assert round(out["serve_and_transport"]["p50_ms"], 6) == 3.35  # 5.0 - 1.2 - 0.45
     assert round(out["gateway_rest"]["p50_ms"], 6) == 0.55  # 6.0 - 0.1 - 5.0 - 0.35
     assert round(out["outside_handler"]["p50_ms"], 6) == 7.0  # 13 - 6
+
+
+def test_the_added_p50s_interval_covers_a_real_difference_and_excludes_none():
+    """Two noisy latency series 1.5 ms apart: the interval holds 1.5 ms and not 0 or 1 ms; with no difference
+    it holds 0. A wrong pairing or unit (seconds for ms) would put it elsewhere."""
+    import numpy as np
+    import pytest
+
+    from benchmarks.gateway_overhead import added_p50_interval_ms
+
+    rng = np.random.default_rng(1)
+    plain = list(0.010 + rng.gamma(2.0, 0.0005, 600))
+    slower = [t + 0.0015 for t in plain]
+    low, high = added_p50_interval_ms(plain, slower)
+    assert low <= 1.5 <= high and low > 1.0
+    same_low, same_high = added_p50_interval_ms(plain, list(0.010 + rng.gamma(2.0, 0.0005, 600)))
+    assert same_low < 0.0 < same_high
+    with pytest.raises(ValueError, match="two or more pairs"):
+        added_p50_interval_ms(plain, slower[:10])
