@@ -22,6 +22,7 @@ from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carb
 from scheduler.engines.base import ENGINE_BUILDERS
 from scheduler.weights import resolve_weights
 from scheduler.power.policies import POLICY_NAMES, validate_options
+from scheduler.routing.quality_budget import MIN_WINDOW_REQUESTS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: shipped inside the package so an installed wheel has the embedded default too
@@ -364,10 +365,28 @@ class ApiKeyConfig(_Section):
     budgets: list[BudgetConfig] = Field(default_factory=list)
 
 
+class QualityBudgetConfig(_Section):
+    """min_quality held as a mean over recent requests instead of a wall per request (docs/routing.md)."""
+
+    #: the mean predicted quality of the requests as served, over the window: with two models, the expected
+    #: share answered as well as the largest model would (`wattlane route-calibrate` prints the target that
+    #: matches a per-request wall)
+    target: Annotated[float, Field(ge=0, le=1)]
+    #: recent "auto" requests the mean is held over (each gateway replica holds its own window)
+    window_requests: Annotated[int, Field(ge=MIN_WINDOW_REQUESTS, le=1_000_000)] = 1000
+    #: when no adequate model can meet a request's SLO, a smaller one that can may take it while the mean
+    #: stays within this much of the target (shedding); 0 turns shedding off
+    overload_allowance: Annotated[float, Field(ge=0, lt=1)] = 0.02
+
+
 class RoutingConfig(_Section):
     #: adequacy predictor artefact; default: the one shipped in the package
     predictor_path: str | None = None
     default_min_quality: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: None: default_min_quality is a wall every "auto" request's model must reach. Set: it is held as a
+    #: window mean for the requests that do not set min_quality themselves (nor through their API key), and
+    #: default_min_quality is the wall until the window holds 50 requests
+    quality_budget: QualityBudgetConfig | None = None
     default_slo: SloConfig = Field(default_factory=SloConfig)
     #: per-replica request timeout before the next candidate is tried once
     replica_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0

@@ -17,6 +17,7 @@ from scheduler.engines.base import ModelKind
 from scheduler.routing.adequacy import load_predictor
 from scheduler.routing.admission import StartQueue, admit, wait_limit_seconds
 from scheduler.routing.controls import RequestControlError, RequestControls, merge_request_controls
+from scheduler.routing.quality_budget import QualityBudget
 from scheduler.routing.select import RouteDecision, RouteRequest, prompt_text_from_messages, route
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class ModelSelection:
         self.predictor = load_predictor(config.routing.predictor_path)
         #: requests handed to each model's replicas and not started yet (api.serving reports them)
         self.starts = StartQueue()
+        qb = config.routing.quality_budget
+        #: routing.quality_budget's window, over the requests this gateway replica routes (None: the wall)
+        self.quality_budget = None if qb is None else QualityBudget(
+            qb.target, window_requests=qb.window_requests, overload_allowance=qb.overload_allowance,
+            initial_threshold=config.routing.default_min_quality)
 
     def controls(self, job: Any) -> RequestControls:
         try:
@@ -56,23 +62,27 @@ class ModelSelection:
         except RequestControlError as exc:
             raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
-    def explain(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None
-                ) -> tuple[RequestControls, RouteDecision]:
-        """The controls and the decision for a request, refusals included, without acting on them."""
+    def explain(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None,
+                record_decision: bool = False) -> tuple[RequestControls, RouteDecision]:
+        """The controls and the decision for a request, refusals included; only with record_decision does the
+        decision count in the quality budget's window (select, which acts on it)."""
         controls = self.controls(job)
         request = route_request(job)
         floor = getattr(job.admission, "quality_floor", None) if getattr(job, "admission", None) else None
+        budget = self._quality_budget(job)
         if floor is not None:  # a budget runs low: the smallest model whose predicted quality reaches the team's floor
             controls = replace(controls, min_quality=min(controls.min_quality, floor), model_choice="smallest")
             request.model = "auto"
-        decision = route(self.config.models, request, controls, self.predictor, replicas_by_model)
+            budget = None  # the team's floor is a wall
+        decision = route(self.config.models, request, controls, self.predictor, replicas_by_model,
+                         quality_budget=budget, record_decision=record_decision)
         if floor is not None and decision.error is None:
             decision.reason = f"{job.admission.downgrade_reason}; {decision.reason}"
         return controls, decision
 
     def select(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
         """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
-        controls, decision = self.explain(job, replicas_by_model)
+        controls, decision = self.explain(job, replicas_by_model, record_decision=True)
         if decision.error is not None:
             e = decision.error
             headers = {"Retry-After": "5"} if e.status in (429, 503) else None
@@ -88,6 +98,14 @@ class ModelSelection:
         }
         return Routed(model=decision.model_id, reason=decision.reason, controls=controls, decision=decision,
                       placement=placement)
+
+    def _quality_budget(self, job: Any) -> QualityBudget | None:
+        """The budget holds the deployment's target: a min_quality the request or its API key sets is the
+        caller's own, and stays a wall."""
+        if self.quality_budget is None or job.controls.get("min_quality") is not None \
+                or job.key_defaults.get("min_quality") is not None:
+            return None
+        return self.quality_budget
 
     def _admit(self, decision: RouteDecision, controls: RequestControls) -> None:
         """Keep the first adequate model that can start the request in time; else 503 with Retry-After."""

@@ -255,7 +255,10 @@ class Serving:
 
     def select(self, job: Job) -> Routed:
         self._on_request()
-        return self.selection.select(job, self._replicas_by_model())
+        routed = self.selection.select(job, self._replicas_by_model())
+        if self.selection.quality_budget is not None:
+            self.accounting.metrics.set_quality_budget(self.selection.quality_budget.state())
+        return routed
 
     async def _admitted(self, job: Job) -> Routed:
         """select(), behind the caller's limits and budgets (429, or a downgraded route) when it has any."""

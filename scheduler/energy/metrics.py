@@ -16,6 +16,7 @@ shares are read from the shared teams database by whichever replica checks a bud
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -186,6 +187,17 @@ class WattlaneMetrics:
         self.budget_used = Gauge(
             "wattlane_budget_used_ratio", "Share of an energy or carbon budget used in its current period (1 = all).",
             ["scope", "name", "kind"], registry=r, multiprocess_mode="mostrecent")
+        # routing.quality_budget: each gateway replica holds its own window, so each process keeps its series
+        self.quality_budget = Gauge(
+            "wattlane_quality_budget",
+            "routing.quality_budget in this gateway replica, by figure: target and served_mean (mean predicted "
+            "quality of the requests as served), threshold (the predicted quality a model needs now) and window "
+            "(requests in the window).", ["figure"], registry=r, multiprocess_mode="liveall")
+        self.quality_budget_shed = Counter(
+            "wattlane_quality_budget_shed_total",
+            "Requests the quality budget shed to a smaller model because no adequate one could meet their SLO.",
+            registry=r)
+        self._quality_budget_shed_seen = 0
         self._shared = _SharedViewCollector()
         self._devices = _DeviceCollector()
         r.register(self._shared)
@@ -234,6 +246,17 @@ class WattlaneMetrics:
     def set_budget_used(self, *, scope: str, name: str, kind: str, used_ratio: float) -> None:
         """scope: "key" or "team"; name: its id; kind: "energy" or "carbon"; used_ratio: used / allowed."""
         self.budget_used.labels(scope=scope, name=name, kind=kind).set(used_ratio)
+
+    def set_quality_budget(self, state: Mapping[str, Any]) -> None:
+        """A QualityBudget.state(): its figures as gauges (served_mean None: nothing served yet, left out)."""
+        for figure in ("target", "served_mean", "threshold", "window"):
+            value = state.get(figure)
+            if value is not None and math.isfinite(value):
+                self.quality_budget.labels(figure=figure).set(value)
+        shed = int(state.get("shed") or 0)
+        if shed > self._quality_budget_shed_seen:
+            self.quality_budget_shed.inc(shed - self._quality_budget_shed_seen)
+            self._quality_budget_shed_seen = shed
 
     def set_replica_queue(self, *, model: str, replica: str, running: int, waiting: int) -> None:
         self._shared.queues[(model, replica)] = (float(running), float(waiting))

@@ -35,6 +35,9 @@ class Calibration:
     goal: str
     #: accuracy / the strong model's accuracy on the same rows
     retained: float | None = None
+    #: the routing.quality_budget target that routes like this threshold on these rows: the mean predicted
+    #: quality of the requests as served (adequacy on the small model, 1 on the large), two models
+    budget_target: float | None = None
 
     def yaml_snippet(self, source: str) -> str:
         return (
@@ -43,6 +46,8 @@ class Calibration:
             f"  # -> strong-model share {self.strong_share:.1%}, PGR {self.pgr:.3f}, accuracy {self.accuracy:.1%}"
             + (f" ({self.retained:.1%} of the strong model's)" if self.retained is not None else "") + "\n"
             f"  default_min_quality: {self.min_quality:.4f}\n"
+            + ("  # or hold it as a mean over the recent requests (docs/routing.md, Quality budget):\n"
+               f"  # quality_budget: {{target: {self.budget_target:.4f}}}\n" if self.budget_target is not None else "")
         )
 
 
@@ -93,8 +98,11 @@ def calibrate_scores(
         threshold = 1.0
     else:
         threshold = float((adequacy_sorted[k - 1] + adequacy_sorted[k]) / 2.0)
+    adequacy = 1.0 - np.clip(need, GAIN_FLOOR, 1.0)
+    budget_target = float(np.mean(np.where(adequacy >= threshold, adequacy, 1.0))) if n else None
     return Calibration(threshold, k / n, float(curve.pgr[k]), float(curve.accuracy[k]), n, goal,
-                       float(curve.accuracy[k] / curve.strong_accuracy) if curve.strong_accuracy > 0 else None)
+                       float(curve.accuracy[k] / curve.strong_accuracy) if curve.strong_accuracy > 0 else None,
+                       budget_target)
 
 
 def out_of_fold_training_scores(predictor: AdequacyPredictor):

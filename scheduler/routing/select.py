@@ -181,6 +181,7 @@ def route(
     predictor: AdequacyPredictor | None,
     replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]] | None = None,
     quality_budget: QualityBudget | None = None,
+    record_decision: bool = True,
 ) -> RouteDecision:
     """Choose a model and replica for the request (see the module docstring for the rules).
 
@@ -253,7 +254,8 @@ def route(
     # quality: keep models whose predicted quality reaches the target; if none does, keep the best one
     budgeted = auto and quality_budget is not None and adequacy is not None
     wall = quality_budget.threshold() if budgeted else target  # type: ignore[union-attr]
-    what = f"budget threshold {wall:.2f} (window mean target {target:.2f})" if budgeted else f"target {target:.2f}"
+    what = (f"budget threshold {wall:.2f} (window mean target {quality_budget.target:.2f})"  # type: ignore[union-attr]
+            if budgeted else f"target {target:.2f}")
     if auto:
         adequate = [c for c in passing if (c.predicted_quality or 0.0) >= wall - 1e-12]
         below_note = ""
@@ -330,7 +332,8 @@ def route(
         slo_met = True
         how = (f"quality budget: no adequate model meets the SLO, shed to '{chosen.model_id}' "
                f"(predicted quality {chosen.predicted_quality:.2f} >= shed threshold {quality_budget.shed_threshold():.2f})")  # type: ignore[union-attr]
-        quality_budget.shed += 1  # type: ignore[union-attr]
+        if record_decision:
+            quality_budget.shed += 1  # type: ignore[union-attr]
     elif meeting and controls.model_choice == "lowest-energy" and len(meeting) > 1:
         # marginal energy: an already-busy larger replica can cost less per request than waking an idle GPU;
         # unknown energy ranks last, ties go to the smaller model (meeting is in size order, min is stable)
@@ -355,7 +358,7 @@ def route(
             c.reason += "; fallback"
     fallbacks = [(c.model_id, c.replica_index) for c, _, _ in (meeting if slo_met else placed) if c is not chosen]
 
-    if budgeted:
+    if budgeted and record_decision:
         quality_budget.record(adequacy, chosen.predicted_quality)  # type: ignore[union-attr]
     parts = []
     if auto and adequacy is not None:

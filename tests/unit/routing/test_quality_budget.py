@@ -93,3 +93,25 @@ def test_bad_budget_arguments():
         QualityBudget(1.5)
     with pytest.raises(ValueError):
         QualityBudget(0.9, window_requests=10)
+
+
+def test_the_calibrated_budget_target_routes_the_calibration_rows_like_the_calibrated_wall():
+    """route-calibrate's quality_budget target: over a window of the same prompts, the budget's threshold sends
+    exactly the prompts the wall sends to the small model (the mean of their served quality is the target)."""
+    import numpy as np
+
+    from scheduler.routing.calibrate import calibrate_scores
+
+    rng = np.random.default_rng(3)
+    need = rng.beta(1.2, 4.0, 800)  # expected gain of the strong model per prompt
+    weak, strong = rng.integers(0, 2, 800), rng.integers(0, 2, 800)
+    cal = calibrate_scores(need, weak, strong, strong_share=0.35)
+    adequacy = 1.0 - need
+    small_by_wall = adequacy >= cal.min_quality
+    budget = QualityBudget(cal.budget_target, window_requests=800)
+    for a in adequacy:
+        budget.record(a, None)
+    small_by_budget = adequacy >= budget.threshold()
+    assert abs(small_by_wall.mean() - 0.65) < 0.01
+    assert (small_by_budget == small_by_wall).mean() >= 0.998  # the one prompt at the margin may differ
+    assert "quality_budget: {target: " in cal.yaml_snippet("test rows")
