@@ -88,7 +88,8 @@ class RouteExplanation(_Open):
     replica_index: int | None
     reason: str
     adequacy: float | None
-    quality_target: float
+    quality_target: float = Field(description="the predicted quality a model had to reach: min_quality, or the "
+                                              "quality budget's threshold at the moment (routing.quality_budget)")
     prompt_tokens: int
     output_tokens: int
     slo_met: bool | None

@@ -370,7 +370,8 @@ def route(
         parts.append(f"TTFT {best.ttft_seconds * 1000:.0f} ms")
     if chosen.replica_id:
         parts.append(f"replica {chosen.replica_id}")
-    return done(RouteDecision(chosen.model_id, chosen.replica_index, "; ".join(parts), candidates, adequacy, target,
+    # the threshold applied: min_quality, or the quality budget's threshold of the moment
+    return done(RouteDecision(chosen.model_id, chosen.replica_index, "; ".join(parts), candidates, adequacy, wall,
                               prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks))
 
 
