@@ -265,6 +265,7 @@ def test_grafana_queries_use_only_series_that_wattlane_exposes():
     m.set_replica_queue(model="m", replica="r", running=1, waiting=0)
     m.power_action(device="gpu0", action="set_power_limit")
     m.set_grid_intensity(region="USA", gco2e_per_kwh=380.0)
+    m.set_quality_budget({"target": 0.95, "served_mean": 0.96, "threshold": 0.89, "window": 100, "shed": 1})
     exposed = {line.split("{")[0].split(" ")[0] for line in m.render()[0].decode().splitlines() if line and not line.startswith("#")}
     queries = grafana_queries()
     assert len(queries) >= 20

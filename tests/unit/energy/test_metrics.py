@@ -196,3 +196,19 @@ def test_multiprocess_variable_set_after_import_is_refused(tmp_path, monkeypatch
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="imported before"):
         WattlaneMetrics()
+
+
+def test_the_quality_budgets_shed_counter_follows_its_running_count_and_an_infinite_threshold_is_left_out():
+    """QualityBudget.state() carries a running shed count: the counter grows by what is new, not by the count
+    each time; a threshold of inf (a target of 1: nothing may go small) is no gauge value."""
+    from scheduler.energy.metrics import WattlaneMetrics
+
+    m = WattlaneMetrics()
+    m.set_quality_budget({"target": 1.0, "served_mean": None, "threshold": float("inf"), "window": 3, "shed": 2})
+    m.set_quality_budget({"target": 1.0, "served_mean": 0.99, "threshold": float("inf"), "window": 4, "shed": 2})
+    m.set_quality_budget({"target": 1.0, "served_mean": 0.98, "threshold": float("inf"), "window": 5, "shed": 5})
+    text = m.render()[0].decode()
+    assert "wattlane_quality_budget_shed_total 5.0" in text
+    assert 'wattlane_quality_budget{figure="served_mean"} 0.98' in text
+    assert 'wattlane_quality_budget{figure="window"} 5.0' in text
+    assert 'figure="threshold"' not in text
