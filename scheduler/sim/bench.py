@@ -63,6 +63,7 @@ class PolicySet:
     slo_batching: bool = False
     batch_clocks: bool = False  # the engine sets the clock per batch (replaces the governor's clock lock)
     oracle: bool = False
+    pools: bool = False  # GPUs move between the 8B and the 70B pool with the load (scheduler/sim/pools.py)
 
 
 POLICY_SETS: tuple[PolicySet, ...] = (
@@ -80,6 +81,8 @@ POLICY_SETS: tuple[PolicySet, ...] = (
               "energy", governor=True, park=True, quality_budget=True, slo_batching=True),
     PolicySet("wattlane-all", "full Wattlane (+ parking, quality budget, SLO-aware batching, per-batch clocks)", "mixed", "auto", "energy",
               park=True, quality_budget=True, slo_batching=True, batch_clocks=True),
+    PolicySet("wattlane-all+pools", "full Wattlane + pools that follow the load (8B GPUs lent to a second 70B replica)",
+              "mixed", "auto", "energy", park=True, quality_budget=True, slo_batching=True, batch_clocks=True, pools=True),
     PolicySet("oracle", "oracle (true adequacy and lengths, greedy)", "mixed", "auto", "energy", park=True,
               slo_batching=True, batch_clocks=True, oracle=True),
 )
@@ -182,7 +185,7 @@ def run_job(job: Job) -> dict[str, Any]:
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
             oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
-            clock_switch_seconds=job.clock_switch_seconds,
+            clock_switch_seconds=job.clock_switch_seconds, pools=p.pools,
             timeline_interval_seconds=60.0,
         )
         trace = build_trace(job.workload, job.load, job.minutes, job.seed)
@@ -240,6 +243,7 @@ def metrics(result, min_quality: float | None) -> dict[str, Any]:
         "clock_switches": result.settings.get("clock_switches", 0),
         "quality_budget": r.get("quality_budget") if r else None,
         "best_effort_requests": r.get("best_effort_requests") if r else None,
+        "pools": result.settings.get("pools"),
     }
 
 
@@ -249,6 +253,11 @@ def by_model_breakdown(result) -> dict[str, dict[str, Any]]:
     done = max(result.completed, 1)
     out: dict[str, dict[str, Any]] = {}
     for rep in result.replicas.values():
+        if not rep.get("active", True):  # a pool move took its GPUs: they count for the replica holding them at the end
+            out.setdefault(rep["model"], {"gpus": 0, "requests": 0, "busy_joules": 0.0, "idle_joules": 0.0, "parked_joules": 0.0,
+                                          "busy_seconds": 0.0, "idle_seconds": 0.0, "parked_seconds": 0.0, "_clock": 0.0})
+            out[rep["model"]]["requests"] += rep["completed"]
+            continue
         m = out.setdefault(rep["model"], {"gpus": 0, "requests": 0, "busy_joules": 0.0, "idle_joules": 0.0, "parked_joules": 0.0,
                                           "busy_seconds": 0.0, "idle_seconds": 0.0, "parked_seconds": 0.0, "_clock": 0.0})
         m["gpus"] += len(rep["devices"])

@@ -27,7 +27,7 @@ from scheduler.config import WattlaneConfig
 from scheduler.config_error import ConfigError
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
-from scheduler.sim.builders import build_core, replica_device_groups
+from scheduler.sim.builders import build_core, model_profile_for, replica_device_groups
 from scheduler.sim.core import BatchCore, CoreListener, RecentLatencies, SimRequest, replica_stats
 from scheduler.sim.event_loop import EventLoop, VirtualClock
 from scheduler.sim.fleet_result import FleetResult
@@ -54,6 +54,8 @@ class SimReplica(CoreListener):
         self._park_token = 0
         self._parked_settings: list[tuple[float, float] | None] | None = None
         self.parks = 0
+        #: False once a pool move took its GPUs (scheduler/sim/pools.py): out of routing, stats and the governor
+        self.active = True
         core.listener = self
         for g in core.gpus:
             g.add_settings_listener(self._settings_changed)
@@ -148,6 +150,7 @@ class FleetSimulator:
         slo_batching: bool = False,
         batch_clocks: bool = False,
         clock_switch_seconds: float | None = None,
+        pools: bool = False,
     ):
         """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
         "placement-only" (the placement hook chooses among all replicas; no model selection).
@@ -167,6 +170,9 @@ class FleetSimulator:
         batch_clocks: each replica sets its SM clock per batch from the deadlines of the work in it and
             drops it between batches (BatchCore.set_batch_clocks); a governor's clock lock is its ceiling.
         clock_switch_seconds: with batch_clocks, the stall of one clock change (default core.CLOCK_SWITCH_SECONDS).
+        pools: pools that follow the load (scheduler/sim/pools.py): GPUs move from the smallest model's replicas
+            to an extra replica of the largest model while routing cannot place its requests within their SLO,
+            and back; each move costs a model load (route mode).
         """
         if auto_selection not in AUTO_SELECTIONS:
             raise ValueError(f"auto_selection must be one of {', '.join(AUTO_SELECTIONS)}, got {auto_selection!r}")
@@ -176,6 +182,11 @@ class FleetSimulator:
             raise ValueError(f"park_idle_seconds must be >= 0, got {park_idle_seconds!r}")
         if oracle and auto_selection != "route":
             raise ValueError("oracle needs auto_selection='route'")
+        if pools and auto_selection != "route":
+            raise ValueError("pools need auto_selection='route'")
+        self.pools = pools
+        self.pool_manager: Any = None
+        self._clock_switch_seconds = clock_switch_seconds
         self.auto_selection = auto_selection
         self.min_quality = min_quality
         self.park_idle_seconds = park_idle_seconds
@@ -207,16 +218,48 @@ class FleetSimulator:
             if m.engine != "simulated":
                 continue
             for r, gpus in enumerate(replica_device_groups(m, config, self.devices, key=f"models[{i}] (id {m.id})")):
-                core = build_core(m, config, gpus, key=f"models[{i}] (id {m.id})")
-                if slo_batching:
-                    core.set_slo_batching(self.slo_ttft, self.slo_tpot)
-                if batch_clocks:
-                    core.set_batch_clocks(self.slo_ttft, self.slo_tpot, **({} if clock_switch_seconds is None else
-                                                                         {"switch_seconds": clock_switch_seconds}))
+                core = self._core(m, gpus, key=f"models[{i}] (id {m.id})")
                 self.replicas.append(SimReplica(f"{m.id}#{r}", m.id, core, self.loop, self._done.append, park_idle_seconds))
         if not self.replicas:
             raise ConfigError("no model with engine 'simulated'", file=config.source_path, key="models", fix="set engine: simulated on at least one model")
         self.governor = governor_factory(config, self.devices, self.clock) if governor_factory else None
+
+    def _core(self, model: Any, gpus: list, *, key: str) -> BatchCore:
+        core = build_core(model, self.config, gpus, key=key)
+        if self.slo_batching:
+            core.set_slo_batching(self.slo_ttft, self.slo_tpot)
+        if self.batch_clocks:
+            core.set_batch_clocks(self.slo_ttft, self.slo_tpot, **({} if self._clock_switch_seconds is None else
+                                                                 {"switch_seconds": self._clock_switch_seconds}))
+        return core
+
+    # --- pool moves (scheduler/sim/pools.py) ---------------------------------------------------
+    def replica_width(self, model_id: str) -> int:
+        """GPUs per replica of a model (its tensor-parallel width)."""
+        m = self.config.model(model_id)
+        if m is None:
+            raise KeyError(model_id)
+        return model_profile_for(m, self.config, self.devices, key=f"model {model_id}").num_gpus
+
+    def add_replica(self, model_id: str, gpus: list) -> int:
+        """A new replica of a model on these GPUs (their old replica retired); its index in self.replicas."""
+        m = self.config.model(model_id)
+        assert m is not None
+        n = sum(1 for r in self.replicas if r.model_id == model_id)
+        model = m.model_copy(update={"devices": [g.device_id for g in gpus], "replicas": 1})
+        rep = SimReplica(f"{model_id}#{n}", model_id, self._core(model, gpus, key=f"model {model_id}"), self.loop,
+                         self._done.append, self.park_idle_seconds)
+        self.replicas.append(rep)
+        rep._idle_now()
+        return len(self.replicas) - 1
+
+    def retire_replica(self, rep: "SimReplica") -> None:
+        """An idle replica gives up its GPUs: no more parking or clock settings from it, defaults while they load."""
+        rep.active = False
+        rep._unpark()
+        rep.park_idle_seconds = None
+        for g in rep.core.gpus:
+            g.reset_locked_clocks()
 
     def run(self, trace: Trace) -> FleetResult:
         wall0 = time.perf_counter()
@@ -252,6 +295,20 @@ class FleetSimulator:
             rep.submit(SimRequest(request.request_id, p, o, now, model_id=rep.model_id))
 
         on_arrive = routed.arrive if routed is not None else arrive
+        if self.pools:
+            from scheduler.routing.select import size_order
+            from scheduler.sim.pools import CHECK_SECONDS, PoolManager
+
+            present = [m.id for m in size_order(self.config.models) if m.id in by_model]
+            if len(present) >= 2:
+                self.pool_manager = PoolManager(self, by_model, present[0], present[-1])
+
+                def check_pools(_: Any) -> None:
+                    self.pool_manager.check(self.clock.now)
+                    if self.clock.now < last_arrival or self.pool_manager.busy():
+                        self.loop.at(self.clock.now + CHECK_SECONDS, check_pools)
+
+                self.loop.at(CHECK_SECONDS, check_pools)
         for rep in self.replicas:
             rep._idle_now()  # replicas with no work from the start may park too
         for i in range(n):
@@ -265,6 +322,8 @@ class FleetSimulator:
             def govern(_: Any) -> None:
                 stats_by_device: dict[str, list[dict]] = {d: [] for d in self.devices}
                 for rep in self.replicas:
+                    if not rep.active:
+                        continue
                     s = rep.stats()
                     for g in rep.core.gpus:
                         stats_by_device[g.device_id].append(s)
@@ -313,7 +372,7 @@ class FleetSimulator:
                 "energy_method": g.energy_method.value,
             }
         replicas = {
-            r.replica_id: {"model": r.model_id, "devices": [g.device_id for g in r.core.gpus], "completed": r.core.completed,
+            r.replica_id: {"model": r.model_id, "active": r.active, "devices": [g.device_id for g in r.core.gpus], "completed": r.core.completed,
                            "preemptions": r.core.preemptions, "tokens_generated": r.core.tokens_generated}
             for r in self.replicas
         }
@@ -330,6 +389,7 @@ class FleetSimulator:
                       "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "slo_batching": self.slo_batching,
                       "batch_clocks": self.batch_clocks, "clock_switches": sum(r.core.clock_switches for r in self.replicas),
                       "quality_budget": self.quality_budget is not None,
+                      "pools": self.pool_manager.summary(end) if self.pool_manager is not None else None,
                       "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
             routing=routed.summary() if routed is not None else {},
             accounting=accounting,
@@ -430,6 +490,8 @@ class _RoutedArrivals:
         predictor = self.predictor if self.oracle_adequacy is None else _Known(float(self.oracle_adequacy[i]))
         decision = route(self.models, rreq, self.controls, predictor, stats, quality_budget=sim.quality_budget)
         self.route_seconds.append(decision.decision_seconds)
+        if sim.pool_manager is not None:
+            sim.pool_manager.observe(decision)
         if decision.error is not None or decision.model_id is None:
             code = decision.error.code if decision.error is not None else "no_model"
             self.rejections[code] = self.rejections.get(code, 0) + 1

@@ -116,3 +116,60 @@ def test_batch_clocks_reject_bad_settings():
         sim.replicas[0].core.set_batch_clocks(1.0, 0.1, headroom_fraction=1.0)
     with pytest.raises(ValueError, match="switch_seconds"):
         sim.replicas[0].core.set_batch_clocks(1.0, 0.1, switch_seconds=-1.0)
+
+
+def _burst_then_calm() -> Trace:
+    """Two minutes of the conversation trace at 3x its rate (more than the one 70B replica can start in time),
+    then six at 0.3x."""
+    from scheduler.sim.bench import build_trace
+
+    hot, calm = build_trace("conversation", 3.0, 2.0, 0), build_trace("conversation", 0.3, 6.0, 0)
+    return Trace(np.concatenate([hot.arrival_s, calm.arrival_s + 120.0]),
+                 np.concatenate([hot.prompt_tokens, calm.prompt_tokens]),
+                 np.concatenate([hot.output_tokens, calm.output_tokens]), None, "burst then calm")
+
+
+def test_pools_lend_the_8b_gpus_to_a_second_70b_replica_under_pressure_and_take_them_back_when_calm(monkeypatch):
+    from scheduler.sim.bench import by_model_breakdown
+    from scheduler.sim.fleet import SimReplica
+    from scheduler.sim.pools import load_seconds
+
+    submitted: list[tuple[str, float]] = []  # (replica, virtual time) of every request a replica took
+    real_submit = SimReplica.submit
+
+    def submit(self, req):
+        submitted.append((self.replica_id, self.loop.clock.now))
+        real_submit(self, req)
+
+    monkeypatch.setattr(SimReplica, "submit", submit)
+    trace = _burst_then_calm()
+    sim = FleetSimulator(load_config(MIXED), placement=energy_place, strong_models=["llama-3.1-70b"], pools=True)
+    res = sim.run(trace)
+    moves = res.settings["pools"]["moves"]
+    assert [(m["from_model"], m["to_model"]) for m in moves] == [("llama-3.1-8b", "llama-3.1-70b"),
+                                                                 ("llama-3.1-70b", "llama-3.1-8b")]
+    borrow, release = moves
+    assert borrow["t_s"] < 120.0 < release["t_s"], "lent during the burst, back in the calm"
+    # each move waits for a model load: its replica takes requests only after it
+    assert borrow["ready_s"] - borrow["load_start_s"] == pytest.approx(load_seconds(70.0, 4))
+    assert release["ready_s"] - release["load_start_s"] == pytest.approx(load_seconds(8.0, 1))
+    lent = next(r for r in sim.replicas if r.replica_id == "llama-3.1-70b#1")
+    assert lent.core.completed > 0 and not lent.active
+    assert min(t for r, t in submitted if r == lent.replica_id) >= borrow["ready_s"]
+    assert max(t for r, t in submitted if r == "llama-3.1-8b#3") <= borrow["load_start_s"], "drained before it loaded"
+    # nothing accepted is lost; the layout at the end is the configured one, and each GPU counts once
+    assert res.completed == len(trace) and res.rejected == 0
+    active = sorted((r.model_id, len(r.core.gpus)) for r in sim.replicas if r.active)
+    assert active == [("llama-3.1-70b", 4)] + [("llama-3.1-8b", 1)] * 4
+    pools = by_model_breakdown(res)
+    assert sum(p["gpus"] for p in pools.values()) == 8
+    assert sum(p["busy_joules"] + p["idle_joules"] + p["parked_joules"] for p in pools.values()) == pytest.approx(res.energy_joules)
+    assert sum(p["requests"] for p in pools.values()) == res.completed
+
+
+def test_pools_without_pressure_move_nothing():
+    trace = prompt_heavy_trace(2.0, rate_scale=0.3, seed=0)
+    sim = FleetSimulator(load_config(MIXED), placement=energy_place, strong_models=["llama-3.1-70b"], pools=True)
+    assert sim.run(trace).settings["pools"]["moves"] == []
+    with pytest.raises(ValueError, match="pools need auto_selection='route'"):
+        FleetSimulator(load_config(MIXED), auto_selection="placement-only", pools=True)
