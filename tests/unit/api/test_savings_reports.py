@@ -151,27 +151,38 @@ def test_bad_report_options_are_clear_errors(cli, tmp_path):
     assert res.exit_code == 2 and "--group-by must be one of team, key, model, device" in res.output
 
 
-def test_a_cascade_counts_the_request_once_in_the_baseline_and_its_repeat_as_extra_energy(tmp_path):
+def one_request(tmp_path, controls: dict, prepare) -> tuple[list[dict], dict]:
+    """Run one "auto" chat ("hi", research's key) on the in-process simulated fleet after prepare(fleet); the
+    ledger's rows and totals once every row is settled."""
     import asyncio
 
     from scheduler.api.serving import Job
-    from scheduler.energy.baseline import CASCADE_REPEAT
     from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
     from tests.support.serving import Fleet
 
     async def main():
         fleet = Fleet(tmp_path)
-        fleet.config.routing.cascade = True  # the simulated engine reports no log-probabilities: it escalates
+        prepare(fleet)
         request = GenerationRequest("chatcmpl-1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
                                     params=SamplingParams(max_tokens=4))
         try:
             await fleet.serving.run(Job(request_id="chatcmpl-1", model="auto", request=request, api_key_id="k",
-                                        team="research", controls={"priority": "batch", "min_quality": 0.0}))
+                                        team="research", controls=controls))
+            await fleet.serving.settled()
             return fleet.rows(), fleet.ledger.totals()
         finally:
             await fleet.aclose()
 
-    rows, totals = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_a_cascade_counts_the_request_once_in_the_baseline_and_its_repeat_as_extra_energy(tmp_path):
+    from scheduler.energy.baseline import CASCADE_REPEAT
+
+    def cascading(fleet):
+        fleet.config.routing.cascade = True  # the simulated engine reports no log-probabilities: it escalates
+
+    rows, totals = one_request(tmp_path, {"priority": "batch", "min_quality": 0.0}, cascading)
     by_id = {r["request_id"]: r for r in rows}
     first, repeat = by_id["chatcmpl-1"], by_id["chatcmpl-1-cascade"]
     assert first["model"] == SMALL and first["baseline_model"] == LARGE and first["baseline_joules"] > first["joules"]
@@ -187,34 +198,21 @@ def test_a_retried_request_counts_once_in_the_baseline_and_its_failed_attempt_as
     request once, so that row's baseline is 0 J (it once got a full baseline too: the request counted twice)."""
     import asyncio
 
-    from scheduler.api.serving import Job
     from scheduler.energy.baseline import RETRIED_ATTEMPT
-    from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
-    from tests.support.serving import Fleet
 
-    async def main():
-        fleet = Fleet(tmp_path)
+    def small_model_stalls(fleet):  # the small model takes its prompt, then stalls: its attempt times out
         fleet.config.routing.replica_timeout_seconds = 0.3
         server = fleet.handles[SMALL].server
         real = server.engine.generate
 
-        async def stalls(request):  # the small model takes its prompt, then stalls: its attempt times out
+        async def stalls(request):
             async for ev in real(request):
                 yield ev
                 await asyncio.sleep(3600)
 
         server.engine.generate = stalls
-        request = GenerationRequest("chatcmpl-1", ModelKind.CHAT, messages=[{"role": "user", "content": "hi"}],
-                                    params=SamplingParams(max_tokens=4))
-        try:
-            await fleet.serving.run(Job(request_id="chatcmpl-1", model="auto", request=request, api_key_id="k",
-                                        team="research", controls={"min_quality": 0.0}))
-            await fleet.serving.settled()
-            return fleet.rows(), fleet.ledger.totals()
-        finally:
-            await fleet.aclose()
 
-    rows, totals = asyncio.run(main())
+    rows, totals = one_request(tmp_path, {"min_quality": 0.0}, small_model_stalls)
     by_id = {r["request_id"]: r for r in rows}
     answered, failed = by_id["chatcmpl-1"], by_id["chatcmpl-1-failed-attempt"]
     assert answered["model"] == LARGE and answered["baseline_model"] == LARGE and answered["baseline_joules"] > 0
