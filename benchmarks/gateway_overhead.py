@@ -415,7 +415,7 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
         f"({result['wattlane_answers_without_energy_or_carbon']} without), and its ledger row was already "
         f"committed when the answer arrived ({result['wattlane_answers_whose_ledger_row_was_not_committed']} not).",
         "",
-        *([f"Before ({b['label']}; the same benchmark on the same machine, minutes apart): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
+        *([f"Before ({b['label']}; the same benchmark): Wattlane {b['wattlane']['p50_ms']:.1f} ms p50 / {b['wattlane']['p99_ms']:.1f} "
            f"ms p99 against plain {b['plain_ray_serve']['p50_ms']:.1f} / {b['plain_ray_serve']['p99_ms']:.1f}, "
            f"i.e. {b['added_p50_ms']:.1f} ms p50 and {b['added_p99_ms']:.1f} ms p99 added.", ""]
           if (b := result.get("before")) else []),
