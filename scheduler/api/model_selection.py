@@ -62,10 +62,16 @@ class ModelSelection:
         except RequestControlError as exc:
             raise ApiError(400, str(exc), param=exc.param, code="invalid_value") from None
 
-    def explain(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None,
-                record_decision: bool = False) -> tuple[RequestControls, RouteDecision]:
-        """The controls and the decision for a request, refusals included; only with record_decision does the
-        decision count in the quality budget's window (select, which acts on it)."""
+    def explain(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None
+                ) -> tuple[RequestControls, RouteDecision]:
+        """The controls and the decision for a request, refusals included, without acting on them (the quality
+        budget's window does not count it)."""
+        controls, decision, _ = self._decide(job, replicas_by_model, record_decision=False)
+        return controls, decision
+
+    def _decide(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None, record_decision: bool
+                ) -> tuple[RequestControls, RouteDecision, QualityBudget | None]:
+        """explain()'s work; also the quality budget the decision went through (None: a wall)."""
         controls = self.controls(job)
         request = route_request(job)
         floor = getattr(job.admission, "quality_floor", None) if getattr(job, "admission", None) else None
@@ -78,18 +84,28 @@ class ModelSelection:
                          quality_budget=budget, record_decision=record_decision)
         if floor is not None and decision.error is None:
             decision.reason = f"{job.admission.downgrade_reason}; {decision.reason}"
-        return controls, decision
+        budgeted = budget is not None and decision.adequacy is not None and request.model == "auto"
+        return controls, decision, budget if budgeted else None
 
     def select(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
         """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
-        controls, decision = self.explain(job, replicas_by_model, record_decision=True)
+        controls, decision, budget = self._decide(job, replicas_by_model, record_decision=True)
         if decision.error is not None:
             e = decision.error
             headers = {"Retry-After": "5"} if e.status in (429, 503) else None
             raise ApiError(e.status, e.message, param=e.param, code=e.code, headers=headers)
         assert decision.model_id is not None
         if self.config.routing.admission == "slo":
-            self._admit(decision, controls)
+            routed_to = decision.model_id
+            try:
+                self._admit(decision, controls)
+            except ApiError:
+                if budget is not None:
+                    budget.amend_last(None)  # refused: the window holds what is served
+                raise
+            served = next((c.predicted_quality for c in decision.candidates if c.model_id == decision.model_id), None)
+            if budget is not None and decision.model_id != routed_to and served is not None:
+                budget.amend_last(served)  # admitted on a fallback: the window holds the model that serves it
         placement = {
             "prompt_tokens": decision.prompt_tokens,
             "output_tokens": decision.output_tokens,

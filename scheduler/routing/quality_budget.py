@@ -100,6 +100,20 @@ class QualityBudget:
             self._served.append(float(served_quality))
             self._served_sum += float(served_quality)
 
+    def amend_last(self, served_quality: float | None) -> None:
+        """Correct the last record() once its request was admitted elsewhere (served_quality: the predicted
+        quality of the model that serves it) or refused (None: the record goes, as if it never came)."""
+        if not self._served:
+            return
+        self._served_sum -= self._served.pop()
+        if served_quality is None:
+            if self._adequacy:
+                self._adequacy.pop()
+                self._since = max(0, self._since - 1)
+            return
+        self._served.append(float(served_quality))
+        self._served_sum += float(served_quality)
+
     def state(self) -> dict[str, float | int | None]:
         t, s = self._cached
         return {"target": self.target, "served_mean": self.served_mean, "threshold": t, "shed_threshold": s,

@@ -139,3 +139,33 @@ def test_queue_admission_keeps_todays_behaviour():
     clock = Clock()
     router.starts = busy_queue(clock, "big", started_per_second=10, pending=50)
     assert router.select(job("big"), {"small": [stats("small")], "big": [stats("big")]}).model == "big"
+
+
+def budget_router(default_min_quality: float) -> ModelSelection:
+    from scheduler.config import QualityBudgetConfig
+
+    config = fleet_config("slo")
+    config.routing.default_min_quality = default_min_quality
+    config.routing.quality_budget = QualityBudgetConfig(target=0.95)
+    return ModelSelection(config)
+
+
+def test_the_quality_budget_counts_the_model_admission_puts_a_request_on_and_not_a_refused_one():
+    """Routing records its choice in the budget's window; admission may then move the request onto a fallback or
+    refuse it, and the window must hold what is served (it held the refused request, and the first choice)."""
+    clock = Clock()
+    replicas = {"small": [stats("small")], "big": [stats("big")]}
+    # the small model is adequate and chosen, but cannot start it in time: admitted on the big one
+    moved = budget_router(0.0)
+    moved.starts = busy_queue(clock, "small", started_per_second=10, pending=50)
+    routed = moved.select(job("auto"), replicas)
+    assert routed.model == "big" and "admitted on big" in routed.reason
+    assert routed.decision.adequacy < 1.0
+    assert moved.quality_budget.state()["served_mean"] == 1.0, "the big model's predicted quality, not the small one's"
+    assert moved.quality_budget.state()["window"] == 1
+    # only the big model is adequate (wall 0.99 until the window fills) and it cannot start it in time: refused
+    refused = budget_router(0.99)
+    refused.starts = busy_queue(clock, "big", started_per_second=10, pending=50)
+    with pytest.raises(ApiError):
+        refused.select(job("auto"), replicas)
+    assert refused.quality_budget.state()["window"] == 0 and refused.quality_budget.state()["served_mean"] is None
