@@ -279,8 +279,9 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
     cpu_ms_by_process = {k: v * 1000.0 / timed for k, v in sorted(_cpu_used_by_title(cpu_start, cpu_end).items())}
     cpu_ms_per_request = {g: sum(v for k, v in cpu_ms_by_process.items() if _process_group(k) == g)
                           for g in ("plain", "wattlane", "shared")}
-    plain = _percentiles([t for r in rounds for t in r["plain"]])
-    watt = _percentiles([t for r in rounds for t in r["wattlane"]])
+    plain_s = [t for r in rounds for t in r["plain"]]
+    watt_s = [t for r in rounds for t in r["wattlane"]]
+    plain, watt = _percentiles(plain_s), _percentiles(watt_s)
     per_round = []
     for r in rounds:
         p, w = _percentiles(r["plain"]), _percentiles(r["wattlane"])
@@ -300,8 +301,7 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
         "wattlane": watt,
         "added_p50_ms": watt["p50_ms"] - plain["p50_ms"],
         "added_p99_ms": watt["p99_ms"] - plain["p99_ms"],
-        "added_p50_ms_ci95": list(added_p50_interval_ms([t for r in rounds for t in r["plain"]],
-                                                        [t for r in rounds for t in r["wattlane"]])),
+        "added_p50_ms_ci95": list(added_p50_interval_ms(plain_s, watt_s)),
         "added_median_of_pairs_ms": statistics.median(
             w - p for r in rounds for w, p in zip(r["wattlane"], r["plain"])) * 1000,
         "per_round": per_round,

@@ -84,8 +84,7 @@ class ModelSelection:
                          quality_budget=budget, record_decision=record_decision)
         if floor is not None and decision.error is None:
             decision.reason = f"{job.admission.downgrade_reason}; {decision.reason}"
-        budgeted = budget is not None and decision.adequacy is not None and request.model == "auto"
-        return controls, decision, budget if budgeted else None
+        return controls, decision, budget if decision.budgeted else None
 
     def select(self, job: Any, replicas_by_model: dict[str, list[dict[str, Any]]] | None) -> Routed:
         """Choose the model; raise ApiError (400/404/429/503) when nothing can serve the request."""
@@ -103,7 +102,7 @@ class ModelSelection:
                 if budget is not None:
                     budget.amend_last(None)  # refused: the window holds what is served
                 raise
-            served = next((c.predicted_quality for c in decision.candidates if c.model_id == decision.model_id), None)
+            served = decision.chosen.predicted_quality if decision.chosen is not None else None
             if budget is not None and decision.model_id != routed_to and served is not None:
                 budget.amend_last(served)  # admitted on a fallback: the window holds the model that serves it
         placement = {

@@ -110,6 +110,8 @@ class RouteDecision:
     fallbacks: list[tuple[str, int | None]] = field(default_factory=list)
     error: RouteRejection | None = None
     decision_seconds: float = 0.0
+    #: the quality budget's threshold applied (not a wall); the decision is in its window unless a dry run
+    budgeted: bool = False
 
     @property
     def chosen(self) -> CandidateDecision | None:
@@ -372,7 +374,7 @@ def route(
         parts.append(f"replica {chosen.replica_id}")
     # the threshold applied: min_quality, or the quality budget's threshold of the moment
     return done(RouteDecision(chosen.model_id, chosen.replica_index, "; ".join(parts), candidates, adequacy, wall,
-                              prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks))
+                              prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks, budgeted=budgeted))
 
 
 def _take_best_replica(c: CandidateDecision, ranked: list[ReplicaPrediction],

@@ -88,7 +88,7 @@ class PoolManager:
     large: str
     moves: list[PoolMove] = field(default_factory=list)
     _routed: int = 0
-    _infeasible: int = 0
+    _queued_long: int = 0
     _pressure_run: int = 0
     _calm_run: int = 0
     _pending: _Pending | None = None
@@ -108,12 +108,12 @@ class PoolManager:
             return
         self._routed += 1
         if queue > QUEUE_SHARE * self.sim.slo_ttft:
-            self._infeasible += 1
+            self._queued_long += 1
 
     # --- the periodic check --------------------------------------------------------------------
     def check(self, now: float) -> None:
-        pressure = self._routed > 0 and self._infeasible / self._routed >= PRESSURE_SHARE
-        self._routed = self._infeasible = 0
+        pressure = self._routed > 0 and self._queued_long / self._routed >= PRESSURE_SHARE
+        self._routed = self._queued_long = 0
         self._pressure_run = self._pressure_run + 1 if pressure else 0
         self._calm_run = 0 if pressure else self._calm_run + 1
         if self._pending is not None:
