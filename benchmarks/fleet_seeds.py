@@ -6,8 +6,9 @@ writes docs/results/fleet-bench-seeds.{json,md} (every figure simulated).
 The seed draws the prompts (and so the correctness labels) each request gets from the held-out routing split,
 and generates the prompt-heavy trace (arrivals, burst phases, lengths); the conversation trace is the recorded
 one at every seed. Each seed runs `wattlane bench fleet --workloads conversation,prompt-heavy --loads 1,2
---policies baseline,wattlane-all,oracle --no-band --seed S` (scheduler.sim.bench.run_bench) and the table shows,
-per cell, the full Wattlane set against the baseline and the oracle, with the issue's targets.
+--policies baseline,wattlane-all,wattlane-all-blind,wattlane-all-by-gain,oracle --no-band --seed S`
+(scheduler.sim.bench.run_bench) and the tables show, per cell, each full Wattlane set against the baseline and
+the oracle, with the issue's targets.
 """
 
 from __future__ import annotations
@@ -23,15 +24,19 @@ from scheduler.sim.bench import run_bench
 
 RESULTS_DIR = REPOSITORY_DIR / "docs" / "results"
 CELLS = ("conversation@1", "conversation@2", "prompt-heavy@1", "prompt-heavy@2")
+#: the full Wattlane sets compared: the headline, the same without output lengths, the budget ranked by gain alone
+WATTLANE_SETS = {"wattlane-all": "full Wattlane (quality budget by gain per joule; output lengths known to routing)",
+                 "wattlane-all-blind": "full Wattlane, output lengths not known to routing (the running mean)",
+                 "wattlane-all-by-gain": "full Wattlane with the quality budget ranked by predicted gain alone"}
 
 
-def cell_figures(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per cell: the baseline's and full Wattlane's SLO attainment, Wattlane's energy against the baseline and the
+def cell_figures(doc: dict[str, Any], policy: str = "wattlane-all") -> dict[str, dict[str, float]]:
+    """Per cell: the baseline's and this Wattlane set's SLO attainment, its energy against the baseline and the
     oracle, and the quality it retains."""
     out = {}
     for key in CELLS:
         pols = doc["cells"][key]["policies"]
-        w, b = pols["wattlane-all"], pols["baseline"]
+        w, b = pols[policy], pols["baseline"]
         out[key] = {"baseline_slo": b["slo_attainment"], "wattlane_slo": w["slo_attainment"],
                     "energy_vs_baseline": w["comparison"]["energy_vs_baseline"],
                     "energy_vs_oracle": w["comparison"]["energy_vs_oracle"],
@@ -61,9 +66,11 @@ def run(seeds: list[int], workers: int) -> dict[str, Any]:
     per_seed = {}
     for s in seeds:
         doc = run_bench(workloads=["conversation", "prompt-heavy"], loads=[1.0, 2.0],
-                        policies=["baseline", "wattlane-all", "oracle"], minutes=10.0, seed=s, workers=workers)
-        figures = cell_figures(doc)
-        per_seed[str(s)] = {"cells": figures, "targets": targets_met(figures)}
+                        policies=["baseline", *WATTLANE_SETS, "oracle"], minutes=10.0, seed=s, workers=workers)
+        per_seed[str(s)] = {}
+        for policy in WATTLANE_SETS:
+            figures = cell_figures(doc, policy)
+            per_seed[str(s)][policy] = {"cells": figures, "targets": targets_met(figures)}
     return {"benchmark": "fleet-bench-seeds", "method": "simulated",
             "command": "python -m benchmarks.fleet_seeds --seeds " + ",".join(map(str, seeds)),
             "seeds": seeds, "per_seed": per_seed, "wall_seconds": time.perf_counter() - t0,
@@ -80,22 +87,25 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
     seeds = [str(s) for s in result["seeds"]]
     lines = ["# Fleet bench across seeds (method: simulated)", "",
              f"Command: `{result['command']}` ({result['wall_seconds']:.0f} s). Each seed is `wattlane bench fleet "
-             "--workloads conversation,prompt-heavy --loads 1,2 --policies baseline,wattlane-all,oracle --no-band "
-             "--seed S`: the seed draws every request's prompt and labels, and generates the prompt-heavy trace; the "
-             "conversation trace is the recorded one at every seed. Wattlane = `wattlane-all`.", "",
-             "| seed | cell | baseline SLO | Wattlane SLO | energy vs baseline | vs oracle | quality retained |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
-    for s in seeds:
-        for key, f in result["per_seed"][s]["cells"].items():
-            lines.append(f"| {s} | {key.replace('@', ' ')}x | {100 * f['baseline_slo']:.2f}% | {100 * f['wattlane_slo']:.2f}% | "
-                         f"{_pct(f['energy_vs_baseline'])} | {_pct(f['energy_vs_oracle'])} | {100 * f['quality_retained']:.1f}% |")
-    names = list(result["per_seed"][seeds[0]]["targets"])
-    lines += ["", "Issue 14's targets, seed by seed (yes / no):", "",
-              "| target | " + " | ".join(f"seed {s}" for s in seeds) + " | met |",
-              "|---|" + "---|" * (len(seeds) + 1)]
-    for n in names:
-        row = [result["per_seed"][s]["targets"][n] for s in seeds]
-        lines.append(f"| {n} | " + " | ".join("yes" if x else "**no**" for x in row) + f" | {sum(row)} of {len(row)} |")
+             "--workloads conversation,prompt-heavy --loads 1,2 --policies baseline," + ",".join(WATTLANE_SETS)
+             + ",oracle --no-band --seed S`: the seed draws every request's prompt and labels, and generates the "
+             "prompt-heavy trace; the conversation trace is the recorded one at every seed.", ""]
+    for policy, label in WATTLANE_SETS.items():
+        lines += [f"## `{policy}`: {label}", "",
+                  "| seed | cell | baseline SLO | Wattlane SLO | energy vs baseline | vs oracle | quality retained |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
+        for s in seeds:
+            for key, f in result["per_seed"][s][policy]["cells"].items():
+                lines.append(f"| {s} | {key.replace('@', ' ')}x | {100 * f['baseline_slo']:.2f}% | {100 * f['wattlane_slo']:.2f}% | "
+                             f"{_pct(f['energy_vs_baseline'])} | {_pct(f['energy_vs_oracle'])} | {100 * f['quality_retained']:.1f}% |")
+        names = list(result["per_seed"][seeds[0]][policy]["targets"])
+        lines += ["", f"Issue 14's targets for `{policy}`, seed by seed (yes / no):", "",
+                  "| target | " + " | ".join(f"seed {s}" for s in seeds) + " | met |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
+        for n in names:
+            row = [result["per_seed"][s][policy]["targets"][n] for s in seeds]
+            lines.append(f"| {n} | " + " | ".join("yes" if x else "**no**" for x in row) + f" | {sum(row)} of {len(row)} |")
+        lines.append("")
     lines.append("")
     (out_dir / "fleet-bench-seeds.md").write_text("\n".join(lines))
 

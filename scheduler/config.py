@@ -22,7 +22,7 @@ from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carb
 from scheduler.engines.base import ENGINE_BUILDERS
 from scheduler.weights import resolve_weights
 from scheduler.power.policies import POLICY_NAMES, validate_options
-from scheduler.routing.quality_budget import MIN_WINDOW_REQUESTS
+from scheduler.routing.quality_budget import MIN_WINDOW_REQUESTS, RANKS as QUALITY_BUDGET_RANKS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 #: shipped inside the package so an installed wheel has the embedded default too
@@ -377,6 +377,10 @@ class QualityBudgetConfig(_Section):
     #: when no adequate model can meet a request's SLO, a smaller one that can may take it while the mean
     #: stays within this much of the target (shedding); 0 turns shedding off
     overload_allowance: Annotated[float, Field(ge=0, lt=1)] = 0.02
+    #: which requests give up quality: "gain", those of smallest predicted gain from the larger model;
+    #: "gain-per-joule", those where each unit of quality given up saves the most energy (long prompts and
+    #: large max_tokens go to the smaller model at a lower predicted quality than short ones)
+    rank: Literal[QUALITY_BUDGET_RANKS] = "gain-per-joule"  # type: ignore[valid-type]
 
 
 class RoutingConfig(_Section):

@@ -191,7 +191,8 @@ class WattlaneMetrics:
         self.quality_budget = Gauge(
             "wattlane_quality_budget",
             "routing.quality_budget in this gateway replica, by figure: target and served_mean (mean predicted "
-            "quality of the requests as served), threshold (the predicted quality a model needs now) and window "
+            "quality of the requests as served), threshold (the predicted quality a model needs now; rank gain-per-joule: "
+            "for a request of the window's mean weight) and window "
             "(requests in the window).", ["figure"], registry=r, multiprocess_mode="liveall")
         self.quality_budget_shed = Counter(
             "wattlane_quality_budget_shed_total",

@@ -14,10 +14,19 @@ shed_threshold(): the same at target - overload_allowance, without debt: when no
 can meet the SLO, route() may shed a request to a smaller model that can, if its predicted quality
 reaches this threshold; the debt it leaves is repaid afterwards. Shedding stops while the served
 mean is below target - overload_allowance.
+
+Ranking (rank=): "gain" spends the shortfall on the requests of smallest predicted gain, whatever they
+cost. "gain-per-joule" spends it where each unit of quality given up saves the most energy: each
+request carries a weight, the energy the small model saves on it (route() gives the size prior's
+joules for its prompt and output tokens), and the budget keeps a bound r on gain per joule saved:
+a request goes small when (1 - a) <= r x weight, i.e. a >= 1 - r x weight. That is the Lagrangian
+solution of "least energy at this mean quality": a long request goes small at a lower adequacy
+than a short one, because it saves more. With equal weights both rankings give the same threshold.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import numpy as np
@@ -26,13 +35,15 @@ import numpy as np
 MIN_WINDOW_REQUESTS = 50
 #: the threshold is recomputed every this many requests (a sort of the window each time)
 RECOMPUTE_EVERY = 16
+#: how the budget picks the requests that give up quality (see the module docstring)
+RANKS = ("gain", "gain-per-joule")
 
 
 class QualityBudget:
     """Window state of one quality budget (one per router; see the module docstring)."""
 
     def __init__(self, target: float, *, window_requests: int = 1000, overload_allowance: float = 0.02,
-                 initial_threshold: float | None = None):
+                 initial_threshold: float | None = None, rank: str = "gain"):
         """initial_threshold: the per-request wall used until the window holds MIN_WINDOW_REQUESTS (default: target)."""
         if not 0.0 <= target <= 1.0:
             raise ValueError(f"quality budget target must be between 0 and 1, got {target!r}")
@@ -40,15 +51,27 @@ class QualityBudget:
             raise ValueError(f"window_requests must be at least {MIN_WINDOW_REQUESTS}, got {window_requests!r}")
         if not 0.0 <= overload_allowance < 1.0:
             raise ValueError(f"overload_allowance must be in [0, 1), got {overload_allowance!r}")
+        if rank not in RANKS:
+            raise ValueError(f"quality budget rank must be one of {', '.join(RANKS)}, got {rank!r}")
         self.target = target
+        self.rank = rank
         self.overload_allowance = overload_allowance
         self.initial_threshold = target if initial_threshold is None else initial_threshold
         self._adequacy: deque[float] = deque(maxlen=window_requests)
+        #: each windowed request's weight (gain-per-joule: joules the small model saves; gain: 1)
+        self._weight: deque[float] = deque(maxlen=window_requests)
         self._served: deque[float] = deque(maxlen=window_requests)
         self._served_sum = 0.0
         self._since = RECOMPUTE_EVERY
         self._cached: tuple[float, float] = (self.initial_threshold, self.initial_threshold)
+        #: gain-per-joule: the bounds r (normal, shed) on gain per joule saved; None until the window fills
+        self._bounds: tuple[float, float] | None = None
         self.shed = 0
+
+    @property
+    def weighted(self) -> bool:
+        """Whether route() must pass each request's weight (rank gain-per-joule)."""
+        return self.rank == "gain-per-joule"
 
     @property
     def served_mean(self) -> float | None:
@@ -67,6 +90,22 @@ class QualityBudget:
             return max(0.0, 1.0 - (allowed - float(cost[-1])))
         return float(a[k - 1]) if k >= 1 else float("inf")
 
+    @staticmethod
+    def _bound_for(adequacies: np.ndarray, weights: np.ndarray, goal: float) -> float:
+        """The largest gain per unit weight r such that sending small every request with 1 - a <= r x weight
+        keeps the window's mean predicted quality at goal (-inf: none may go small)."""
+        if goal >= 1.0:
+            return -math.inf
+        gain = 1.0 - adequacies
+        ratio = gain / np.maximum(weights, 1e-12)
+        order = np.argsort(ratio, kind="stable")
+        cost = np.cumsum(gain[order])
+        allowed = len(gain) * (1.0 - goal)
+        k = int(np.searchsorted(cost, allowed, side="right"))
+        if k >= len(gain):  # the whole window fits
+            return math.inf
+        return float(ratio[order[k - 1]]) if k >= 1 else -math.inf
+
     def _refresh(self) -> tuple[float, float]:
         if len(self._adequacy) < MIN_WINDOW_REQUESTS:
             return self.initial_threshold, self.initial_threshold
@@ -77,22 +116,43 @@ class QualityBudget:
             debt = max(0.0, self.target - mean) if mean is not None else 0.0
             floor = self.target - self.overload_allowance
             # no shedding once the served mean has already fallen below what overload may cost
-            shed = self._threshold_for(a, floor) if mean is None or mean >= floor else float("inf")
-            self._cached = (self._threshold_for(a, min(1.0, self.target + debt)), shed)
+            may_shed = mean is None or mean >= floor
+            goal = min(1.0, self.target + debt)
+            if self.weighted:
+                w = np.fromiter(self._weight, float, len(self._weight))
+                self._bounds = (self._bound_for(a, w, goal), self._bound_for(a, w, floor) if may_shed else -math.inf)
+            shed = self._threshold_for(a, floor) if may_shed else float("inf")
+            self._cached = (self._threshold_for(a, goal), shed)
         return self._cached
 
-    def threshold(self) -> float:
-        """Predicted quality a model needs for this request in normal operation."""
-        return self._refresh()[0]
+    def _per_request(self, bound: float, weight: float | None) -> float:
+        if bound == -math.inf:
+            return math.inf
+        if bound == math.inf:
+            return 0.0
+        return 1.0 - bound * max(float(weight or 0.0), 0.0)
 
-    def shed_threshold(self) -> float:
+    def threshold(self, weight: float | None = None) -> float:
+        """Predicted quality a model needs for this request in normal operation (weight: the request's, for
+        rank gain-per-joule; ignored by rank gain)."""
+        cached = self._refresh()
+        if not self.weighted or self._bounds is None or weight is None:
+            return cached[0]
+        return self._per_request(self._bounds[0], weight)
+
+    def shed_threshold(self, weight: float | None = None) -> float:
         """Predicted quality a smaller model needs to take this request when no adequate model meets the SLO."""
-        return self._refresh()[1]
+        cached = self._refresh()
+        if not self.weighted or self._bounds is None or weight is None:
+            return cached[1]
+        return self._per_request(self._bounds[1], weight)
 
-    def record(self, adequacy: float | None, served_quality: float | None) -> None:
-        """After a decision: the request's adequacy and the predicted quality of the model that serves it."""
+    def record(self, adequacy: float | None, served_quality: float | None, weight: float | None = None) -> None:
+        """After a decision: the request's adequacy, the predicted quality of the model that serves it, and
+        its weight (rank gain-per-joule; 1 when not given)."""
         if adequacy is not None:
             self._adequacy.append(float(adequacy))
+            self._weight.append(1.0 if weight is None else float(weight))
             self._since += 1
         if served_quality is not None:
             if len(self._served) == self._served.maxlen:
@@ -109,12 +169,22 @@ class QualityBudget:
         if served_quality is None:
             if self._adequacy:
                 self._adequacy.pop()
+                self._weight.pop()
                 self._since = max(0, self._since - 1)
             return
         self._served.append(float(served_quality))
         self._served_sum += float(served_quality)
 
-    def state(self) -> dict[str, float | int | None]:
+    def state(self) -> dict[str, float | int | str | None]:
+        """The budget's figures; with rank gain-per-joule, threshold is the one a request of the window's mean
+        weight meets, and gain_per_joule_bound the bound r itself."""
         t, s = self._cached
-        return {"target": self.target, "served_mean": self.served_mean, "threshold": t, "shed_threshold": s,
-                "window": len(self._adequacy), "shed": self.shed}
+        state: dict[str, float | int | str | None] = {
+            "target": self.target, "served_mean": self.served_mean, "threshold": t, "shed_threshold": s,
+            "window": len(self._adequacy), "shed": self.shed, "rank": self.rank}
+        if self.weighted and self._bounds is not None:
+            mean_weight = sum(self._weight) / len(self._weight)
+            state["threshold"] = self._per_request(self._bounds[0], mean_weight)
+            state["shed_threshold"] = self._per_request(self._bounds[1], mean_weight)
+            state["gain_per_joule_bound"] = self._bounds[0]
+        return state

@@ -255,8 +255,10 @@ def route(
 
     # quality: keep models whose predicted quality reaches the target; if none does, keep the best one
     budgeted = auto and quality_budget is not None and adequacy is not None
-    wall = quality_budget.threshold() if budgeted else target  # type: ignore[union-attr]
-    what = (f"budget threshold {wall:.2f} (window mean target {quality_budget.target:.2f})"  # type: ignore[union-attr]
+    weight = _joules_saved(same_kind, prompt_tokens, output_tokens) if budgeted and quality_budget.weighted else None  # type: ignore[union-attr]
+    wall = quality_budget.threshold(weight) if budgeted else target  # type: ignore[union-attr]
+    what = (f"budget threshold {wall:.2f} (window mean target {quality_budget.target:.2f}"  # type: ignore[union-attr]
+            + (f", by gain per joule: {weight:.0f} J saved on the smallest model)" if weight is not None else ")")
             if budgeted else f"target {target:.2f}")
     if auto:
         adequate = [c for c in passing if (c.predicted_quality or 0.0) >= wall - 1e-12]
@@ -325,7 +327,7 @@ def route(
     meeting = [t for t in placed if t[2]]
     shed = None
     if budgeted and not meeting and replicas_by_model is not None:
-        shed = _shed(ordered, passing, adequate, qualities, quality_budget, req, replicas_by_model)  # type: ignore[arg-type]
+        shed = _shed(ordered, passing, adequate, qualities, quality_budget, req, replicas_by_model, weight)  # type: ignore[arg-type]
         if shed is not None:
             placed.append(shed)
             meeting = [shed]
@@ -333,7 +335,7 @@ def route(
         chosen, best, _ = shed
         slo_met = True
         how = (f"quality budget: no adequate model meets the SLO, shed to '{chosen.model_id}' "
-               f"(predicted quality {chosen.predicted_quality:.2f} >= shed threshold {quality_budget.shed_threshold():.2f})")  # type: ignore[union-attr]
+               f"(predicted quality {chosen.predicted_quality:.2f} >= shed threshold {quality_budget.shed_threshold(weight):.2f})")  # type: ignore[union-attr]
         if record_decision:
             quality_budget.shed += 1  # type: ignore[union-attr]
     elif meeting and controls.model_choice == "lowest-energy" and len(meeting) > 1:
@@ -361,7 +363,7 @@ def route(
     fallbacks = [(c.model_id, c.replica_index) for c, _, _ in (meeting if slo_met else placed) if c is not chosen]
 
     if budgeted and record_decision:
-        quality_budget.record(adequacy, chosen.predicted_quality)  # type: ignore[union-attr]
+        quality_budget.record(adequacy, chosen.predicted_quality, weight)  # type: ignore[union-attr]
     parts = []
     if auto and adequacy is not None:
         parts.append(f"P(small model adequate)={adequacy:.2f}, {what}")
@@ -375,6 +377,15 @@ def route(
     # the threshold applied: min_quality, or the quality budget's threshold of the moment
     return done(RouteDecision(chosen.model_id, chosen.replica_index, "; ".join(parts), candidates, adequacy, wall,
                               prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks, budgeted=budgeted))
+
+
+def _joules_saved(same_kind: Sequence[ModelConfig], prompt_tokens: int, output_tokens: int) -> float:
+    """The quality budget's weight under rank gain-per-joule: the size prior's joules for this request on the
+    largest model of its kind less those on the smallest. The prior, not placement's live prediction: a busy
+    replica's marginal joules are small, so live weights make a loaded large model look cheap, draw more
+    requests to it and feed back (on the simulated fleet that sent 99% of the traffic to the 70B model)."""
+    (jp_small, jd_small), (jp_large, jd_large) = (prior_joules_per_token(m.params_b) for m in (same_kind[0], same_kind[-1]))
+    return max(0.0, prompt_tokens * (jp_large - jp_small) + output_tokens * (jd_large - jd_small))
 
 
 def _take_best_replica(c: CandidateDecision, ranked: list[ReplicaPrediction],
@@ -396,10 +407,10 @@ def _take_best_replica(c: CandidateDecision, ranked: list[ReplicaPrediction],
 
 def _shed(ordered: Sequence[ModelConfig], passing: list[CandidateDecision], adequate: list[CandidateDecision],
           qualities: Mapping[str, float], budget: QualityBudget, req: PlacementRequest,
-          replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]],
+          replicas_by_model: Mapping[str, Sequence[ReplicaStats | Mapping[str, Any]]], weight: float | None = None,
           ) -> tuple[CandidateDecision, ReplicaPrediction, bool] | None:
     """Overload under a quality budget: the highest-quality model below the threshold whose best replica meets the SLO."""
-    floor = budget.shed_threshold()
+    floor = budget.shed_threshold(weight)
     by_id = {m.id: m for m in ordered}
     below = sorted((c for c in passing if c not in adequate and qualities.get(c.model_id, 0.0) >= floor - 1e-12),
                    key=lambda c: (-(c.predicted_quality or 0.0), c.size_position))

@@ -60,10 +60,14 @@ class PolicySet:
     governor: bool = False  # slo-feedback on every GPU
     park: bool = False
     quality_budget: bool = False
+    #: the quality budget's ranking (scheduler.routing.quality_budget.RANKS; the config's default)
+    budget_rank: str = "gain-per-joule"
     slo_batching: bool = False
     batch_clocks: bool = False  # the engine sets the clock per batch (replaces the governor's clock lock)
     oracle: bool = False
     pools: bool = False  # GPUs move between the 8B and the 70B pool with the load (scheduler/sim/pools.py)
+    #: what routing is told of output lengths (scheduler.sim.fleet.OUTPUT_LENGTHS)
+    output_lengths: str = "known"
 
 
 POLICY_SETS: tuple[PolicySet, ...] = (
@@ -79,10 +83,15 @@ POLICY_SETS: tuple[PolicySet, ...] = (
               batch_clocks=True),
     PolicySet("wattlane-all-governor", "Wattlane + parking, quality budget, SLO-aware batching, slo-feedback governor", "mixed", "auto",
               "energy", governor=True, park=True, quality_budget=True, slo_batching=True),
-    PolicySet("wattlane-all", "full Wattlane (+ parking, quality budget, SLO-aware batching, per-batch clocks)", "mixed", "auto", "energy",
+    PolicySet("wattlane-all", "full Wattlane (+ parking, quality budget by gain per joule, SLO-aware batching, per-batch clocks)",
+              "mixed", "auto", "energy",
               park=True, quality_budget=True, slo_batching=True, batch_clocks=True),
     PolicySet("wattlane-all+pools", "full Wattlane + pools that follow the load (8B GPUs lent to a second 70B replica)",
               "mixed", "auto", "energy", park=True, quality_budget=True, slo_batching=True, batch_clocks=True, pools=True),
+    PolicySet("wattlane-all-by-gain", "full Wattlane, quality budget ranked by predicted gain alone", "mixed", "auto", "energy",
+              park=True, quality_budget=True, budget_rank="gain", slo_batching=True, batch_clocks=True),
+    PolicySet("wattlane-all-blind", "full Wattlane, output lengths not known to routing (running mean)", "mixed", "auto",
+              "energy", park=True, quality_budget=True, slo_batching=True, batch_clocks=True, output_lengths="running-mean"),
     PolicySet("oracle", "oracle (true adequacy and lengths, greedy)", "mixed", "auto", "energy", park=True,
               slo_batching=True, batch_clocks=True, oracle=True),
 )
@@ -179,13 +188,13 @@ def run_job(job: Job) -> dict[str, Any]:
 
         mq = config.routing.default_min_quality if job.min_quality is None else job.min_quality
         routed = p.model == "auto" and not p.oracle
-        budget = QualityBudget(budget_target(mq), initial_threshold=mq) if p.quality_budget else None
+        budget = QualityBudget(budget_target(mq), initial_threshold=mq, rank=p.budget_rank) if p.quality_budget else None
         sim = FleetSimulator(
             config, seed=job.seed, model=p.model, strong_models=[LARGE], min_quality=mq if routed else None,
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
             oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
-            clock_switch_seconds=job.clock_switch_seconds, pools=p.pools,
+            clock_switch_seconds=job.clock_switch_seconds, pools=p.pools, output_lengths=p.output_lengths,
             timeline_interval_seconds=60.0,
         )
         trace = build_trace(job.workload, job.load, job.minutes, job.seed)

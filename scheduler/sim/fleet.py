@@ -37,6 +37,10 @@ from scheduler.sim.profiles import ProfileError
 from scheduler.sim.trace import Trace
 
 AUTO_SELECTIONS = ("route", "placement-only")
+#: what route() is told of each output length in route mode (FleetSimulator output_lengths)
+OUTPUT_LENGTHS = ("known", "running-mean")
+#: the running-mean estimate before any request has arrived
+FIRST_OUTPUT_ESTIMATE = 256
 
 
 class SimReplica(CoreListener):
@@ -151,6 +155,7 @@ class FleetSimulator:
         batch_clocks: bool = False,
         clock_switch_seconds: float | None = None,
         pools: bool = False,
+        output_lengths: str = "known",
     ):
         """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
         "placement-only" (the placement hook chooses among all replicas; no model selection).
@@ -173,6 +178,9 @@ class FleetSimulator:
         pools: pools that follow the load (scheduler/sim/pools.py): GPUs move from the smallest model's replicas
             to an extra replica of the largest model while routing cannot place its requests within their SLO,
             and back; each move costs a model load (route mode).
+        output_lengths: what route() is told of a request's output length (route mode): "known", its true
+            length (as if max_tokens were exact); "running-mean", the mean output length of the requests that
+            arrived before it (256 for the first), as a gateway that only learns the typical length would.
         """
         if auto_selection not in AUTO_SELECTIONS:
             raise ValueError(f"auto_selection must be one of {', '.join(AUTO_SELECTIONS)}, got {auto_selection!r}")
@@ -184,6 +192,9 @@ class FleetSimulator:
             raise ValueError("oracle needs auto_selection='route'")
         if pools and auto_selection != "route":
             raise ValueError("pools need auto_selection='route'")
+        if output_lengths not in OUTPUT_LENGTHS:
+            raise ValueError(f"output_lengths must be one of {', '.join(OUTPUT_LENGTHS)}, got {output_lengths!r}")
+        self.output_lengths = output_lengths
         self.pools = pools
         self.pool_manager: Any = None
         self._clock_switch_seconds = clock_switch_seconds
@@ -388,7 +399,7 @@ class FleetSimulator:
             settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
                       "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "slo_batching": self.slo_batching,
                       "batch_clocks": self.batch_clocks, "clock_switches": sum(r.core.clock_switches for r in self.replicas),
-                      "quality_budget": self.quality_budget is not None,
+                      "quality_budget": self.quality_budget is not None, "output_lengths": self.output_lengths,
                       "pools": self.pool_manager.summary(end) if self.pool_manager is not None else None,
                       "unused_devices": [d for d, g in self.devices.items() if id(g) not in used]},
             routing=routed.summary() if routed is not None else {},
@@ -470,6 +481,7 @@ class _RoutedArrivals:
         else:
             self.strong = frozenset({self.models[-1].id}) if len(self.models) > 1 else None
         self.served_model = np.full(len(trace), -1, dtype=np.int16)
+        self._outputs_seen, self._arrived = 0, 0  # output_lengths "running-mean"
         self.route_seconds: list[float] = []
         self.best_effort = 0
         self.spilled = 0
@@ -482,11 +494,17 @@ class _RoutedArrivals:
         now = sim.clock.now
         target = self.trace.model[i] if self.trace.model is not None else sim.model
         p, o = int(self.trace.prompt_tokens[i]), int(self.trace.output_tokens[i])
+        if sim.output_lengths == "running-mean":
+            estimate = round(self._outputs_seen / self._arrived) if self._arrived else FIRST_OUTPUT_ESTIMATE
+            self._outputs_seen += o
+            self._arrived += 1
+        else:
+            estimate = o
         wanted = self.by_model if target == "auto" else {target: self.by_model.get(target, [])}
         stats = {m: [sim.replicas[c].stats() for c in idx] for m, idx in wanted.items()}
         rreq = RouteRequest(kind=self.models[0].kind if target == "auto" else next((m.kind for m in self.models if m.id == target), "chat"),
                             model=target, prompt_text=self.pool.prompts[self.prompt_index[i]], prompt_tokens=p,
-                            max_tokens=o, output_tokens_estimate=o)
+                            max_tokens=o, output_tokens_estimate=estimate)
         predictor = self.predictor if self.oracle_adequacy is None else _Known(float(self.oracle_adequacy[i]))
         decision = route(self.models, rreq, self.controls, predictor, stats, quality_budget=sim.quality_budget)
         self.route_seconds.append(decision.decision_seconds)

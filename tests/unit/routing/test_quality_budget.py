@@ -115,3 +115,67 @@ def test_the_calibrated_budget_target_routes_the_calibration_rows_like_the_calib
     assert abs(small_by_wall.mean() - 0.65) < 0.01
     assert (small_by_budget == small_by_wall).mean() >= 0.998  # the one prompt at the margin may differ
     assert "quality_budget: {target: " in cal.yaml_snippet("test rows")
+
+
+def _filled(rank: str, a: np.ndarray, w: np.ndarray, target: float = 0.9) -> QualityBudget:
+    b = QualityBudget(target, window_requests=len(a), rank=rank)
+    for x, y in zip(a, w):
+        b.record(float(x), None, float(y))
+    return b
+
+
+def test_gain_per_joule_with_equal_weights_is_the_gain_ranking():
+    a = np.random.default_rng(4).beta(4, 1.5, 1000)
+    w = np.full(1000, 37.0)
+    by_gain, by_joule = _filled("gain", a, w), _filled("gain-per-joule", a, w)
+    small_gain = a >= by_gain.threshold()
+    small_joule = np.array([x >= by_joule.threshold(37.0) for x in a])
+    assert (small_gain == small_joule).all()
+
+
+def test_gain_per_joule_holds_the_target_and_saves_more_joules_than_the_gain_ranking():
+    """Least energy at the same mean quality: the weighted ranking sends small the requests where a unit of
+    quality buys the most joules, so at the same window mean it saves more than ranking by gain alone."""
+    rng = np.random.default_rng(5)
+    a = rng.beta(4, 1.5, 2000)
+    w = rng.lognormal(5.0, 0.8, 2000)  # joules saved on the small model: long requests save more
+    by_gain, by_joule = _filled("gain", a, w), _filled("gain-per-joule", a, w)
+    small_gain = a >= by_gain.threshold()
+    small_joule = np.array([x >= by_joule.threshold(y) for x, y in zip(a, w)])
+    assert np.where(small_joule, a, 1.0).mean() >= 0.9 - 1e-9
+    assert np.where(small_gain, a, 1.0).mean() >= 0.9 - 1e-9
+    saved_joule, saved_gain = w[small_joule].sum(), w[small_gain].sum()
+    assert saved_joule > 1.15 * saved_gain
+    # a long request goes small at an adequacy a short one does not
+    long_w, short_w = np.percentile(w, 90), np.percentile(w, 10)
+    assert by_joule.threshold(long_w) < by_gain.threshold() < by_joule.threshold(short_w)
+    state = by_joule.state()
+    assert state["rank"] == "gain-per-joule" and state["gain_per_joule_bound"] > 0
+
+
+def test_route_ranks_by_joules_saved_under_gain_per_joule():
+    """Two requests of equal adequacy: the one with the long output (more joules saved on the small model)
+    goes small, the short one large; ranked by gain, both go the same way."""
+    free = {"small": [replica(0.1)], "large": [replica(0.8)]}
+    rng = np.random.default_rng(6)
+    budgets = {rank: QualityBudget(0.9, window_requests=400, rank=rank) for rank in ("gain", "gain-per-joule")}
+    for a, out in zip(rng.uniform(0.6, 1.0, 400), rng.integers(20, 800, 400)):
+        req = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=300, max_tokens=int(out))
+        for b in budgets.values():
+            route(MODELS, req, controls(0.9), FixedPredictor(float(a)), free, quality_budget=b)
+    a = budgets["gain"].threshold() - 0.01  # just below the gain ranking's threshold
+    long_req = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=300, max_tokens=780)
+    short_req = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=300, max_tokens=20)
+    by_gain = [route(MODELS, r, controls(0.9), FixedPredictor(a), free, quality_budget=budgets["gain"], record_decision=False).model_id
+               for r in (long_req, short_req)]
+    assert by_gain == ["large", "large"]
+    d_long = route(MODELS, long_req, controls(0.9), FixedPredictor(a), free, quality_budget=budgets["gain-per-joule"], record_decision=False)
+    d_short = route(MODELS, short_req, controls(0.9), FixedPredictor(a), free, quality_budget=budgets["gain-per-joule"], record_decision=False)
+    assert (d_long.model_id, d_short.model_id) == ("small", "large")
+    assert "by gain per joule" in d_long.reason
+    assert d_long.quality_target < d_short.quality_target
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match="gain-per-joule"):
+        QualityBudget(0.9, rank="cheapest")

@@ -173,3 +173,34 @@ def test_pools_without_pressure_move_nothing():
     assert sim.run(trace).settings["pools"]["moves"] == []
     with pytest.raises(ValueError, match="pools need auto_selection='route'"):
         FleetSimulator(load_config(MIXED), auto_selection="placement-only", pools=True)
+
+
+@pytest.mark.parametrize("lengths", ["known", "running-mean"])
+def test_routing_is_told_the_true_output_length_or_only_the_running_mean(monkeypatch, lengths):
+    """output_lengths="running-mean": routing sees only the mean output of the earlier arrivals, as a gateway
+    whose clients set no tight max_tokens would; "known" hands it each request's true length."""
+    import scheduler.routing.select as select
+
+    told: list[int | None] = []
+    real_route = select.route
+
+    def spy(models, request, *args, **kwargs):
+        told.append(request.output_tokens_estimate)
+        return real_route(models, request, *args, **kwargs)
+
+    monkeypatch.setattr(select, "route", spy)
+    rng = np.random.default_rng(8)
+    n = 30
+    outputs = rng.integers(10, 400, n)
+    trace = Trace(np.sort(rng.uniform(0, 30, n)), rng.integers(100, 800, n), outputs, None, "synthetic")
+    FleetSimulator(load_config(MIXED), placement=energy_place, strong_models=["llama-3.1-70b"], output_lengths=lengths).run(trace)
+    if lengths == "known":
+        assert told == [int(o) for o in outputs]
+    else:
+        assert told[0] == 256
+        assert told[1:] == [round(outputs[:i].sum() / i) for i in range(1, n)]
+
+
+def test_output_lengths_must_be_known_or_running_mean():
+    with pytest.raises(ValueError, match="running-mean"):
+        FleetSimulator(load_config(MIXED), output_lengths="guessed")
