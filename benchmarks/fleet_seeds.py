@@ -61,19 +61,23 @@ def targets_met(f: dict[str, dict[str, float]]) -> dict[str, bool]:
     }
 
 
-def run(seeds: list[int], workers: int) -> dict[str, Any]:
+def run(seeds: list[int], workers: int, budget_prompt_weight: float | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     per_seed = {}
     for s in seeds:
         doc = run_bench(workloads=["conversation", "prompt-heavy"], loads=[1.0, 2.0],
-                        policies=["baseline", *WATTLANE_SETS, "oracle"], minutes=10.0, seed=s, workers=workers)
+                        policies=["baseline", *WATTLANE_SETS, "oracle"], minutes=10.0, seed=s, workers=workers,
+                        budget_prompt_weight=budget_prompt_weight)
         per_seed[str(s)] = {}
         for policy in WATTLANE_SETS:
             figures = cell_figures(doc, policy)
             per_seed[str(s)][policy] = {"cells": figures, "targets": targets_met(figures)}
-    return {"benchmark": "fleet-bench-seeds", "method": "simulated",
-            "command": "python -m benchmarks.fleet_seeds --seeds " + ",".join(map(str, seeds)),
-            "seeds": seeds, "per_seed": per_seed, "wall_seconds": time.perf_counter() - t0,
+    command = "python -m benchmarks.fleet_seeds --seeds " + ",".join(map(str, seeds))
+    if budget_prompt_weight is not None:
+        command += f" --budget-prompt-weight {budget_prompt_weight:g}"
+    return {"benchmark": "fleet-bench-seeds", "method": "simulated", "command": command,
+            "budget_prompt_weight": budget_prompt_weight, "seeds": seeds, "per_seed": per_seed,
+            "wall_seconds": time.perf_counter() - t0,
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
@@ -89,7 +93,10 @@ def write(result: dict[str, Any], out_dir: Path) -> None:
              f"Command: `{result['command']}` ({result['wall_seconds']:.0f} s). Each seed is `wattlane bench fleet "
              "--workloads conversation,prompt-heavy --loads 1,2 --policies baseline," + ",".join(WATTLANE_SETS)
              + ",oracle --no-band --seed S`: the seed draws every request's prompt and labels, and generates the "
-             "prompt-heavy trace; the conversation trace is the recorded one at every seed.", ""]
+             "prompt-heavy trace; the conversation trace is the recorded one at every seed."
+             + ("" if result.get("budget_prompt_weight") is None else
+                f" The quality budget's prompt token weight is {result['budget_prompt_weight']:g} (`--budget-prompt-weight`; "
+                "default: the size prior's 0.1)."), ""]
     for policy, label in WATTLANE_SETS.items():
         lines += [f"## `{policy}`: {label}", "",
                   "| seed | cell | baseline SLO | Wattlane SLO | energy vs baseline | vs oracle | quality retained |",
@@ -115,8 +122,13 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2,3,4,5")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--budget-prompt-weight", type=float, default=None,
+                    help="the quality budget's prompt token weight (default: the size prior's 0.1)")
     args = ap.parse_args()
-    result = run([int(s) for s in args.seeds.split(",")], args.workers)
+    result = run([int(s) for s in args.seeds.split(",")], args.workers, args.budget_prompt_weight)
+    if args.out.resolve() != RESULTS_DIR.resolve():
+        out = args.out.resolve()
+        result["command"] += f" --out {out.relative_to(REPOSITORY_DIR) if out.is_relative_to(REPOSITORY_DIR) else out}"
     write(result, args.out)
     print((args.out / "fleet-bench-seeds.md").read_text())
 

@@ -381,6 +381,9 @@ class QualityBudgetConfig(_Section):
     #: "gain-per-joule", those where each unit of quality given up saves the most energy (long prompts and
     #: large max_tokens go to the smaller model at a lower predicted quality than short ones)
     rank: Literal[QUALITY_BUDGET_RANKS] = "gain-per-joule"  # type: ignore[valid-type]
+    #: under gain-per-joule, the energy of a prompt token as a fraction of an output token's in that ranking;
+    #: unset: the size prior's 0.1. A GPU run's prefill and decode J/token (benchmarks/gpu_run.py) give it
+    prompt_token_weight: Annotated[float, Field(ge=0, le=10)] | None = None
 
 
 class RoutingConfig(_Section):

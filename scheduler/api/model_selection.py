@@ -54,7 +54,7 @@ class ModelSelection:
         #: routing.quality_budget's window, over the requests this gateway replica routes (None: the wall)
         self.quality_budget = None if qb is None else QualityBudget(
             qb.target, window_requests=qb.window_requests, overload_allowance=qb.overload_allowance,
-            initial_threshold=config.routing.default_min_quality, rank=qb.rank)
+            initial_threshold=config.routing.default_min_quality, rank=qb.rank, prompt_token_weight=qb.prompt_token_weight)
 
     def controls(self, job: Any) -> RequestControls:
         try:

@@ -43,8 +43,10 @@ class QualityBudget:
     """Window state of one quality budget (one per router; see the module docstring)."""
 
     def __init__(self, target: float, *, window_requests: int = 1000, overload_allowance: float = 0.02,
-                 initial_threshold: float | None = None, rank: str = "gain"):
-        """initial_threshold: the per-request wall used until the window holds MIN_WINDOW_REQUESTS (default: target)."""
+                 initial_threshold: float | None = None, rank: str = "gain", prompt_token_weight: float | None = None):
+        """initial_threshold: the per-request wall used until the window holds MIN_WINDOW_REQUESTS (default: target).
+        prompt_token_weight: under rank gain-per-joule, the joules of a prompt token as a fraction of an output
+        token's in each request's weight (None: the size prior's fraction, routing.placement)."""
         if not 0.0 <= target <= 1.0:
             raise ValueError(f"quality budget target must be between 0 and 1, got {target!r}")
         if window_requests < MIN_WINDOW_REQUESTS:
@@ -53,6 +55,9 @@ class QualityBudget:
             raise ValueError(f"overload_allowance must be in [0, 1), got {overload_allowance!r}")
         if rank not in RANKS:
             raise ValueError(f"quality budget rank must be one of {', '.join(RANKS)}, got {rank!r}")
+        if prompt_token_weight is not None and not (0.0 <= prompt_token_weight and math.isfinite(prompt_token_weight)):
+            raise ValueError(f"prompt_token_weight must be a finite number >= 0, got {prompt_token_weight!r}")
+        self.prompt_token_weight = prompt_token_weight
         self.target = target
         self.rank = rank
         self.overload_allowance = overload_allowance

@@ -255,7 +255,9 @@ def route(
 
     # quality: keep models whose predicted quality reaches the target; if none does, keep the best one
     budgeted = auto and quality_budget is not None and adequacy is not None
-    weight = _joules_saved(same_kind, prompt_tokens, output_tokens) if budgeted and quality_budget.weighted else None  # type: ignore[union-attr]
+    weight = None
+    if budgeted and quality_budget.weighted:  # type: ignore[union-attr]
+        weight = _joules_saved(same_kind, prompt_tokens, output_tokens, quality_budget.prompt_token_weight)  # type: ignore[union-attr]
     wall = quality_budget.threshold(weight) if budgeted else target  # type: ignore[union-attr]
     what = (f"budget threshold {wall:.2f} (window mean target {quality_budget.target:.2f}"  # type: ignore[union-attr]
             + (f", by gain per joule: {weight:.0f} J saved on the smallest model)" if weight is not None else ")")
@@ -379,12 +381,18 @@ def route(
                               prompt_tokens, output_tokens, slo_met=slo_met, fallbacks=fallbacks, budgeted=budgeted))
 
 
-def _joules_saved(same_kind: Sequence[ModelConfig], prompt_tokens: int, output_tokens: int) -> float:
+def _joules_saved(same_kind: Sequence[ModelConfig], prompt_tokens: int, output_tokens: int,
+                  prompt_token_weight: float | None = None) -> float:
     """The quality budget's weight under rank gain-per-joule: the size prior's joules for this request on the
-    largest model of its kind less those on the smallest. The prior, not placement's live prediction: a busy
-    replica's marginal joules are small, so live weights make a loaded large model look cheap, draw more
-    requests to it and feed back (on the simulated fleet that sent 99% of the traffic to the 70B model)."""
-    (jp_small, jd_small), (jp_large, jd_large) = (prior_joules_per_token(m.params_b) for m in (same_kind[0], same_kind[-1]))
+    largest model of its kind less those on the smallest (a prompt token at prompt_token_weight x an output
+    token's when given). The prior, not placement's live prediction: a busy replica's marginal joules are
+    small, so live weights make a loaded large model look cheap, draw more requests to it and feed back (on
+    the simulated fleet that sent 99% of the traffic to the 70B model)."""
+    per_token = []
+    for m in (same_kind[0], same_kind[-1]):
+        jp, jd = prior_joules_per_token(m.params_b)
+        per_token.append((jd * prompt_token_weight if prompt_token_weight is not None else jp, jd))
+    (jp_small, jd_small), (jp_large, jd_large) = per_token
     return max(0.0, prompt_tokens * (jp_large - jp_small) + output_tokens * (jd_large - jd_small))
 
 

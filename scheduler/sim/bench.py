@@ -113,6 +113,8 @@ class Job:
     clock_switch_seconds: float | None = None  # per-batch clocks: stall per clock change (None: the core's default)
     #: the routed policies' quality threshold (None: the fleet config's routing.default_min_quality)
     min_quality: float | None = None
+    #: the quality budget's prompt_token_weight (None: the size prior's)
+    budget_prompt_weight: float | None = None
 
 
 def build_trace(workload: str, load: float, minutes: float, seed: int):
@@ -188,7 +190,8 @@ def run_job(job: Job) -> dict[str, Any]:
 
         mq = config.routing.default_min_quality if job.min_quality is None else job.min_quality
         routed = p.model == "auto" and not p.oracle
-        budget = QualityBudget(budget_target(mq), initial_threshold=mq, rank=p.budget_rank) if p.quality_budget else None
+        budget = QualityBudget(budget_target(mq), initial_threshold=mq, rank=p.budget_rank,
+                               prompt_token_weight=job.budget_prompt_weight) if p.quality_budget else None
         sim = FleetSimulator(
             config, seed=job.seed, model=p.model, strong_models=[LARGE], min_quality=mq if routed else None,
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
@@ -311,7 +314,8 @@ SENSITIVITY_BAND = _band()
 
 
 def plan(workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int, band: bool,
-         clock_switch_seconds: float | None = None, min_quality: float | None = None) -> list[Job]:
+         clock_switch_seconds: float | None = None, min_quality: float | None = None,
+         budget_prompt_weight: float | None = None) -> list[Job]:
     for w in workloads:
         if w not in WORKLOADS:
             raise BenchError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
@@ -328,11 +332,13 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
         raise BenchError(f"clock switch seconds must be >= 0, got {clock_switch_seconds:g}")
     if min_quality is not None and not 0.0 <= min_quality <= 1.0:
         raise BenchError(f"min quality must be between 0 and 1, got {min_quality:g}")
-    cs, mq = clock_switch_seconds, min_quality
-    jobs = [Job(w, x, p, minutes, seed, None, cs, mq) for w in workloads for x in loads for p in policies]
+    if budget_prompt_weight is not None and not (0.0 <= budget_prompt_weight <= 10.0):
+        raise BenchError(f"budget prompt weight must be between 0 and 10, got {budget_prompt_weight:g}")
+    cs, mq, bw = clock_switch_seconds, min_quality, budget_prompt_weight
+    jobs = [Job(w, x, p, minutes, seed, None, cs, mq, bw) for w in workloads for x in loads for p in policies]
     if band:
         mid = 1.0 if 1.0 in loads else loads[len(loads) // 2]
-        jobs += [Job(w, mid, p, minutes, seed, end, cs, mq) for end in SENSITIVITY_BAND for w in workloads
+        jobs += [Job(w, mid, p, minutes, seed, end, cs, mq, bw) for end in SENSITIVITY_BAND for w in workloads
                  for p in BAND_POLICIES if p in policies]
     for j in jobs:
         if j.workload == "conversation" and j.minutes * j.load > 60.0 + 1e-9:
@@ -400,13 +406,13 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
 
 def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], minutes: float, seed: int = 0,
               band: bool = False, workers: int = 1, progress: Any = None, clock_switch_seconds: float | None = None,
-              min_quality: float | None = None) -> dict[str, Any]:
+              min_quality: float | None = None, budget_prompt_weight: float | None = None) -> dict[str, Any]:
     """Every job of the plan (in a process pool when workers > 1); returns the whole result document."""
     import resource
 
     from scheduler.sim.core import CLOCK_SWITCH_SECONDS
 
-    jobs = plan(workloads, loads, policies, minutes, seed, band, clock_switch_seconds, min_quality)
+    jobs = plan(workloads, loads, policies, minutes, seed, band, clock_switch_seconds, min_quality, budget_prompt_weight)
     t0 = time.perf_counter()
 
     def cpu() -> float:  # this process and its reaped workers: the machine-independent cost of the run
@@ -437,7 +443,7 @@ def run_bench(*, workloads: list[str], loads: list[float], policies: list[str], 
                      "band": band, "workers": workers, "park_idle_seconds": PARK_IDLE_SECONDS,
                      "prompt_heavy_rate_scale": PROMPT_HEAVY_RATE_SCALE,
                      "clock_switch_seconds": CLOCK_SWITCH_SECONDS if clock_switch_seconds is None else clock_switch_seconds,
-                     "min_quality": min_quality},
+                     "min_quality": min_quality, "budget_prompt_weight": budget_prompt_weight},
         "policy_sets": {p.name: asdict(p) for p in POLICY_SETS if p.name in policies},
         "fleets": FLEETS,
         "cells": {k: {"workload": c["workload"], "load": c["load"],
@@ -494,6 +500,9 @@ def register(app) -> None:
                                                    help="per-batch clocks: stall of one clock change (default 0.02; an assumption)"),
         min_quality: float = typer.Option(None, "--min-quality",
                                           help="quality threshold of the routed policies (default: the fleet config's routing.default_min_quality)"),
+        budget_prompt_weight: float = typer.Option(None, "--budget-prompt-weight",
+                                                   help="quality budget by gain per joule: a prompt token's energy as a fraction of an "
+                                                        "output token's (default: the size prior's 0.1; an assumption)"),
     ) -> None:
         """Replay workloads at several loads under every policy set against the baseline and an oracle (method: simulated)."""
         import sys
@@ -514,7 +523,7 @@ def register(app) -> None:
         pol = [p.strip() for p in policies.split(",") if p.strip()]
         wl = [w.strip() for w in workloads.split(",") if w.strip()]
         try:
-            n = len(plan(wl, load_list, pol, minutes, seed, band, clock_switch_seconds, min_quality))
+            n = len(plan(wl, load_list, pol, minutes, seed, band, clock_switch_seconds, min_quality, budget_prompt_weight))
         except BenchError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -527,7 +536,8 @@ def register(app) -> None:
 
             try:
                 doc = run_bench(workloads=wl, loads=load_list, policies=pol, minutes=minutes, seed=seed, band=band,
-                                workers=workers, progress=tick, clock_switch_seconds=clock_switch_seconds, min_quality=min_quality)
+                                workers=workers, progress=tick, clock_switch_seconds=clock_switch_seconds, min_quality=min_quality,
+                                budget_prompt_weight=budget_prompt_weight)
             except (BenchError, ConfigError, TraceError, ProfileError, PromptPoolError, datafiles.DataFileError) as exc:
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(2) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from scheduler.api.model_selection import ModelSelection
 from scheduler.api.serving import Job
 from scheduler.config import ConfigError, QualityBudgetConfig, load_config
 from scheduler.datafiles import sim_fleet_config
@@ -96,12 +97,24 @@ def test_an_api_keys_min_quality_is_a_wall_and_route_explain_does_not_count_in_t
     assert state["window"] == 0, "neither the walled request nor the dry runs entered the window"
 
 
-def test_a_bad_quality_budget_is_a_config_error_naming_the_key(tmp_path):
+@pytest.mark.parametrize("budget,key", [("{target: 0.95, window_requests: 10}", "window_requests"),
+                                        ("{target: 0.95, rank: cheapest}", "rank"),
+                                        ("{target: 0.95, prompt_token_weight: -0.5}", "prompt_token_weight")])
+def test_a_bad_quality_budget_is_a_config_error_naming_the_key(tmp_path, budget, key):
     path = tmp_path / "wattlane.yaml"
     path.write_text(Path(sim_fleet_config()).read_text() + "\n# appended\n")
     text = path.read_text()
     assert "routing:" in text
-    path.write_text(text.replace("routing:", "routing:\n  quality_budget: {target: 0.95, window_requests: 10}", 1))
+    path.write_text(text.replace("routing:", f"routing:\n  quality_budget: {budget}", 1))
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert "routing.quality_budget.window_requests" in str(err.value) and str(path) in str(err.value)
+    assert f"routing.quality_budget.{key}" in str(err.value) and str(path) in str(err.value)
+
+
+def test_the_gateway_budget_takes_its_rank_and_prompt_weight_from_the_config(tmp_path):
+    config = load_config(sim_fleet_config())
+    config.routing.quality_budget = QualityBudgetConfig(target=TARGET, prompt_token_weight=0.25)
+    budget = ModelSelection(config).quality_budget
+    assert (budget.rank, budget.prompt_token_weight) == ("gain-per-joule", 0.25)
+    config.routing.quality_budget = QualityBudgetConfig(target=TARGET, rank="gain")
+    assert ModelSelection(config).quality_budget.rank == "gain"

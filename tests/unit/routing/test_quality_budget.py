@@ -179,3 +179,33 @@ def test_route_ranks_by_joules_saved_under_gain_per_joule():
 def test_bad_rank():
     with pytest.raises(ValueError, match="gain-per-joule"):
         QualityBudget(0.9, rank="cheapest")
+
+
+def test_prompt_token_weight_decides_whether_a_long_prompt_or_a_long_output_saves_more():
+    """A 2,000-token prompt with a 20-token answer against a 100-token prompt with a 300-token answer, at equal
+    adequacy: with the size prior (a prompt token at a tenth of an output token) the long answer saves more
+    and goes small; with prompt_token_weight 1 the long prompt does."""
+    free = {"small": [replica(0.1)], "large": [replica(0.8)]}
+    long_prompt = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=2000, max_tokens=20)
+    long_answer = RouteRequest(kind="chat", prompt_text="q", prompt_tokens=100, max_tokens=300)
+    picks = {}
+    for weight in (None, 1.0):
+        b = QualityBudget(0.9, window_requests=400, rank="gain-per-joule", prompt_token_weight=weight)
+        rng = np.random.default_rng(7)
+        for a in rng.uniform(0.6, 1.0, 400):
+            route(MODELS, long_prompt if rng.random() < 0.5 else long_answer, controls(0.9), FixedPredictor(float(a)), free,
+                  quality_budget=b)
+        thresholds = [b.threshold(w) for w in (_weight_of(long_prompt, weight), _weight_of(long_answer, weight))]
+        a = sum(thresholds) / 2  # between the two requests' thresholds
+        picks[weight] = [route(MODELS, r, controls(0.9), FixedPredictor(a), free, quality_budget=b, record_decision=False).model_id
+                         for r in (long_prompt, long_answer)]
+    assert picks[None] == ["large", "small"]
+    assert picks[1.0] == ["small", "large"]
+    with pytest.raises(ValueError, match="prompt_token_weight"):
+        QualityBudget(0.9, rank="gain-per-joule", prompt_token_weight=-1.0)
+
+
+def _weight_of(request: RouteRequest, prompt_token_weight: float | None) -> float:
+    from scheduler.routing.select import _joules_saved
+
+    return _joules_saved(MODELS, request.estimated_prompt_tokens(), request.max_tokens, prompt_token_weight)

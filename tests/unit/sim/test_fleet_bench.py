@@ -138,3 +138,18 @@ def test_min_quality_overrides_the_routed_policies_threshold_only():
     assert pol["wattlane-all"]["min_quality"] == 1.0 and pol["wattlane-all"]["share_by_model"][bench.LARGE] == 1.0
     # the oracle routes by the labels whatever the threshold
     assert pol["oracle"]["min_quality"] is None and pol["oracle"]["share_by_model"].get(bench.SMALL, 0.0) > 0.5
+
+
+def test_budget_prompt_weight_reaches_the_routed_budgets_and_is_checked():
+    with pytest.raises(bench.BenchError, match="budget prompt weight"):
+        bench.plan(["conversation"], [1.0], ["baseline"], 1.0, 0, False, budget_prompt_weight=-1.0)
+    jobs = bench.plan(["prompt-heavy"], [1.0], ["baseline", "wattlane-all"], 0.5, 0, False, budget_prompt_weight=1.0)
+    assert {j.budget_prompt_weight for j in jobs} == {1.0}
+    # the weight reaches route(): long prompts weigh more, so the routed set's choices change
+    shares = []
+    for weight in (None, 1.0):
+        doc = bench.run_bench(workloads=["prompt-heavy"], loads=[1.0], policies=["baseline", "wattlane-all"], minutes=3.0,
+                              seed=0, budget_prompt_weight=weight)
+        assert doc["settings"]["budget_prompt_weight"] == weight
+        shares.append(doc["cells"]["prompt-heavy@1"]["policies"]["wattlane-all"]["share_by_model"][bench.LARGE])
+    assert shares[0] != shares[1]
