@@ -23,6 +23,7 @@ import numpy as np
 from scheduler.routing.adequacy import GAIN_FLOOR, AdequacyPredictor
 from scheduler.routing.data import RoutingData
 from scheduler.routing.metrics import routing_curve
+from scheduler.routing.quality_budget import QualityBudget
 
 
 @dataclass
@@ -98,8 +99,7 @@ def calibrate_scores(
         threshold = 1.0
     else:
         threshold = float((adequacy_sorted[k - 1] + adequacy_sorted[k]) / 2.0)
-    adequacy = 1.0 - np.clip(need, GAIN_FLOOR, 1.0)
-    budget_target = float(np.mean(np.where(adequacy >= threshold, adequacy, 1.0))) if n else None
+    budget_target = QualityBudget.served_mean_under_wall(adequacy_sorted, threshold) if n else None
     return Calibration(threshold, k / n, float(curve.pgr[k]), float(curve.accuracy[k]), n, goal,
                        float(curve.accuracy[k] / curve.strong_accuracy) if curve.strong_accuracy > 0 else None,
                        budget_target)

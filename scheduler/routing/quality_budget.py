@@ -69,8 +69,10 @@ class QualityBudget:
         self._served_sum = 0.0
         self._since = RECOMPUTE_EVERY
         self._cached: tuple[float, float] = (self.initial_threshold, self.initial_threshold)
-        #: gain-per-joule: the bounds r (normal, shed) on gain per joule saved; None until the window fills
+        #: gain-per-joule: the bounds r (normal, shed) on gain per joule saved and the window's mean weight at
+        #: the same recompute; None until the window fills
         self._bounds: tuple[float, float] | None = None
+        self._mean_weight = 1.0
         self.shed = 0
 
     @property
@@ -81,6 +83,13 @@ class QualityBudget:
     @property
     def served_mean(self) -> float | None:
         return self._served_sum / len(self._served) if self._served else None
+
+    @staticmethod
+    def served_mean_under_wall(adequacies: np.ndarray, wall: float) -> float:
+        """The window mean a per-request wall gives (a on the small model when a >= wall, else 1 on the large):
+        the target that routes like that wall in steady state."""
+        a = np.asarray(adequacies, dtype=np.float64)
+        return float(np.mean(np.where(a >= wall, a, 1.0)))
 
     @staticmethod
     def _threshold_for(adequacies: np.ndarray, goal: float) -> float:
@@ -112,6 +121,7 @@ class QualityBudget:
         return float(ratio[order[k - 1]]) if k >= 1 else -math.inf
 
     def _refresh(self) -> tuple[float, float]:
+        """(normal, shed) thresholds under rank gain; under gain-per-joule the bounds in self._bounds instead."""
         if len(self._adequacy) < MIN_WINDOW_REQUESTS:
             return self.initial_threshold, self.initial_threshold
         if self._since >= RECOMPUTE_EVERY:
@@ -126,31 +136,30 @@ class QualityBudget:
             if self.weighted:
                 w = np.fromiter(self._weight, float, len(self._weight))
                 self._bounds = (self._bound_for(a, w, goal), self._bound_for(a, w, floor) if may_shed else -math.inf)
-            shed = self._threshold_for(a, floor) if may_shed else float("inf")
-            self._cached = (self._threshold_for(a, goal), shed)
+                self._mean_weight = float(w.mean())
+            else:
+                self._cached = (self._threshold_for(a, goal), self._threshold_for(a, floor) if may_shed else float("inf"))
         return self._cached
 
     def _per_request(self, bound: float, weight: float | None) -> float:
+        """A request's threshold under the bound r on gain per joule (weight None: the window's mean weight)."""
         if bound == -math.inf:
             return math.inf
         if bound == math.inf:
             return 0.0
-        return 1.0 - bound * max(float(weight or 0.0), 0.0)
+        w = self._mean_weight if weight is None else weight
+        return 1.0 - bound * max(float(w), 0.0)
 
     def threshold(self, weight: float | None = None) -> float:
         """Predicted quality a model needs for this request in normal operation (weight: the request's, for
-        rank gain-per-joule; ignored by rank gain)."""
+        rank gain-per-joule, whose threshold without one is that of the window's mean weight; rank gain ignores it)."""
         cached = self._refresh()
-        if not self.weighted or self._bounds is None or weight is None:
-            return cached[0]
-        return self._per_request(self._bounds[0], weight)
+        return cached[0] if self._bounds is None else self._per_request(self._bounds[0], weight)
 
     def shed_threshold(self, weight: float | None = None) -> float:
         """Predicted quality a smaller model needs to take this request when no adequate model meets the SLO."""
         cached = self._refresh()
-        if not self.weighted or self._bounds is None or weight is None:
-            return cached[1]
-        return self._per_request(self._bounds[1], weight)
+        return cached[1] if self._bounds is None else self._per_request(self._bounds[1], weight)
 
     def record(self, adequacy: float | None, served_quality: float | None, weight: float | None = None) -> None:
         """After a decision: the request's adequacy, the predicted quality of the model that serves it, and
@@ -181,15 +190,14 @@ class QualityBudget:
         self._served_sum += float(served_quality)
 
     def state(self) -> dict[str, float | int | str | None]:
-        """The budget's figures; with rank gain-per-joule, threshold is the one a request of the window's mean
-        weight meets, and gain_per_joule_bound the bound r itself."""
+        """The budget's figures as of its last recompute; with rank gain-per-joule, threshold is the one a
+        request of the window's mean weight meets, and gain_per_joule_bound the bound r itself."""
         t, s = self._cached
+        if self._bounds is not None:
+            t, s = self._per_request(self._bounds[0], None), self._per_request(self._bounds[1], None)
         state: dict[str, float | int | str | None] = {
             "target": self.target, "served_mean": self.served_mean, "threshold": t, "shed_threshold": s,
             "window": len(self._adequacy), "shed": self.shed, "rank": self.rank}
-        if self.weighted and self._bounds is not None:
-            mean_weight = sum(self._weight) / len(self._weight)
-            state["threshold"] = self._per_request(self._bounds[0], mean_weight)
-            state["shed_threshold"] = self._per_request(self._bounds[1], mean_weight)
+        if self._bounds is not None:
             state["gain_per_joule_bound"] = self._bounds[0]
         return state

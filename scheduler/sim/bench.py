@@ -156,11 +156,12 @@ def budget_target(min_quality: float) -> float:
     """
     if min_quality not in _BUDGET_TARGET:
         from scheduler.routing.adequacy import load_predictor
+        from scheduler.routing.quality_budget import QualityBudget
         from scheduler.sim.prompts import held_out_pool
 
         pred, pool = load_predictor(None), held_out_pool()
         a = np.array([pred.adequacy(p) for p in pool.prompts])
-        _BUDGET_TARGET[min_quality] = float(np.mean(np.where(a >= min_quality, a, 1.0)))
+        _BUDGET_TARGET[min_quality] = QualityBudget.served_mean_under_wall(a, min_quality)
     return _BUDGET_TARGET[min_quality]
 
 
@@ -265,15 +266,12 @@ def by_model_breakdown(result) -> dict[str, dict[str, Any]]:
     done = max(result.completed, 1)
     out: dict[str, dict[str, Any]] = {}
     for rep in result.replicas.values():
-        if not rep.get("active", True):  # a pool move took its GPUs: they count for the replica holding them at the end
-            out.setdefault(rep["model"], {"gpus": 0, "requests": 0, "busy_joules": 0.0, "idle_joules": 0.0, "parked_joules": 0.0,
-                                          "busy_seconds": 0.0, "idle_seconds": 0.0, "parked_seconds": 0.0, "_clock": 0.0})
-            out[rep["model"]]["requests"] += rep["completed"]
-            continue
         m = out.setdefault(rep["model"], {"gpus": 0, "requests": 0, "busy_joules": 0.0, "idle_joules": 0.0, "parked_joules": 0.0,
                                           "busy_seconds": 0.0, "idle_seconds": 0.0, "parked_seconds": 0.0, "_clock": 0.0})
-        m["gpus"] += len(rep["devices"])
         m["requests"] += rep["completed"]
+        if not rep.get("active", True):  # a pool move took its GPUs: they count for the replica holding them at the end
+            continue
+        m["gpus"] += len(rep["devices"])
         for d in rep["devices"]:
             a = result.accounting[d]
             m["busy_joules"] += a["busy_joules"]
