@@ -501,6 +501,7 @@ def register(app) -> None:
         budget_prompt_weight: float = typer.Option(None, "--budget-prompt-weight",
                                                    help="quality budget by gain per joule: a prompt token's energy as a fraction of an "
                                                         "output token's (default: the size prior's 0.1; an assumption)"),
+        docs: Path = typer.Option(None, "--docs", help="also rewrite this page's fleet-bench blocks (docs/benchmarks.md) from the results"),
     ) -> None:
         """Replay workloads at several loads under every policy set against the baseline and an oracle (method: simulated)."""
         import sys
@@ -542,3 +543,55 @@ def register(app) -> None:
         command = "wattlane bench fleet " + " ".join(sys.argv[3:]) if len(sys.argv) > 3 else f"wattlane bench fleet --out {out}"
         for path in write_outputs(doc, out, command.strip()):
             typer.echo(f"wrote {path}")
+        if docs is not None:
+            _sync_docs(doc, docs)
+
+    @bench.command("docs")
+    def docs_command(
+        results: Path = typer.Option(Path("docs/results/fleet-bench/fleet-bench.json"), "--results",
+                                     help="a fleet bench's fleet-bench.json"),
+        docs: Path = typer.Option(Path("docs/benchmarks.md"), "--docs", help="the page whose fleet-bench blocks are rendered from it"),
+        check: bool = typer.Option(False, "--check", help="change nothing; exit 1 if a block differs from the results"),
+    ) -> None:
+        """Rewrite the tables of docs/benchmarks.md that quote a fleet bench's results (ablations, every cell, the band)."""
+        try:
+            doc = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            typer.echo(f"error: cannot read {results}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if check:
+            stale = _stale_doc_blocks(doc, docs)
+            if stale:
+                typer.echo(f"{docs}: block(s) {', '.join(stale)} differ from {results}; "
+                           f"rerun without --check to rewrite them", err=True)
+                raise typer.Exit(1)
+            typer.echo(f"{docs}: every fleet-bench block matches {results}")
+            return
+        _sync_docs(doc, docs)
+
+    def _read_page(page: Path) -> str:
+        try:
+            return page.read_text(encoding="utf-8")
+        except OSError as exc:
+            typer.echo(f"error: cannot read {page}: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    def _stale_doc_blocks(doc: dict[str, Any], page: Path) -> list[str]:
+        from scheduler.sim.bench_report import DocBlockError, doc_block, render_doc_blocks
+
+        text = _read_page(page)
+        try:
+            return [name for name, content in render_doc_blocks(doc).items() if doc_block(text, name) != content]
+        except DocBlockError as exc:
+            typer.echo(f"error: {page}: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    def _sync_docs(doc: dict[str, Any], page: Path) -> None:
+        from scheduler.sim.bench_report import DocBlockError, render_doc_blocks, sync_doc_blocks
+
+        try:
+            page.write_text(sync_doc_blocks(_read_page(page), render_doc_blocks(doc)), encoding="utf-8")
+        except DocBlockError as exc:
+            typer.echo(f"error: {page}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo(f"rewrote the fleet-bench blocks of {page}")

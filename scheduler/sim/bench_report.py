@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+
+#: docs/benchmarks.md's blocks rendered from a results file, each between "<!-- fleet-bench:NAME -->" and
+#: "<!-- /fleet-bench:NAME -->": tables copied by hand drift from the results they quote (a unit test checks them)
+DOC_BLOCKS = ("ablations", "cells", "band")
+#: the policy set each ablation is measured against
+ABLATION_REFERENCE = "wattlane"
+#: policy sets that are no ablation of the reference (it, the bounds, and the sets with one part of it)
+_NOT_ABLATIONS = {"baseline", "routing", "placement", "governor", ABLATION_REFERENCE, "oracle"}
+
+
+class DocBlockError(ValueError):
+    """A document lacks a block's markers, or has them out of order."""
 
 
 def _pct(x: float | None, digits: int = 1, signed: bool = False) -> str:
@@ -51,6 +64,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                 f"{_pct(c.get('quality_retained'))} | {_pct(share)} | {r['gpu_hours_busy']:.2f} | {r['gpu_hours_parked']:.2f} |"
             )
         lines.append("")
+    if ABLATION_REFERENCE in st["policies"] and any(p not in _NOT_ABLATIONS for p in st["policies"]):
+        lines += [f"## What each capability adds (energy per request against `{ABLATION_REFERENCE}`)", "",
+                  render_ablations(doc), ""]
     loads = st["loads"]
     mid = 1.0 if 1.0 in loads else loads[len(loads) // 2]
     lines += [f"## Where the energy goes, load {mid:g}x (per model pool)", "",
@@ -90,6 +106,105 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"- `{name}`: {p['label']} (fleet {doc['fleets'][p['fleet']]}).")
     lines.append("")
     return "\n".join(lines)
+
+
+def _cells_by_workload(doc: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for cell in doc["cells"].values():
+        out.setdefault(cell["workload"], []).append(cell)
+    for cells in out.values():
+        cells.sort(key=lambda c: c["load"])
+    return out
+
+
+def render_ablations(doc: dict[str, Any]) -> str:
+    """Each ablation's energy per request against `wattlane` at every load, and SLO attainment with / without it."""
+    by_w = _cells_by_workload(doc)
+    names = [p for p in doc["settings"]["policies"] if p not in _NOT_ABLATIONS]
+    loads = " / ".join(f"{x:g}x" for x in doc["settings"]["loads"])
+    lines = ["| capability | " + " | ".join(f"{w} {loads}" for w in by_w) + f" | SLO attainment (with / without), {loads} |",
+             "|---|" + "---|" * len(by_w) + "---|"]
+    for name in names:
+        energy, slo = [], []
+        for w, cells in by_w.items():
+            parts, slos = [], []
+            for c in cells:
+                r, ref = c["policies"].get(name), c["policies"].get(ABLATION_REFERENCE)
+                if r is None or ref is None:
+                    parts.append("-")
+                    slos.append("-")
+                    continue
+                parts.append(_pct(r["energy_per_request_joules"] / ref["energy_per_request_joules"] - 1, signed=True))
+                slos.append(f"{100 * r['slo_attainment']:.2f} vs {100 * ref['slo_attainment']:.2f}")
+            energy.append(" / ".join(parts))
+            slo.append(f"{w}: " + " / ".join(slos))
+        lines.append(f"| {name} | " + " | ".join(energy) + " | " + "; ".join(slo) + " |")
+    return "\n".join(lines)
+
+
+def render_cells(doc: dict[str, Any]) -> str:
+    """Every (workload, load) cell: energy split as dynamic + idle, against the baseline and the oracle."""
+    lines: list[str] = []
+    for cells in _cells_by_workload(doc).values():
+        for c in cells:
+            pol = c["policies"]
+            first = pol.get("baseline") or next(iter(pol.values()))
+            lines += [f"#### {c['workload']}, load {c['load']:g}x ({first['requests']} requests)", "",
+                      "| policy | J/request (dynamic + idle) | vs baseline | vs oracle | SLO attainment | TTFT p99 (s) | "
+                      "TPOT p99 (ms) | quality retained | to 70B | GPU-h busy / parked |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for name, r in pol.items():
+                cmp_ = r.get("comparison", {})
+                share = r["share_by_model"].get("llama-3.1-70b")
+                lines.append(
+                    f"| {name} | {r['energy_per_request_joules']:.0f} ({r['dynamic_energy_per_request_joules']:.0f} + "
+                    f"{r['idle_energy_per_request_joules']:.0f}) | {_pct(cmp_.get('energy_vs_baseline'), signed=True)} | "
+                    f"{_pct(cmp_.get('energy_vs_oracle'), signed=True)} | {_pct(r['slo_attainment'], 2)} | "
+                    f"{_s(r['ttft_p99_seconds'])} | {_ms(r['tpot_p99_seconds'])} | {_pct(cmp_.get('quality_retained'))} | "
+                    f"{_pct(share, 0)} | {r['gpu_hours_busy']:.2f} / {r['gpu_hours_parked']:.2f} |")
+            lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def render_band(doc: dict[str, Any]) -> str:
+    """The sensitivity band: each policy's energy change against the baseline run with the same constants."""
+    lines = ["| workload | load | policy | low end | central | high end |", "|---|---:|---|---:|---:|---:|"]
+    for w, b in (doc.get("sensitivity_band") or {}).items():
+        for p, e in b["policies"].items():
+            ends = []
+            for end in ("low", "central", "high"):
+                x = e.get(end) or {}
+                slo = x.get("slo_attainment")
+                ends.append(f"{_pct(x.get('energy_vs_baseline'), signed=True)}"
+                            + ("" if slo is None else f" ({_pct(slo, 2)} SLO)"))
+            lines.append(f"| {w} | {b['load']:g}x | {p} | " + " | ".join(ends) + " |")
+    return "\n".join(lines)
+
+
+def render_doc_blocks(doc: dict[str, Any]) -> dict[str, str]:
+    """The DOC_BLOCKS of docs/benchmarks.md, rendered from a results document."""
+    return {"ablations": render_ablations(doc), "cells": render_cells(doc), "band": render_band(doc)}
+
+
+def _block_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- fleet-bench:{name} -->\n)(.*?)(\n<!-- /fleet-bench:{name} -->)", re.S)
+
+
+def doc_block(text: str, name: str) -> str:
+    """The content of block `name` in a document's text."""
+    m = _block_pattern(name).search(text)
+    if m is None:
+        raise DocBlockError(f"no block '{name}': it lies between '<!-- fleet-bench:{name} -->' and "
+                            f"'<!-- /fleet-bench:{name} -->', each on a line of its own")
+    return m.group(2)
+
+
+def sync_doc_blocks(text: str, blocks: dict[str, str]) -> str:
+    """`text` with each named block's content replaced; DocBlockError when a block's markers are missing."""
+    for name, content in blocks.items():
+        doc_block(text, name)  # raises when absent
+        text = _block_pattern(name).sub(lambda m, c=content: m.group(1) + c + m.group(3), text, count=1)
+    return text
 
 
 def render_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
