@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from scheduler.config_error import ConfigError
 from scheduler.devices.resolve import is_node_local_name
 from scheduler.energy.carbon import CARBON_PROVIDERS, CarbonDataError, make_carbon_provider
-from scheduler.engines.base import ENGINE_BUILDERS
+from scheduler.engines.base import ENGINE_BUILDERS, ENGINE_JSON_MODE
 from scheduler.weights import resolve_weights
 from scheduler.power.policies import POLICY_NAMES, validate_options
 from scheduler.routing.quality_budget import MIN_WINDOW_REQUESTS, RANKS as QUALITY_BUDGET_RANKS
@@ -147,9 +147,10 @@ class ModelConfig(_Section):
     max_queued_requests: Annotated[int, Field(ge=1)] = 256
     #: engine-specific options (llama.cpp: n_threads, n_batch; simulated: profile, gpu, num_gpus)
     engine_options: dict[str, Any] = Field(default_factory=dict)
-    #: capabilities for routing hard constraints
-    supports_json: bool = False
-    supports_tools: bool = False
+    #: JSON mode (response_format json_object / json_schema), a hard constraint of routing. Unset: what the
+    #: engine does (engines.base.ENGINE_JSON_MODE): llamacpp yes (grammar-constrained sampling), openai no
+    #: until set (the upstream server must honour response_format), simulated never
+    supports_json: bool | None = None
     #: quality prior in 0..1 used by the router when no predictor covers this model
     quality: Annotated[float, Field(ge=0, le=1)] | None = None
     #: engine 'openai': the servers that serve this model, one replica each
@@ -160,6 +161,11 @@ class ModelConfig(_Section):
     def _engine_needs(self) -> "ModelConfig":
         if self.engine == "llamacpp" and self.weights is None:
             raise ValueError("engine 'llamacpp' needs 'weights' (path, package+file or assemble_package)")
+        json_mode = ENGINE_JSON_MODE.get(self.engine)
+        if self.supports_json is None:
+            self.__dict__["supports_json"] = json_mode == "grammar"  # without validate_assignment (it reruns this)
+        elif self.supports_json and json_mode is None:
+            raise ValueError(f"supports_json: engine '{self.engine}' cannot constrain its output to JSON; remove the key")
         if self.engine != "openai":
             if self.endpoints:
                 raise ValueError(f"'endpoints' is for engine 'openai'; engine '{self.engine}' runs the model itself")

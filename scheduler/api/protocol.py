@@ -2,7 +2,8 @@
 
 Kept apart from serving logic (as vLLM does): this module only describes shapes. Unknown request
 fields are ignored, as OpenAI-compatible servers do, so newer clients keep working; fields we know
-but cannot honour (n > 1, image content) are rejected with a clear 400 by the routes.
+but cannot honour (n > 1, best_of > 1, image content, tools, a completion's suffix) are rejected with a
+clear 400, never ignored: a client that asked for them would take a plain answer for theirs.
 """
 
 from __future__ import annotations
@@ -97,6 +98,42 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema the answer must follow (OpenAI's structured outputs)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    # "schema" would shadow BaseModel.schema(): the field is schema_, spelled "schema" on the wire
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    # the schema says what the validator checks (json_schema comes with type json_schema), so that clients and
+    # schema-driven tools generate valid requests; the validator keeps the message plain
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"anyOf": [
+        {"properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"properties": {"type": {"const": "json_schema"}}, "required": ["json_schema"]}]})
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("'json_schema' is required when type is 'json_schema'")
+        return self
+
+    def constraint(self) -> dict[str, Any] | None:
+        """What the engine is asked for (SamplingParams.response_format): None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        assert self.json_schema is not None
+        return {"type": "json_schema", "json_schema": self.json_schema.model_dump(by_alias=True, exclude_none=True)}
+
+
 class WattlaneControls(_Request):
     """Extension fields (sent by OpenAI clients through extra_body)."""
 
@@ -117,6 +154,22 @@ class _SamplingFields(WattlaneControls):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    #: token id (as a string, as JSON keys are) -> bias added to its logit, in [-100, 100]
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return None
+        if len(v) > 300:
+            raise ValueError("at most 300 tokens may be biased")
+        for key in v:
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids (non-negative integers), got {key!r}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -131,10 +184,27 @@ class _SamplingFields(WattlaneControls):
         return items
 
 
+def _not_supported(message: str) -> Any:
+    """A validator that refuses a field we know but cannot honour (an empty list or null asks for nothing)."""
+    def check(v: Any) -> Any:
+        if v:
+            raise ValueError(message)
+        return v
+    return check
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    #: the legacy spelling of tools
+    functions: list[Any] | None = None
+
+    _no_tools = field_validator("tools", "functions")(_not_supported(
+        "tools (function calling) are not supported: no configured engine returns tool calls, so the answer "
+        "would silently be plain text; remove the field"))
 
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -144,6 +214,18 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    suffix: str | None = None
+
+    _no_suffix = field_validator("suffix")(_not_supported(
+        "suffix (text insertion) is not supported: no configured engine fills in text before a suffix; remove the field"))
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
+            raise ValueError("token-id prompts are not supported; send the prompt as text")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -167,6 +249,8 @@ class RouteExplainRequest(WattlaneControls):
     messages: list[ChatMessage] | None = None
     prompt: str | list[str] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
+    #: JSON mode narrows the models routing may pick
+    response_format: ResponseFormat | None = None
 
 
 # --- response pieces -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 
 #: when a client gives no max_tokens, generate at most this many: a small CPU model would otherwise
@@ -65,6 +65,14 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
+    #: OpenAI's response_format when it constrains the output: {"type": "json_object"} or {"type": "json_schema",
+    #: "json_schema": {"name", "schema", ...}}; None for free text. Routing sends it only to a model that
+    #: supports_json; an engine that cannot honour it refuses it (RequestRejectedError), never ignores it
+    response_format: dict[str, Any] | None = None
+    #: OpenAI's penalties in [-2, 2] (0: none) and logit_bias (token id -> bias in [-100, 100])
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     #: replay and simulation force an exact output length (ignore EOS); never set by clients
     force_output_tokens: int | None = None
 
@@ -237,3 +245,8 @@ ENGINE_BUILDERS: dict[str, str] = {
     "simulated": "scheduler.engines.simulated:build_simulated_replica_engine",
     "openai": "scheduler.engines.openai_upstream:build_upstream_engine",
 }
+#: how an engine honours response_format (JSON mode): "grammar" constrains its own sampling (a model's
+#: supports_json defaults to true), "upstream" passes it to the server, which must honour it (llama.cpp's
+#: server and vLLM do; supports_json defaults to false until the operator says so); an engine absent here
+#: cannot (the simulator generates no real text), and supports_json: true on it is a config error
+ENGINE_JSON_MODE: dict[str, str] = {"llamacpp": "grammar", "openai": "upstream"}

@@ -31,6 +31,7 @@ from scheduler.engines.base import (
     GenerationRequest,
     ModelKind,
     ReplicaStats,
+    RequestRejectedError,
     TokenCountMethod,
 )
 from scheduler.weights import resolve_weights
@@ -68,6 +69,8 @@ class LlamaCppEngine(Engine):
         self._running = 0
         self._completed = 0
         self._recent: collections.deque[tuple[float, float, float]] = collections.deque(maxlen=200)
+        #: response_format (as sorted JSON) -> its checked grammar, oldest first
+        self._grammars: dict[str, Any] = {}
         self.system_fingerprint = _fingerprint(weights_path, context_length=context_length, n_threads=n_threads, n_batch=n_batch)
         self._formatter = self._chat_formatter() if kind == ModelKind.CHAT else None
         if kind == ModelKind.CHAT and self._formatter is None:
@@ -116,6 +119,13 @@ class LlamaCppEngine(Engine):
             request.params.max_tokens = self.resolve_max_tokens(request, n_prompt)
         elif n_prompt + request.params.max_tokens > self.context_length:
             raise ContextLengthError(n_prompt, request.params.max_tokens, self.context_length)
+        # checked before the request queues: a schema that cannot become a grammar is the client's 400 now
+        grammar = self._grammar(request.params.response_format)
+        if request.params.logit_bias:
+            too_big = [t for t in request.params.logit_bias if t >= self._llm.n_vocab()]
+            if too_big:
+                raise RequestRejectedError(f"logit_bias: token id {too_big[0]} is not in this model's vocabulary "
+                                           f"(0-{self._llm.n_vocab() - 1})", param="logit_bias")
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
@@ -126,7 +136,7 @@ class LlamaCppEngine(Engine):
 
         def work() -> None:
             try:
-                self._run(request, prompt_ids, template_stops, emit, cancel)
+                self._run(request, prompt_ids, template_stops, emit, cancel, grammar)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 emit(exc)
 
@@ -144,7 +154,7 @@ class LlamaCppEngine(Engine):
         finally:
             cancel.set()
 
-    def _run(self, request, prompt_ids, template_stops, emit, cancel: threading.Event) -> None:
+    def _run(self, request, prompt_ids, template_stops, emit, cancel: threading.Event, grammar: Any = None) -> None:
         params = request.params
         stops = [s for s in (params.stop or []) + template_stops if s]
         with self._lock:
@@ -152,11 +162,11 @@ class LlamaCppEngine(Engine):
             self._running += 1
             started = time.time()
             try:
-                self._generate_locked(request, prompt_ids, stops, emit, cancel, started)
+                self._generate_locked(request, prompt_ids, stops, emit, cancel, started, grammar)
             finally:
                 self._running -= 1
 
-    def _generate_locked(self, request, prompt_ids, stops, emit, cancel, started: float) -> None:
+    def _generate_locked(self, request, prompt_ids, stops, emit, cancel, started: float, grammar: Any = None) -> None:
         import llama_cpp
 
         llm = self._llm
@@ -189,6 +199,10 @@ class LlamaCppEngine(Engine):
             top_k=40 if params.temperature > 0 else 1,
             min_p=0.05,
             repeat_penalty=1.0,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            logits_processor=_logit_bias_processor(params.logit_bias),
+            grammar=grammar,
             reset=True,
         )
         try:
@@ -241,6 +255,20 @@ class LlamaCppEngine(Engine):
                 mean_logprob=(logprob_sum / len(completion_ids)) if (params.logprobs and completion_ids) else None,
             )
         )
+
+    def _grammar(self, response_format: dict[str, Any] | None) -> Any:
+        """The grammar that holds sampling to response_format's JSON (None: free text); RequestRejectedError for
+        a schema llama.cpp's converter cannot follow or whose grammar its parser refuses."""
+        if response_format is None:
+            return None
+        key = json.dumps(response_format, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = _checked_grammar(response_format, self._llm._model.vocab)
+            if len(self._grammars) >= GRAMMAR_CACHE_SIZE:  # clients send the same schema with every request
+                self._grammars.pop(next(iter(self._grammars)))
+            self._grammars[key] = grammar
+        return grammar
 
     def _token_logprob(self, token: int) -> float:
         """Log-probability of the sampled token under the model (temperature 1).
@@ -310,6 +338,8 @@ def _split_on_stops(pending: str, stops: list[str]) -> tuple[str, str, bool]:
 
 #: the llama.cpp options a model's engine_options may set
 ENGINE_OPTIONS = ("n_threads", "n_batch")
+#: response_format grammars kept per engine (a schema's conversion and parse are done once)
+GRAMMAR_CACHE_SIZE = 64
 
 
 def build_llamacpp_engine(model: ModelConfig, config: WattlaneConfig, state_dir: Path, devices: dict | None = None,
@@ -331,3 +361,45 @@ def build_llamacpp_engine(model: ModelConfig, config: WattlaneConfig, state_dir:
         n_threads=opts.get("n_threads"),
         n_batch=int(opts.get("n_batch", 256)),
     )
+
+
+def _checked_grammar(response_format: dict[str, Any], vocab: Any) -> Any:
+    """response_format as a llama.cpp grammar, parsed once by llama.cpp itself before any request uses it.
+
+    The schema converter emits grammars llama.cpp cannot parse for some schemas ({"enum": []} gives an empty
+    rule), and a sampler built from such a grammar crashes the process: the parse here returns NULL instead."""
+    import llama_cpp
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    if response_format["type"] == "json_object":
+        grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    else:
+        schema = response_format["json_schema"].get("schema") or {}
+        try:
+            grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+        except Exception as exc:  # the converter raises what it meets (AssertionError, KeyError, ValueError, ...)
+            raise RequestRejectedError(f"response_format.json_schema.schema cannot be turned into a grammar: "
+                                       f"{type(exc).__name__}: {exc}", param="response_format") from None
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+    if not sampler:
+        raise RequestRejectedError("response_format.json_schema.schema gives a grammar llama.cpp cannot parse "
+                                   "(an empty enum or anyOf, for one)", param="response_format")
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
+
+
+def _logit_bias_processor(logit_bias: dict[int, float] | None) -> Any:
+    """OpenAI's logit_bias as a llama.cpp logits processor: each biased token's logit moves by its bias."""
+    if not logit_bias:
+        return None
+    import numpy as np
+    from llama_cpp import LogitsProcessorList
+
+    ids = np.fromiter(logit_bias.keys(), dtype=np.int64)
+    bias = np.fromiter(logit_bias.values(), dtype=np.float32)
+
+    def add_bias(_input_ids: Any, scores: Any) -> Any:
+        scores[ids] += bias
+        return scores
+
+    return LogitsProcessorList([add_bias])

@@ -160,6 +160,16 @@ class UpstreamEngine(Engine):
             body["seed"] = p.seed
         if p.stop:
             body["stop"] = p.stop
+        # the server honours these itself (supports_json says it does for response_format); sent only when
+        # asked for, so a server that lacks one still takes every other request
+        if p.response_format is not None:
+            body["response_format"] = p.response_format
+        if p.frequency_penalty:
+            body["frequency_penalty"] = p.frequency_penalty
+        if p.presence_penalty:
+            body["presence_penalty"] = p.presence_penalty
+        if p.logit_bias:
+            body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
         return body
 
     def _estimate_prompt_tokens(self, request: GenerationRequest) -> int:

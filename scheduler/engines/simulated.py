@@ -24,6 +24,7 @@ from scheduler.engines.base import (
     GenerationRequest,
     ModelKind,
     ReplicaStats,
+    RequestRejectedError,
     TokenCountMethod,
 )
 from scheduler.sim.builders import build_core, replica_device_groups
@@ -89,6 +90,9 @@ class SimulatedEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
         prompt = self.check_fits(request)
         params = request.params
+        if params.response_format is not None:  # routing keeps JSON requests off simulated models (supports_json)
+            raise RequestRejectedError(f"model {self.model_id} is simulated: its text is filler and cannot follow "
+                                       "response_format", param="response_format")
         out = params.force_output_tokens or self.resolve_max_tokens(request, prompt)
         if out < 1:
             yield EngineEvent("", prompt, 0, self._clock(), finished=True, finish_reason="length")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from scheduler.config import ModelConfig
-from scheduler.engines.base import ReplicaStats
+from scheduler.engines.base import ENGINE_JSON_MODE, ReplicaStats
 from scheduler.routing.adequacy import AdequacyPredictor
 from scheduler.routing.controls import RequestControls
 from scheduler.routing.placement import PlacementRequest, ReplicaPrediction, prior_joules_per_token, rank_replicas
@@ -49,8 +49,8 @@ class RouteRequest:
     max_tokens: int = 256
     #: expected output tokens for energy (default: max_tokens, an upper bound that suits budgets)
     output_tokens_estimate: int | None = None
+    #: response_format asks for JSON: only a model that supports_json may take it
     needs_json: bool = False
-    needs_tools: bool = False
 
     def estimated_prompt_tokens(self) -> int:
         if self.prompt_tokens is not None:
@@ -236,11 +236,9 @@ def route(
             constraint_codes.append(("context_length_exceeded", c.reason))
             continue
         if request.needs_json and not m.supports_json:
-            c.reason = "no JSON mode"
-            constraint_codes.append(("unsupported_capability", c.reason))
-            continue
-        if request.needs_tools and not m.supports_tools:
-            c.reason = "no tool calling"
+            c.reason = (f"'{m.id}' has no JSON mode for response_format (its engine '{m.engine}' "
+                        + ("cannot constrain its output)" if m.engine not in ENGINE_JSON_MODE else
+                           "does, where its config sets supports_json: true)"))
             constraint_codes.append(("unsupported_capability", c.reason))
             continue
         c.kept = True

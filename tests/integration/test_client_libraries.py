@@ -70,3 +70,25 @@ def test_litellm_stream_keeps_energy_on_the_finish_chunk(server):
     assert finish, chunks
     _assert_footprint(finish[-1].energy, finish[-1].carbon)
     assert any(getattr(c, "usage", None) is not None and c.usage.completion_tokens > 0 for c in chunks)
+
+
+def test_structured_output_from_langchain_and_the_openai_parse_helper(server):
+    """Both send a strict json_schema response_format built from a pydantic model and parse the answer into it."""
+    import openai
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        city: str
+        country: str
+
+    ask = "What is the capital of France?"
+    llm = ChatOpenAI(model=CHAT_MODEL, base_url=server.url + "/v1", api_key=KEYS["client"], max_tokens=64,
+                     temperature=0, max_retries=0, timeout=120)
+    answer = llm.with_structured_output(City, method="json_schema").invoke(ask)
+    assert isinstance(answer, City) and answer.city
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS["client"], timeout=120, max_retries=0)
+    parsed = client.chat.completions.parse(model=CHAT_MODEL, messages=[{"role": "user", "content": ask}],
+                                           response_format=City, max_tokens=64, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    assert parsed.usage.model_extra["energy"]["joules"] > 0

@@ -119,6 +119,33 @@ def test_max_tokens_gives_length(client):
     assert resp.usage.completion_tokens == 5 and resp.choices[0].finish_reason == "length"
 
 
+def test_json_mode_through_the_gateway_gives_json_the_free_answer_is_not(client):
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    free = client.chat.completions.create(model="auto", messages=ask, max_tokens=30, temperature=0)
+    with pytest.raises(ValueError):
+        json.loads(free.choices[0].message.content)
+    resp = client.chat.completions.create(model="auto", messages=ask, max_tokens=96, temperature=0,
+                                          response_format={"type": "json_object"})
+    assert isinstance(json.loads(resp.choices[0].message.content), dict)
+    assert resp.choices[0].finish_reason == "stop" and resp.usage.model_extra["energy"]["joules"] > 0
+    # json_schema, streamed: the pieces join into an object of the schema
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    chunks = list(client.chat.completions.create(
+        model=CHAT_MODEL, messages=ask, max_tokens=64, temperature=0.7, seed=3, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}))
+    value = json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    assert list(value) == ["city"] and isinstance(value["city"], str)
+
+
+def test_tools_are_refused_not_ignored(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       max_tokens=8, tools=[{"type": "function", "function": {
+                                           "name": "weather", "parameters": {"type": "object", "properties": {}}}}])
+    assert info.value.body["param"] == "tools" and "function calling" in info.value.body["message"]
+
+
 def test_completion_with_gemma(client):
     resp = client.completions.create(model=COMPLETION_MODEL, prompt="The capital of France is Paris. The capital of "
                                      "Germany is", max_tokens=8, temperature=0)

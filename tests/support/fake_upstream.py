@@ -47,6 +47,8 @@ class FakeUpstream:
         self.requests: Counter[str] = Counter()
         #: the client's port of every generation request, in order: one port for many requests is one connection
         self.client_ports: list[int] = []
+        #: the body of every generation request, in order
+        self.bodies: list[dict] = []
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -86,6 +88,7 @@ class FakeUpstream:
 
     async def _generate(self, request: Request) -> Response:
         body = await request.json()
+        self.bodies.append(body)
         mode = body.get("model", "ok")
         self.requests[mode] += 1
         self.client_ports.append(request.client.port if request.client else 0)

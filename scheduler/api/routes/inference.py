@@ -56,7 +56,8 @@ def _controls(body: Any) -> dict[str, Any]:
 
 def _params(body: Any) -> SamplingParams:
     if isinstance(body, RouteExplainRequest):  # nothing runs: only the length matters to routing
-        return SamplingParams(max_tokens=body.max_tokens)
+        return SamplingParams(max_tokens=body.max_tokens, response_format=body.response_format.constraint()
+                              if body.response_format is not None else None)
     return SamplingParams(
         max_tokens=body.effective_max_tokens(),
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -64,6 +65,10 @@ def _params(body: Any) -> SamplingParams:
         seed=body.seed,
         stop=list(body.stop or []),
         logprobs=bool(body.logprobs),
+        response_format=fmt.constraint() if (fmt := getattr(body, "response_format", None)) is not None else None,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None,
     )
 
 

@@ -62,6 +62,19 @@ def test_tokens_stream_through_with_the_servers_usage(fake):
     assert (last.prompt_tokens, last.completion_tokens) == (7, len(WORDS))
 
 
+def test_json_mode_penalties_and_logit_bias_reach_the_server_only_when_asked_for(fake):
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    asked = GenerationRequest("r-json", ModelKind.CHAT, messages=[{"role": "user", "content": "x"}],
+                              params=SamplingParams(max_tokens=4, response_format=fmt, frequency_penalty=0.5,
+                                                    presence_penalty=-1.0, logit_bias={42: -100.0}))
+    asyncio.run(collect(engine(fake.base_url, "ok"), asked))
+    sent = fake.bodies[-1]
+    assert sent["response_format"] == fmt and sent["logit_bias"] == {"42": -100.0}
+    assert (sent["frequency_penalty"], sent["presence_penalty"]) == (0.5, -1.0)
+    asyncio.run(collect(engine(fake.base_url, "ok"), chat("r-plain")))
+    assert not {"response_format", "logit_bias", "frequency_penalty", "presence_penalty"} & set(fake.bodies[-1])
+
+
 def test_completions_stream_and_without_usage_tokens_are_counted(fake):
     eng = engine(fake.base_url, "ok-nousage")
     eng.kind = ModelKind.COMPLETION

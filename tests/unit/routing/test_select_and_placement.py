@@ -20,8 +20,9 @@ class FixedPredictor:
 
 def models(**overrides):
     small = dict(id="small", kind="chat", engine="simulated", params_b=8, context_length=4096, devices=["g0"])
-    large = dict(id="large", kind="chat", engine="simulated", params_b=70, context_length=32768, devices=["g1"],
-                 supports_json=True)
+    # llama.cpp constrains its output to JSON with a grammar: supports_json unset means yes
+    large = dict(id="large", kind="chat", engine="llamacpp", weights={"path": "large.gguf"}, params_b=70,
+                 context_length=32768, devices=["g1"])
     small.update(overrides)
     return [ModelConfig(**large), ModelConfig(**small)]  # deliberately out of size order
 
@@ -56,6 +57,8 @@ def test_hard_constraints_drop_with_reasons():
     assert "context 4096 < 4000 prompt + 200 max_tokens" in next(c for c in d.candidates if c.model_id == "small").reason
     d = route(models(), RouteRequest(kind="chat", prompt_text="x", needs_json=True), controls(), FixedPredictor(1.0), stats)
     assert d.model_id == "large"
+    assert "'small' has no JSON mode for response_format (its engine 'simulated' cannot constrain its output)" in \
+        next(c for c in d.candidates if c.model_id == "small").reason
     # chat models also continue raw text, so a completion request has candidates ...
     d = route(models(), RouteRequest(kind="completion", prompt_text="x"), controls(), FixedPredictor(1.0), stats)
     assert d.model_id == "small"

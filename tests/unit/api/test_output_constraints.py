@@ -1,0 +1,98 @@
+"""Fields that constrain the answer are honoured or refused with a clear 400, never ignored.
+
+A client that asks for JSON (response_format), tool calls, a completion's suffix or best_of and gets plain
+text back takes it for what it asked for. JSON mode routes to a model that can follow it (llama.cpp's grammar,
+or an upstream server marked supports_json); with none configured it is a 400 that names each model's reason.
+The rest are refused in the envelope. (Real app in-process, simulated models, no Ray.)
+"""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from scheduler.config import ConfigError, WattlaneConfig, validate_config_mapping
+from tests.support.gateway_app import bearer, build
+
+ASK = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture
+def client(tmp_path):
+    app, gw = build(tmp_path)
+    with TestClient(app) as c:
+        yield c
+    gw.close()
+
+
+def error(r, param: str | None = None) -> dict:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client):
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}):
+        r = client.post("/v1/chat/completions", headers=bearer("client"),
+                        json={"model": "auto", "messages": ASK, "max_tokens": 4, "response_format": fmt})
+        err = error(r)
+        assert err["code"] == "unsupported_capability"
+        assert "has no JSON mode for response_format" in err["message"] and "simulated" in err["message"]
+    # free text ("text") constrains nothing and is served
+    r = client.post("/v1/chat/completions", headers=bearer("client"),
+                    json={"model": "auto", "messages": ASK, "max_tokens": 4, "response_format": {"type": "text"}})
+    assert r.status_code == 200, r.text
+    # route-explain shows the same reason without running anything
+    r = client.post("/v1/route/explain", headers=bearer("client"),
+                    json={"messages": ASK, "response_format": {"type": "json_object"}})
+    assert r.status_code == 200 and "has no JSON mode" in r.text
+
+
+@pytest.mark.parametrize("path, fields, param, words", [
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tools (function calling)"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions", "tools (function calling)"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format", "'json_schema' is required"),
+    ("/v1/chat/completions", {"response_format": {"type": "xml"}}, "response_format.type", "'json_object'"),
+    ("/v1/chat/completions", {"logit_bias": {"hello": 5}}, "logit_bias", "token ids"),
+    ("/v1/chat/completions", {"logit_bias": {"5": 101}}, "logit_bias.5", "100"),
+    ("/v1/chat/completions", {"frequency_penalty": 2.5}, "frequency_penalty", "2"),
+    ("/v1/completions", {"suffix": " the end"}, "suffix", "suffix (text insertion)"),
+    ("/v1/completions", {"best_of": 3}, "best_of", "1"),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not supported"),
+])
+def test_what_cannot_be_honoured_is_refused_in_the_envelope(client, path, fields, param, words):
+    body = {"model": "auto", "max_tokens": 4, **({"messages": ASK} if "chat" in path else {"prompt": "Once"}), **fields}
+    err = error(client.post(path, headers=bearer("client"), json=body), param)
+    assert words in err["message"], err
+
+
+def test_an_empty_tools_list_or_best_of_1_asks_for_nothing_and_is_served(client):
+    r = client.post("/v1/chat/completions", headers=bearer("client"),
+                    json={"model": "auto", "messages": ASK, "max_tokens": 4, "tools": [], "frequency_penalty": 0.5})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/completions", headers=bearer("client"),
+                    json={"model": "auto", "prompt": "Once", "max_tokens": 4, "best_of": 1, "suffix": None})
+    assert r.status_code == 200, r.text
+
+
+def model(**fields) -> dict:
+    return {"models": [{"id": "m", "kind": "chat", **fields}]}
+
+
+def test_supports_json_defaults_to_what_the_engine_can_do():
+    def supports_json(cfg: dict) -> bool:
+        return WattlaneConfig.model_validate(cfg).models[0].supports_json
+
+    assert supports_json(model(engine="llamacpp", weights={"path": "m.gguf"})) is True
+    assert supports_json(model(engine="simulated", devices=[])) is False
+    endpoint = {"base_url": "http://127.0.0.1:1/v1", "served_model_name": "m", "devices": ["cpu0"]}
+    assert supports_json(model(engine="openai", endpoints=[endpoint])) is False  # until the operator says it can
+    assert supports_json(model(engine="openai", endpoints=[endpoint], supports_json=True)) is True
+    with pytest.raises(ConfigError) as info:
+        validate_config_mapping(model(engine="simulated", devices=[], supports_json=True), "wattlane.yaml")
+    msg = str(info.value)
+    assert "wattlane.yaml" in msg and "models[0]" in msg and "supports_json: engine 'simulated' cannot constrain its output" in msg
