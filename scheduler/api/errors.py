@@ -135,6 +135,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if tuple(first.get("loc", ())) == ("body",):  # the body as a whole: absent, or not an object
         if first.get("type") == "missing":
             return "request body is required (JSON object)", None
+        if first.get("type") == "value_error":  # a check across fields of the body: its own words
+            return msg, None
         return "request body must be a JSON object", None
     if first.get("type") == "missing":
         return f"'{param}' is required", param

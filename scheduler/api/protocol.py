@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
@@ -196,7 +196,9 @@ def _not_supported(message: str) -> Any:
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    #: each output token's log-probability in choices[].logprobs.content, with top_logprobs alternatives
     logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     #: the legacy spelling of tools
@@ -206,12 +208,20 @@ class ChatCompletionRequest(_SamplingFields):
         "tools (function calling) are not supported: no configured engine returns tool calls, so the answer "
         "would silently be plain text; remove the field"))
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
+    #: each output token's log-probability in choices[].logprobs, with this many alternatives (0-5)
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
@@ -338,11 +348,33 @@ class ChatMessageOut(_Response):
     content: str
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
+
+
 class ChatChoice(_Response):
     index: int
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = Field(None, description="with logprobs: true, each output token's log-probability")
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
 
 
 class ChatCompletionResponse(_Response):
@@ -362,7 +394,7 @@ class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = Field(None, description="with logprobs: N, each output token's log-probability")
 
 
 class CompletionResponse(_Response):

@@ -31,7 +31,7 @@ from scheduler.cluster.messages import (
 )
 from scheduler.config import WattlaneConfig
 from scheduler.energy.carbon import CarbonFootprint
-from scheduler.engines.base import GenerationRequest
+from scheduler.engines.base import GenerationRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class InferenceResult:
     #: seconds per stage of the request's path (route, replica, engine, energy, accounting): the
     #: response's Server-Timing header; a stage that did not run, or was not measured, is absent
     timings: dict[str, float] = field(default_factory=dict)
+    #: each generated token's log-probability, when the client asked for them (None: it did not)
+    token_logprobs: list[TokenLogprob] | None = None
 
     def usage_energy(self) -> dict[str, Any] | None:
         """usage.energy of the response (protocol.EnergyUsage)."""
@@ -154,6 +156,9 @@ class StreamSession:
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._text: list[str] = []
+        #: token log-probabilities received (when the client asked): all of them, and those not yet streamed
+        self._logprobs: list[TokenLogprob] = []
+        self._unsent_logprobs: list[TokenLogprob] = []
         self._end: ReplicaEnd | None = None
         self._recording: asyncio.Task | None = None
 
@@ -164,7 +169,16 @@ class StreamSession:
                                                            f"record-{self.job.request_id}")
         return self._recording
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The token log-probabilities received since the last call (a streamed chunk carries its tokens')."""
+        out, self._unsent_logprobs = self._unsent_logprobs, []
+        return out
+
     def _seen(self, ev: ReplicaEvent) -> None:
+        logprobs = getattr(ev, "token_logprobs", None)
+        if logprobs:
+            self._logprobs.extend(logprobs)
+            self._unsent_logprobs.extend(logprobs)
         self._prompt_tokens = max(self._prompt_tokens, getattr(ev, "prompt_tokens", 0))
         self._completion_tokens = max(self._completion_tokens, getattr(ev, "completion_tokens", 0))
         if self._completion_tokens > 0 and self._first_token_s is None:
@@ -542,6 +556,7 @@ class Serving:
             prompt_tokens_method=end.prompt_tokens_method,
             completion_tokens_method=end.completion_tokens_method,
             timings=_stage_seconds(s, end),
+            token_logprobs=list(s._logprobs) if s.job.request.params.return_logprobs else None,
         )
         accounting_started_s = time.monotonic()
         result = await self.accounting.record(s.job, result, "ok", end.energy)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from scheduler.engines.base import TokenLogprob
+
 
 class ReplicaErrorKind(str, Enum):
     #: the prompt plus max_tokens does not fit the model's context (the client can fix it)
@@ -156,6 +158,8 @@ class ReplicaDelta:
     prompt_tokens: int
     completion_tokens: int
     time_s: float
+    #: the client asked for token log-probabilities: those of the tokens in this delta
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ class ReplicaEnd:
     engine_seconds: float | None = None
     #: seconds the replica waited for the node agent's answer with the request's energy
     energy_seconds: float | None = None
+    #: the client asked for token log-probabilities: those of `text`'s tokens (all of them without deltas)
+    token_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

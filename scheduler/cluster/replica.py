@@ -520,6 +520,8 @@ class ModelServer:
         first_token_mono: float | None = None
         prompt_tokens = completion_tokens = 0
         texts: list[str] = []
+        #: without deltas: every token's log-probability, for the end event (when the client asked)
+        token_logprobs: list[Any] = []
         energy: EnergyReport | None = None
         settled = False
         last: EngineEvent | None = None  # the latest event: its counts' methods label an error's counts
@@ -552,6 +554,8 @@ class ModelServer:
                         settled = True
                         finished_mono = time.monotonic()
                         energy = await self._finish_energy(reports, ev.time_s, prompt_tokens, completion_tokens, engine)
+                        if ev.token_logprobs:
+                            token_logprobs.extend(ev.token_logprobs)
                         yield ReplicaEnd(
                             text=ev.text if deltas else "".join(texts) + ev.text, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, finish_reason=ev.finish_reason, time_s=ev.time_s,
@@ -559,7 +563,9 @@ class ModelServer:
                             first_token_to_end_seconds=None if deltas or first_token_mono is None
                             else time.monotonic() - first_token_mono, start=start,
                             engine_seconds=finished_mono - engine_started_mono,
-                            energy_seconds=time.monotonic() - finished_mono, **_token_methods(engine, ev))
+                            energy_seconds=time.monotonic() - finished_mono,
+                            token_logprobs=tuple(token_logprobs) if request.params.return_logprobs else None,
+                            **_token_methods(engine, ev))
                         # after the answer went out: none of this is on its path
                         self._learn_energy(energy)
                         self._push_stats()
@@ -568,9 +574,13 @@ class ModelServer:
                         reports.progress(ev)
                     if deltas:
                         yield ReplicaDelta(text=ev.text, prompt_tokens=prompt_tokens,
-                                           completion_tokens=completion_tokens, time_s=ev.time_s)
-                    elif ev.text:
-                        texts.append(ev.text)
+                                           completion_tokens=completion_tokens, time_s=ev.time_s,
+                                           token_logprobs=tuple(ev.token_logprobs) if ev.token_logprobs else None)
+                    else:
+                        if ev.text:
+                            texts.append(ev.text)
+                        if ev.token_logprobs:
+                            token_logprobs.extend(ev.token_logprobs)
         except (asyncio.CancelledError, GeneratorExit):
             # the client went away: the work done so far still costs energy, and the gateway records it
             if last is None:  # before the engine's first event: what it had handed on (an upstream server's prefill)

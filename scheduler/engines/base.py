@@ -64,7 +64,12 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    #: compute the completion's mean log-probability (the cascade reads it; EngineEvent.mean_logprob)
     logprobs: bool = False
+    #: the client asked for each token's log-probability (EngineEvent.token_logprobs), with this many
+    #: most likely alternatives per token (chat top_logprobs 0-20, completions logprobs 0-5)
+    return_logprobs: bool = False
+    top_logprobs: int = 0
     #: OpenAI's response_format when it constrains the output: {"type": "json_object"} or {"type": "json_schema",
     #: "json_schema": {"name", "schema", ...}}; None for free text. Routing sends it only to a model that
     #: supports_json; an engine that cannot honour it refuses it (RequestRejectedError), never ignores it
@@ -113,6 +118,19 @@ class TokenCountMethod(str, Enum):
     CHUNK_ESTIMATE = "stream-chunk-estimate"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and its most likely alternatives."""
+
+    #: the token's text (its UTF-8 bytes decoded; a token that ends inside a character shows U+FFFD)
+    token: str
+    logprob: float
+    #: the token's raw bytes (OpenAI's `bytes`: a client joins them to rebuild split characters)
+    token_bytes: bytes
+    #: the most likely tokens at this position, most likely first: (text, logprob, bytes)
+    top: tuple[tuple[str, float, bytes], ...] = ()
+
+
 @dataclass
 class EngineEvent:
     """One step of a generation.
@@ -130,6 +148,8 @@ class EngineEvent:
     finish_reason: FinishReason | None = None
     #: mean log-probability of the completion tokens so far, when the engine can report it
     mean_logprob: float | None = None
+    #: with params.return_logprobs: the tokens generated since the previous event, each with its logprob
+    token_logprobs: list[TokenLogprob] | None = None
     #: TokenCountMethod values of the counts above; None: the engine's token_counts_method
     prompt_tokens_method: str | None = None
     completion_tokens_method: str | None = None

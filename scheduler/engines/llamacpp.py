@@ -33,6 +33,7 @@ from scheduler.engines.base import (
     ReplicaStats,
     RequestRejectedError,
     TokenCountMethod,
+    TokenLogprob,
 )
 from scheduler.weights import resolve_weights
 
@@ -216,8 +217,10 @@ class LlamaCppEngine(Engine):
                     break
                 piece = llm.detokenize([token], prev_tokens=prompt_ids + completion_ids)
                 completion_ids.append(token)
-                if params.logprobs:
-                    logprob_sum += self._token_logprob(token)
+                entry = None
+                if params.logprobs or params.return_logprobs:
+                    logprob, entry = self._token_logprob(token, piece, params.top_logprobs if params.return_logprobs else 0)
+                    logprob_sum += logprob
                 pending += decoder.decode(piece)
                 emit_text, pending, hit_stop = _split_on_stops(pending, stops)
                 text_out += emit_text
@@ -231,6 +234,7 @@ class LlamaCppEngine(Engine):
                         completion_tokens=len(completion_ids),
                         time_s=now,
                         mean_logprob=(logprob_sum / len(completion_ids)) if params.logprobs else None,
+                        token_logprobs=[entry] if params.return_logprobs and entry is not None else None,
                     )
                 )
                 if done:
@@ -270,19 +274,28 @@ class LlamaCppEngine(Engine):
             self._grammars[key] = grammar
         return grammar
 
-    def _token_logprob(self, token: int) -> float:
-        """Log-probability of the sampled token under the model (temperature 1).
+    def _token_logprob(self, token: int, token_bytes: bytes, top_n: int) -> tuple[float, TokenLogprob]:
+        """Log-probability of the sampled token under the model (temperature 1, before any logit_bias), and its
+        entry with the top_n most likely tokens at this position.
 
         Read from the context's last logits: llama-cpp-python keeps no logit history unless the
         model is loaded with logits_all, which would cost n_ctx x n_vocab floats.
         """
         import numpy as np
 
-        n_vocab = self._llm.n_vocab()
-        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits(), shape=(n_vocab,))
+        llm = self._llm
+        n_vocab = llm.n_vocab()
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
         m = float(np.max(logits))
         lse = m + math.log(float(np.sum(np.exp(logits - m))))
-        return float(logits[token]) - lse
+        logprob = float(logits[token]) - lse
+        top: tuple[tuple[str, float, bytes], ...] = ()
+        if top_n > 0:
+            ids = np.argpartition(logits, -top_n)[-top_n:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            top = tuple((b.decode("utf-8", "replace"), float(logits[i]) - lse, b)
+                        for i in ids.tolist() for b in (llm.detokenize([i]),))
+        return logprob, TokenLogprob(token_bytes.decode("utf-8", "replace"), logprob, token_bytes, top)
 
     def stats(self) -> ReplicaStats:
         # a crude live speed figure: seconds per generated token over recent requests, prompt

@@ -57,6 +57,7 @@ from scheduler.engines.base import (
     ReplicaStats,
     RequestRejectedError,
     TokenCountMethod,
+    TokenLogprob,
 )
 from scheduler.engines.upstream_health import EndpointHealth, HealthChecker
 from scheduler.engines.upstream_load import SERVER_KINDS, ServerLoad, ServerLoadPoller, server_root, to_replica_stats
@@ -170,6 +171,13 @@ class UpstreamEngine(Engine):
             body["presence_penalty"] = p.presence_penalty
         if p.logit_bias:
             body["logit_bias"] = {str(k): v for k, v in p.logit_bias.items()}
+        if p.return_logprobs:
+            if request.kind == ModelKind.CHAT:
+                body["logprobs"] = True
+                if p.top_logprobs:
+                    body["top_logprobs"] = p.top_logprobs
+            else:
+                body["logprobs"] = p.top_logprobs
         return body
 
     def _estimate_prompt_tokens(self, request: GenerationRequest) -> int:
@@ -196,6 +204,8 @@ class UpstreamEngine(Engine):
         usage: dict[str, Any] | None = None
         finish_reason: str | None = None
         last_token_s: float | None = None
+        #: token log-probabilities the server sent that no event has carried yet (a chunk may have no text)
+        logprobs: list[TokenLogprob] = []
         self.waiting += 1
         streaming = False
         sent = False  # the whole request reached the server: from here it is prefilling the prompt
@@ -220,6 +230,8 @@ class UpstreamEngine(Engine):
                             usage = chunk["usage"]
                         text, reason = self._choice(chunk, request.kind)
                         finish_reason = reason or finish_reason
+                        if request.params.return_logprobs:
+                            logprobs.extend(_chunk_logprobs(chunk))
                         if text:
                             now = time.time()
                             if not streaming:
@@ -233,7 +245,9 @@ class UpstreamEngine(Engine):
                             yield EngineEvent(text=text, prompt_tokens=prompt_tokens,
                                               completion_tokens=completion_tokens, time_s=now,
                                               prompt_tokens_method=prompt_method,
-                                              completion_tokens_method=completion_method)
+                                              completion_tokens_method=completion_method,
+                                              token_logprobs=logprobs or None)
+                            logprobs = []
                     else:
                         if finish_reason is None:
                             raise self._fail("the stream ended without [DONE] or a finish_reason (broken SSE)")
@@ -269,7 +283,8 @@ class UpstreamEngine(Engine):
         self.requests_completed += 1
         yield EngineEvent(text="", prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                           time_s=time.time(), finished=True, finish_reason=_FINISH.get(finish_reason or "", "stop"),
-                          prompt_tokens_method=prompt_method, completion_tokens_method=completion_method)
+                          prompt_tokens_method=prompt_method, completion_tokens_method=completion_method,
+                          token_logprobs=logprobs or None)
 
     async def _raise_for_status(self, resp: httpx.Response) -> None:
         body = b""
@@ -491,3 +506,31 @@ def build_upstream_engine(model: ModelConfig, config: WattlaneConfig, state_dir:
     )
     engine.start_health_checks()  # from the start: an endpoint that is down is out before a request meets it
     return engine
+
+
+def _chunk_logprobs(chunk: dict[str, Any]) -> list[TokenLogprob]:
+    """A streamed chunk's token log-probabilities, from either OpenAI shape: chat (logprobs.content, one entry
+    per token with its top_logprobs) or legacy completions (parallel tokens / token_logprobs / top_logprobs)."""
+    choices = chunk.get("choices") or []
+    lp = choices[0].get("logprobs") if choices and isinstance(choices[0], dict) else None
+    if not isinstance(lp, dict):
+        return []
+
+    def raw(token: str, given: Any) -> bytes:
+        return bytes(given) if isinstance(given, list) else token.encode("utf-8")
+
+    out = []
+    if isinstance(lp.get("content"), list):
+        for e in lp["content"]:
+            if isinstance(e, dict) and isinstance(e.get("token"), str) and isinstance(e.get("logprob"), (int, float)):
+                top = tuple((a["token"], float(a["logprob"]), raw(a["token"], a.get("bytes")))
+                            for a in e.get("top_logprobs") or [] if isinstance(a, dict) and "token" in a and "logprob" in a)
+                out.append(TokenLogprob(e["token"], float(e["logprob"]), raw(e["token"], e.get("bytes")), top))
+        return out
+    tokens, values = lp.get("tokens") or [], lp.get("token_logprobs") or []
+    tops = lp.get("top_logprobs") or [None] * len(tokens)
+    for token, value, top in zip(tokens, values, tops):
+        if isinstance(token, str) and isinstance(value, (int, float)):
+            alts = tuple((a, float(v), a.encode("utf-8")) for a, v in (top or {}).items())
+            out.append(TokenLogprob(token, float(value), token.encode("utf-8"), alts))
+    return out

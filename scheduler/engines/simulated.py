@@ -93,6 +93,9 @@ class SimulatedEngine(Engine):
         if params.response_format is not None:  # routing keeps JSON requests off simulated models (supports_json)
             raise RequestRejectedError(f"model {self.model_id} is simulated: its text is filler and cannot follow "
                                        "response_format", param="response_format")
+        if params.return_logprobs:
+            raise RequestRejectedError(f"model {self.model_id} is simulated: its placeholder tokens have no "
+                                       "log-probabilities", param="logprobs")
         out = params.force_output_tokens or self.resolve_max_tokens(request, prompt)
         if out < 1:
             yield EngineEvent("", prompt, 0, self._clock(), finished=True, finish_reason="length")

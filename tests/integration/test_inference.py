@@ -146,6 +146,30 @@ def test_tools_are_refused_not_ignored(client):
     assert info.value.body["param"] == "tools" and "function calling" in info.value.body["message"]
 
 
+def test_token_logprobs_chat_streamed_and_legacy_completions(client):
+    ask = [{"role": "user", "content": "Say hello."}]
+    resp = client.chat.completions.create(model=CHAT_MODEL, messages=ask, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content)
+    # streamed: each chunk carries its own tokens' entries, and the energy still rides on the finish chunk
+    chunks = list(client.chat.completions.create(model=CHAT_MODEL, messages=ask, max_tokens=6, temperature=0,
+                                                 logprobs=True, stream=True, stream_options={"include_usage": True}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs and c.choices[0].logprobs.content
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    finish = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finish.choices[0].logprobs.model_extra["energy"]["joules"] > 0
+    comp = client.completions.create(model=COMPLETION_MODEL, prompt="One, two, three,", max_tokens=4, temperature=0,
+                                     logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert "".join(lp.tokens) == comp.choices[0].text and lp.text_offset[0] == 0
+    assert all(len(alts) == 2 for alts in lp.top_logprobs)
+
+
 def test_completion_with_gemma(client):
     resp = client.completions.create(model=COMPLETION_MODEL, prompt="The capital of France is Paris. The capital of "
                                      "Germany is", max_tokens=8, temperature=0)

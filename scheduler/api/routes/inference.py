@@ -28,7 +28,7 @@ from scheduler.api.protocol import (
 )
 from scheduler.api.request_ids import request_id_of
 from scheduler.api.schemas import RouteExplanation
-from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams, TokenLogprob
 
 router = APIRouter()
 #: 200 is JSON, or with stream=true an SSE stream (the handlers return the Response themselves)
@@ -64,7 +64,9 @@ def _params(body: Any) -> SamplingParams:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=list(body.stop or []),
-        logprobs=bool(body.logprobs),
+        # chat: logprobs is a bool and top_logprobs the alternatives; completions: logprobs is the alternatives
+        return_logprobs=body.logprobs is not None and body.logprobs is not False,
+        top_logprobs=(body.top_logprobs or 0) if isinstance(body, ChatCompletionRequest) else (body.logprobs or 0),
         response_format=fmt.constraint() if (fmt := getattr(body, "response_format", None)) is not None else None,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
@@ -133,15 +135,54 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
 
 
-ChoiceFn = Callable[[str, "str | None"], dict[str, Any]]
+#: (text, finish_reason, the log-probabilities of text's tokens or None when the client asked for none) -> a choice
+ChoiceFn = Callable[[str, "str | None", "list[TokenLogprob] | None"], dict[str, Any]]
 
 
-def _chat_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "delta": {"content": text} if finish_reason is None else {}, "finish_reason": finish_reason}
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """choices[].logprobs of a chat completion (or chunk): one entry per token, with its alternatives."""
+    if entries is None:
+        return None
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes),
+                         "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(b)} for a, lp, b in t.top]}
+                        for t in entries], "refusal": None}
 
 
-def _completion_choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
+def _chat_choice(text: str, finish_reason: str | None, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"content": text} if finish_reason is None else {}, "finish_reason": finish_reason}
+    if logprobs is not None:
+        choice["logprobs"] = _chat_logprobs(logprobs)
+    return choice
+
+
+class _CompletionLogprobs:
+    """choices[].logprobs of a legacy completion: tokens, their logprobs, alternatives and character offsets.
+
+    Offsets count from the start of the returned text (the echoed prompt included) across a stream's chunks."""
+
+    def __init__(self, start_offset: int, alternatives: int):
+        self.offset = start_offset
+        self.alternatives = alternatives
+
+    def __call__(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        for t in entries:
+            offsets.append(self.offset)
+            self.offset += len(t.token)
+        return {"tokens": [t.token for t in entries], "token_logprobs": [t.logprob for t in entries],
+                "top_logprobs": [{a: lp for a, lp, _ in t.top} for t in entries] if self.alternatives else None,
+                "text_offset": offsets}
+
+
+def _completion_choice_fn(logprobs: _CompletionLogprobs | None) -> ChoiceFn:
+    def choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        lp = logprobs(entries or []) if logprobs is not None and entries is not None else None
+        return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
+    return choice
+
+
+def _completion_choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    return _completion_choice_fn(None)(text, finish_reason, entries)
 
 
 async def _respond(request: Request, job: Job, *, stream: bool, include_usage: bool, obj: str,
@@ -170,16 +211,17 @@ async def _stream(session: StreamSession, include_usage: bool, obj: str, chunk: 
             "routing": session.routing, "system_fingerprint": session.system_fingerprint}
     if opening is not None:
         yield _sse({**base, "choices": [opening]})
+    want_logprobs = session.job.request.params.return_logprobs
     try:
         async for text in session.deltas():
-            yield _sse({**base, "choices": [chunk(text, None)]})
+            yield _sse({**base, "choices": [chunk(text, None, session.take_logprobs() if want_logprobs else None)]})
     except ApiError as exc:  # headers are gone: report in-band, as OpenAI does
         yield _sse(exc.body())
         yield b"data: [DONE]\n\n"
         return
     result = session.result
     assert result is not None
-    final = {**base, "choices": [chunk("", result.finish_reason)]}
+    final = {**base, "choices": [chunk("", result.finish_reason, session.take_logprobs() if want_logprobs else None)]}
     if include_usage:
         _attach_footprint(final, result)
     yield _sse(final)
@@ -208,7 +250,7 @@ def _attach_footprint(final_chunk: dict[str, Any], result: InferenceResult) -> N
         return
     final_chunk.update(footprint)
     choice = final_chunk["choices"][0]
-    logprobs = {"content": None, "refusal": None} if final_chunk["object"].startswith("chat.") else {}
+    logprobs = choice.get("logprobs") or ({"content": None, "refusal": None} if final_chunk["object"].startswith("chat.") else {})
     choice["logprobs"] = {**logprobs, **footprint}
 
 
@@ -224,7 +266,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     return await _respond(
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="chat.completion",
         message=lambda r: {"index": 0, "message": {"role": "assistant", "content": r.text},
-                           "finish_reason": r.finish_reason, "logprobs": None},
+                           "finish_reason": r.finish_reason, "logprobs": _chat_logprobs(r.token_logprobs)},
         chunk=_chat_choice,
         opening={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
     )
@@ -236,10 +278,14 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     job = _job(body, request_id_of(request), principal, request)
     prompt = job.request.prompt or ""
     prefix = prompt if body.echo else ""
+    params = job.request.params
+    # the echoed prompt's own tokens carry no logprobs here: offsets start after it
+    offsets = _CompletionLogprobs(len(prefix), params.top_logprobs) if params.return_logprobs else None
+    chunk = _completion_choice_fn(offsets)
     return await _respond(
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
-        message=lambda r: _completion_choice(prefix + r.text, r.finish_reason),
-        chunk=_completion_choice,
+        message=lambda r: chunk(prefix + r.text, r.finish_reason, r.token_logprobs),
+        chunk=chunk,
         opening=_completion_choice(prefix, None) if prefix else None,
     )
 

@@ -63,6 +63,11 @@ def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client
     ("/v1/completions", {"suffix": " the end"}, "suffix", "suffix (text insertion)"),
     ("/v1/completions", {"best_of": 3}, "best_of", "1"),
     ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not supported"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
+    # the simulator's placeholder tokens have no log-probabilities: refused, not answered with null
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs", "simulated"),
+    ("/v1/completions", {"logprobs": 2}, "logprobs", "simulated"),
 ])
 def test_what_cannot_be_honoured_is_refused_in_the_envelope(client, path, fields, param, words):
     body = {"model": "auto", "max_tokens": 4, **({"messages": ASK} if "chat" in path else {"prompt": "Once"}), **fields}
@@ -96,3 +101,15 @@ def test_supports_json_defaults_to_what_the_engine_can_do():
         validate_config_mapping(model(engine="simulated", devices=[], supports_json=True), "wattlane.yaml")
     msg = str(info.value)
     assert "wattlane.yaml" in msg and "models[0]" in msg and "supports_json: engine 'simulated' cannot constrain its output" in msg
+
+
+def test_a_check_across_body_fields_keeps_its_own_words():
+    from fastapi.exceptions import RequestValidationError
+
+    from scheduler.api.errors import _validation_message
+
+    # a model-level check has the whole body as its location; it used to read "must be a JSON object"
+    err = RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": "Value error, a needs b"}])
+    assert _validation_message(err) == ("a needs b", None)
+    err = RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be an object"}])
+    assert _validation_message(err) == ("request body must be a JSON object", None)

@@ -1,4 +1,4 @@
-"""The llama.cpp engine honours response_format (grammar-constrained JSON), logit_bias and the penalties.
+"""The llama.cpp engine honours response_format (grammar-constrained JSON), logit_bias, the penalties and logprobs.
 
 Each runs the real SmolLM2-135M on the CPU: a 135M model left to itself rarely writes valid JSON, so valid
 JSON every time is the grammar's doing.
@@ -101,3 +101,31 @@ def test_the_penalties_break_a_repetition(engine):
     assert run(engine, ask, max_tokens=40, frequency_penalty=2.0)[0].count("ten times") < 2
     presence, _ = run(engine, ask, max_tokens=40, presence_penalty=2.0)
     assert presence.count("ten times") < 2
+
+
+def test_token_logprobs_one_per_token_with_sorted_alternatives(engine):
+    async def go():
+        req = GenerationRequest(request_id="t", kind=ModelKind.CHAT, messages=[{"role": "user", "content": "Say hello."}],
+                                params=SamplingParams(max_tokens=8, temperature=0.0, return_logprobs=True, top_logprobs=3))
+        return [ev async for ev in engine.generate(req)]
+
+    events = asyncio.run(go())
+    entries = [t for ev in events for t in (ev.token_logprobs or [])]
+    assert len(entries) == events[-1].completion_tokens == 8
+    assert b"".join(t.token_bytes for t in entries).decode() == "".join(ev.text for ev in events)
+    for t in entries:
+        assert t.logprob <= 0 and len(t.top) == 3
+        assert [lp for _, lp, _ in t.top] == sorted((lp for _, lp, _ in t.top), reverse=True)
+        # greedy: the token chosen is the most likely one, with the same figure
+        assert t.top[0][0] == t.token and t.top[0][1] == pytest.approx(t.logprob)
+
+
+def test_without_return_logprobs_no_entries_are_made(engine):
+    async def go():
+        req = GenerationRequest(request_id="t", kind=ModelKind.CHAT, messages=[{"role": "user", "content": "Say hello."}],
+                                params=SamplingParams(max_tokens=4, temperature=0.0, logprobs=True))
+        return [ev async for ev in engine.generate(req)]
+
+    events = asyncio.run(go())
+    assert all(ev.token_logprobs is None for ev in events)
+    assert events[-1].mean_logprob is not None and events[-1].mean_logprob < 0  # the cascade's mean still is

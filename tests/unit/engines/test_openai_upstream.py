@@ -75,6 +75,33 @@ def test_json_mode_penalties_and_logit_bias_reach_the_server_only_when_asked_for
     assert not {"response_format", "logit_bias", "frequency_penalty", "presence_penalty"} & set(fake.bodies[-1])
 
 
+def test_logprobs_are_asked_for_in_each_shape_and_read_from_either():
+    from scheduler.engines.openai_upstream import _chunk_logprobs
+
+    eng = engine("http://127.0.0.1:1", "ok")
+    chat_req = GenerationRequest("c", ModelKind.CHAT, messages=[{"role": "user", "content": "x"}],
+                                 params=SamplingParams(max_tokens=2, return_logprobs=True, top_logprobs=2))
+    body = eng._body(chat_req)
+    assert body["logprobs"] is True and body["top_logprobs"] == 2
+    comp_req = GenerationRequest("p", ModelKind.COMPLETION, prompt="x",
+                                 params=SamplingParams(max_tokens=2, return_logprobs=True, top_logprobs=3))
+    assert eng._body(comp_req)["logprobs"] == 3
+    assert "logprobs" not in eng._body(chat("plain"))
+    chat_chunk = {"choices": [{"delta": {"content": "Hi"}, "logprobs": {"content": [
+        {"token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+         "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}, {"token": "Yo", "logprob": -1.5}]}]}}]}
+    [t] = _chunk_logprobs(chat_chunk)
+    assert (t.token, t.logprob, t.token_bytes) == ("Hi", -0.5, b"Hi")
+    assert t.top == (("Hi", -0.5, b"Hi"), ("Yo", -1.5, b"Yo"))
+    legacy = {"choices": [{"text": " a b", "logprobs": {"tokens": [" a", " b"], "token_logprobs": [-0.1, -0.2],
+                                                       "top_logprobs": [{" a": -0.1}, {" b": -0.2, " c": -2.0}]}}]}
+    a, b = _chunk_logprobs(legacy)
+    assert (a.token, a.logprob, b.top) == (" a", -0.1, ((" b", -0.2, b" b"), (" c", -2.0, b" c")))
+    # a chunk without logprobs, or with a shape of neither kind, has none: never an error mid-stream
+    assert _chunk_logprobs({"choices": [{"delta": {"content": "x"}}]}) == []
+    assert _chunk_logprobs({"choices": [{"logprobs": {"content": [{"token": 5}]}}]}) == []
+
+
 def test_completions_stream_and_without_usage_tokens_are_counted(fake):
     eng = engine(fake.base_url, "ok-nousage")
     eng.kind = ModelKind.COMPLETION
