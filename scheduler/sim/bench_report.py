@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,57 @@ def _s(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _share_70b(r: dict[str, Any]) -> float | None:
+    return r["share_by_model"].get("llama-3.1-70b")
+
+
+def _cmp(r: dict[str, Any], key: str) -> float | None:
+    return r.get("comparison", {}).get(key)
+
+
+#: a column of a per-policy table: (header, Markdown alignment, the cell from one policy's result)
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+
+#: the results file's table of a cell: every figure
+FULL_COLUMNS: list[Column] = [
+    ("J/request", "---:", lambda r: f"{r['energy_per_request_joules']:.0f}"),
+    ("dynamic", "---:", lambda r: f"{r['dynamic_energy_per_request_joules']:.0f}"),
+    ("idle", "---:", lambda r: f"{r['idle_energy_per_request_joules']:.0f}"),
+    ("J/output token", "---:", lambda r: f"{r['energy_per_output_token_joules']:.2f}"),
+    ("vs baseline", "---:", lambda r: _pct(_cmp(r, "energy_vs_baseline"), signed=True)),
+    ("vs oracle", "---:", lambda r: _pct(_cmp(r, "energy_vs_oracle"), signed=True)),
+    ("SLO", "---:", lambda r: _pct(r["slo_attainment"], 2)),
+    ("TTFT p50/p90/p99 (s)", "---",
+     lambda r: f"{_s(r['ttft_p50_seconds'])}/{_s(r['ttft_p90_seconds'])}/{_s(r['ttft_p99_seconds'])}"),
+    ("TPOT p50/p90/p99 (ms)", "---",
+     lambda r: f"{_ms(r['tpot_p50_seconds'])}/{_ms(r['tpot_p90_seconds'])}/{_ms(r['tpot_p99_seconds'])}"),
+    ("quality retained", "---:", lambda r: _pct(_cmp(r, "quality_retained"))),
+    ("share to 70B", "---:", lambda r: _pct(_share_70b(r))),
+    ("GPU-h busy", "---:", lambda r: f"{r['gpu_hours_busy']:.2f}"),
+    ("GPU-h parked", "---:", lambda r: f"{r['gpu_hours_parked']:.2f}"),
+]
+#: docs/benchmarks.md's table of a cell: the figures a reader compares, energy split in one column
+DOC_COLUMNS: list[Column] = [
+    ("J/request (dynamic + idle)", "---:", lambda r: f"{r['energy_per_request_joules']:.0f} "
+     f"({r['dynamic_energy_per_request_joules']:.0f} + {r['idle_energy_per_request_joules']:.0f})"),
+    ("vs baseline", "---:", lambda r: _pct(_cmp(r, "energy_vs_baseline"), signed=True)),
+    ("vs oracle", "---:", lambda r: _pct(_cmp(r, "energy_vs_oracle"), signed=True)),
+    ("SLO attainment", "---:", lambda r: _pct(r["slo_attainment"], 2)),
+    ("TTFT p99 (s)", "---:", lambda r: _s(r["ttft_p99_seconds"])),
+    ("TPOT p99 (ms)", "---:", lambda r: _ms(r["tpot_p99_seconds"])),
+    ("quality retained", "---:", lambda r: _pct(_cmp(r, "quality_retained"))),
+    ("to 70B", "---:", lambda r: _pct(_share_70b(r), 0)),
+    ("GPU-h busy / parked", "---:", lambda r: f"{r['gpu_hours_busy']:.2f} / {r['gpu_hours_parked']:.2f}"),
+]
+
+
+def _policy_table(policies: dict[str, dict[str, Any]], columns: list[Column]) -> list[str]:
+    """One row per policy of a cell."""
+    lines = ["| policy | " + " | ".join(h for h, _, _ in columns) + " |", "|---|" + "".join(a + "|" for _, a, _ in columns)]
+    lines += [f"| {name} | " + " | ".join(fn(r) for _, _, fn in columns) + " |" for name, r in policies.items()]
+    return lines
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     st = doc["settings"]
     lines = [
@@ -47,23 +99,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "the SLO. Quality retained: label-implied accuracy against the baseline's on the same prompts. Definitions: docs/benchmarks.md.",
         "",
     ]
-    for key, cell in doc["cells"].items():
-        pol = cell["policies"]
-        lines += [f"## {cell['workload']}, load {cell['load']:g}x", "",
-                  "| policy | J/request | dynamic | idle | J/output token | vs baseline | vs oracle | SLO | TTFT p50/p90/p99 (s) | TPOT p50/p90/p99 (ms) | quality retained | share to 70B | GPU-h busy | GPU-h parked |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|"]
-        for name, r in pol.items():
-            c = r.get("comparison", {})
-            share = r["share_by_model"].get("llama-3.1-70b")
-            lines.append(
-                f"| {name} | {r['energy_per_request_joules']:.0f} | {r['dynamic_energy_per_request_joules']:.0f} | "
-                f"{r['idle_energy_per_request_joules']:.0f} | {r['energy_per_output_token_joules']:.2f} | "
-                f"{_pct(c.get('energy_vs_baseline'), signed=True)} | {_pct(c.get('energy_vs_oracle'), signed=True)} | "
-                f"{_pct(r['slo_attainment'], 2)} | {_s(r['ttft_p50_seconds'])}/{_s(r['ttft_p90_seconds'])}/{_s(r['ttft_p99_seconds'])} | "
-                f"{_ms(r['tpot_p50_seconds'])}/{_ms(r['tpot_p90_seconds'])}/{_ms(r['tpot_p99_seconds'])} | "
-                f"{_pct(c.get('quality_retained'))} | {_pct(share)} | {r['gpu_hours_busy']:.2f} | {r['gpu_hours_parked']:.2f} |"
-            )
-        lines.append("")
+    for cell in doc["cells"].values():
+        lines += [f"## {cell['workload']}, load {cell['load']:g}x", "", *_policy_table(cell["policies"], FULL_COLUMNS), ""]
     if ABLATION_REFERENCE in st["policies"] and any(p not in _NOT_ABLATIONS for p in st["policies"]):
         lines += [f"## What each capability adds (energy per request against `{ABLATION_REFERENCE}`)", "",
                   render_ablations(doc), ""]
@@ -150,19 +187,7 @@ def render_cells(doc: dict[str, Any]) -> str:
             pol = c["policies"]
             first = pol.get("baseline") or next(iter(pol.values()))
             lines += [f"#### {c['workload']}, load {c['load']:g}x ({first['requests']} requests)", "",
-                      "| policy | J/request (dynamic + idle) | vs baseline | vs oracle | SLO attainment | TTFT p99 (s) | "
-                      "TPOT p99 (ms) | quality retained | to 70B | GPU-h busy / parked |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-            for name, r in pol.items():
-                cmp_ = r.get("comparison", {})
-                share = r["share_by_model"].get("llama-3.1-70b")
-                lines.append(
-                    f"| {name} | {r['energy_per_request_joules']:.0f} ({r['dynamic_energy_per_request_joules']:.0f} + "
-                    f"{r['idle_energy_per_request_joules']:.0f}) | {_pct(cmp_.get('energy_vs_baseline'), signed=True)} | "
-                    f"{_pct(cmp_.get('energy_vs_oracle'), signed=True)} | {_pct(r['slo_attainment'], 2)} | "
-                    f"{_s(r['ttft_p99_seconds'])} | {_ms(r['tpot_p99_seconds'])} | {_pct(cmp_.get('quality_retained'))} | "
-                    f"{_pct(share, 0)} | {r['gpu_hours_busy']:.2f} / {r['gpu_hours_parked']:.2f} |")
-            lines.append("")
+                      *_policy_table(pol, DOC_COLUMNS), ""]
     return "\n".join(lines).rstrip("\n")
 
 

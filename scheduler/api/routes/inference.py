@@ -181,10 +181,6 @@ def _completion_choice_fn(logprobs: _CompletionLogprobs | None) -> ChoiceFn:
     return choice
 
 
-def _completion_choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    return _completion_choice_fn(None)(text, finish_reason, entries)
-
-
 async def _respond(request: Request, job: Job, *, stream: bool, include_usage: bool, obj: str,
                    message: Callable[[InferenceResult], dict[str, Any]], chunk: ChoiceFn, opening: dict[str, Any] | None):
     """Run the job and answer as JSON, or as an SSE stream of `obj`.chunk objects."""
@@ -286,7 +282,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
         request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
         message=lambda r: chunk(prefix + r.text, r.finish_reason, r.token_logprobs),
         chunk=chunk,
-        opening=_completion_choice(prefix, None) if prefix else None,
+        opening=chunk(prefix, None) if prefix else None,
     )
 
 

@@ -9,20 +9,11 @@ The rest are refused in the envelope. (Real app in-process, simulated models, no
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from scheduler.config import ConfigError, WattlaneConfig, validate_config_mapping
-from tests.support.gateway_app import bearer, build
+from tests.support.gateway_app import bearer
 
 ASK = [{"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture
-def client(tmp_path):
-    app, gw = build(tmp_path)
-    with TestClient(app) as c:
-        yield c
-    gw.close()
 
 
 def error(r, param: str | None = None) -> dict:

