@@ -417,7 +417,8 @@ class ModelInfo(BaseModel):
     created: int
     owned_by: str
     wattlane: dict[str, Any] = Field(
-        description="kind (router or the model's kind), engine, context_length, params_b, devices")
+        description="kind (router or the model's kind), engine, context_length, params_b, devices, and "
+                    "supports_json (whether it follows response_format)")
 
 
 class ModelList(_Response):

@@ -198,8 +198,11 @@ def test_auto_picks_by_kind(client):
 
 
 def test_models_list(client):
-    ids = [m.id for m in client.models.list().data]
+    models = client.models.list().data
+    ids = [m.id for m in models]
     assert ids[0] == "auto" and CHAT_MODEL in ids and COMPLETION_MODEL in ids
+    # llama.cpp follows response_format with a grammar: both local models say so
+    assert all(m.model_extra["wattlane"]["supports_json"] is True for m in models[1:])
 
 
 def test_health_and_readiness(server):

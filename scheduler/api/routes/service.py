@@ -21,7 +21,7 @@ async def list_models(request: Request, _: Principal = Depends(require("client")
     for m in gw.config.models:
         data.append({"id": m.id, "object": "model", "created": gw.started_s, "owned_by": "wattlane",
                      "wattlane": {"kind": m.kind, "engine": m.engine, "context_length": m.context_length,
-                                  "params_b": m.params_b, "devices": m.devices}})
+                                  "params_b": m.params_b, "devices": m.devices, "supports_json": m.supports_json}})
     return {"object": "list", "data": data}
 
 

@@ -37,6 +37,9 @@ def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client
     r = client.post("/v1/chat/completions", headers=bearer("client"),
                     json={"model": "auto", "messages": ASK, "max_tokens": 4, "response_format": {"type": "text"}})
     assert r.status_code == 200, r.text
+    # /v1/models says which models follow response_format
+    models = client.get("/v1/models", headers=bearer("client")).json()["data"]
+    assert models[1:] and all(m["wattlane"]["supports_json"] is False for m in models[1:])  # simulated models
     # route-explain shows the same reason without running anything
     r = client.post("/v1/route/explain", headers=bearer("client"),
                     json={"messages": ASK, "response_format": {"type": "json_object"}})
