@@ -156,9 +156,9 @@ class StreamSession:
         self._prompt_tokens = 0
         self._completion_tokens = 0
         self._text: list[str] = []
-        #: token log-probabilities received (when the client asked): all of them, and those not yet streamed
+        #: token log-probabilities received (when the client asked), and how many of them went out in chunks
         self._logprobs: list[TokenLogprob] = []
-        self._unsent_logprobs: list[TokenLogprob] = []
+        self._logprobs_sent = 0
         self._end: ReplicaEnd | None = None
         self._recording: asyncio.Task | None = None
 
@@ -171,14 +171,14 @@ class StreamSession:
 
     def take_logprobs(self) -> list[TokenLogprob]:
         """The token log-probabilities received since the last call (a streamed chunk carries its tokens')."""
-        out, self._unsent_logprobs = self._unsent_logprobs, []
+        out = self._logprobs[self._logprobs_sent:]
+        self._logprobs_sent = len(self._logprobs)
         return out
 
     def _seen(self, ev: ReplicaEvent) -> None:
         logprobs = getattr(ev, "token_logprobs", None)
         if logprobs:
             self._logprobs.extend(logprobs)
-            self._unsent_logprobs.extend(logprobs)
         self._prompt_tokens = max(self._prompt_tokens, getattr(ev, "prompt_tokens", 0))
         self._completion_tokens = max(self._completion_tokens, getattr(ev, "completion_tokens", 0))
         if self._completion_tokens > 0 and self._first_token_s is None:
