@@ -387,7 +387,7 @@ def _checked_grammar(response_format: dict[str, Any], vocab: Any) -> Any:
     if response_format["type"] == "json_object":
         grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
     else:
-        schema = response_format["json_schema"].get("schema") or {}
+        schema = _root_ref_as_union(response_format["json_schema"].get("schema") or {})
         try:
             grammar = LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
         except Exception as exc:  # the converter raises what it meets (AssertionError, KeyError, ValueError, ...)
@@ -399,6 +399,20 @@ def _checked_grammar(response_format: dict[str, Any], vocab: Any) -> Any:
                                    "(an empty enum or anyOf, for one)", param="response_format")
     llama_cpp.llama_sampler_free(sampler)
     return grammar
+
+
+def _root_ref_as_union(schema: Any) -> Any:
+    """The same schema, with a root that is itself a $ref written as a one-way anyOf of that $ref.
+
+    llama.cpp's converter resolves a node's $ref without walking the node's other keys, so when the root is
+    a $ref beside its $defs (pydantic's schema of a recursive model: {"$ref": "#/$defs/Node", "$defs":
+    {...}}) the refs inside $defs stay unresolved and it fails (KeyError). Without a $ref of its own the
+    root's $defs are walked too; the grammar is the same, since the converter reads nothing else beside a
+    $ref. A root with its own anyOf or oneOf is left alone: those would take the $ref's place."""
+    if not isinstance(schema, dict) or "$ref" not in schema or len(schema) == 1 or {"anyOf", "oneOf"} & schema.keys():
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "$ref"}
+    return {**rest, "anyOf": [{"$ref": schema["$ref"]}]}
 
 
 def _logit_bias_processor(logit_bias: dict[int, float] | None) -> Any:
