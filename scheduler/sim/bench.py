@@ -65,6 +65,8 @@ class PolicySet:
     slo_batching: bool = False
     batch_clocks: bool = False  # the engine sets the clock per batch (replaces the governor's clock lock)
     oracle: bool = False
+    #: with oracle: how it picks among the adequate models that meet the SLO (FleetSimulator.oracle_model_choice)
+    oracle_model_choice: str = "lowest-energy"
     pools: bool = False  # GPUs move between the 8B and the 70B pool with the load (scheduler/sim/pools.py)
     #: what routing is told of output lengths (scheduler.sim.fleet.OUTPUT_LENGTHS)
     output_lengths: str = "known"
@@ -94,6 +96,9 @@ POLICY_SETS: tuple[PolicySet, ...] = (
               "energy", park=True, quality_budget=True, slo_batching=True, batch_clocks=True, output_lengths="running-mean"),
     PolicySet("oracle", "oracle (true adequacy and lengths, greedy)", "mixed", "auto", "energy", park=True,
               slo_batching=True, batch_clocks=True, oracle=True),
+    PolicySet("perfect-predictor", "full Wattlane's routing rule with a perfect predictor (true adequacy, the smallest "
+              "adequate model, no quality budget)", "mixed", "auto", "energy", park=True, slo_batching=True,
+              batch_clocks=True, oracle=True, oracle_model_choice="smallest"),
 )
 POLICIES = {p.name: p for p in POLICY_SETS}
 
@@ -197,7 +202,7 @@ def run_job(job: Job) -> dict[str, Any]:
             config, seed=job.seed, model=p.model, strong_models=[LARGE], min_quality=mq if routed else None,
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
-            oracle=p.oracle, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
+            oracle=p.oracle, oracle_model_choice=p.oracle_model_choice, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
             clock_switch_seconds=job.clock_switch_seconds, pools=p.pools, output_lengths=p.output_lengths,
             timeline_interval_seconds=60.0,
         )

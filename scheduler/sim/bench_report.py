@@ -13,7 +13,7 @@ DOC_BLOCKS = ("ablations", "cells", "band")
 #: the policy set each ablation is measured against
 ABLATION_REFERENCE = "wattlane"
 #: policy sets that are no ablation of the reference (it, the bounds, and the sets with one part of it)
-_NOT_ABLATIONS = {"baseline", "routing", "placement", "governor", ABLATION_REFERENCE, "oracle"}
+_NOT_ABLATIONS = {"baseline", "routing", "placement", "governor", ABLATION_REFERENCE, "oracle", "perfect-predictor"}
 
 
 class DocBlockError(ValueError):

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
-from scheduler.config import WattlaneConfig
+from scheduler.config import RoutingConfig, WattlaneConfig
 from scheduler.config_error import ConfigError
 from scheduler.devices.simulated import SimulatedGpu
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
@@ -39,6 +39,8 @@ from scheduler.sim.trace import Trace
 AUTO_SELECTIONS = ("route", "placement-only")
 #: what route() is told of each output length in route mode (FleetSimulator output_lengths)
 OUTPUT_LENGTHS = ("known", "running-mean")
+#: how route() picks among adequate models that meet the SLO (the config's routing.model_choice values)
+MODEL_CHOICES: tuple[str, ...] = get_args(RoutingConfig.model_fields["model_choice"].annotation)
 #: the running-mean estimate before any request has arrived
 FIRST_OUTPUT_ESTIMATE = 256
 
@@ -150,6 +152,7 @@ class FleetSimulator:
         strong_models: Sequence[str] | None = None,
         park_idle_seconds: float | None = None,
         oracle: bool = False,
+        oracle_model_choice: str = "lowest-energy",
         quality_budget: Any | None = None,
         slo_batching: bool = False,
         batch_clocks: bool = False,
@@ -168,6 +171,9 @@ class FleetSimulator:
         oracle: route mode with perfect knowledge of adequacy: the small model is adequate exactly when the
             prompt's labels say it answers as well as the large one (weak correct, or strong wrong too);
             route() then picks the lowest predicted energy among adequate models that meet the SLO.
+        oracle_model_choice: with oracle, how route() picks among the adequate models that meet the SLO:
+            "lowest-energy" (the oracle) or "smallest" (Wattlane's default rule: full Wattlane's routing
+            with a perfect predictor).
         quality_budget: a scheduler.routing.quality_budget.QualityBudget: hold min_quality as a window
             average instead of a per-request wall (route mode).
         slo_batching: each replica sizes its prefill chunks and running sequences from the SLO
@@ -190,6 +196,8 @@ class FleetSimulator:
             raise ValueError(f"park_idle_seconds must be >= 0, got {park_idle_seconds!r}")
         if oracle and auto_selection != "route":
             raise ValueError("oracle needs auto_selection='route'")
+        if oracle_model_choice not in MODEL_CHOICES:
+            raise ValueError(f"oracle_model_choice must be one of {', '.join(MODEL_CHOICES)}, got {oracle_model_choice!r}")
         if pools and auto_selection != "route":
             raise ValueError("pools need auto_selection='route'")
         if output_lengths not in OUTPUT_LENGTHS:
@@ -202,6 +210,7 @@ class FleetSimulator:
         self.min_quality = min_quality
         self.park_idle_seconds = park_idle_seconds
         self.oracle = oracle
+        self.oracle_model_choice = oracle_model_choice
         self.quality_budget = quality_budget
         self.slo_batching = slo_batching
         self.batch_clocks = batch_clocks
@@ -397,7 +406,8 @@ class FleetSimulator:
             devices=devices, timeline=timeline, replicas=replicas,
             preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
             settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
-                      "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "slo_batching": self.slo_batching,
+                      "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle, "oracle_model_choice": self.oracle_model_choice if self.oracle else None,
+                      "slo_batching": self.slo_batching,
                       "batch_clocks": self.batch_clocks, "clock_switches": sum(r.core.clock_switches for r in self.replicas),
                       "quality_budget": self.quality_budget is not None, "output_lengths": self.output_lengths,
                       "pools": self.pool_manager.summary(end) if self.pool_manager is not None else None,
@@ -464,7 +474,7 @@ class _RoutedArrivals:
         if sim.oracle:
             from dataclasses import replace as _replace
 
-            self.controls = _replace(self.controls, model_choice="lowest-energy")
+            self.controls = _replace(self.controls, model_choice=sim.oracle_model_choice)
         self.predictor = _CachedAdequacy(predictor)
         self.pool = pool
         self.prompt_index = pool.draw(len(trace), sim.seed)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from scheduler.sim import bench
 
-POLICIES = ["baseline", "routing", "wattlane", "wattlane-all", "oracle"]
+POLICIES = ["baseline", "routing", "wattlane", "wattlane-all", "oracle", "perfect-predictor"]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,15 @@ def test_budget_prompt_weight_reaches_the_routed_budgets_and_is_checked():
         assert doc["settings"]["budget_prompt_weight"] == weight
         shares.append(doc["cells"]["prompt-heavy@1"]["policies"]["wattlane-all"]["share_by_model"][bench.LARGE])
     assert shares[0] != shares[1]
+
+
+def test_wattlanes_rule_with_a_perfect_predictor_routes_as_the_oracle(doc):
+    # with true adequacy, the smallest adequate model that meets the SLO is also the one of lowest predicted
+    # energy: what separates full Wattlane from the oracle is the predictor (docs/benchmarks.md, "The oracle")
+    for cell in doc["cells"].values():
+        pol = cell["policies"]
+        perfect, oracle = pol["perfect-predictor"], pol["oracle"]
+        assert perfect["requests_by_model"] == oracle["requests_by_model"]
+        assert perfect["energy_per_request_joules"] == pytest.approx(oracle["energy_per_request_joules"], rel=1e-9)
+        large = "llama-3.1-70b"
+        assert pol["wattlane-all"]["share_by_model"][large] > 2 * oracle["share_by_model"][large]

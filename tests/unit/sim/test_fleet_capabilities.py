@@ -51,11 +51,14 @@ def test_slo_aware_batching_protects_tpot_under_long_prompts():
     assert aware["slo_attainment"] >= fixed["slo_attainment"]
 
 
-def test_oracle_sends_to_the_large_model_only_what_the_small_one_gets_wrong():
+@pytest.mark.parametrize("choice", ["lowest-energy", "smallest"])
+def test_oracle_sends_to_the_large_model_only_what_the_small_one_gets_wrong(choice):
     rng = np.random.default_rng(5)
     n = 200
     trace = Trace(np.sort(rng.uniform(0, 100, n)), rng.integers(100, 1500, n), rng.integers(10, 200, n), None, "synthetic")
-    res = FleetSimulator(load_config(MIXED), placement=energy_place, oracle=True, strong_models=["llama-3.1-70b"]).run(trace)
+    res = FleetSimulator(load_config(MIXED), placement=energy_place, oracle=True, oracle_model_choice=choice,
+                         strong_models=["llama-3.1-70b"]).run(trace)
+    assert res.settings["oracle_model_choice"] == choice
     r = res.routing
     served = r["served_model_index"]
     needs_large = (r["weak_correct"] == 0) & (r["strong_correct"] == 1)
@@ -65,9 +68,11 @@ def test_oracle_sends_to_the_large_model_only_what_the_small_one_gets_wrong():
     assert r["label_accuracy"] >= r["strong_accuracy_same_prompts"]
 
 
-def test_oracle_needs_route_mode():
+def test_oracle_needs_route_mode_and_a_known_model_choice():
     with pytest.raises(ValueError, match="oracle needs"):
         FleetSimulator(load_config(MIXED), oracle=True, auto_selection="placement-only")
+    with pytest.raises(ValueError, match="oracle_model_choice must be one of smallest, lowest-energy"):
+        FleetSimulator(load_config(MIXED), oracle=True, oracle_model_choice="cheapest")
 
 
 def _one_request(prompt_tokens: int, *, batch_clocks: bool, output_tokens: int = 2):
