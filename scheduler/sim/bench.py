@@ -202,7 +202,8 @@ def run_job(job: Job) -> dict[str, Any]:
             config, seed=job.seed, model=p.model, strong_models=[LARGE], min_quality=mq if routed else None,
             placement=energy_place if p.placement == "energy" else RoundRobin(start=job.seed),
             governor_factory=governor, park_idle_seconds=PARK_IDLE_SECONDS if p.park else None,
-            oracle=p.oracle, oracle_model_choice=p.oracle_model_choice, quality_budget=budget, slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
+            oracle=p.oracle, oracle_model_choice=p.oracle_model_choice, quality_budget=budget,
+            slo_batching=p.slo_batching, batch_clocks=p.batch_clocks,
             clock_switch_seconds=job.clock_switch_seconds, pools=p.pools, output_lengths=p.output_lengths,
             timeline_interval_seconds=60.0,
         )
