@@ -50,7 +50,14 @@ class DeviceNotSupportedError(DeviceError):
 
 
 class DeviceSettingError(DeviceError):
-    """A requested setting lies outside the device's constraints; nothing was changed."""
+    """A requested setting lies outside the device's constraints; nothing was changed.
+
+    param names the request field at fault (watts, min_mhz, max_mhz) for the API's error envelope; it is an
+    attribute, which survives pickling across Ray (BaseException keeps its __dict__)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class DevicePermissionError(DeviceError):
@@ -67,7 +74,7 @@ class PowerLimitConstraints:
         if not (self.min_watts <= watts <= self.max_watts):
             raise DeviceSettingError(
                 f"power limit {watts:g} W is outside the device's range "
-                f"[{self.min_watts:g}, {self.max_watts:g}] W"
+                f"[{self.min_watts:g}, {self.max_watts:g}] W", param="watts"
             )
 
 
@@ -79,12 +86,12 @@ class ClockConstraints:
 
     def check(self, min_mhz: float, max_mhz: float) -> None:
         if min_mhz > max_mhz:
-            raise DeviceSettingError(f"min_mhz {min_mhz:g} is above max_mhz {max_mhz:g}")
-        for v in (min_mhz, max_mhz):
+            raise DeviceSettingError(f"min_mhz {min_mhz:g} is above max_mhz {max_mhz:g}", param="min_mhz")
+        for name, v in (("min_mhz", min_mhz), ("max_mhz", max_mhz)):
             if not (self.min_mhz <= v <= self.max_mhz):
                 raise DeviceSettingError(
-                    f"clock {v:g} MHz is outside the device's range "
-                    f"[{self.min_mhz:g}, {self.max_mhz:g}] MHz"
+                    f"{name} {v:g} MHz is outside the device's range "
+                    f"[{self.min_mhz:g}, {self.max_mhz:g}] MHz", param=name
                 )
 
 

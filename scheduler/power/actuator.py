@@ -232,7 +232,10 @@ class PowerActuator:
 
         def check() -> None:
             self._require(dev.supports_locked_clocks(), dev, "lockable clocks")
-            dev.clock_constraints().check(lo, hi)
+            try:
+                dev.clock_constraints().check(lo, hi)
+            except DeviceSettingError as exc:
+                raise DeviceSettingError(f"{dev.device_id}: {exc}; nothing was changed", param=exc.param) from None
 
         return self._act(
             dev, "set_locked_clocks", "locked_clocks_mhz", [lo, hi], actor, reason,
@@ -256,12 +259,12 @@ class PowerActuator:
     def _check_power_limit(self, dev: Device, watts: float) -> None:
         self._require(dev.supports_power_limit(), dev, "a settable power limit")
         if watts != watts or watts in (float("inf"), float("-inf")):
-            raise DeviceSettingError(f"power limit {watts} W is not a number")
+            raise DeviceSettingError(f"power limit {watts} W is not a number", param="watts")
         c = dev.power_limit_constraints()
         try:
             c.check(watts)
         except DeviceSettingError as exc:
-            raise DeviceSettingError(f"{dev.device_id}: {exc}; nothing was changed") from None
+            raise DeviceSettingError(f"{dev.device_id}: {exc}; nothing was changed", param=exc.param) from None
 
     def _act(
         self,

@@ -127,7 +127,7 @@ def _power_error(exc: Exception) -> ApiError:
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).splitlines()[-1] if str(cause) else type(cause).__name__
     if isinstance(cause, DeviceSettingError) or isinstance(cause, ValueError):
-        return ApiError(400, text, code="invalid_setting")
+        return ApiError(400, text, code="invalid_setting", param=getattr(cause, "param", None))
     if isinstance(cause, DeviceNotSupportedError):
         return ApiError(400, text, code="not_supported")
     if isinstance(cause, DevicePermissionError):

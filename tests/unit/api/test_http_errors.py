@@ -59,6 +59,20 @@ def test_node_filters_devices_and_scopes_device_routes(client):
     assert r.json()["device_id"] == "gpu0" and r.json()["outcome"] == "recommended"
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/devices/gpu0/power-limit", {"watts": 5000}, "watts"),
+    ("/v1/devices/gpu0/power-limit", {"watts": "inf"}, "watts"),
+    ("/v1/devices/gpu0/locked-clocks", {"min_mhz": 1500, "max_mhz": 900}, "min_mhz"),
+    ("/v1/devices/gpu0/locked-clocks", {"min_mhz": 1, "max_mhz": 900}, "min_mhz"),
+    ("/v1/devices/gpu0/locked-clocks", {"min_mhz": 900, "max_mhz": 99999}, "max_mhz"),
+])
+def test_a_setting_outside_the_devices_range_is_400_naming_its_field(client, path, body, param):
+    r = client.put(path, json=body, headers=bearer("operator"))
+    err = envelope(r, 400, "invalid_setting")
+    assert err["param"] == param, err
+    assert err["message"].startswith("gpu0: ") or "not a number" in err["message"], err
+
+
 def test_known_node_policy_is_that_nodes(client):
     r = client.get("/v1/power/policy", params={"node": "node-b"}, headers=bearer("operator"))
     assert r.status_code == 200, r.text
