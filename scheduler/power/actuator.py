@@ -232,10 +232,7 @@ class PowerActuator:
 
         def check() -> None:
             self._require(dev.supports_locked_clocks(), dev, "lockable clocks")
-            try:
-                dev.clock_constraints().check(lo, hi)
-            except DeviceSettingError as exc:
-                raise DeviceSettingError(f"{dev.device_id}: {exc}; nothing was changed", param=exc.param) from None
+            self._in_range(dev, lambda: dev.clock_constraints().check(lo, hi))
 
         return self._act(
             dev, "set_locked_clocks", "locked_clocks_mhz", [lo, hi], actor, reason,
@@ -260,9 +257,13 @@ class PowerActuator:
         self._require(dev.supports_power_limit(), dev, "a settable power limit")
         if watts != watts or watts in (float("inf"), float("-inf")):
             raise DeviceSettingError(f"power limit {watts} W is not a number", param="watts")
-        c = dev.power_limit_constraints()
+        self._in_range(dev, lambda: dev.power_limit_constraints().check(watts))
+
+    @staticmethod
+    def _in_range(dev: Device, check: Callable[[], None]) -> None:
+        """Run a device's constraints check; its error names the device and says that nothing was changed."""
         try:
-            c.check(watts)
+            check()
         except DeviceSettingError as exc:
             raise DeviceSettingError(f"{dev.device_id}: {exc}; nothing was changed", param=exc.param) from None
 
