@@ -268,7 +268,8 @@ class EnergyConfig(_Section):
 
 
 class PowerGroupConfig(_Section):
-    name: str
+    #: the name the operator API and `wattlane power` address the group by (the same bounds there)
+    name: Annotated[str, Field(min_length=1, max_length=128)]
     devices: list[str]
     policy: Literal[POLICY_NAMES] = "none"  # type: ignore[valid-type]
     #: policy parameters (see docs/power.md)

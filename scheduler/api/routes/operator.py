@@ -18,11 +18,15 @@ from scheduler.power.policies import POLICY_NAMES
 
 router = APIRouter()
 
+#: an audit reason is a sentence, not a document: the audit log keeps every one, and `wattlane power audit` prints it
+REASON_MAX_CHARS = 500
+Reason = Annotated[str | None, Field(max_length=REASON_MAX_CHARS, description="why (goes to the audit log)")]
+
 
 class PowerLimitBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     watts: Annotated[float, Field(gt=0)]
-    reason: str | None = None
+    reason: Reason = None
 
 
 PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
@@ -30,7 +34,7 @@ PolicyName = Literal[POLICY_NAMES]  # type: ignore[valid-type]
 
 class PolicyGroupUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(description="the group to change (or create, with devices)")
+    name: str = Field(min_length=1, max_length=128, description="the group to change (or create, with devices)")
     policy: PolicyName
     options: dict[str, Any] | None = None
     devices: list[str] | None = None
@@ -45,19 +49,19 @@ class PolicyUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["enforce", "recommend"] | None = None
     groups: list[PolicyGroupUpdate] | None = None
-    group: str | None = Field(None, description="one group's name (same as name)")
-    name: str | None = None
+    group: str | None = Field(None, min_length=1, max_length=128, description="one group's name (same as name)")
+    name: str | None = Field(None, min_length=1, max_length=128)
     policy: PolicyName | None = None
     options: dict[str, Any] | None = None
     devices: list[str] | None = None
-    reason: str | None = None
+    reason: Reason = None
 
 
 class LockedClocksBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_mhz: Annotated[float, Field(gt=0)]
     max_mhz: Annotated[float, Field(gt=0)]
-    reason: str | None = None
+    reason: Reason = None
 
 
 #: what every operator route can answer besides 200: bad input, auth, unknown device or node, no agent

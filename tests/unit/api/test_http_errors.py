@@ -151,3 +151,27 @@ def test_a_body_that_is_not_json_text_is_400_saying_so(client, content):
                     headers={**bearer("client"), "Content-Type": "application/json"})
     err = envelope(r, 400, "invalid_value")
     assert err["message"].startswith("request body is not valid JSON")
+
+
+@pytest.mark.parametrize("method, path, body, param", [
+    ("PUT", "/v1/devices/gpu0/power-limit", {"watts": 300, "reason": "x" * 501}, "reason"),
+    ("PUT", "/v1/devices/gpu0/locked-clocks", {"min_mhz": 500, "max_mhz": 900, "reason": "x" * 501}, "reason"),
+    ("PUT", "/v1/power/policy", {"mode": "recommend", "reason": "x" * 501}, "reason"),
+    ("PUT", "/v1/power/policy", {"group": "g" * 129, "policy": "none", "devices": ["gpu0"]}, "group"),
+    ("PUT", "/v1/power/policy", {"groups": [{"name": "", "policy": "none", "devices": ["gpu0"]}]}, "groups.0.name"),
+])
+def test_an_oversized_reason_or_group_name_is_400_and_nothing_is_audited(client, method, path, body, param):
+    before = client.get("/v1/power/audit", headers=bearer("operator")).json()["data"]
+    r = client.request(method, path, json=body, headers=bearer("operator"))
+    err = envelope(r, 400)
+    assert err["param"] == param, err
+    after = client.get("/v1/power/audit", headers=bearer("operator")).json()["data"]
+    assert after == before
+
+
+def test_a_reason_at_the_limit_reaches_the_audit_log_whole(client):
+    reason = ("planned maintenance on rack 4; " * 17)[:500]
+    r = client.put("/v1/devices/gpu0/power-limit", json={"watts": 300, "reason": reason}, headers=bearer("operator"))
+    assert r.status_code == 200, r.text
+    rows = client.get("/v1/power/audit", headers=bearer("operator")).json()["data"]
+    assert [x["reason"] for x in rows if x["device_id"] == "gpu0"] == [reason]
