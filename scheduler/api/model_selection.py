@@ -151,5 +151,5 @@ def route_request(job: Any) -> RouteRequest:
         chars, n_messages = len(text), 1
     return RouteRequest(
         kind=request.kind.value, model=job.model, prompt_text=text, all_text_chars=chars, num_messages=n_messages,
-        max_tokens=request.params.max_tokens or 256, needs_json=request.params.response_format is not None,
+        max_tokens=256 if request.params.max_tokens is None else request.params.max_tokens, needs_json=request.params.response_format is not None,
     )

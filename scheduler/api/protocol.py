@@ -221,9 +221,13 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str]
-    #: each output token's log-probability in choices[].logprobs, with this many alternatives (0-5)
+    #: 0 with echo: the prompt alone (scored, with logprobs), as OpenAI's legacy completions allowed
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    #: each output token's log-probability in choices[].logprobs, with this many alternatives (0-5); with
+    #: echo, the prompt's tokens' too
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
-    echo: bool = False
+    #: checked when absent too: max_tokens 0 needs it
+    echo: Annotated[bool, Field(validate_default=True)] = False
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
     suffix: str | None = None
 
@@ -242,6 +246,14 @@ class CompletionRequest(_SamplingFields):
     def _single_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request is supported")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _something_to_answer(cls, v: bool, info: ValidationInfo) -> bool:
+        if info.data.get("max_tokens") == 0 and not v:
+            raise ValueError("max_tokens 0 generates nothing: it is for scoring a prompt (echo: true, with logprobs "
+                             "for its tokens' log-probabilities); otherwise set max_tokens to 1 or more")
         return v
 
     def effective_max_tokens(self) -> int | None:
@@ -371,9 +383,12 @@ class ChatChoice(_Response):
 
 
 class CompletionLogprobs(_Response):
+    """Parallel lists, one entry per token: the echoed prompt's tokens first (with echo), then the output's.
+    The prompt's first token has null in token_logprobs and top_logprobs: nothing before it predicts it."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -394,7 +409,8 @@ class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: CompletionLogprobs | None = Field(None, description="with logprobs: N, each output token's log-probability")
+    logprobs: CompletionLogprobs | None = Field(
+        None, description="with logprobs: N, each output token's log-probability (with echo, the prompt's tokens' first)")
 
 
 class CompletionResponse(_Response):

@@ -494,6 +494,8 @@ class Serving:
         from scheduler.routing.cascade import cascade_applies
 
         nxt = routed.decision.next_model if job.model == "auto" else None
+        if job.request.params.max_tokens == 0:  # a prompt scored (echo): no answer to judge, nothing to escalate
+            return None
         return nxt if cascade_applies(routed.controls.priority, self.config.routing, nxt) else None
 
     async def _maybe_escalate(self, job: Job, routed: Routed, first: InferenceResult, target: str) -> InferenceResult:

@@ -70,6 +70,10 @@ class SamplingParams:
     #: most likely alternatives per token (chat top_logprobs 0-20, completions logprobs 0-5)
     return_logprobs: bool = False
     top_logprobs: int = 0
+    #: the prompt's own tokens too, each with its log-probability given the tokens before it (legacy
+    #: completions' echo with logprobs): they come first in the first event's token_logprobs, in_prompt set.
+    #: An engine that cannot score a prompt refuses it (RequestRejectedError), never ignores it
+    prompt_logprobs: bool = False
     #: OpenAI's response_format when it constrains the output: {"type": "json_object"} or {"type": "json_schema",
     #: "json_schema": {"name", "schema", ...}}; None for free text. Routing sends it only to a model that
     #: supports_json; an engine that cannot honour it refuses it (RequestRejectedError), never ignores it
@@ -120,15 +124,19 @@ class TokenCountMethod(str, Enum):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's log-probability under the model, and its most likely alternatives."""
+    """One token's log-probability under the model, and its most likely alternatives: a generated token, or
+    a prompt token when the client asked for the prompt's (SamplingParams.prompt_logprobs)."""
 
     #: the token's text (its UTF-8 bytes decoded; a token that ends inside a character shows U+FFFD)
     token: str
-    logprob: float
+    #: None only for the prompt's first token, which nothing before it predicts (OpenAI's null)
+    logprob: float | None
     #: the token's raw bytes (OpenAI's `bytes`: a client joins them to rebuild split characters)
     token_bytes: bytes
     #: the most likely tokens at this position, most likely first: (text, logprob, bytes)
     top: tuple[tuple[str, float, bytes], ...] = ()
+    #: a token of the prompt (echoed), not of the completion
+    in_prompt: bool = False
 
 
 @dataclass
@@ -222,14 +230,14 @@ class Engine(abc.ABC):
         n = self.count_prompt_tokens(request)
         if n is None:
             return None
-        wanted = request.params.max_tokens or 1
+        wanted = 1 if request.params.max_tokens is None else request.params.max_tokens
         if n + wanted > self.context_length:
             raise ContextLengthError(n, wanted, self.context_length)
         return n
 
     def resolve_max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
         """The client's max_tokens, or DEFAULT_MAX_TOKENS capped at the context left after the prompt."""
-        if request.params.max_tokens is not None and request.params.max_tokens > 0:
+        if request.params.max_tokens is not None:  # 0 is a prompt scored, not generated from (echo)
             return request.params.max_tokens
         return max(1, min(DEFAULT_MAX_TOKENS, self.context_length - prompt_tokens))
 

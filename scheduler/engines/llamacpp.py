@@ -184,6 +184,8 @@ class LlamaCppEngine(Engine):
             llm.reset()
         # the start event carries the prompt tokens, so attribution sees prefill work at once
         emit(EngineEvent(text="", prompt_tokens=n_prompt, completion_tokens=0, time_s=started))
+        # the prompt's own log-probabilities (echo): they ride on the first event after the start
+        pending_entries = self._score_prompt(prompt_ids, params.top_logprobs, cancel) if params.prompt_logprobs else []
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         completion_ids: list[int] = []
         text_out = ""  # text already emitted
@@ -193,6 +195,10 @@ class LlamaCppEngine(Engine):
         vocab = llm._model.vocab
         forced = params.force_output_tokens
         limit = forced if forced is not None else params.max_tokens
+        if limit == 0 or cancel.is_set():
+            # max_tokens 0 (echo): the prompt alone, scored above when asked; nothing is generated
+            self._finish(emit, started, n_prompt, 0, "length" if limit == 0 else "stop", None, pending_entries)
+            return
         gen = llm.generate(
             prompt_ids,
             temp=params.temperature,
@@ -234,9 +240,11 @@ class LlamaCppEngine(Engine):
                         completion_tokens=len(completion_ids),
                         time_s=now,
                         mean_logprob=(logprob_sum / len(completion_ids)) if params.logprobs else None,
-                        token_logprobs=[entry] if params.return_logprobs and entry is not None else None,
+                            token_logprobs=(pending_entries + [entry]) if params.return_logprobs and entry is not None
+                        else None,
                     )
                 )
+                pending_entries = []
                 if done:
                     break
         finally:
@@ -245,20 +253,86 @@ class LlamaCppEngine(Engine):
             tail = pending + decoder.decode(b"", final=True)
         else:
             tail = ""
+        self._finish(emit, started, n_prompt, len(completion_ids), finish_reason,
+                     (logprob_sum / len(completion_ids)) if (params.logprobs and completion_ids) else None,
+                     pending_entries, tail)
+
+    def _finish(self, emit, started: float, n_prompt: int, n_completion: int, finish_reason: str,
+                mean_logprob: float | None, entries: list[TokenLogprob], tail: str = "") -> None:
         finished = time.time()
         self._completed += 1
-        self._recent.append((finished - started, len(completion_ids), n_prompt))
+        self._recent.append((finished - started, n_completion, n_prompt))
         emit(
             EngineEvent(
                 text=tail,
                 prompt_tokens=n_prompt,
-                completion_tokens=len(completion_ids),
+                completion_tokens=n_completion,
                 time_s=finished,
                 finished=True,
                 finish_reason=finish_reason,  # type: ignore[arg-type]
-                mean_logprob=(logprob_sum / len(completion_ids)) if (params.logprobs and completion_ids) else None,
+                mean_logprob=mean_logprob,
+                token_logprobs=entries or None,
             )
         )
+
+    def _score_prompt(self, prompt_ids: list[int], top_n: int, cancel: threading.Event) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (the first has none), with the
+        top_n most likely tokens at its position; the prompt is left evaluated, so generation goes on from it.
+
+        One pass in the engine's batches, as llama-cpp-python's own eval, but with logits kept for every
+        position: llama.cpp computes the same hidden states either way and projects every row instead of
+        the last. The model is not loaded with logits_all, which would keep n_ctx x n_vocab floats for
+        every request; these live one batch at a time.
+        """
+        import llama_cpp
+        import numpy as np
+
+        llm = self._llm
+        n_vocab = llm.n_vocab()
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        texts: dict[int, bytes] = {}
+
+        def piece(token: int) -> bytes:
+            if token not in texts:
+                texts[token] = llm.detokenize([token])
+            return texts[token]
+
+        first = llm.detokenize(prompt_ids[:1])
+        entries = [TokenLogprob(first.decode("utf-8", "replace"), None, first, (), in_prompt=True)]
+        for start in range(0, len(prompt_ids), llm.n_batch):
+            if cancel.is_set():
+                break
+            batch = prompt_ids[start:start + llm.n_batch]
+            llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[start:start + len(batch)] = batch
+            llm.n_tokens = start + len(batch)
+            llm._requires_eval = False  # as eval() leaves it: generate() may sample from the last row
+            # row j predicts the token after position start + j; the prompt's last row predicts the first
+            # generated token, which the generation reads itself
+            rows = min(len(batch), len(prompt_ids) - 1 - start)
+            if rows <= 0:
+                continue
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(len(batch), n_vocab))[:rows]
+            lse = logits.max(axis=1)
+            shifted = logits - lse[:, None]
+            np.exp(shifted, out=shifted)
+            lse += np.log(shifted.sum(axis=1, dtype=np.float64)).astype(np.float32)
+            nxt = np.asarray(prompt_ids[start + 1:start + 1 + rows])
+            values = logits[np.arange(rows), nxt] - lse
+            tops = None
+            if top_n > 0:
+                tops = np.argpartition(logits, n_vocab - top_n, axis=1)[:, n_vocab - top_n:]
+                tops = np.take_along_axis(tops, np.argsort(-np.take_along_axis(logits, tops, axis=1), axis=1,
+                                                           kind="stable"), axis=1)
+            for j in range(rows):
+                pos = start + 1 + j
+                raw = llm.detokenize([prompt_ids[pos]], prev_tokens=prompt_ids[:pos])
+                top = () if tops is None else tuple(
+                    (piece(i).decode("utf-8", "replace"), float(logits[j, i] - lse[j]), piece(i)) for i in tops[j].tolist())
+                entries.append(TokenLogprob(raw.decode("utf-8", "replace"), float(values[j]), raw, top, in_prompt=True))
+        return entries
 
     def _grammar(self, response_format: dict[str, Any] | None) -> Any:
         """The grammar that holds sampling to response_format's JSON (None: free text); RequestRejectedError for
@@ -283,9 +357,12 @@ class LlamaCppEngine(Engine):
         """
         import numpy as np
 
+        import llama_cpp
+
         llm = self._llm
         n_vocab = llm.n_vocab()
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        # the last output row: after a prompt scored with every row kept (_score_prompt), row 0 is not it
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
         m = float(np.max(logits))
         lse = m + math.log(float(np.sum(np.exp(logits - m))))
         logprob = float(logits[token]) - lse

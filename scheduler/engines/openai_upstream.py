@@ -188,6 +188,10 @@ class UpstreamEngine(Engine):
         return max(1, math.ceil(len((text or "").encode("utf-8")) / BYTES_PER_PROMPT_TOKEN_ESTIMATE))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        if request.params.prompt_logprobs or request.params.max_tokens == 0:
+            # servers differ here (llama.cpp's ignores echo; vLLM scores the prompt): never a half answer
+            raise RequestRejectedError(f"model {self.model_id} is served upstream: scoring a prompt (echo with "
+                                       "logprobs, or max_tokens 0) needs a llama.cpp model", param="echo")
         self.start_health_checks()
         if self.load_poller is not None:
             self.load_poller.start()  # needs the replica's running loop, which the constructor has not

@@ -170,6 +170,38 @@ def test_token_logprobs_chat_streamed_and_legacy_completions(client):
     assert all(len(alts) == 2 for alts in lp.top_logprobs)
 
 
+def test_prompt_scoring_with_echo_as_evaluation_harnesses_ask_for_it(client):
+    """echo + logprobs (+ max_tokens 0): each prompt token's log-probability, as lm-evaluation-harness's
+    loglikelihood tasks read it (llama.cpp's own server returns none: ggml-org/llama.cpp#27174)."""
+    context, continuation = "The capital of France is Paris. The capital of Germany is", " Berlin"
+    scored = client.completions.create(model=COMPLETION_MODEL, prompt=context + continuation, max_tokens=0, echo=True,
+                                       logprobs=1, temperature=0)
+    choice, lp = scored.choices[0], scored.choices[0].logprobs
+    assert choice.text == context + continuation and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and len(lp.tokens) == scored.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and "".join(lp.tokens) == choice.text
+    assert all(choice.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
+    # the continuation is the model's greedy choice where it stands ("is_greedy"), and far likelier than a wrong one
+    assert lp.tokens[-1] == continuation and max(lp.top_logprobs[-1], key=lp.top_logprobs[-1].get) == continuation
+    wrong = client.completions.create(model=COMPLETION_MODEL, prompt=context + " Madrid", max_tokens=0, echo=True,
+                                      logprobs=1).choices[0].logprobs
+    assert lp.token_logprobs[-1] > wrong.token_logprobs[-1] + 2
+    # with output: the prompt's entries, then the output's, offsets running on past the echoed prompt
+    both = client.completions.create(model=COMPLETION_MODEL, prompt=context, max_tokens=2, echo=True, logprobs=1,
+                                     temperature=0)
+    blp = both.choices[0].logprobs
+    assert len(blp.tokens) == both.usage.prompt_tokens + both.usage.completion_tokens
+    assert blp.text_offset[both.usage.prompt_tokens] == len(context) and both.choices[0].text.startswith(context)
+    # streamed: the echoed prompt rides with its scores in the first chunk
+    chunks = list(client.completions.create(model=COMPLETION_MODEL, prompt=context, max_tokens=2, echo=True,
+                                            logprobs=1, temperature=0, stream=True))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == both.choices[0].text and texts[0].startswith(context)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == blp.tokens
+
+
 def test_completion_with_gemma(client):
     resp = client.completions.create(model=COMPLETION_MODEL, prompt="The capital of France is Paris. The capital of "
                                      "Germany is", max_tokens=8, temperature=0)

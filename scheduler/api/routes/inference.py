@@ -67,6 +67,7 @@ def _params(body: Any) -> SamplingParams:
         # chat: logprobs is a bool and top_logprobs the alternatives; completions: logprobs is the alternatives
         return_logprobs=body.logprobs is not None and body.logprobs is not False,
         top_logprobs=(body.top_logprobs or 0) if isinstance(body, ChatCompletionRequest) else (body.logprobs or 0),
+        prompt_logprobs=bool(getattr(body, "echo", False)) and body.logprobs is not None,
         response_format=fmt.constraint() if (fmt := getattr(body, "response_format", None)) is not None else None,
         frequency_penalty=body.frequency_penalty or 0.0,
         presence_penalty=body.presence_penalty or 0.0,
@@ -158,24 +159,38 @@ def _chat_choice(text: str, finish_reason: str | None, logprobs: list[TokenLogpr
 class _CompletionLogprobs:
     """choices[].logprobs of a legacy completion: tokens, their logprobs, alternatives and character offsets.
 
-    Offsets count from the start of the returned text (the echoed prompt included) across a stream's chunks."""
+    Offsets count from the start of the returned text (the echoed prompt included) across a stream's chunks:
+    the prompt's tokens (with echo and logprobs) from 0, the output's from the end of the echoed prompt."""
 
-    def __init__(self, start_offset: int, alternatives: int):
-        self.offset = start_offset
+    def __init__(self, echoed_chars: int, alternatives: int, prompt_scored: bool):
+        self.offset = 0 if prompt_scored else echoed_chars
+        self.echoed_chars = echoed_chars
         self.alternatives = alternatives
+        self.in_output = not prompt_scored
 
     def __call__(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         offsets = []
         for t in entries:
+            if not t.in_prompt and not self.in_output:
+                # the prompt's pieces decoded one by one need not add up to its text (a leading space the
+                # tokenizer adds, a character split across tokens): the output starts where the prompt ends
+                self.offset, self.in_output = self.echoed_chars, True
             offsets.append(self.offset)
             self.offset += len(t.token)
         return {"tokens": [t.token for t in entries], "token_logprobs": [t.logprob for t in entries],
-                "top_logprobs": [{a: lp for a, lp, _ in t.top} for t in entries] if self.alternatives else None,
+                "top_logprobs": [None if t.logprob is None else {a: lp for a, lp, _ in t.top} for t in entries]
+                if self.alternatives else None,
                 "text_offset": offsets}
 
 
-def _completion_choice_fn(logprobs: _CompletionLogprobs | None) -> ChoiceFn:
+def _completion_choice_fn(logprobs: _CompletionLogprobs | None, prefix_with_prompt_logprobs: str | None = None) -> ChoiceFn:
+    """A choice maker; `prefix_with_prompt_logprobs`: the echoed prompt, sent with its tokens' logprobs (the first
+    entries, in_prompt), in the first chunk that has them, or with the finish when there are none."""
+    pending = [prefix_with_prompt_logprobs] if prefix_with_prompt_logprobs is not None else []
+
     def choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        if pending and ((entries and entries[0].in_prompt) or finish_reason is not None):
+            text = pending.pop() + text
         lp = logprobs(entries or []) if logprobs is not None and entries is not None else None
         return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
     return choice
@@ -275,15 +290,18 @@ async def completions(body: CompletionRequest, request: Request, principal: Prin
     prompt = job.request.prompt or ""
     prefix = prompt if body.echo else ""
     params = job.request.params
-    # the echoed prompt's own tokens carry no logprobs here: offsets start after it
-    offsets = _CompletionLogprobs(len(prefix), params.top_logprobs) if params.return_logprobs else None
-    chunk = _completion_choice_fn(offsets)
-    return await _respond(
-        request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
-        message=lambda r: chunk(prefix + r.text, r.finish_reason, r.token_logprobs),
-        chunk=chunk,
-        opening=chunk(prefix, None) if prefix else None,
-    )
+    offsets = _CompletionLogprobs(len(prefix), params.top_logprobs, params.prompt_logprobs) if params.return_logprobs else None
+    if params.prompt_logprobs:
+        # the echoed prompt goes with its tokens' logprobs, which the engine sends with its first output
+        chunk = _completion_choice_fn(offsets, prefix)
+        message = lambda r: _completion_choice_fn(offsets, prefix)(r.text, r.finish_reason, r.token_logprobs)  # noqa: E731
+        opening = None
+    else:
+        chunk = _completion_choice_fn(offsets)
+        message = lambda r: chunk(prefix + r.text, r.finish_reason, r.token_logprobs)  # noqa: E731
+        opening = chunk(prefix, None) if prefix else None
+    return await _respond(request, job, stream=body.stream, include_usage=_include_usage(body), obj="text_completion",
+                          message=message, chunk=chunk, opening=opening)
 
 
 @router.post("/v1/route/explain", response_model=RouteExplanation,

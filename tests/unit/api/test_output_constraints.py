@@ -62,6 +62,10 @@ def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client
     # the simulator's placeholder tokens have no log-probabilities: refused, not answered with null
     ("/v1/chat/completions", {"logprobs": True}, "logprobs", "simulated"),
     ("/v1/completions", {"logprobs": 2}, "logprobs", "simulated"),
+    ("/v1/completions", {"logprobs": 1, "echo": True, "max_tokens": 0}, "logprobs", "simulated"),
+    # max_tokens 0 scores a prompt; without echo there would be nothing to answer
+    ("/v1/completions", {"max_tokens": 0}, "echo", "max_tokens 0 generates nothing"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
 ])
 def test_what_cannot_be_honoured_is_refused_in_the_envelope(client, path, fields, param, words):
     body = {"model": "auto", "max_tokens": 4, **({"messages": ASK} if "chat" in path else {"prompt": "Once"}), **fields}
@@ -107,3 +111,16 @@ def test_a_check_across_body_fields_keeps_its_own_words():
     assert _validation_message(err) == ("a needs b", None)
     err = RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be an object"}])
     assert _validation_message(err) == ("request body must be a JSON object", None)
+
+
+def test_max_tokens_0_with_echo_returns_the_prompt_and_its_row(client):
+    """OpenAI's legacy completions allowed max_tokens 0 with echo: the prompt alone, nothing generated."""
+    r = client.post("/v1/completions", headers=bearer("client"),
+                    json={"model": "auto", "prompt": "Once upon a time", "max_tokens": 0, "echo": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["text"] == "Once upon a time" and choice["finish_reason"] == "length" and choice["logprobs"] is None
+    assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] > 0
+    rows = [row for row in client.app.state.gateway.ledger.requests(limit=None) if row["request_id"] == body["id"]]
+    assert [(row["completion_tokens"], row["status"]) for row in rows] == [(0, "ok")]
