@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sqlite3
 import statistics
 import tempfile
@@ -274,6 +275,7 @@ def run(requests: int, warmup: int, rounds_count: int = 3) -> dict[str, Any]:
     finally:
         load_after = os.getloadavg()
         dep.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)  # the assembled weights alone are 244 MB
     timed = requests * rounds_count
     # the processes' background work (the agent's meter, the gateway's refresher) counts: it is part of the cost
     cpu_ms_by_process = {k: v * 1000.0 / timed for k, v in sorted(_cpu_used_by_title(cpu_start, cpu_end).items())}

@@ -410,9 +410,9 @@ def simulated_run(gpu_profile, *, plan: RunPlan | None = None, model: str = "lla
     clock = VirtualClock(1000.0)
     gpu = device or SimulatedGpu("gpu0", gpu_profile, node="sim", clock=clock)
     workload = SimStepWorkload(gpu, model_profile(model, gpu.profile.key), clock, plan.prompt_tokens)
-    state = state_dir or Path(tempfile.mkdtemp(prefix="wattlane-gpu-run-"))
-    actuator = PowerActuator({gpu.device_id: gpu}, state, mode="enforce", clock=clock)
-    doc = Runner(gpu, actuator, workload, plan, log=log).run()
+    with tempfile.TemporaryDirectory(prefix="wattlane-gpu-run-") as scratch:  # a simulated GPU keeps nothing
+        actuator = PowerActuator({gpu.device_id: gpu}, state_dir or Path(scratch), mode="enforce", clock=clock)
+        doc = Runner(gpu, actuator, workload, plan, log=log).run()
     doc["device"]["profile"] = gpu.profile.key
     doc["software"] = {"python": platform.python_version()}
     return doc

@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,7 @@ def governor_factory(policy: str | None, options: dict[str, Any], holder: dict[s
         audit = PowerAuditLog.in_state_dir(state)
         actuator = PowerActuator(devices, state, mode="enforce", audit=audit, clock=clock, restore_on_start=False)
         gov = RecordingGovernor(Governor(power, devices, actuator, clock=clock, intensity_provider=intensity))
+        weakref.finalize(gov, shutil.rmtree, state, True)  # one per replay; nothing in it outlives the replay
         holder["governor"], holder["audit"] = gov, audit
         return gov
 

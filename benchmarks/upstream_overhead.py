@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -449,6 +450,7 @@ def main() -> None:
                 _stop(wattlane, signal.SIGINT)
     finally:
         _stop(server)
+        shutil.rmtree(workdir, ignore_errors=True)
     results["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     write_results(results)
 

@@ -12,7 +12,9 @@ The same callables run behind the gateway; the simulator only supplies virtual t
 from __future__ import annotations
 
 import importlib
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -97,4 +99,8 @@ def resolve_governor(config, devices: Mapping[str, Any], clock: Callable[[], flo
 
     state = tempfile.mkdtemp(prefix="wattlane-sim-power-")
     actuator = PowerActuator(devices, state, mode=power.mode, clock=clock, restore_on_start=False)
-    return Governor(power, devices, actuator, clock=clock)
+    governor = Governor(power, devices, actuator, clock=clock)
+    # simulated devices need no settings kept across a crash: the store goes with the governor (a fleet
+    # bench makes one per replay, so it would leave a directory behind for each)
+    weakref.finalize(governor, shutil.rmtree, state, True)
+    return governor

@@ -124,3 +124,24 @@ def test_cli_defaults_are_the_packaged_trace_and_fleet(tmp_path, monkeypatch):
     assert data["settings"]["trace"] == str(datafiles.conversation_trace())
     assert data["settings"]["config"] == str(datafiles.sim_fleet_config())
     assert data["requests"] > 10 and data["routing"]["requests_by_model"]
+
+
+def test_a_simulated_governor_leaves_no_state_directory_behind(tmp_path):
+    """`wattlane bench fleet` makes a governor per replay; each used to leave its settings store in /tmp."""
+    import gc
+
+    from scheduler.sim.hooks import resolve_governor
+
+    trace = load_trace(_trace(tmp_path, n=20))
+    made: list[Path] = []
+
+    def governor(cfg, devices, clock):
+        gov = resolve_governor(cfg, devices, clock, policy="slo-feedback",
+                               options={"tpot_slo_seconds": 0.1, "ttft_slo_seconds": 1.0})
+        made.append(gov.actuator.saved_path.parent.parent)  # <state>/power/<file>
+        return gov
+
+    summary = FleetSimulator(load_config(CONFIG), governor_factory=governor).run(trace).summary()
+    assert summary["completed"] == 20 and len(made) == 1 and made[0].name.startswith("wattlane-sim-power-")
+    gc.collect()
+    assert not made[0].exists()
