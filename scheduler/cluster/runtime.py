@@ -141,6 +141,31 @@ def ray_temp_dir(state_dir: Path) -> Path:
     return short
 
 
+#: how long a head's address gets to accept a connection before joining it is given up
+REACH_TIMEOUT_SECONDS = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_SECONDS) -> None:
+    """ConnectionError naming the address unless its host:port (or ray://host:port) accepts a TCP connection.
+
+    Ray's own join waits minutes on an address where nothing listens (a typo, a head not started), printing
+    its retries; this answers in seconds. 'auto' is left to Ray, which fails fast when it finds no cluster.
+    """
+    if address == "auto":
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConnectionError(f"'{address}' is not 'auto', 'host:port' or 'ray://host:port'")
+    host = host.strip("[]")  # an IPv6 literal: [::1]:6379
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = "it did not answer within %g s" % timeout_s if isinstance(exc, TimeoutError) else exc.strerror or exc
+        raise ConnectionError(f"nothing accepts connections at {host}:{port} ({reason}); is the Ray head running "
+                              "there (`ray start --head` prints its address)?") from None
+
+
 def start_ray(state_dir: Path, address: str | None, num_cpus: int | None, include_dashboard: bool) -> dict[str, Any]:
     """Start a local Ray instance (address None) or connect to one ('auto', 'ray://...')."""
     local = address is None
@@ -158,6 +183,7 @@ def start_ray(state_dir: Path, address: str | None, num_cpus: int | None, includ
             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "WATTLANE_STATE_DIR": str(state_dir)}},
         )
     else:
+        check_reachable(address)
         kwargs.update(address=address, runtime_env={"env_vars": {"WATTLANE_STATE_DIR": str(state_dir)}})
     info = ray.init(**kwargs)
     return {"address": getattr(info, "address_info", {}).get("address") if hasattr(info, "address_info") else None}
