@@ -47,6 +47,9 @@ def run_simulation(
     from scheduler.sim.trace import load_trace
 
     config = load_config(config_path)
+    if model != "auto" and model not in {m.id for m in config.models}:
+        raise typer.BadParameter(f"{model!r} is not a model of {config_path} ({', '.join(m.id for m in config.models)}); "
+                                 "give one of them, or 'auto'", param_hint="--model")
     trace = load_trace(trace_path).window(minutes, speedup)
 
     def factory(cfg, devices, clock):

@@ -200,6 +200,10 @@ class FleetSimulator:
             raise ValueError(f"oracle_model_choice must be one of {', '.join(MODEL_CHOICES)}, got {oracle_model_choice!r}")
         if pools and auto_selection != "route":
             raise ValueError("pools need auto_selection='route'")
+        if model != "auto" and model not in {m.id for m in config.models}:
+            # every request would be rejected, and the replay would report a fleet that served nothing
+            raise ValueError(f"model {model!r} is not one of the config's models "
+                             f"({', '.join(m.id for m in config.models)}) or 'auto'")
         if output_lengths not in OUTPUT_LENGTHS:
             raise ValueError(f"output_lengths must be one of {', '.join(OUTPUT_LENGTHS)}, got {output_lengths!r}")
         self.output_lengths = output_lengths

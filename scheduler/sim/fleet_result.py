@@ -49,7 +49,8 @@ class FleetResult:
             "virtual_seconds": self.virtual_seconds,
             "wall_seconds": self.wall_seconds,
             "energy_joules": self.energy_joules,
-            "energy_per_request_joules": self.energy_joules / max(self.completed, 1),
+            # None when nothing completed: the fleet's energy then belongs to no request
+            "energy_per_request_joules": self.energy_joules / self.completed if self.completed else None,
             "tokens_per_joule": self.completion_tokens / self.energy_joules if self.energy_joules else None,
             "total_tokens_per_joule": (self.prompt_tokens + self.completion_tokens) / self.energy_joules if self.energy_joules else None,
             "prompt_tokens": self.prompt_tokens,

@@ -102,6 +102,29 @@ def test_cli_writes_json_and_reports_errors_without_traceback(tmp_path):
     assert r.exit_code == 2 and "missing column" in r.output and "Traceback" not in r.output
 
 
+def test_a_model_the_fleet_does_not_have_is_refused_not_replayed_as_all_rejected(tmp_path):
+    """`simulate --model nope` used to replay the whole trace, reject every request and print the fleet's
+    idle energy as 'energy per request'."""
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    r = CliRunner().invoke(app, ["simulate", "--trace", str(_trace(tmp_path)), "--config", str(CONFIG), "--model", "nope"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "'nope' is not a model of" in r.output and "llama-3.1-8b" in r.output
+    with pytest.raises(ValueError, match="'nope' is not one of the config's models"):
+        FleetSimulator(load_config(CONFIG), model="nope")
+    ok = CliRunner().invoke(app, ["simulate", "--trace", str(_trace(tmp_path)), "--config", str(CONFIG), "--model", "llama-3.1-8b"])
+    assert ok.exit_code == 0 and "60 / 0" in ok.output
+
+
+def test_a_replay_that_completes_nothing_has_no_energy_per_request(tmp_path):
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [f"2023-11-16 18:00:0{i}.000000,900000,20" for i in range(5)]
+    (tmp_path / "huge.csv").write_text("\n".join(lines))
+    s = FleetSimulator(load_config(CONFIG)).run(load_trace(tmp_path / "huge.csv")).summary()
+    assert s["completed"] == 0 and s["rejected"] == 5 and s["energy_joules"] > 0
+    assert s["energy_per_request_joules"] is None
+
+
 def test_unknown_profile_is_a_config_error(tmp_path):
     from scheduler.config import ConfigError
 
