@@ -48,9 +48,13 @@ def report(
     path = ledger_path or _ledger_in_state_dir(config, state_dir)
     if not path.is_file():
         _fail(f"no ledger at {path}; pass --ledger, --state-dir or the --config that `wattlane serve` used")
-    from scheduler.energy.ledger import Ledger
+    from scheduler.energy.ledger import Ledger, NotALedgerError
 
-    with Ledger(path) as ledger:
+    try:
+        ledger = Ledger.for_reading(path)
+    except NotALedgerError as exc:
+        _fail(f"{exc}; pass the ledger.sqlite3 of a state directory")
+    with ledger:
         rep = build_report(ledger, group_by, **window)  # type: ignore[arg-type]
     written = write_report(rep, fmt, out, with_charts=charts)  # type: ignore[arg-type]
     t = rep.totals

@@ -189,6 +189,10 @@ class LedgerClosedError(RuntimeError):
     pass
 
 
+class NotALedgerError(ValueError):
+    """A file opened as a ledger is not one (not SQLite, or no requests table); nothing was written to it."""
+
+
 class Ledger:
     """SQLite ledger under the state directory (see module docstring for the durability contract)."""
 
@@ -229,6 +233,36 @@ class Ledger:
         self._writer = threading.Thread(target=self._write_loop, name="wattlane-ledger-writer", daemon=True)
         self._writer.start()
         self._ready.wait()
+
+    @classmethod
+    def for_reading(cls, path: str | Path) -> "Ledger":
+        """An existing ledger file opened to read (reports): nothing is created in it or written to it.
+
+        NotALedgerError for a file that is not a Wattlane ledger, instead of giving it our tables. A ledger
+        written by an older version lacks columns the reads name; that one is opened as the gateway opens
+        it, which adds them (NULL in the old rows), as its next `wattlane serve` would.
+        """
+        path = Path(path)
+        try:
+            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise NotALedgerError(f"{path} is not a Wattlane ledger: {exc}") from None
+        if "requests" not in tables or not {"request_id", "time_unix_s", "model"} <= have:
+            raise NotALedgerError(f"{path} is not a Wattlane ledger: it has no requests table of ours "
+                                  f"(tables: {', '.join(sorted(tables)) or 'none'})")
+        if not set(COLUMNS) <= have or "startups" not in tables:
+            return cls(path)
+        ledger = cls.__new__(cls)
+        ledger.path = path
+        ledger._closed = True  # a reader: record() refuses, close() has nothing to stop
+        ledger._close_lock = threading.Lock()
+        ledger._writer = None
+        return ledger
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)

@@ -151,6 +151,45 @@ def test_bad_report_options_are_clear_errors(cli, tmp_path):
     assert res.exit_code == 2 and "--group-by must be one of team, key, model, device" in res.output
 
 
+def test_a_file_that_is_no_ledger_is_refused_and_left_as_it_was(cli, tmp_path):
+    """`report --ledger` used to give any file our tables (an empty file, another program's database) or
+    end in a traceback (a text file: "file is not a database"; a path without a suffix: FileExistsError)."""
+    import sqlite3
+
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+    text, empty, bare = tmp_path / "notes.txt", tmp_path / "empty.sqlite3", tmp_path / "passwd"
+    text.write_text("not a database\n")
+    empty.write_bytes(b"")
+    bare.write_text("root:x:0:0\n")
+    for path, words in ((other, "it has no requests table of ours (tables: notes)"), (empty, "(tables: none)"),
+                        (text, "file is not a database"), (bare, "file is not a database")):
+        before = path.read_bytes()
+        res = CliRunner().invoke(cli, ["report", "--ledger", str(path), "--out", str(tmp_path / "x.md")])
+        said = " ".join(res.output.split())  # the console wraps long lines
+        assert res.exit_code == 2 and f"{path.name} is not a Wattlane ledger" in said and words in said, said
+        assert res.exception is None or isinstance(res.exception, SystemExit)
+        assert path.read_bytes() == before and not (tmp_path / "x.md").exists()
+
+
+def test_reading_a_ledger_writes_nothing_to_it(served, cli, tmp_path):
+    from scheduler.energy.ledger import Ledger, LedgerClosedError, LedgerRow
+
+    _, gw, _, _ = served
+    path = gw.ledger.path
+    before = sorted(p.name for p in path.parent.iterdir())
+    reader = Ledger.for_reading(path)
+    assert reader.totals()["requests"] == len(gw.ledger.requests(limit=None)) > 0
+    row = LedgerRow(request_id="x", time_unix_s=time.time(), model=SMALL, device="gpu0", node="n0", status="ok",
+                    prompt_tokens=1, completion_tokens=1)
+    with pytest.raises(LedgerClosedError):
+        reader.record(row).result(timeout=5)
+    reader.close()
+    assert sorted(p.name for p in path.parent.iterdir()) == before
+    assert len(gw.ledger.requests(limit=None)) == reader.totals()["requests"]
+
+
 def one_request(tmp_path, controls: dict, prepare) -> tuple[list[dict], dict]:
     """Run one "auto" chat ("hi", research's key) on the in-process simulated fleet after prepare(fleet); the
     ledger's rows and totals once every row is settled."""

@@ -52,6 +52,20 @@ def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: P
     conn.close()
 
 
+def test_a_version_1_ledger_opened_for_reading_is_migrated_and_read(tmp_path: Path):
+    """A report of an old ledger: its columns are added (as the gateway would), not its reads failed."""
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(V1_TABLE)
+    conn.execute("INSERT INTO requests (request_id, time_unix_s, time_iso, model, device, node, status, prompt_tokens, "
+                 "completion_tokens, joules, gco2e) VALUES ('old', 1.0, 'x', 'small', 'gpu0', 'n0', 'ok', 3, 4, 2.0, 0.5)")
+    conn.commit()
+    conn.close()
+    with Ledger.for_reading(path) as ledger:
+        totals = ledger.totals()
+    assert totals["requests"] == 1 and totals["joules"] == 2.0 and totals["requests_with_baseline"] == 0
+
+
 def test_savings_count_only_rows_with_both_figures_and_group_by_team(tmp_path: Path):
     with Ledger(tmp_path) as ledger:
         for f in [
