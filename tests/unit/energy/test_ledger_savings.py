@@ -27,7 +27,8 @@ def row(i: int, **kw) -> LedgerRow:
     return LedgerRow(**base)
 
 
-def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path):
+def v1_ledger(tmp_path: Path) -> Path:
+    """A ledger as version 1 wrote it, with one row ('old', 2 J)."""
     path = tmp_path / "ledger.sqlite3"
     conn = sqlite3.connect(path)
     conn.execute(V1_TABLE)
@@ -36,7 +37,11 @@ def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: P
     conn.execute("PRAGMA user_version=1")
     conn.commit()
     conn.close()
+    return path
 
+
+def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: Path):
+    path = v1_ledger(tmp_path)
     with Ledger(path) as ledger:
         ledger.record(row(1, team="blue", joules=1.0, gco2e=0.1, baseline_model="big", baseline_joules=4.0,
                           baseline_method="largest-model/size-prior")).result(timeout=10)
@@ -54,13 +59,7 @@ def test_a_version_1_ledger_gains_the_new_columns_and_keeps_its_rows(tmp_path: P
 
 def test_a_version_1_ledger_opened_for_reading_is_migrated_and_read(tmp_path: Path):
     """A report of an old ledger: its columns are added (as the gateway would), not its reads failed."""
-    path = tmp_path / "ledger.sqlite3"
-    conn = sqlite3.connect(path)
-    conn.execute(V1_TABLE)
-    conn.execute("INSERT INTO requests (request_id, time_unix_s, time_iso, model, device, node, status, prompt_tokens, "
-                 "completion_tokens, joules, gco2e) VALUES ('old', 1.0, 'x', 'small', 'gpu0', 'n0', 'ok', 3, 4, 2.0, 0.5)")
-    conn.commit()
-    conn.close()
+    path = v1_ledger(tmp_path)
     with Ledger.for_reading(path) as ledger:
         totals = ledger.totals()
     assert totals["requests"] == 1 and totals["joules"] == 2.0 and totals["requests_with_baseline"] == 0
