@@ -39,6 +39,13 @@ from scheduler.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
+#: prompt tokens decoded at once when a prompt is scored: llama.cpp keeps an output buffer of this many rows of
+#: logits for the context's lifetime (64 x Gemma's 262,144-token vocabulary: 67 MB; the engine's n_batch of 256
+#: would hold 268 MB)
+SCORE_BATCH_TOKENS = 64
+#: prompt positions whose log-softmax is computed at once (bounds the copy's size the same way)
+SCORE_ROWS_AT_ONCE = 32
+
 
 class LlamaCppEngine(Engine):
     token_counts_method = TokenCountMethod.TOKENIZER.value
@@ -185,7 +192,12 @@ class LlamaCppEngine(Engine):
         # the start event carries the prompt tokens, so attribution sees prefill work at once
         emit(EngineEvent(text="", prompt_tokens=n_prompt, completion_tokens=0, time_s=started))
         # the prompt's own log-probabilities (echo): they ride on the first event after the start
-        pending_entries = self._score_prompt(prompt_ids, params.top_logprobs, cancel) if params.prompt_logprobs else []
+        pending_entries: list[TokenLogprob] = []
+        if params.prompt_logprobs:
+            pending_entries = self._score_prompt(prompt_ids, params.top_logprobs, cancel)
+            # generation evaluates the prompt again in its own batches: scored in smaller ones, its logits may
+            # differ slightly, and the output must be what the same request without echo gives
+            llm.reset()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         completion_ids: list[int] = []
         text_out = ""  # text already emitted
@@ -240,7 +252,7 @@ class LlamaCppEngine(Engine):
                         completion_tokens=len(completion_ids),
                         time_s=now,
                         mean_logprob=(logprob_sum / len(completion_ids)) if params.logprobs else None,
-                            token_logprobs=(pending_entries + [entry]) if params.return_logprobs and entry is not None
+                        token_logprobs=(pending_entries + [entry]) if params.return_logprobs and entry is not None
                         else None,
                     )
                 )
@@ -277,12 +289,11 @@ class LlamaCppEngine(Engine):
 
     def _score_prompt(self, prompt_ids: list[int], top_n: int, cancel: threading.Event) -> list[TokenLogprob]:
         """Each prompt token's log-probability given the tokens before it (the first has none), with the
-        top_n most likely tokens at its position; the prompt is left evaluated, so generation goes on from it.
+        top_n most likely tokens at its position.
 
-        One pass in the engine's batches, as llama-cpp-python's own eval, but with logits kept for every
-        position: llama.cpp computes the same hidden states either way and projects every row instead of
-        the last. The model is not loaded with logits_all, which would keep n_ctx x n_vocab floats for
-        every request; these live one batch at a time.
+        One pass over the prompt as llama-cpp-python's own eval makes, but with logits kept for every position
+        (llama.cpp projects every row instead of the last). The model is not loaded with logits_all, which
+        would keep n_ctx x n_vocab floats for every request; these live SCORE_BATCH_TOKENS rows at a time.
         """
         import llama_cpp
         import numpy as np
@@ -300,38 +311,41 @@ class LlamaCppEngine(Engine):
 
         first = llm.detokenize(prompt_ids[:1])
         entries = [TokenLogprob(first.decode("utf-8", "replace"), None, first, (), in_prompt=True)]
-        for start in range(0, len(prompt_ids), llm.n_batch):
+        step = min(llm.n_batch, SCORE_BATCH_TOKENS)
+        for start in range(0, len(prompt_ids), step):
             if cancel.is_set():
                 break
-            batch = prompt_ids[start:start + llm.n_batch]
+            batch = prompt_ids[start:start + step]
             llm._batch.set_batch(batch=batch, n_past=start, logits_all=True)
             llm._ctx.decode(llm._batch)
             llm.input_ids[start:start + len(batch)] = batch
             llm.n_tokens = start + len(batch)
-            llm._requires_eval = False  # as eval() leaves it: generate() may sample from the last row
             # row j predicts the token after position start + j; the prompt's last row predicts the first
             # generated token, which the generation reads itself
             rows = min(len(batch), len(prompt_ids) - 1 - start)
             if rows <= 0:
                 continue
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(len(batch), n_vocab))[:rows]
-            lse = logits.max(axis=1)
-            shifted = logits - lse[:, None]
-            np.exp(shifted, out=shifted)
-            lse += np.log(shifted.sum(axis=1, dtype=np.float64)).astype(np.float32)
-            nxt = np.asarray(prompt_ids[start + 1:start + 1 + rows])
-            values = logits[np.arange(rows), nxt] - lse
-            tops = None
-            if top_n > 0:
-                tops = np.argpartition(logits, n_vocab - top_n, axis=1)[:, n_vocab - top_n:]
-                tops = np.take_along_axis(tops, np.argsort(-np.take_along_axis(logits, tops, axis=1), axis=1,
-                                                           kind="stable"), axis=1)
-            for j in range(rows):
-                pos = start + 1 + j
-                raw = llm.detokenize([prompt_ids[pos]], prev_tokens=prompt_ids[:pos])
-                top = () if tops is None else tuple(
-                    (piece(i).decode("utf-8", "replace"), float(logits[j, i] - lse[j]), piece(i)) for i in tops[j].tolist())
-                entries.append(TokenLogprob(raw.decode("utf-8", "replace"), float(values[j]), raw, top, in_prompt=True))
+            all_logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(len(batch), n_vocab))
+            # a few rows at a time: a large vocabulary (Gemma's 262,144) makes a whole batch's copy hundreds of MB
+            for lo in range(0, rows, SCORE_ROWS_AT_ONCE):
+                logits = all_logits[lo:min(rows, lo + SCORE_ROWS_AT_ONCE)]
+                n = len(logits)
+                lse = logits.max(axis=1)
+                shifted = logits - lse[:, None]
+                np.exp(shifted, out=shifted)
+                lse += np.log(shifted.sum(axis=1, dtype=np.float64)).astype(np.float32)
+                pos0 = start + lo + 1  # the prompt position the block's first row predicts
+                values = logits[np.arange(n), np.asarray(prompt_ids[pos0:pos0 + n])] - lse
+                tops = None
+                if top_n > 0:
+                    tops = np.argpartition(logits, n_vocab - top_n, axis=1)[:, n_vocab - top_n:]
+                    tops = np.take_along_axis(tops, np.argsort(-np.take_along_axis(logits, tops, axis=1), axis=1,
+                                                               kind="stable"), axis=1)
+                for j in range(n):
+                    raw = piece(prompt_ids[pos0 + j])
+                    top = () if tops is None else tuple(
+                        (piece(i).decode("utf-8", "replace"), float(logits[j, i] - lse[j]), piece(i)) for i in tops[j].tolist())
+                    entries.append(TokenLogprob(raw.decode("utf-8", "replace"), float(values[j]), raw, top, in_prompt=True))
         return entries
 
     def _grammar(self, response_format: dict[str, Any] | None) -> Any:
@@ -355,9 +369,8 @@ class LlamaCppEngine(Engine):
         Read from the context's last logits: llama-cpp-python keeps no logit history unless the
         model is loaded with logits_all, which would cost n_ctx x n_vocab floats.
         """
-        import numpy as np
-
         import llama_cpp
+        import numpy as np
 
         llm = self._llm
         n_vocab = llm.n_vocab()
