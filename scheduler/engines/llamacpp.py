@@ -140,7 +140,10 @@ class LlamaCppEngine(Engine):
         cancel = threading.Event()
 
         def emit(item: EngineEvent | BaseException) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop has closed: it left, and nobody reads this
+                cancel.set()
 
         def work() -> None:
             try:
@@ -230,7 +233,7 @@ class LlamaCppEngine(Engine):
                     finish_reason = "stop"
                     break
                 now = time.time()
-                if forced is None and llama_cpp.llama_token_is_eog(vocab, token):
+                if forced is None and llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish_reason = "stop"
                     break
                 piece = llm.detokenize([token], prev_tokens=prompt_ids + completion_ids)

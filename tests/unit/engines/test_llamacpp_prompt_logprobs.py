@@ -7,6 +7,7 @@ The real SmolLM2-135M on the CPU, with a small batch so that a prompt spans seve
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -99,3 +100,29 @@ def test_max_tokens_zero_without_logprobs_generates_nothing(engine):
     events = run(engine, max_tokens=0)
     assert events[-1].finished and events[-1].finish_reason == "length" and events[-1].completion_tokens == 0
     assert "".join(e.text for e in events) == "" and entries(events) == []
+
+
+def test_a_client_that_leaves_stops_the_scoring_and_the_next_answer_is_unchanged(engine, monkeypatch):
+    long_prompt = PROMPT + " The capital of Austria is Vienna." * 30
+    # the engine thread outlives the client's event loop here; its last events must go nowhere quietly
+    thread_errors: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+
+    async def leave_after_start() -> float:
+        req = GenerationRequest(request_id="gone", kind=ModelKind.COMPLETION, prompt=long_prompt,
+                                params=SamplingParams(max_tokens=0, temperature=0.0, return_logprobs=True,
+                                                      prompt_logprobs=True))
+        events = engine.generate(req)
+        first = await events.__anext__()  # the start: the engine thread is scoring now
+        assert first.completion_tokens == 0 and not first.finished
+        await events.aclose()
+        return first.prompt_tokens
+
+    before = "".join(e.text for e in run(engine, max_tokens=8))
+    n_prompt = asyncio.run(leave_after_start())
+    assert n_prompt > 10 * N_BATCH
+    after = run(engine, max_tokens=8)  # waits for the engine's lock: the scoring must have stopped
+    assert "".join(e.text for e in after) == before
+    scored = entries(run(engine, max_tokens=0, return_logprobs=True, prompt_logprobs=True))
+    assert len(scored) == after[-1].prompt_tokens
+    assert thread_errors == []

@@ -320,7 +320,9 @@ def test_poller_keeps_latest_goes_stale_on_failures_and_recovers():
 
             up.mode = "ok"
             up.metrics = up.metrics.replace("llamacpp:requests_processing 2", "llamacpp:requests_processing 3")
-            await _until(lambda: poller.latest is not good)
+            # a scrape in flight at the switch may land /slots alone (its /metrics answered in garbage mode):
+            # wait for a load read from /metrics, the only one with a queue length
+            await _until(lambda: poller.latest is not good and poller.latest.waiting_requests is not None)
             assert poller.latest.running_requests == 3 and poller.consecutive_failures == 0
             assert poller.latest.total_slots == 2  # /slots filled what /metrics does not say
             await poller.stop()
