@@ -219,8 +219,13 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
+#: a token id of the named model's vocabulary (strict: true or "5" is not one)
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    #: text, a list of one text, or token ids of the named model (a list of ints, or a list of one such list)
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     #: 0 with echo: the prompt alone (scored, with logprobs), as OpenAI's legacy completions allowed
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     #: each output token's log-probability in choices[].logprobs, with this many alternatives (0-5); with
@@ -236,17 +241,38 @@ class CompletionRequest(_SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
-            raise ValueError("token-id prompts are not supported; send the prompt as text")
+    def _one_kind_of_prompt(cls, v: Any) -> Any:
+        # checked here, so that a bad one is named plainly instead of by each member of the union it missed
+        def is_id(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if isinstance(v, list) and v:
+            ids = v[0] if len(v) == 1 and isinstance(v[0], list) else v
+            if not all(isinstance(x, str) for x in v) and not all(is_id(x) for x in ids):
+                raise ValueError("a prompt is text, a list of one text, or token ids (a list of integers, or a list "
+                                 "holding one such list)")
+            if ids and all(is_id(x) for x in ids) and min(ids) < 0:
+                raise ValueError(f"token ids are non-negative; got {min(ids)}")
         return v
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, v: str | list[str]) -> str | list[str]:
+    def _single_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list) and v and isinstance(v[0], int):
+            return v  # one prompt's token ids
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("exactly one prompt per request is supported")
+        if isinstance(v, list) and isinstance(v[0], list) and not v[0]:
+            raise ValueError("the token-id prompt is empty")
         return v
+
+    def prompt_token_ids(self) -> list[int] | None:
+        """The prompt's token ids when it was given as ids, else None (text)."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], list):
+            return list(self.prompt[0])
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
+            return list(self.prompt)  # type: ignore[arg-type]
+        return None
 
     @field_validator("echo")
     @classmethod
@@ -273,6 +299,14 @@ class RouteExplainRequest(WattlaneControls):
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     #: JSON mode narrows the models routing may pick
     response_format: ResponseFormat | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_only(cls, v: Any) -> Any:
+        if isinstance(v, list) and not all(isinstance(x, str) for x in v):
+            raise ValueError("route explain reads the prompt as text: routing's predictor reads words, and token ids "
+                             "are one model's (a completion with token ids goes to the model it names)")
+        return v
 
 
 # --- response pieces -----------------------------------------------------------------------------

@@ -94,6 +94,8 @@ class GenerationRequest:
     messages: list[dict[str, str]] | None = None
     #: completion: the prompt text; chat: None
     prompt: str | None = None
+    #: completion: the prompt as token ids of this request's model (the client named it), instead of text
+    prompt_token_ids: list[int] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     #: a prompt given as a token count only (trace replay); engines that need text may refuse it
     prompt_tokens_hint: int | None = None

@@ -106,6 +106,8 @@ class LlamaCppEngine(Engine):
             extra_stop = list(result.stop or []) if isinstance(result.stop, list) else ([result.stop] if result.stop else [])
             add_bos = not getattr(result, "added_special", False)
             return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True), extra_stop
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids), []  # the client's ids, as given (checked in generate)
         ids = self._llm.tokenize((request.prompt or "").encode("utf-8"), add_bos=True, special=False)
         if not ids:
             # an empty prompt means "start of a document", as in OpenAI's completions (whose default prompt is
@@ -129,6 +131,9 @@ class LlamaCppEngine(Engine):
             raise ContextLengthError(n_prompt, request.params.max_tokens, self.context_length)
         # checked before the request queues: a schema that cannot become a grammar is the client's 400 now
         grammar = self._grammar(request.params.response_format)
+        if request.prompt_token_ids is not None and max(prompt_ids) >= self._llm.n_vocab():
+            raise RequestRejectedError(f"prompt: token id {max(prompt_ids)} is not in {self.model_id}'s vocabulary "
+                                       f"(0-{self._llm.n_vocab() - 1})", param="prompt")
         if request.params.logit_bias:
             too_big = [t for t in request.params.logit_bias if t >= self._llm.n_vocab()]
             if too_big:

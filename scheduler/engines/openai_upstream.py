@@ -192,6 +192,11 @@ class UpstreamEngine(Engine):
             # servers differ here (llama.cpp's ignores echo; vLLM scores the prompt): never a half answer
             raise RequestRejectedError(f"model {self.model_id} is served upstream: scoring a prompt (echo with "
                                        "logprobs, or max_tokens 0) needs a llama.cpp model", param="echo")
+        if request.prompt_token_ids is not None:
+            # servers differ: vLLM and llama-server take ids, llama-cpp-python's server answers them with a 500,
+            # which would read as a failing server (ejected, retried) for what is the request's shape
+            raise RequestRejectedError(f"model {self.model_id} is served upstream: send the prompt as text (a "
+                                       "token-id prompt needs a llama.cpp model)", param="prompt")
         self.start_health_checks()
         if self.load_poller is not None:
             self.load_poller.start()  # needs the replica's running loop, which the constructor has not

@@ -82,6 +82,8 @@ class SimulatedEngine(Engine):
         """The hint when given (trace replay), else ~4 characters per token plus the chat template."""
         if request.prompt_tokens_hint is not None:
             return int(request.prompt_tokens_hint)
+        if request.prompt_token_ids is not None:
+            return max(1, len(request.prompt_token_ids))
         if request.messages is not None:
             chars = sum(len(m.get("content") or "") for m in request.messages)
             return max(1, chars // 4 + 4 * len(request.messages) + 1)

@@ -202,6 +202,28 @@ def test_prompt_scoring_with_echo_as_evaluation_harnesses_ask_for_it(client):
     assert streamed == blp.tokens
 
 
+def test_a_token_id_prompt_scores_as_its_text_does(client, server):
+    """lm-evaluation-harness's default request: the prompt as token ids, echo, logprobs 1, max_tokens 1."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(server.state_dir / "models" / f"{COMPLETION_MODEL}.gguf"), vocab_only=True,
+                  verbose=False)
+    text = "The capital of France is Paris. The capital of Germany is Berlin"
+    ids = vocab.tokenize(text.encode(), add_bos=True)
+    by_ids = client.completions.create(model=COMPLETION_MODEL, prompt=[ids], max_tokens=1, echo=True, logprobs=1,
+                                       temperature=0)
+    by_text = client.completions.create(model=COMPLETION_MODEL, prompt=text, max_tokens=1, echo=True, logprobs=1,
+                                        temperature=0)
+    assert by_ids.usage.prompt_tokens == len(ids) == by_text.usage.prompt_tokens
+    assert by_ids.choices[0].text == by_text.choices[0].text and by_ids.choices[0].text.startswith(text)
+    a, b = by_ids.choices[0].logprobs, by_text.choices[0].logprobs
+    assert a.tokens == b.tokens and a.text_offset == b.text_offset
+    assert a.token_logprobs[0] is None and a.token_logprobs[1:] == pytest.approx(b.token_logprobs[1:], abs=1e-4)
+    with pytest.raises(openai.BadRequestError) as info:  # ids are one model's: "auto" cannot route them
+        client.completions.create(model="auto", prompt=[ids], max_tokens=1)
+    assert info.value.body["param"] == "model"
+
+
 def test_completion_with_gemma(client):
     resp = client.completions.create(model=COMPLETION_MODEL, prompt="The capital of France is Paris. The capital of "
                                      "Germany is", max_tokens=8, temperature=0)

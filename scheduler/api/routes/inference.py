@@ -85,6 +85,10 @@ def generation_request(body: Any, request_id: str) -> GenerationRequest:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="messages", code="unsupported_content") from None
         return GenerationRequest(request_id=request_id, kind=ModelKind.CHAT, messages=messages, params=_params(body))
+    ids = body.prompt_token_ids() if isinstance(body, CompletionRequest) else None
+    if ids is not None:
+        return GenerationRequest(request_id=request_id, kind=ModelKind.COMPLETION, prompt_token_ids=ids,
+                                 params=_params(body))
     prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt or [])
     return GenerationRequest(request_id=request_id, kind=ModelKind.COMPLETION, prompt=prompt, params=_params(body))
 
@@ -183,14 +187,22 @@ class _CompletionLogprobs:
                 "text_offset": offsets}
 
 
-def _completion_choice_fn(logprobs: _CompletionLogprobs | None, prefix_with_prompt_logprobs: str | None = None) -> ChoiceFn:
+def _completion_choice_fn(logprobs: _CompletionLogprobs | None, prefix_with_prompt_logprobs: str | None = None,
+                          prefix_from_prompt_tokens: bool = False) -> ChoiceFn:
     """A choice maker; `prefix_with_prompt_logprobs`: the echoed prompt, sent with its tokens' logprobs (the first
-    entries, in_prompt), in the first chunk that has them, or with the finish when there are none."""
-    pending = [prefix_with_prompt_logprobs] if prefix_with_prompt_logprobs is not None else []
+    entries, in_prompt), in the first chunk that has them, or with the finish when there are none;
+    `prefix_from_prompt_tokens` (a prompt given as token ids): the echoed prompt is the text those entries spell."""
+    pending = [prefix_with_prompt_logprobs] if prefix_with_prompt_logprobs is not None or prefix_from_prompt_tokens else []
 
     def choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
         if pending and ((entries and entries[0].in_prompt) or finish_reason is not None):
-            text = pending.pop() + text
+            prefix = pending.pop()
+            if prefix is None:
+                # bytes first: a character split across two tokens is whole in the echoed text
+                prefix = b"".join(t.token_bytes for t in entries or [] if t.in_prompt).decode("utf-8", "replace")
+                if logprobs is not None:
+                    logprobs.echoed_chars = len(prefix)
+            text = prefix + text
         lp = logprobs(entries or []) if logprobs is not None and entries is not None else None
         return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": lp}
     return choice
@@ -287,14 +299,23 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
              responses={200: _INFERENCE_200, **_INFERENCE_ERRORS})
 async def completions(body: CompletionRequest, request: Request, principal: Principal = Depends(require("client"))):
     job = _job(body, request_id_of(request), principal, request)
-    prompt = job.request.prompt or ""
-    prefix = prompt if body.echo else ""
     params = job.request.params
+    by_ids = job.request.prompt_token_ids is not None
+    if by_ids and body.model == "auto":
+        raise ApiError(400, "a token-id prompt is in one model's vocabulary: name that model instead of 'auto' "
+                            "(GET /v1/models lists them)", param="model", code="invalid_value")
+    if by_ids and body.echo and not params.prompt_logprobs:
+        raise ApiError(400, "echo of a token-id prompt needs logprobs (its text comes from its scored tokens); "
+                            "send logprobs: 0 or more, or the prompt as text", param="echo", code="invalid_value")
+    prefix = (job.request.prompt or "") if body.echo and not by_ids else ""
     offsets = _CompletionLogprobs(len(prefix), params.top_logprobs, params.prompt_logprobs) if params.return_logprobs else None
     if params.prompt_logprobs:
         # the echoed prompt goes with its tokens' logprobs, which the engine sends with its first output
-        chunk = _completion_choice_fn(offsets, prefix)
-        message = lambda r: _completion_choice_fn(offsets, prefix)(r.text, r.finish_reason, r.token_logprobs)  # noqa: E731
+        def echoing() -> ChoiceFn:
+            return _completion_choice_fn(offsets, None if by_ids else prefix, prefix_from_prompt_tokens=by_ids)
+
+        chunk = echoing()
+        message = lambda r: echoing()(r.text, r.finish_reason, r.token_logprobs)  # noqa: E731
         opening = None
     else:
         chunk = _completion_choice_fn(offsets)

@@ -56,7 +56,14 @@ def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client
     ("/v1/chat/completions", {"frequency_penalty": 2.5}, "frequency_penalty", "2"),
     ("/v1/completions", {"suffix": " the end"}, "suffix", "suffix (text insertion)"),
     ("/v1/completions", {"best_of": 3}, "best_of", "1"),
-    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", "token-id prompts are not supported"),
+    # token ids are one model's vocabulary: routing cannot pick a model for them
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "model", "a token-id prompt is in one model's vocabulary"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[1, 2], [3]]}, "prompt", "token ids (a list of integers"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [1, True]}, "prompt", "token ids (a list of integers"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [5, -1]}, "prompt", "non-negative"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[]]}, "prompt", "the token-id prompt is empty"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [1, 2], "echo": True}, "echo", "needs logprobs"),
+    ("/v1/route/explain", {"prompt": [1, 2, 3]}, "prompt", "route explain reads the prompt as text"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs", "top_logprobs needs logprobs: true"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs", "20"),
     # the simulator's placeholder tokens have no log-probabilities: refused, not answered with null
@@ -111,6 +118,15 @@ def test_a_check_across_body_fields_keeps_its_own_words():
     assert _validation_message(err) == ("a needs b", None)
     err = RequestValidationError([{"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be an object"}])
     assert _validation_message(err) == ("request body must be a JSON object", None)
+
+
+def test_a_prompt_of_token_ids_goes_to_the_model_it_names(client):
+    r = client.post("/v1/completions", headers=bearer("client"),
+                    json={"model": "llama-3.1-8b", "prompt": [[101, 7, 2045, 13]], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "llama-3.1-8b" and body["usage"]["prompt_tokens"] == 4
+    assert body["usage"]["completion_tokens"] == 3
 
 
 def test_max_tokens_0_with_echo_returns_the_prompt_and_its_row(client):

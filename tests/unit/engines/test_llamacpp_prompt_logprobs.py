@@ -12,7 +12,7 @@ import threading
 import numpy as np
 import pytest
 
-from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams
+from scheduler.engines.base import GenerationRequest, ModelKind, RequestRejectedError, SamplingParams
 from scheduler.engines.llamacpp import LlamaCppEngine
 from tests.support.local_models import smollm2_weights
 
@@ -126,3 +126,23 @@ def test_a_client_that_leaves_stops_the_scoring_and_the_next_answer_is_unchanged
     scored = entries(run(engine, max_tokens=0, return_logprobs=True, prompt_logprobs=True))
     assert len(scored) == after[-1].prompt_tokens
     assert thread_errors == []
+
+
+def test_a_prompt_given_as_token_ids_is_the_same_prompt(engine):
+    ids = engine._llm.tokenize(PROMPT.encode(), add_bos=True)
+    as_text = run(engine, max_tokens=6, return_logprobs=True, top_logprobs=2, prompt_logprobs=True)
+
+    async def by_ids(token_ids, **params):
+        req = GenerationRequest(request_id="ids", kind=ModelKind.COMPLETION, prompt_token_ids=token_ids,
+                                params=SamplingParams(temperature=0.0, **params))
+        return [ev async for ev in engine.generate(req)]
+
+    as_ids = asyncio.run(by_ids(ids, max_tokens=6, return_logprobs=True, top_logprobs=2, prompt_logprobs=True))
+    assert "".join(e.text for e in as_ids) == "".join(e.text for e in as_text)
+    assert [(t.token, t.logprob, t.in_prompt) for t in entries(as_ids)] == \
+        [(t.token, t.logprob, t.in_prompt) for t in entries(as_text)]
+    assert as_ids[-1].prompt_tokens == len(ids) and engine.count_prompt_tokens(
+        GenerationRequest(request_id="n", kind=ModelKind.COMPLETION, prompt_token_ids=ids)) == len(ids)
+    with pytest.raises(RequestRejectedError) as info:
+        asyncio.run(by_ids(ids + [engine._llm.n_vocab()], max_tokens=1))
+    assert info.value.param == "prompt" and f"token id {engine._llm.n_vocab()} is not in" in str(info.value)

@@ -120,6 +120,19 @@ def test_completions_stream_and_without_usage_tokens_are_counted(fake):
     assert estimated == 1
 
 
+def test_a_token_id_prompt_is_refused_before_the_server_is_asked(fake):
+    """llama-cpp-python's server answers token ids with a 500: sent on, the request would eject a healthy server."""
+    eng = engine(fake.base_url, "ok")
+    eng.kind = ModelKind.COMPLETION
+    asked = len(fake.bodies)
+    request = GenerationRequest("r-ids", ModelKind.COMPLETION, prompt_token_ids=[791, 6864, 315],
+                                params=SamplingParams(max_tokens=8))
+    with pytest.raises(RequestRejectedError) as info:
+        asyncio.run(collect(eng, request))
+    assert info.value.param == "prompt" and "send the prompt as text" in str(info.value)
+    assert len(fake.bodies) == asked and not eng.health.ejected
+
+
 FAULTS = {
     "bad-json": "not JSON",
     "broken-sse": "not Server-Sent Events",
