@@ -56,3 +56,17 @@ def test_output_offsets_start_where_the_prompt_ends_whatever_its_pieces_add_up_t
 def test_echo_without_prompt_scores_keeps_the_output_offsets_after_the_prompt():
     lp = _CompletionLogprobs(len(PROMPT), 1, False)([tok(",", -0.1, False), tok(" three", -0.3, False)])
     assert lp["text_offset"] == [8, 9] and lp["token_logprobs"] == [-0.1, -0.3]
+
+
+def test_a_token_id_prompt_is_echoed_as_its_tokens_bytes_spell_it():
+    # "é" split across two tokens: each piece alone decodes to U+FFFD, the echoed text has the character
+    pieces = [TokenLogprob("", None, b"", (), in_prompt=True),
+              TokenLogprob("caf", -2.0, b"caf", (("caf", -2.0, b"caf"),), in_prompt=True),
+              TokenLogprob("\ufffd", -1.0, b"\xc3", (("\ufffd", -1.0, b"\xc3"),), in_prompt=True),
+              TokenLogprob("\ufffd", -0.1, b"\xa9", (("\ufffd", -0.1, b"\xa9"),), in_prompt=True)]
+    logprobs = _CompletionLogprobs(0, 1, True)
+    choice = _completion_choice_fn(logprobs, None, prefix_from_prompt_tokens=True)
+    first = choice(" au", None, pieces + [tok(" au", -0.5, False)])
+    assert first["text"] == "café au"
+    assert first["logprobs"]["text_offset"][-1] == len("café")  # the output starts where the echoed text ends
+    assert choice(" lait", "length", [tok(" lait", -0.2, False)])["text"] == " lait"
