@@ -153,5 +153,6 @@ def route_request(job: Any) -> RouteRequest:
         kind=request.kind.value, model=job.model, prompt_text=text, all_text_chars=chars, num_messages=n_messages,
         # token ids (a named model's): their count is the prompt's, and there is no text for the predictor
         prompt_tokens=len(request.prompt_token_ids) if request.prompt_token_ids is not None else None,
-        max_tokens=256 if request.params.max_tokens is None else request.params.max_tokens, needs_json=request.params.response_format is not None,
+        max_tokens=256 if request.params.max_tokens is None else request.params.max_tokens,
+        needs_json=request.params.response_format is not None,
     )

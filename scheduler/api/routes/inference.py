@@ -192,7 +192,8 @@ def _completion_choice_fn(logprobs: _CompletionLogprobs | None, prefix_with_prom
     """A choice maker; `prefix_with_prompt_logprobs`: the echoed prompt, sent with its tokens' logprobs (the first
     entries, in_prompt), in the first chunk that has them, or with the finish when there are none;
     `prefix_from_prompt_tokens` (a prompt given as token ids): the echoed prompt is the text those entries spell."""
-    pending = [prefix_with_prompt_logprobs] if prefix_with_prompt_logprobs is not None or prefix_from_prompt_tokens else []
+    echoing = prefix_with_prompt_logprobs is not None or prefix_from_prompt_tokens
+    pending = [prefix_with_prompt_logprobs] if echoing else []
 
     def choice(text: str, finish_reason: str | None, entries: list[TokenLogprob] | None = None) -> dict[str, Any]:
         if pending and ((entries and entries[0].in_prompt) or finish_reason is not None):
