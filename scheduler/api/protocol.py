@@ -224,8 +224,10 @@ TokenId = Annotated[int, Field(strict=True, ge=0)]
 
 
 class CompletionRequest(_SamplingFields):
-    #: text, a list of one text, or token ids of the named model (a list of ints, or a list of one such list)
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    #: text, a list of one text, or token ids of the named model (a list of ints, or a list of one such list);
+    #: the lengths are in the schema so that clients and schema-driven tools make prompts that are accepted
+    prompt: (str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)])
     #: 0 with echo: the prompt alone (scored, with logprobs), as OpenAI's legacy completions allowed
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     #: each output token's log-probability in choices[].logprobs, with this many alternatives (0-5); with
@@ -246,24 +248,23 @@ class CompletionRequest(_SamplingFields):
         def is_id(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        if isinstance(v, list) and v:
-            ids = v[0] if len(v) == 1 and isinstance(v[0], list) else v
-            if not all(isinstance(x, str) for x in v) and not all(is_id(x) for x in ids):
-                raise ValueError("a prompt is text, a list of one text, or token ids (a list of integers, or a list "
-                                 "holding one such list)")
-            if ids and all(is_id(x) for x in ids) and min(ids) < 0:
-                raise ValueError(f"token ids are non-negative; got {min(ids)}")
-        return v
+        def whole(x: Any) -> Any:  # JSON's integer includes 5.0; true and "5" stay what they are
+            return int(x) if isinstance(x, float) and x.is_integer() else x
 
-    @field_validator("prompt")
-    @classmethod
-    def _single_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and v and isinstance(v[0], int):
-            return v  # one prompt's token ids
-        if isinstance(v, list) and len(v) != 1:
+        if not isinstance(v, list):
+            return v
+        v = [[whole(y) for y in x] if isinstance(x, list) else whole(x) for x in v]
+        if not v or (all(isinstance(x, (str, list)) for x in v) and len(v) != 1):
             raise ValueError("exactly one prompt per request is supported")
-        if isinstance(v, list) and isinstance(v[0], list) and not v[0]:
+        ids = v[0] if isinstance(v[0], list) else v
+        if not all(isinstance(x, str) for x in v) and not all(is_id(x) for x in ids):
+            raise ValueError("a prompt is text, a list of one text, or token ids (a list of integers, or a list "
+                             "holding one such list)")
+        if isinstance(v[0], list) and not ids:
             raise ValueError("the token-id prompt is empty")
+        if ids and all(is_id(x) for x in ids) and (min(ids) < 0 or max(ids) >= 2**31):
+            bad = min(ids) if min(ids) < 0 else max(ids)
+            raise ValueError(f"token ids are 0 to 2^31 - 1 (a vocabulary's indices); got {bad}")
         return v
 
     def prompt_token_ids(self) -> list[int] | None:

@@ -219,9 +219,11 @@ class SimEngineStats:
 
 @dataclass(frozen=True)
 class SimEngineFailure:
-    """A simulated engine's failure, raised again as the same EngineError in the replica."""
+    """A simulated engine's failure, raised again as the same error in the replica (a refusal stays the client's)."""
 
     kind: ReplicaErrorKind
     message: str
     #: ContextLengthError's (prompt_tokens, max_tokens, context_length)
     context: tuple[int, int, int] | None = None
+    #: INVALID_REQUEST (RequestRejectedError): the request field at fault
+    param: str | None = None

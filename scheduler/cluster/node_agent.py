@@ -396,7 +396,7 @@ class NodeAgent:
 
     async def sim_generate(self, key: str, request: GenerationRequest, spec: tuple[dict[str, Any], int] | None = None):
         """The hosted engine's EngineEvents; SimEngineStats before the last one; SimEngineFailure if it fails."""
-        from scheduler.engines.base import ContextLengthError, EngineError
+        from scheduler.engines.base import ContextLengthError, EngineError, RequestRejectedError
 
         engine = await self._sim_engine(key, spec)
         try:
@@ -407,6 +407,8 @@ class NodeAgent:
         except ContextLengthError as exc:
             yield SimEngineFailure(ReplicaErrorKind.CONTEXT_LENGTH, str(exc),
                                    (exc.prompt_tokens, exc.max_tokens, exc.context_length))
+        except RequestRejectedError as exc:  # the client's to fix (a 400), not a failing replica
+            yield SimEngineFailure(ReplicaErrorKind.INVALID_REQUEST, str(exc), param=exc.param)
         except EngineError as exc:
             yield SimEngineFailure(ReplicaErrorKind.ENGINE, str(exc))
         except Exception as exc:  # an engine bug: the replica answers 503 and settles the request

@@ -24,6 +24,7 @@ from scheduler.engines.base import (
     GenerationRequest,
     ModelKind,
     ReplicaStats,
+    RequestRejectedError,
     TokenCountMethod,
 )
 
@@ -129,6 +130,8 @@ class AgentHostedEngine(Engine):
                         finished = True
                         if item.kind is ReplicaErrorKind.CONTEXT_LENGTH and item.context is not None:
                             raise ContextLengthError(*item.context)
+                        if item.kind is ReplicaErrorKind.INVALID_REQUEST:
+                            raise RequestRejectedError(item.message, param=item.param)
                         raise EngineError(item.message)
                     if isinstance(item, SimEngineStats):
                         self._stats = ReplicaStats(**item.stats)

@@ -50,6 +50,8 @@ def _steer(case, model: str | None, tokens: int) -> None:
     for key in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(key), int) and body[key] > tokens:
             body[key] = tokens
+    if body.get("max_tokens") == 0 and body.get("echo") is not True:
+        body["max_tokens"] = tokens  # the schema allows 0, but only with echo: keep it on the successful path
     if case.path in INFERENCE_PATHS and "max_tokens" not in body and "max_completion_tokens" not in body:
         body["max_tokens"] = tokens
     if isinstance(body.get("n"), int) and body["n"] > 1:
@@ -69,7 +71,7 @@ def _headers_for(case, keys: dict[str, str]) -> dict[str, str]:
 
 
 #: share of the cases that go to each inference operation; the rest is split evenly over the others
-INFERENCE_SHARE = {"/v1/chat/completions": 0.25, "/v1/completions": 0.15, "/v1/route/explain": 0.10}
+INFERENCE_SHARE = {"/v1/chat/completions": 0.25, "/v1/completions": 0.20, "/v1/route/explain": 0.10}
 
 
 def fuzz(url: str, keys: dict[str, str], *, max_examples: int) -> FuzzStats:

@@ -58,9 +58,10 @@ def test_json_mode_without_a_model_that_can_follow_it_is_a_400_naming_why(client
     ("/v1/completions", {"best_of": 3}, "best_of", "1"),
     # token ids are one model's vocabulary: routing cannot pick a model for them
     ("/v1/completions", {"prompt": [1, 2, 3]}, "model", "a token-id prompt is in one model's vocabulary"),
-    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[1, 2], [3]]}, "prompt", "token ids (a list of integers"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[1, 2], [3]]}, "prompt", "exactly one prompt per request"),
     ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [1, True]}, "prompt", "token ids (a list of integers"),
-    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [5, -1]}, "prompt", "non-negative"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [5, -1]}, "prompt", "token ids are 0 to 2^31 - 1"),
+    ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[2.0, 2**31]]}, "prompt", "got 2147483648"),
     ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [[]]}, "prompt", "the token-id prompt is empty"),
     ("/v1/completions", {"model": "llama-3.1-8b", "prompt": [1, 2], "echo": True}, "echo", "needs logprobs"),
     ("/v1/route/explain", {"prompt": [1, 2, 3]}, "prompt", "route explain reads the prompt as text"),
@@ -127,6 +128,10 @@ def test_a_prompt_of_token_ids_goes_to_the_model_it_names(client):
     body = r.json()
     assert body["model"] == "llama-3.1-8b" and body["usage"]["prompt_tokens"] == 4
     assert body["usage"]["completion_tokens"] == 3
+    # JSON's integer includes 7.0 (a schema-driven client may send it)
+    r = client.post("/v1/completions", headers=bearer("client"),
+                    json={"model": "llama-3.1-8b", "prompt": [101.0, 7.0], "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2, r.text
 
 
 def test_max_tokens_0_with_echo_returns_the_prompt_and_its_row(client):

@@ -89,3 +89,29 @@ def test_an_agent_gone_before_anything_was_produced_makes_the_request_unavailabl
 def test_an_agent_gone_after_tokens_were_produced_ends_the_request_with_its_error(gone, error):
     with pytest.raises(error):
         run([TOKEN, gone])
+
+
+def test_a_refusal_by_the_hosted_engine_stays_the_clients_400_across_the_agent():
+    """A simulated engine's RequestRejectedError (logprobs, echo scoring) crossed the agent as an engine failure:
+    the gateway retried it on the next model and answered 503 "model ... failed"."""
+    from scheduler.cluster.node_agent import NodeAgent
+    from scheduler.engines.base import RequestRejectedError
+
+    class Refusing:
+        async def generate(self, _request):
+            raise RequestRejectedError("model m is simulated: its placeholder tokens have no log-probabilities",
+                                       param="logprobs")
+            yield  # an async generator, as engines are
+
+    class Host:  # the agent's state that sim_generate reads
+        async def _sim_engine(self, key, spec):
+            return Refusing()
+
+    async def agent_side() -> list[Any]:
+        sim_generate = NodeAgent.__ray_actor_class__.sim_generate
+        return [item async for item in sim_generate(Host(), "k", GenerationRequest("r", ModelKind.COMPLETION, prompt="hi"))]
+
+    sent = asyncio.run(agent_side())
+    with pytest.raises(RequestRejectedError) as info:
+        run(sent)
+    assert info.value.param == "logprobs" and "no log-probabilities" in str(info.value)
