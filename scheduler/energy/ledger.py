@@ -242,27 +242,23 @@ class Ledger:
         written by an older version lacks columns the reads name; that one is opened as the gateway opens
         it, which adds them (NULL in the old rows), as its next `wattlane serve` would.
         """
-        path = Path(path)
+        reader = cls.__new__(cls)
+        reader.path = Path(path)
+        reader._closed = True  # a reader: record() refuses, close() has nothing to stop
+        reader._close_lock = threading.Lock()
+        reader._writer = None
         try:
-            conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
-            try:
+            with reader._read() as conn:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
-            finally:
-                conn.close()
         except sqlite3.DatabaseError as exc:
-            raise NotALedgerError(f"{path} is not a Wattlane ledger: {exc}") from None
+            raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: {exc}") from None
         if "requests" not in tables or not {"request_id", "time_unix_s", "model"} <= have:
-            raise NotALedgerError(f"{path} is not a Wattlane ledger: it has no requests table of ours "
+            raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: it has no requests table of ours "
                                   f"(tables: {', '.join(sorted(tables)) or 'none'})")
         if not set(COLUMNS) <= have or "startups" not in tables:
-            return cls(path)
-        ledger = cls.__new__(cls)
-        ledger.path = path
-        ledger._closed = True  # a reader: record() refuses, close() has nothing to stop
-        ledger._close_lock = threading.Lock()
-        ledger._writer = None
-        return ledger
+            return cls(reader.path)
+        return reader
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)

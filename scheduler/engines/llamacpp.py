@@ -131,14 +131,10 @@ class LlamaCppEngine(Engine):
             raise ContextLengthError(n_prompt, request.params.max_tokens, self.context_length)
         # checked before the request queues: a schema that cannot become a grammar is the client's 400 now
         grammar = self._grammar(request.params.response_format)
-        if request.prompt_token_ids is not None and max(prompt_ids) >= self._llm.n_vocab():
-            raise RequestRejectedError(f"prompt: token id {max(prompt_ids)} is not in {self.model_id}'s vocabulary "
-                                       f"(0-{self._llm.n_vocab() - 1})", param="prompt")
+        if request.prompt_token_ids is not None:
+            self._check_vocabulary(prompt_ids, "prompt")
         if request.params.logit_bias:
-            too_big = [t for t in request.params.logit_bias if t >= self._llm.n_vocab()]
-            if too_big:
-                raise RequestRejectedError(f"logit_bias: token id {too_big[0]} is not in this model's vocabulary "
-                                           f"(0-{self._llm.n_vocab() - 1})", param="logit_bias")
+            self._check_vocabulary(request.params.logit_bias, "logit_bias")
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[EngineEvent | BaseException] = asyncio.Queue()
@@ -317,7 +313,7 @@ class LlamaCppEngine(Engine):
                 texts[token] = llm.detokenize([token])
             return texts[token]
 
-        first = llm.detokenize(prompt_ids[:1])
+        first = piece(prompt_ids[0])
         entries = [TokenLogprob(first.decode("utf-8", "replace"), None, first, (), in_prompt=True)]
         step = min(llm.n_batch, SCORE_BATCH_TOKENS)
         for start in range(0, len(prompt_ids), step):
@@ -355,6 +351,14 @@ class LlamaCppEngine(Engine):
                         (piece(i).decode("utf-8", "replace"), float(logits[j, i] - lse[j]), piece(i)) for i in tops[j].tolist())
                     entries.append(TokenLogprob(raw.decode("utf-8", "replace"), float(values[j]), raw, top, in_prompt=True))
         return entries
+
+    def _check_vocabulary(self, token_ids: Any, param: str) -> None:
+        """RequestRejectedError on `param` for the first of the client's token ids this model does not have."""
+        n_vocab = self._llm.n_vocab()
+        too_big = [t for t in token_ids if t >= n_vocab]
+        if too_big:
+            raise RequestRejectedError(f"{param}: token id {too_big[0]} is not in {self.model_id}'s vocabulary "
+                                       f"(0-{n_vocab - 1})", param=param)
 
     def _grammar(self, response_format: dict[str, Any] | None) -> Any:
         """The grammar that holds sampling to response_format's JSON (None: free text); RequestRejectedError for
