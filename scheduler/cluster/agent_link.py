@@ -95,17 +95,29 @@ class AgentLinkServer:
         self.agent = agent
         self.path = path
         self._server: asyncio.AbstractServer | None = None
+        self._listening: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        _remove_dead_sockets()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-        old_umask = os.umask(0o177)  # only this user may connect: the messages are pickles
+        self._listening = asyncio.get_running_loop().create_future()
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=self.path)
-        finally:
-            os.umask(old_umask)
+            _remove_dead_sockets()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            old_umask = os.umask(0o177)  # only this user may connect: the messages are pickles
+            try:
+                self._server = await asyncio.start_unix_server(self._serve, path=self.path)
+            finally:
+                os.umask(old_umask)
+        except BaseException as exc:
+            self._listening.set_exception(ConnectionError(f"agent link did not start: {exc!r}"))
+            self._listening.exception()  # retrieved here: a caller that never waits must not log it
+            raise
+        self._listening.set_result(None)
+
+    async def started(self) -> None:
+        """Wait until start() listens (ConnectionError if it failed); start() must have been called."""
+        await asyncio.shield(self._listening)
 
     def close(self) -> None:
         if self._server is not None:

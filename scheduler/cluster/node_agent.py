@@ -174,9 +174,15 @@ class NodeAgent:
         if not link_reaches(self.ray_node_id, caller_ray_node_id):
             return None
         if self._link_server is None:
-            server = AgentLinkServer(self, socket_path())
-            await server.start()
-            self._link_server = server
+            # set before the await: a replica that asks meanwhile gets this server, not one of its own (each
+            # would listen on a socket of its own, and the last one would be the only one it still knew of)
+            server = self._link_server = AgentLinkServer(self, socket_path())
+            try:
+                await server.start()
+            except BaseException:
+                self._link_server = None
+                raise
+        await self._link_server.started()
         return self._link_server.path
 
     def close_link(self) -> None:

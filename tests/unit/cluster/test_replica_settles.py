@@ -601,6 +601,21 @@ def test_the_link_reaches_only_a_replica_on_the_agents_own_ray_node(agent_node, 
     assert (path is not None) is reaches
 
 
+def test_replicas_that_ask_for_the_link_at_once_get_one_socket() -> None:
+    """Replicas that ask while the first server still starts get that server, not one each: each extra one
+    listened on a socket of its own for the agent's life, and close_link closed only the last."""
+    agent = make_agent()
+
+    async def main():
+        paths = await asyncio.gather(*(agent.link_address(RAY_NODE) for _ in range(3)))
+        agent.close_link()
+        return paths
+
+    paths = asyncio.run(main())
+    assert len(set(paths)) == 1 and paths[0] is not None
+    assert not os.path.exists(paths[0]), "closed with the agent's link"
+
+
 def test_an_agent_link_removes_the_sockets_of_dead_agents_and_its_own_on_close(tmp_path, monkeypatch) -> None:
     import subprocess
     import sys
