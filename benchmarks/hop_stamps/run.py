@@ -1,5 +1,6 @@
 """Time stamps at each hop of one non-streaming chat, Wattlane's path and the plain Ray Serve app's.
 
+    git worktree add /tmp/hops 2369bb3 && cd /tmp/hops   # the patch applies to the code it was made on
     git apply benchmarks/hop_stamps/hop_stamps.patch      # adds scheduler/_hops.py and the stamps
     python benchmarks/hop_stamps/run.py /tmp/hops-after 300
     python benchmarks/hop_stamps/compare.py /tmp/hops-before /tmp/hops-after   # the tables
