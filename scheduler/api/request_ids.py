@@ -1,7 +1,8 @@
 """One id per request: a client's X-Request-Id when it is short and printable, otherwise a new one.
 
 The same id goes in the response body (`id`), the X-Request-Id response header, the ledger row and
-every log line. A client value is kept only if it matches SAFE_REQUEST_ID, so nothing a client
+every log line. The work the request starts on a replica, and its node agent's accounting, go under an
+attempt id of their own (attempt_id): clients may send one X-Request-Id twice. A client value is kept only if it matches SAFE_REQUEST_ID, so nothing a client
 sends (60 KB, newlines, text that mimics a log line) reaches a header or a log raw.
 
 RequestIdMiddleware runs twice in a deployment: in the gateway's FastAPI app, and outermost in Ray
@@ -15,6 +16,7 @@ out.
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 
 from starlette.requests import Request
@@ -34,6 +36,14 @@ _HEADER = REQUEST_ID_HEADER.encode()
 
 def is_safe_request_id(value: str) -> bool:
     return SAFE_REQUEST_ID.fullmatch(value) is not None
+
+
+def attempt_id(request_id: str) -> str:
+    """The id a request's work goes under on its replica and node agent: its own id and a random suffix. The
+    agent keeps a finished request's joules under that id a while (for a replica cancelled as it asked), so
+    two requests a client sent under one X-Request-Id must not share it there: the second got the first's
+    joules, and the ledger counted them twice."""
+    return f"{request_id}.{secrets.token_hex(4)}"
 
 
 def new_request_id(path: str = "") -> str:

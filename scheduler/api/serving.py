@@ -310,9 +310,10 @@ class Serving:
         #: last published stats, until its controller notices, so the retries ask it to pass them over
         gone: list[str] = []
         attempt = landings = unavailable_retries = tries = 0
+        first_attempt_id = job.request.request_id
         while attempt < 2:
             if tries:  # each attempt is work of its own to its replica and node agent: its own id there
-                job.request = replace(job.request, request_id=f"{job.request_id}-retry{tries}")
+                job.request = replace(job.request, request_id=f"{first_attempt_id}-retry{tries}")
             tries += 1
             try:
                 dispatched_s = time.monotonic()
@@ -508,7 +509,8 @@ class Serving:
             first.routing["reason"] += f"; cascade: kept ({verdict.reason})"
             return first
         second_id = f"{job.request_id}-cascade"
-        second_job = Job(request_id=second_id, model=target, request=replace(job.request, request_id=second_id),
+        second_job = Job(request_id=second_id, model=target,
+                         request=replace(job.request, request_id=f"{job.request.request_id}-cascade"),
                          api_key_id=job.api_key_id, team=job.team, cascade_of=job.request_id,
                          controls=job.controls, key_defaults=job.key_defaults, quota=job.quota,
                          trace_context=job.trace_context)

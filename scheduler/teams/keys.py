@@ -21,6 +21,8 @@ from scheduler.teams.store import TeamsStore
 
 #: how stale a replica's view of the run-time keys may be; revocation is seen within this (plus one read)
 KEY_CACHE_SECONDS = 0.5
+#: how old the version read may be before a lookup of an unknown key reads it again (see KeyCache.lookup)
+MISS_RECHECK_SECONDS = 0.05
 KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROLES = ("client", "reader", "operator")
 #: run-time keys start with this, so a leaked one is recognisable in logs and secret scanners
@@ -173,9 +175,9 @@ class KeyCache:
         self._checked_monotonic = -1e9
         self._lock = threading.Lock()
 
-    def _refresh(self) -> None:
+    def _refresh(self, max_age_seconds: float | None = None) -> None:
         now = time.monotonic()
-        if now - self._checked_monotonic < self.ttl_seconds:
+        if now - self._checked_monotonic < (self.ttl_seconds if max_age_seconds is None else max_age_seconds):
             return
         with self._lock:
             conn = self.store.conn()
@@ -194,10 +196,21 @@ class KeyCache:
         return self._ever
 
     def lookup(self, key_sha256: str) -> RuntimeKey | None:
-        """The active key with this hash, or None (unknown, revoked or expired)."""
+        """The active key with this hash, or None (unknown, revoked or expired).
+
+        An unknown hash re-reads the version when the last read is MISS_RECHECK_SECONDS old: a key just
+        created (on this replica or another) is one a client uses at once, and the answer that handed it out
+        promised it works. Unknown keys sent in a flood cost one integer read per that interval, no more."""
         self._refresh()
         key = self._by_hash.get(key_sha256)
+        if key is None:
+            self._refresh(MISS_RECHECK_SECONDS)
+            key = self._by_hash.get(key_sha256)
         return key if key is not None and key.active(time.time()) else None
+
+    def expire(self) -> None:
+        """Read the keys again at the next lookup (this replica just created or rotated one)."""
+        self._checked_monotonic = -1e9
 
 
 def validate_key_fields(config: Any, team: str | None, defaults: dict[str, Any] | None,

@@ -106,6 +106,7 @@ async def create_key(body: KeyCreate, request: Request, _: Principal = Depends(r
             limits=body.limits, budgets=body.budgets, expires_unix_s=expires)
     except KeyError_ as exc:
         raise _fail(exc) from None
+    gateway.key_cache.expire()  # the key works on this replica at once
     return {"object": "api_key", **record.public(), "key": secret}
 
 
@@ -134,6 +135,7 @@ async def rotate_key(key_id: str, request: Request, _: Principal = Depends(requi
         record, secret = await asyncio.to_thread(request.app.state.gateway.key_registry.rotate, key_id)
     except KeyError_ as exc:
         raise _fail(exc) from None
+    request.app.state.gateway.key_cache.expire()  # the new key works, and the old one is refused, here at once
     return {"object": "api_key", **record.public(), "key": secret}
 
 

@@ -26,7 +26,7 @@ from scheduler.api.protocol import (
     RouteExplainRequest,
     usage_block,
 )
-from scheduler.api.request_ids import request_id_of
+from scheduler.api.request_ids import attempt_id, request_id_of
 from scheduler.api.schemas import RouteExplanation
 from scheduler.engines.base import GenerationRequest, ModelKind, SamplingParams, TokenLogprob
 
@@ -99,7 +99,7 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 
 def _job(body: Any, request_id: str, principal: Principal, request: Request | None = None) -> Job:
     trace = {h: request.headers[h] for h in TRACE_HEADERS if h in request.headers} if request is not None else {}
-    return Job(request_id=request_id, model=body.model, request=generation_request(body, request_id),
+    return Job(request_id=request_id, model=body.model, request=generation_request(body, attempt_id(request_id)),
                api_key_id=principal.key_id, team=principal.team, controls=_controls(body),
                key_defaults=dict(principal.defaults), quota=principal.quota, trace_context=trace)
 

@@ -120,3 +120,18 @@ def test_middleware_leaves_non_http_scopes_alone():
     scope = {"type": "lifespan"}
     asyncio.run(RequestIdMiddleware(app)(scope, None, None))
     assert calls == [scope]
+
+
+def test_two_requests_under_one_client_id_are_charged_their_own_joules(client):
+    """A client may send one X-Request-Id twice (a retry of its own, a fixed id per session): each request's
+    work is its own at the node agent, so each answer and row carry that request's joules. They shared the
+    agent's accounting under the client's id: the second answer got the first's joules, and the ledger
+    counted them twice."""
+    headers = {**bearer("client"), "X-Request-Id": "my-fixed-id"}
+    short = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}, headers=headers)
+    long = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 40}, headers=headers)
+    assert short.status_code == long.status_code == 200, (short.text, long.text)
+    e_short, e_long = short.json()["usage"]["energy"]["joules"], long.json()["usage"]["energy"]["joules"]
+    assert e_long > e_short, "40 tokens cost more than 2"
+    rows = ledger_rows(client, "my-fixed-id")
+    assert sorted(r["joules"] for r in rows) == pytest.approx(sorted([e_short, e_long]))

@@ -10,7 +10,7 @@ import pytest
 from scheduler.api.auth import KeyStore
 from scheduler.api.errors import ApiError
 from scheduler.config import ApiKeyConfig, WattlaneConfig
-from scheduler.teams.keys import KEY_CACHE_SECONDS, KeyCache, KeyError_, KeyRegistry, hash_key
+from scheduler.teams.keys import KEY_CACHE_SECONDS, MISS_RECHECK_SECONDS, KeyCache, KeyError_, KeyRegistry, hash_key
 from scheduler.teams.store import TeamsStore
 
 CONFIG = WattlaneConfig.model_validate({
@@ -31,6 +31,19 @@ def test_a_key_is_stored_only_as_its_hash(tmp_path):
     assert secret.encode() not in raw
     assert hash_key(secret).encode() in raw
     assert "key" not in record.public() and "key_sha256" not in record.public()
+
+
+def test_a_key_created_on_another_replica_works_there_without_waiting_for_the_cache(tmp_path):
+    """A client uses a key the moment it is handed out; the replica it reaches may have read the keys just
+    before (it was refused with 401 for up to KEY_CACHE_SECONDS)."""
+    cli, replica = KeyRegistry(TeamsStore(tmp_path)), TeamsStore(tmp_path)
+    store = KeyStore([], runtime=KeyCache(replica), config=CONFIG)
+    _, first = cli.create(key_id="first")
+    time.sleep(KEY_CACHE_SECONDS)
+    store.authenticate(bearer(first))  # the replica has just read the keys
+    _, second = cli.create(key_id="second")
+    time.sleep(MISS_RECHECK_SECONDS)
+    assert store.authenticate(bearer(second)).key_id == "second"
 
 
 def test_revocation_reaches_another_replica_within_a_second(tmp_path):
