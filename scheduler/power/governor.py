@@ -261,9 +261,11 @@ class Governor:
             changes = body["groups"]
             if not isinstance(changes, list):
                 raise PolicyError("groups: must be a list of {name, policy, options, devices}")
-        elif "policy" in body or "group" in body or "name" in body:
+        elif set(body) & {"policy", "group", "name", "options", "devices"}:
             one = dict(body)
             if "group" in one:
+                if "name" in one and one["name"] != one["group"]:
+                    raise PolicyError(f"group and name both name the group ({one['group']!r}, {one['name']!r}): give one")
                 one["name"] = one.pop("group")
             changes = [one]
         else:
@@ -278,7 +280,8 @@ class Governor:
                 raise PolicyError(f"groups[{i}]: unknown field(s) {', '.join(sorted(extra))}; allowed: name, devices, policy, options")
             name = ch.get("name")
             if not name:
-                raise PolicyError(f"groups[{i}].name: name the group to change")
+                where = f"groups[{i}].name" if "groups" in body else "group"
+                raise PolicyError(f"{where}: name the group to change")
             if name not in merged and not ch.get("devices"):
                 raise PolicyError(
                     f"groups[{i}].name: no group '{name}' (groups: {', '.join(merged) or 'none'}); give 'devices' to create it"

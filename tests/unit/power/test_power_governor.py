@@ -232,6 +232,11 @@ def test_put_policy_validation_messages_and_no_partial_change(tmp_path):
         ({"groups": [{"name": "h", "devices": ["gpu7"], "policy": "parking"}]}, "unknown device 'gpu7'"),
         ({"mode": "turbo"}, "mode"),
         ([1, 2], "JSON object"),
+        # a group's fields without the group were answered 200 and changed nothing
+        ({"options": {"budget_watts": 100}}, "group: name the group to change"),
+        ({"devices": ["gpu0"]}, "group: name the group to change"),
+        # both names, and they differ: which group was meant is not for the gateway to guess
+        ({"group": "g", "name": "h", "policy": "none"}, "give one"),
     ]
     for body, msg in cases:
         with pytest.raises(PolicyError) as err:
