@@ -317,8 +317,9 @@ class RateLimitsConfig(_Section):
 class BudgetConfig(_Section):
     """Energy (joules, as the ledger counts them: dynamic + idle share) or carbon (gCO2e) per period."""
 
-    energy_joules: Annotated[float, Field(gt=0)] | None = None
-    gco2e: Annotated[float, Field(gt=0)] | None = None
+    #: finite: an infinite budget is no budget (leave it out)
+    energy_joules: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    gco2e: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     #: calendar periods in UTC: a day starts at 00:00, a month on its first day
     period: Literal["day", "month"] = "day"
 

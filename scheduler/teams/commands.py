@@ -115,7 +115,7 @@ def keys_create(
         _fail(ValueError("--expires-in-days must be greater than 0"))
     expires = time.time() + expires_in_days * 86400 if expires_in_days is not None else None
     try:
-        validate_key_fields(cfg, team, defaults, limits, budgets)
+        limits, budgets = validate_key_fields(cfg, team, defaults, limits, budgets)
         record, secret = registry.create(role=role, team=team, key_id=key_id, defaults=defaults, limits=limits,
                                          budgets=budgets, expires_unix_s=expires)
     except KeyError_ as exc:

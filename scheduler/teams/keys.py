@@ -97,7 +97,7 @@ class KeyRegistry:
         now_s = time.time() if now_s is None else now_s
         if role not in ROLES:
             raise KeyError_(f"role must be one of {', '.join(ROLES)}, not {role!r}", param="role")
-        key_id = key_id or f"key-{secrets.token_hex(4)}"
+        key_id = f"key-{secrets.token_hex(4)}" if key_id is None else key_id  # "" is an id, and not a valid one
         if not KEY_ID_PATTERN.match(key_id):
             raise KeyError_(f"key id {key_id!r} must be 1-64 characters of A-Z a-z 0-9 . _ - (starting with a letter "
                             "or digit)", param="id")
@@ -214,8 +214,12 @@ class KeyCache:
 
 
 def validate_key_fields(config: Any, team: str | None, defaults: dict[str, Any] | None,
-                        limits: dict[str, Any] | None, budgets: list[dict[str, Any]] | None) -> None:
-    """The checks a config key gets, for a run-time one: a configured team, known defaults, valid limits and budgets."""
+                        limits: dict[str, Any] | None, budgets: list[dict[str, Any]] | None
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The checks a config key gets, for a run-time one: a configured team, known defaults, valid limits and budgets.
+
+    Returns the limits and budgets as validated (numbers as numbers, the period said), which is what to store:
+    a value as sent ("1e6" as a string) is not what the key's listings and /v1/teams should show."""
     from scheduler.config import TEAM_NAME_PATTERN
     from scheduler.routing.controls import RequestControlError, merge_request_controls
     from scheduler.teams.quotas import QuotaError, parse_key_quota
@@ -231,6 +235,7 @@ def validate_key_fields(config: Any, team: str | None, defaults: dict[str, Any] 
     except RequestControlError as exc:
         raise KeyError_(f"defaults: {exc}", param="defaults") from None
     try:
-        parse_key_quota(team, limits, budgets)
+        quota = parse_key_quota(team, limits, budgets)
     except QuotaError as exc:
         raise KeyError_(str(exc), param=exc.param) from None
+    return quota.limits.model_dump(exclude_none=True), [b.model_dump(exclude_none=True) for b in quota.budgets]

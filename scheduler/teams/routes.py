@@ -100,10 +100,10 @@ async def create_key(body: KeyCreate, request: Request, _: Principal = Depends(r
     if body.expires_in_days is not None:
         expires = time.time() + body.expires_in_days * 86400
     try:
-        validate_key_fields(gateway.config, body.team, body.defaults, body.limits, body.budgets)
+        limits, budgets = validate_key_fields(gateway.config, body.team, body.defaults, body.limits, body.budgets)
         record, secret = await asyncio.to_thread(
             gateway.key_registry.create, role=body.role, team=body.team, key_id=body.id, defaults=body.defaults,
-            limits=body.limits, budgets=body.budgets, expires_unix_s=expires)
+            limits=limits, budgets=budgets, expires_unix_s=expires)
     except KeyError_ as exc:
         raise _fail(exc) from None
     gateway.key_cache.expire()  # the key works on this replica at once

@@ -77,6 +77,29 @@ def test_a_key_works_the_moment_it_is_handed_out_and_a_rotated_one_stops_at_once
     assert c.get("/v1/models", headers={"Authorization": f"Bearer {second}"}).status_code == 401
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"id": "inf-budget", "budgets": [{"energy_joules": "inf"}]}, "budgets"),  # was stored as the string "inf"
+    ({"id": "inf-budget", "budgets": [{"gco2e": "Infinity"}]}, "budgets"),
+    ({"id": ""}, "id"),  # was a key with a random id
+])
+def test_a_key_with_an_infinite_budget_or_an_empty_id_is_refused(client, body, param):
+    c, _ = client
+    e = error_of(c.post("/v1/keys", json=body, headers=bearer("operator")), 400)
+    assert e["param"] == param, e
+    listed = [k["id"] for k in c.get("/v1/keys", headers=bearer("operator")).json()["data"]]
+    assert "inf-budget" not in listed and not any(i.startswith("key-") for i in listed)
+
+
+def test_a_keys_limits_and_budgets_are_stored_as_validated(client):
+    c, _ = client
+    r = c.post("/v1/keys", json={"id": "typed", "limits": {"requests_per_minute": "5"},
+                                 "budgets": [{"energy_joules": "1e6"}]}, headers=bearer("operator"))
+    assert r.status_code == 200, r.text
+    listed = {k["id"]: k for k in c.get("/v1/keys", headers=bearer("operator")).json()["data"]}["typed"]
+    assert listed["limits"] == {"requests_per_minute": 5}
+    assert listed["budgets"] == [{"energy_joules": 1e6, "period": "day"}]
+
+
 def test_a_low_team_budget_downgrades_then_a_spent_one_refuses(client):
     c, gw = client
     team_key = {"Authorization": "Bearer research-key"}
