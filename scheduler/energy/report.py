@@ -13,6 +13,7 @@ import base64
 import csv
 import html
 import io
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,12 +36,14 @@ def parse_time(value: str | float | None) -> float | None:
     """Unix seconds or ISO 8601 (naive means UTC) -> unix seconds; None or "" -> None; ValueError otherwise."""
     if value is None or value == "":
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None:
+        if not math.isfinite(seconds):  # SQLite binds NaN as NULL: the window would match nothing, silently
+            raise ValueError(f"must be a finite time (unix seconds or ISO 8601), not {value!r}")
+        return seconds
     try:
         dt = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:

@@ -220,7 +220,7 @@ class PowerActuator:
         default = dev.power_limit_constraints().default_watts if dev.supports_power_limit() else None
         return self._act(
             dev, "reset_power_limit", "power_limit_watts", default, actor, reason or "reset to default",
-            check=lambda: self._require(dev.supports_power_limit(), dev, "a settable power limit"),
+            check=lambda: self._require(dev.supports_power_limit(), dev, "settable power limit"),
             apply=dev.reset_power_limit, read=lambda: dev.power_limit_watts(),
         )
 
@@ -254,7 +254,7 @@ class PowerActuator:
             raise DeviceNotSupportedError(f"{dev.device_id} ({dev.kind.value}) has no {what}")
 
     def _check_power_limit(self, dev: Device, watts: float) -> None:
-        self._require(dev.supports_power_limit(), dev, "a settable power limit")
+        self._require(dev.supports_power_limit(), dev, "settable power limit")
         if watts != watts or watts in (float("inf"), float("-inf")):
             raise DeviceSettingError(f"power limit {watts} W is not a number", param="watts")
         self._in_range(dev, lambda: dev.power_limit_constraints().check(watts))

@@ -189,7 +189,7 @@ async def put_policy(request: Request, body: PolicyUpdate, node: NodeQuery = Non
 
 
 @router.get("/v1/power/audit", response_model=AuditList, responses=_ERRORS)
-async def power_audit(request: Request, since: float | None = None, device: str | None = None,
+async def power_audit(request: Request, since: float | None = Query(None, allow_inf_nan=False), device: str | None = None,
                       limit: int = Query(100, ge=1, le=10000), node: NodeQuery = None,
                       _: Principal = Depends(require("operator"))):
     rows = await _answer((await _agent(request, node)).power_audit.remote(since=since, device=device, limit=limit))
