@@ -76,7 +76,12 @@ def _budget(text: str) -> dict[str, Any]:
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, OSError, ValueError):  # a store an older version wrote may hold inf or 1e300
+        return f"{t!r} (unix s, not a date)"
 
 
 def _show_secret(record: Any, secret: str, as_json: bool, verb: str) -> None:
@@ -104,16 +109,17 @@ def keys_create(
     config: ConfigOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create an API key and print it once."""
-    from scheduler.teams.keys import KeyError_, validate_key_fields
+    from scheduler.teams.keys import KeyError_, expiry_in_days, validate_key_fields
 
+    try:  # before the state directory is opened: a refused value creates nothing
+        expires = expiry_in_days(expires_in_days, name="--expires-in-days") if expires_in_days is not None else None
+    except KeyError_ as exc:
+        _fail(exc)
     cfg, registry = _registry(config, state_dir)
     defaults = _pairs(default, "--default")
     limits = {k: v for k, v in (("requests_per_minute", rpm), ("tokens_per_minute", tpm),
                                 ("concurrent_requests", concurrent)) if v is not None}
     budgets = [_budget(b) for b in budget]
-    if expires_in_days is not None and expires_in_days <= 0:
-        _fail(ValueError("--expires-in-days must be greater than 0"))
-    expires = time.time() + expires_in_days * 86400 if expires_in_days is not None else None
     try:
         limits, budgets = validate_key_fields(cfg, team, defaults, limits, budgets)
         record, secret = registry.create(role=role, team=team, key_id=key_id, defaults=defaults, limits=limits,

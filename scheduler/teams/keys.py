@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from scheduler.teams.store import TeamsStore
@@ -27,6 +29,8 @@ KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ROLES = ("client", "reader", "operator")
 #: run-time keys start with this, so a leaked one is recognisable in logs and secret scanners
 KEY_PREFIX = "wl-"
+#: the latest expiry a key may have: the last day a datetime holds, so every listing can show it as a date
+LATEST_EXPIRY_UNIX_S = datetime(9999, 12, 31, tzinfo=timezone.utc).timestamp()
 
 
 def hash_key(key: str) -> str:
@@ -40,6 +44,18 @@ class KeyError_(ValueError):
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+def expiry_in_days(days: float, now_s: float | None = None, *, name: str = "expires_in_days") -> float:
+    """The expiry `days` from now, in unix seconds; KeyError_ naming `name` unless days is a finite number
+    greater than 0 that ends before LATEST_EXPIRY_UNIX_S (NaN was stored as no expiry, inf and 1e300 as a
+    time no listing could show)."""
+    now_s = time.time() if now_s is None else now_s
+    most_days = (LATEST_EXPIRY_UNIX_S - now_s) / 86400
+    if not (math.isfinite(days) and 0 < days <= most_days):
+        raise KeyError_(f"{name} must be a number of days greater than 0 that ends by 9999-12-31 "
+                        f"(at most {most_days:.0f}), not {days!r}", param="expires_in_days")
+    return now_s + days * 86400
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,10 @@ class KeyRegistry:
                             "or digit)", param="id")
         if key_id in self.reserved_ids:
             raise KeyError_(f"key id '{key_id}' is a key of the config file; choose another id", status=409, param="id")
+        if expires_unix_s is not None and not (math.isfinite(expires_unix_s)
+                                               and expires_unix_s <= LATEST_EXPIRY_UNIX_S):
+            raise KeyError_(f"the expiry must be a time no later than 9999-12-31, not {expires_unix_s!r} "
+                            "(unix seconds)", param="expires_at")
         if expires_unix_s is not None and expires_unix_s <= now_s:
             raise KeyError_("the expiry is in the past", param="expires_at")
         secret = KEY_PREFIX + secrets.token_urlsafe(32)

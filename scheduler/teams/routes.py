@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scheduler.api.auth import Principal, require
 from scheduler.api.errors import AUTH_ERRORS, ApiError, error_responses
 from scheduler.teams import budgets
-from scheduler.teams.keys import KeyError_, validate_key_fields
+from scheduler.teams.keys import KeyError_, expiry_in_days, validate_key_fields
 from scheduler.teams.quotas import parse_key_quota, quota_for
 
 router = APIRouter()
@@ -96,10 +96,10 @@ def _config_keys(request: Request) -> list[dict[str, Any]]:
 async def create_key(body: KeyCreate, request: Request, _: Principal = Depends(require("operator"))):
     """Create a key; the answer shows it once (only its sha256 is stored)."""
     gateway = request.app.state.gateway
-    expires = body.expires_at.timestamp() if body.expires_at else None
-    if body.expires_in_days is not None:
-        expires = time.time() + body.expires_in_days * 86400
     try:
+        expires = body.expires_at.timestamp() if body.expires_at else None
+        if body.expires_in_days is not None:
+            expires = expiry_in_days(body.expires_in_days)
         limits, budgets = validate_key_fields(gateway.config, body.team, body.defaults, body.limits, body.budgets)
         record, secret = await asyncio.to_thread(
             gateway.key_registry.create, role=body.role, team=body.team, key_id=body.id, defaults=body.defaults,

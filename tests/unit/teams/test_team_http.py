@@ -90,6 +90,16 @@ def test_a_key_with_an_infinite_budget_or_an_empty_id_is_refused(client, body, p
     assert "inf-budget" not in listed and not any(i.startswith("key-") for i in listed)
 
 
+@pytest.mark.parametrize("days", ["inf", "Infinity", 1e300])
+def test_a_key_whose_expiry_is_no_date_is_refused(client, days):
+    """inf was stored and then broke every listing; 1e300 was stored as a time no listing can show as a date."""
+    c, _ = client
+    e = error_of(c.post("/v1/keys", json={"id": "forever", "expires_in_days": days}, headers=bearer("operator")), 400)
+    assert e["param"] == "expires_in_days" and "ends by 9999-12-31" in e["message"], e
+    r = c.get("/v1/keys", headers=bearer("operator"))
+    assert r.status_code == 200 and "forever" not in [k["id"] for k in r.json()["data"]]
+
+
 def test_a_keys_limits_and_budgets_are_stored_as_validated(client):
     c, _ = client
     r = c.post("/v1/keys", json={"id": "typed", "limits": {"requests_per_minute": "5"},

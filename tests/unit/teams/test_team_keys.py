@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 
@@ -135,8 +136,6 @@ def test_a_key_changed_by_hand_to_invalid_limits_is_refused_not_run_unlimited(tm
 
 
 def test_the_cli_creates_lists_rotates_and_revokes_on_the_state_directory(tmp_path):
-    import json
-
     from typer.testing import CliRunner
 
     from scheduler.cli import _register_all, app
@@ -165,3 +164,39 @@ def test_the_cli_creates_lists_rotates_and_revokes_on_the_state_directory(tmp_pa
                 ["create", "--rpm", "0"]):
         code, text = run(*bad)
         assert code == 1 and "error:" in text, (bad, text)
+
+
+def keys_cli(*args: str) -> tuple[int, str]:
+    """`wattlane keys ARGS`: the exit code and what it printed (stdout and stderr, the console's wrapping undone)."""
+    from typer.testing import CliRunner
+
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    r = CliRunner().invoke(app, ["keys", *args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # never a traceback
+    return r.exit_code, " ".join((r.stdout + (r.stderr if r.stderr_bytes else "")).split())
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "1e300", "0"])
+def test_an_expiry_that_is_not_a_finite_date_is_refused_before_anything_is_stored(tmp_path, days):
+    """inf and 1e300 were stored and then crashed every `keys list` (OverflowError); nan was stored as no expiry."""
+    code, text = keys_cli("create", "--id", "odd", "--expires-in-days", days, "--state-dir", str(tmp_path))
+    assert code == 1 and "--expires-in-days must be a number of days greater than 0" in text, text
+    assert not (tmp_path / "teams.sqlite3").exists()
+
+
+@pytest.mark.parametrize("expires_unix_s", [float("nan"), float("inf"), 1e300])
+def test_the_registry_refuses_an_expiry_no_listing_could_show(tmp_path, expires_unix_s):
+    registry = KeyRegistry(TeamsStore(tmp_path))
+    with pytest.raises(KeyError_, match="no later than 9999-12-31") as caught:
+        registry.create(key_id="odd", expires_unix_s=expires_unix_s)
+    assert caught.value.param == "expires_at" and registry.list() == []
+
+
+def test_keys_list_shows_a_store_whose_expiry_an_older_version_wrote_out_of_range(tmp_path):
+    KeyRegistry(TeamsStore(tmp_path)).create(key_id="far")
+    with TeamsStore(tmp_path).write() as conn:  # as an older version stored --expires-in-days 1e300
+        conn.execute("UPDATE api_keys SET expires_unix_s = 1e300 WHERE key_id = 'far'")
+    code, text = keys_cli("list", "--state-dir", str(tmp_path))
+    assert code == 0 and "far" in text and "1e+300" in text, text
