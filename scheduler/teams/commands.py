@@ -27,15 +27,31 @@ StateOpt = Annotated[Optional[str], typer.Option("--state-dir", help="state dire
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
-def _registry(config: Optional[Path], state_dir: Optional[str]) -> tuple[Any, Any]:
+def _registry(config: Optional[Path], state_dir: Optional[str], *, existing: bool = False,
+              read_only: bool = False) -> tuple[Any, Any]:
+    """The config and the key registry on the state directory's teams database.
+
+    existing (revoke, rotate, list): a state directory that does not exist is an error, not made (a typo in
+    --state-dir must not leave folders and a database behind, nor answer "no keys"). read_only (list): the
+    registry is None where the state directory has no teams database yet, which is not created either."""
     from scheduler.cluster.commands import load_or_exit
     from scheduler.state_dir import resolve_state_dir
     from scheduler.teams.keys import KeyRegistry
-    from scheduler.teams.store import TeamsStore
+    from scheduler.teams.store import NoTeamsStoreError, NotATeamsStoreError, TeamsStore
 
     cfg = load_or_exit(config)
+    where = resolve_state_dir(cfg, state_dir)
+    if (existing or read_only) and not where.is_dir():
+        err.print(f"[bold red]error:[/] there is no Wattlane state at {where} (no such folder); pass the --state-dir "
+                  "that `wattlane serve` used")
+        raise typer.Exit(2)
     try:
-        store = TeamsStore(resolve_state_dir(cfg, state_dir))
+        store = TeamsStore(where, create=not read_only)
+    except NoTeamsStoreError:
+        return cfg, None
+    except NotATeamsStoreError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
     except OSError as exc:
         err.print(f"[bold red]error:[/] cannot use the state directory: {exc}")
         raise typer.Exit(2) from None
@@ -131,12 +147,12 @@ def keys_create(
 
 def keys_list(config: ConfigOpt = None, state_dir: StateOpt = None, as_json: JsonOpt = False) -> None:
     """List the config's keys and the run-time ones (never a key or its hash)."""
-    cfg, registry = _registry(config, state_dir)
+    cfg, registry = _registry(config, state_dir, read_only=True)
     now_s = time.time()
     rows = [{"id": k.id, "role": k.role, "team": k.team, "status": "active", "source": "config",
              "limits": k.limits.model_dump(exclude_none=True), "budgets": [b.model_dump(exclude_none=True) for b in k.budgets],
              "expires_unix_s": None} for k in cfg.server.api_keys]
-    rows += [r.public(now_s) for r in registry.list()]
+    rows += [r.public(now_s) for r in registry.list()] if registry is not None else []
     if as_json:
         print(json.dumps(rows))
         return
@@ -154,7 +170,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
     """Revoke a run-time key: every gateway replica refuses it within a second."""
     from scheduler.teams.keys import KeyError_
 
-    _, registry = _registry(config, state_dir)
+    _, registry = _registry(config, state_dir, existing=True)
     try:
         record = registry.revoke(key_id)
     except KeyError_ as exc:
@@ -167,7 +183,7 @@ def keys_rotate(key_id: Annotated[str, typer.Argument(help="the key's id")],
     """Give a run-time key a new secret (role, team, limits and spend kept) and print it once."""
     from scheduler.teams.keys import KeyError_
 
-    _, registry = _registry(config, state_dir)
+    _, registry = _registry(config, state_dir, existing=True)
     try:
         record, secret = registry.rotate(key_id)
     except KeyError_ as exc:

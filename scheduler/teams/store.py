@@ -47,12 +47,74 @@ _SCHEMA = (
 )
 
 
+#: the tables every teams database has had since the first version: a file with tables but not these is not one
+_FIRST_TABLES = ("api_keys", "meta")
+
+
+def _table_name(stmt: str) -> str | None:
+    head = stmt.split("(", 1)[0].split()
+    return head[-1] if head[:2] == ["CREATE", "TABLE"] else None
+
+
+#: our tables and their columns, as _SCHEMA creates them (what a table of that name in the file must have)
+_TABLE_COLUMNS: dict[str, set[str]] = {}
+with contextlib.closing(sqlite3.connect(":memory:")) as _conn:
+    for _stmt in _SCHEMA:
+        _conn.execute(_stmt)
+        if (_name := _table_name(_stmt)) is not None:
+            _TABLE_COLUMNS[_name] = {r[1] for r in _conn.execute(f"PRAGMA table_info({_name})")}
+
+
+class NotATeamsStoreError(ValueError):
+    """A file opened as the teams database is not one (not SQLite, a folder, another program's tables);
+    nothing was written to it."""
+
+
+class NoTeamsStoreError(FileNotFoundError):
+    """There is no teams database where one was to be read (TeamsStore(..., create=False))."""
+
+
+def _check_teams_file(path: Path) -> None:
+    """NotATeamsStoreError unless `path` is a teams database, or an empty SQLite file that may become one.
+
+    Read-only: the check opens the file with mode=ro, so a file that fails it is left exactly as it was."""
+    if path.is_dir():
+        raise NotATeamsStoreError(f"{path} is a folder, not a Wattlane teams database; move it away")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")} for t in tables & set(_TABLE_COLUMNS)}
+    except sqlite3.DatabaseError as exc:
+        raise NotATeamsStoreError(f"{path} is not a Wattlane teams database: {exc}; move it away") from None
+    tables -= {"sqlite_sequence"}  # SQLite's own (AUTOINCREMENT)
+    if not tables:
+        return  # an empty database: ours to initialise
+    missing = [t for t in _FIRST_TABLES if t not in tables]
+    if missing:
+        raise NotATeamsStoreError(f"{path} is not a Wattlane teams database: it has no {' or '.join(missing)} table "
+                                  f"(tables: {', '.join(sorted(tables))}); move it away")
+    for table, have in sorted(columns.items()):
+        if not _TABLE_COLUMNS[table] <= have:
+            lacking = ", ".join(sorted(_TABLE_COLUMNS[table] - have))
+            raise NotATeamsStoreError(f"{path} is not a Wattlane teams database: its {table} table has another "
+                                      f"layout (no column {lacking}); move it away")
+
+
 class TeamsStore:
     """Connections to the teams database: one per thread (sqlite3 connections stay in their thread)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, create: bool = True):
+        """Open the teams database at `path` (a state directory, or the file itself).
+
+        NotATeamsStoreError for a file that is not one (nothing is written to it). create=False (commands
+        that only read or change existing keys): NoTeamsStoreError where there is none, instead of making
+        the folders and the file."""
         p = Path(path)
         self.path = p / TEAMS_FILENAME if p.is_dir() or p.suffix == "" else p
+        if self.path.exists():
+            _check_teams_file(self.path)
+        elif not create:
+            raise NoTeamsStoreError(f"no Wattlane teams database at {self.path}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self.write() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -200,3 +201,58 @@ def test_keys_list_shows_a_store_whose_expiry_an_older_version_wrote_out_of_rang
         conn.execute("UPDATE api_keys SET expires_unix_s = 1e300 WHERE key_id = 'far'")
     code, text = keys_cli("list", "--state-dir", str(tmp_path))
     assert code == 0 and "far" in text and "1e+300" in text, text
+
+
+def foreign_files(tmp_path):
+    """Files in a teams.sqlite3's place that are no teams database, and what the error says of each."""
+    def sqlite_with(*statements: str):
+        def make(path):
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                for stmt in statements:
+                    conn.execute(stmt)
+                conn.commit()
+        return make
+
+    return [
+        (lambda p: p.write_bytes(b"not a database at all\n" * 10), "file is not a database"),
+        (lambda p: p.mkdir(), "is a folder"),
+        (sqlite_with("CREATE TABLE notes (body TEXT)"), "it has no api_keys or meta table (tables: notes)"),
+        (sqlite_with("CREATE TABLE api_keys (id TEXT, secret TEXT)", "CREATE TABLE meta (name TEXT, value INTEGER)"),
+         "its api_keys table has another layout"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("command", [["list"], ["create", "--id", "x"], ["revoke", "x"], ["rotate", "x"]])
+def test_keys_on_a_file_that_is_no_teams_database_is_a_clear_error_and_leaves_it_as_it_was(tmp_path, case, command):
+    """These were tracebacks (file is not a database, unable to open database file, no such column: key_id), and
+    another program's database got our tables added."""
+    make, words = foreign_files(tmp_path)[case]
+    path = tmp_path / "teams.sqlite3"
+    make(path)
+    before = sorted(p.name for p in tmp_path.iterdir()), path.is_file() and path.read_bytes()
+    code, text = keys_cli(*command, "--state-dir", str(tmp_path))
+    assert code == 2 and f"{path} is" in text and words in text, text
+    assert (sorted(p.name for p in tmp_path.iterdir()), path.is_file() and path.read_bytes()) == before
+
+
+def test_an_empty_teams_file_is_initialised_and_the_gateways_store_still_creates_its_own(tmp_path):
+    (tmp_path / "teams.sqlite3").write_bytes(b"")
+    KeyRegistry(TeamsStore(tmp_path)).create(key_id="a")
+    fresh = tmp_path / "new" / "state"
+    assert KeyRegistry(TeamsStore(fresh)).list() == [] and (fresh / "teams.sqlite3").is_file()
+    TeamsStore(tmp_path)  # opening our own store again passes the check
+    assert [k.key_id for k in KeyRegistry(TeamsStore(tmp_path)).list()] == ["a"]
+
+
+def test_keys_list_creates_no_state(tmp_path):
+    """`keys list --state-dir <typo>` made the folders and a database and answered "no keys"."""
+    typo = tmp_path / "typo" / "deeper"
+    code, text = keys_cli("list", "--state-dir", str(typo))
+    assert code == 2 and f"there is no Wattlane state at {typo}" in text, text
+    assert not (tmp_path / "typo").exists()
+    for command in (["revoke", "x"], ["rotate", "x"]):
+        assert keys_cli(*command, "--state-dir", str(typo))[0] == 2 and not (tmp_path / "typo").exists()
+    # a state directory without a teams database yet: the config's keys, no run-time ones, and nothing made
+    code, text = keys_cli("list", "--json", "--state-dir", str(tmp_path))
+    assert code == 0 and json.loads(text) == [] and list(tmp_path.iterdir()) == [], text
