@@ -176,6 +176,16 @@ def _group_sql(group_by: str) -> str:
     return _GROUP_SQL[group_by]
 
 
+#: the columns each schema version added (ledgers written before it gain them on open, as NULL)
+_ADDED_COLUMNS = {
+    2: ("team", "baseline_model", "baseline_joules", "baseline_method"),
+    3: ("prompt_tokens_method", "completion_tokens_method"),
+}
+#: the columns every ledger had since the first version: a requests table without all of them is not ours,
+#: and migrating it would fail half-way (a NOT NULL column cannot be added to a table) after writing to it
+FIRST_COLUMNS = frozenset(COLUMNS) - {c for added in _ADDED_COLUMNS.values() for c in added}
+
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Migrate a ledger written by an older version: add the columns it lacks (NULL in its old rows)."""
     have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
@@ -193,6 +203,15 @@ class NotALedgerError(ValueError):
     """A file opened as a ledger is not one (not SQLite, or no requests table); nothing was written to it."""
 
 
+def _check_requests_columns(path: Path, have: set[str]) -> None:
+    """NotALedgerError unless a requests table with columns `have` is one a ledger of some version wrote."""
+    lacking = [c for c in COLUMNS if c in FIRST_COLUMNS - have]
+    if lacking:
+        more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+        raise NotALedgerError(f"{path} is not a Wattlane ledger: its requests table lacks the columns every ledger "
+                              f"has ({', '.join(lacking[:4])}{more})")
+
+
 class Ledger:
     """SQLite ledger under the state directory (see module docstring for the durability contract)."""
 
@@ -206,6 +225,11 @@ class Ledger:
         self._queue: queue.SimpleQueue[tuple[LedgerRow, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
+        if self.path.is_file():  # another program's requests table is refused before anything is written to the file
+            with contextlib.closing(self._connect_ro()) as conn:
+                have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+            if have:
+                _check_requests_columns(self.path, have)
         conn = self._connect()
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -253,9 +277,10 @@ class Ledger:
                 have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
         except sqlite3.DatabaseError as exc:
             raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: {exc}") from None
-        if "requests" not in tables or not {"request_id", "time_unix_s", "model"} <= have:
+        if "requests" not in tables:
             raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: it has no requests table of ours "
                                   f"(tables: {', '.join(sorted(tables)) or 'none'})")
+        _check_requests_columns(reader.path, have)
         if not set(COLUMNS) <= have or "startups" not in tables:
             return cls(reader.path)
         return reader

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from scheduler.energy.ledger import SCHEMA_VERSION, Ledger, LedgerRow
+from scheduler.energy.ledger import (
+    COLUMNS,
+    FIRST_COLUMNS,
+    SCHEMA_VERSION,
+    Ledger,
+    LedgerRow,
+    NotALedgerError,
+    _sql_type,
+)
 
 #: the requests table as schema version 1 wrote it (before team and the baseline columns)
 V1_TABLE = (
@@ -63,6 +72,28 @@ def test_a_version_1_ledger_opened_for_reading_is_migrated_and_read(tmp_path: Pa
     with Ledger.for_reading(path) as ledger:
         totals = ledger.totals()
     assert totals["requests"] == 1 and totals["joules"] == 2.0 and totals["requests_with_baseline"] == 0
+
+
+@pytest.mark.parametrize("open_ledger", [Ledger.for_reading, Ledger], ids=["report", "gateway"])
+def test_another_programs_requests_table_is_refused_and_left_as_it_was(tmp_path: Path, open_ledger):
+    """A requests table of (request_id, time_unix_s, model) was taken for an old ledger: its "migration" added
+    our indexes and startups table, then failed on a NOT NULL column (OperationalError)."""
+    path = tmp_path / "other.sqlite3"
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE requests (request_id TEXT, time_unix_s REAL, model TEXT)")
+        conn.execute("INSERT INTO requests VALUES ('a', 1.0, 'm')")
+        conn.commit()
+    before = path.read_bytes()
+    lacks = r"its requests table lacks the columns every ledger has \(time_iso, device, node, status and 19 more\)"
+    with pytest.raises(NotALedgerError, match=r"other.sqlite3 is not a Wattlane ledger: " + lacks):
+        open_ledger(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite3"]
+
+
+def test_every_column_a_migration_adds_is_nullable():
+    """What makes an old ledger migratable: all it may lack can be added to a table that has rows."""
+    assert FIRST_COLUMNS < set(COLUMNS) and set(V1_TABLE.split("(", 1)[1].replace(",", " ").split()) >= FIRST_COLUMNS
+    assert all("NOT NULL" not in _sql_type(c) for c in set(COLUMNS) - FIRST_COLUMNS)
 
 
 def test_savings_count_only_rows_with_both_figures_and_group_by_team(tmp_path: Path):
