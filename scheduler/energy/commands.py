@@ -40,6 +40,8 @@ def report(
             _fail(f"--{name} {exc}")
     if window["since"] is not None and window["until"] is not None and window["since"] >= window["until"]:
         _fail("--since must be before --until")
+    if out.is_dir():  # checked before the ledger is read: the report is written to this path as a file
+        _fail(f"--out {out} is a folder; name the file to write, e.g. {out / f'report.{fmt}'}")
     if charts and fmt != "csv":
         try:
             import matplotlib  # noqa: F401
@@ -56,7 +58,10 @@ def report(
         _fail(f"{exc}; pass the ledger.sqlite3 of a state directory")
     with ledger:
         rep = build_report(ledger, group_by, **window)  # type: ignore[arg-type]
-    written = write_report(rep, fmt, out, with_charts=charts)  # type: ignore[arg-type]
+    try:
+        written = write_report(rep, fmt, out, with_charts=charts)  # type: ignore[arg-type]
+    except OSError as exc:  # a folder where the charts go, no permission, a full disk
+        _fail(f"cannot write the report to --out {out}: {exc}")
     t = rep.totals
     err.print(f"{t['requests']} requests, {t['joules']:.6g} J, {t['gco2e']:.6g} g CO2e, "
               f"saved {t['saved_joules']:.6g} J (estimate) -> {', '.join(str(p) for p in written)}")

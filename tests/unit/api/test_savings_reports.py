@@ -151,6 +151,27 @@ def test_bad_report_options_are_clear_errors(cli, tmp_path):
     assert res.exit_code == 2 and "--group-by must be one of team, key, model, device" in res.output
 
 
+def test_a_report_out_path_that_cannot_be_written_is_a_clear_error(cli, tmp_path):
+    """--out naming a folder was an IsADirectoryError traceback, after the ledger had been read."""
+    from scheduler.energy.ledger import Ledger, LedgerRow
+
+    with Ledger(tmp_path / "ledger.sqlite3") as ledger:
+        ledger.record(LedgerRow(request_id="r", time_unix_s=time.time(), model=SMALL, device="gpu0", node="n0",
+                                status="ok", joules=1.0)).result(timeout=5)
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    res = CliRunner().invoke(cli, ["report", "--ledger", str(tmp_path / "ledger.sqlite3"), "--out", str(folder),
+                                   "--format", "csv"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"--out {folder} is a folder; name the file to write" in said, said
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    (tmp_path / "blocked").write_text("a file where the report's folder would be\n")
+    res = CliRunner().invoke(cli, ["report", "--ledger", str(tmp_path / "ledger.sqlite3"), "--out",
+                                   str(tmp_path / "blocked" / "r.csv"), "--format", "csv"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"cannot write the report to --out {tmp_path / 'blocked' / 'r.csv'}" in said, said
+
+
 def test_a_file_that_is_no_ledger_is_refused_and_left_as_it_was(cli, tmp_path):
     """`report --ledger` used to give any file our tables (an empty file, another program's database) or
     end in a traceback (a text file: "file is not a database"; a path without a suffix: FileExistsError)."""
