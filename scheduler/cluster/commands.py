@@ -24,6 +24,7 @@ from scheduler.config import (
     devices_referenced,
     load_config,
 )
+from scheduler.cli_text import escape, print_error
 from scheduler.state_dir import resolve_state_dir
 from scheduler.weights import resolve_weights
 
@@ -32,7 +33,7 @@ out = Console()
 
 
 def fail_config(exc: ConfigError) -> None:
-    err.print(f"[bold red]configuration error:[/] {exc}", highlight=False, soft_wrap=True)
+    print_error(err, exc, "configuration error")
     raise typer.Exit(2)
 
 
@@ -99,7 +100,7 @@ def serve_cmd(
     listen_host = bind_host(cfg, host)
     if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
         err.print("[yellow]warning:[/] binding to a non-loopback address without API keys: anyone who can reach "
-                  f"{listen_host}:{cfg.server.port} can use and reconfigure this server")
+                  f"{escape(listen_host)}:{cfg.server.port} can use and reconfigure this server")
     ray_address = address or cfg.ray.address
     try:
         check_port_free(cfg, listen_host, cfg.server.port)
@@ -118,7 +119,7 @@ def serve_cmd(
     except ConfigError as exc:
         fail_config(exc)
     except OSError as exc:
-        err.print(f"[bold red]error:[/] cannot use state directory {sdir}: {exc}")
+        print_error(err, f"cannot use state directory {sdir}: {exc}")
         raise typer.Exit(2)
 
     stop = threading.Event()
@@ -136,9 +137,9 @@ def serve_cmd(
         with out.status("starting Ray and loading models…", spinner="dots"):
             dep.start(host=listen_host, port=cfg.server.port)
         shown = "127.0.0.1" if listen_host == "0.0.0.0" else listen_host
-        out.print(f"[bold green]Wattlane is serving[/] on http://{shown}:{cfg.server.port}  "
-                  f"(models: {', '.join(m.id for m in cfg.models)}; state: {sdir})")
-        out.print(f"  try: curl http://{shown}:{cfg.server.port}/v1/models   ·   Ctrl-C to stop")
+        out.print(f"[bold green]Wattlane is serving[/] on http://{escape(shown)}:{cfg.server.port}  "
+                  f"(models: {escape(', '.join(m.id for m in cfg.models))}; state: {escape(str(sdir))})")
+        out.print(f"  try: curl http://{escape(shown)}:{cfg.server.port}/v1/models   ·   Ctrl-C to stop")
         sys.stdout.flush()
         while not stop.is_set():
             stop.wait(0.5)
@@ -149,7 +150,7 @@ def serve_cmd(
         dep.stop()
         fail_config(exc)
     except Exception as exc:
-        err.print(f"[bold red]error:[/] could not start: {exc}")
+        print_error(err, f"could not start: {exc}")
         dep.stop()
         raise typer.Exit(1)
     out.print("stopping…")
@@ -219,9 +220,9 @@ def deploy_config(
     try:
         out_path.write_text(text, encoding="utf-8")
     except OSError as exc:
-        err.print(f"[bold red]error:[/] cannot write {out_path}: {exc}")
+        print_error(err, f"cannot write {out_path}: {exc}")
         raise typer.Exit(2)
-    err.print(f"wrote {out_path}; deploy with: serve deploy {out_path} --address http://<head>:8265")
+    err.print(escape(f"wrote {out_path}; deploy with: serve deploy {out_path} --address http://<head>:8265"))
 
 
 def _this_ray_node() -> tuple[str, str, bool]:
@@ -255,7 +256,7 @@ def agent_cmd(
     try:
         sdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        err.print(f"[bold red]error:[/] cannot use state directory {sdir}: {exc}")
+        print_error(err, f"cannot use state directory {sdir}: {exc}")
         raise typer.Exit(2)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -269,17 +270,17 @@ def agent_cmd(
     try:
         runtime.start_ray(sdir, address, num_cpus=None, include_dashboard=False)
     except Exception as exc:
-        err.print(f"[bold red]error:[/] cannot join the Ray cluster at {address}: {exc}\n"
-                  f"  fix: make this host a node of that cluster first (`ray start --address=<head address>`), "
-                  "then run this command on it", soft_wrap=True)
+        print_error(err, f"cannot join the Ray cluster at {address}: {exc}\n"
+                         "  fix: make this host a node of that cluster first (`ray start --address=<head address>`), "
+                         "then run this command on it")
         raise typer.Exit(2)
     agent = None
     try:
         node_id, hostname, named = _this_ray_node()
         if runtime.get_node_agent(hostname) is not None:
-            err.print(f"[bold red]error:[/] a node agent already runs on {hostname} "
-                      f"({runtime.NAMESPACE}/{runtime.agent_name(hostname)}): stop it (Ctrl-C in its `wattlane agent`, "
-                      "or stop the `wattlane serve` on this host) before starting another")
+            print_error(err, f"a node agent already runs on {hostname} "
+                             f"({runtime.NAMESPACE}/{runtime.agent_name(hostname)}): stop it (Ctrl-C in its `wattlane agent`, "
+                             "or stop the `wattlane serve` on this host) before starting another")
             raise typer.Exit(1)
         # a named node's simulated GPUs live on it (runtime.simulated_owners); a host named by its hostname has none
         owned = sorted(d for d, owner in runtime.simulated_owners(cfg, runtime.cluster_nodes()).items()
@@ -288,20 +289,20 @@ def agent_cmd(
                                  own_state_dir=named)
         found = ray.get(agent.ready.remote(), timeout=300)
         devices = ", ".join(found["devices"]) or "none"
-        out.print(f"[bold green]Wattlane node agent running[/] on {found['node']} as "
-                  f"{runtime.NAMESPACE}/{runtime.agent_name(hostname)} (devices: {devices}; state: {sdir})"
-                  "  ·  Ctrl-C to stop", soft_wrap=True)
+        actor = f"{runtime.NAMESPACE}/{runtime.agent_name(hostname)}"
+        out.print(f"[bold green]Wattlane node agent running[/] on {escape(found['node'])} as {escape(actor)} "
+                  f"(devices: {escape(devices)}; state: {escape(str(sdir))})  ·  Ctrl-C to stop", soft_wrap=True)
         sys.stdout.flush()
         while not stop.wait(1.0):
             try:  # a dead agent or a cluster gone away ends this command instead of leaving it idle
                 ray.get(agent.ready.remote(), timeout=30)
             except Exception as exc:
-                err.print(f"[bold red]error:[/] the node agent stopped answering ({exc}); stopping")
+                print_error(err, f"the node agent stopped answering ({exc}); stopping")
                 break
     except typer.Exit:
         raise
     except Exception as exc:
-        err.print(f"[bold red]error:[/] could not start the node agent: {exc}")
+        print_error(err, f"could not start the node agent: {exc}")
         if agent is not None:
             stop_node_agents([agent])
         ray.shutdown()
@@ -320,7 +321,7 @@ def check_config(config: Annotated[Optional[Path], typer.Option("--config", "-c"
     `wattlane serve` checks before it starts Ray (exit 2, same message shape).
     """
     cfg = load_or_exit(config)
-    out.print(f"ok: {cfg.source_path} ({len(cfg.models)} models)")
+    out.print(escape(f"ok: {cfg.source_path} ({len(cfg.models)} models)"))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from scheduler.cli_text import escape, print_error
+
 err = Console(stderr=True)
 
 
@@ -64,7 +66,7 @@ def report(
         _fail(f"cannot write the report to --out {out}: {exc}")
     t = rep.totals
     err.print(f"{t['requests']} requests, {t['joules']:.6g} J, {t['gco2e']:.6g} g CO2e, "
-              f"saved {t['saved_joules']:.6g} J (estimate) -> {', '.join(str(p) for p in written)}")
+              f"saved {t['saved_joules']:.6g} J (estimate) -> {escape(', '.join(str(p) for p in written))}")
 
 
 def _ledger_in_state_dir(config: Path | None, state_dir: str | None) -> Path:
@@ -76,13 +78,13 @@ def _ledger_in_state_dir(config: Path | None, state_dir: str | None) -> Path:
     try:
         cfg = load_config(config, check_files=False)
     except ConfigError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        print_error(err, exc)
         raise typer.Exit(2) from None
     return resolve_state_dir(cfg, state_dir) / LEDGER_FILENAME
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
+    print_error(err, message)
     raise typer.Exit(2)
 
 

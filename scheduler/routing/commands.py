@@ -9,11 +9,13 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from scheduler.cli_text import escape, print_error
+
 err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(err, message)
     raise typer.Exit(2)
 
 
@@ -139,7 +141,7 @@ def route_calibrate_cmd(
             write.write_text(snippet)
         except OSError as exc:
             _fail(f"cannot write {write}: {exc}")
-        err.print(f"wrote {write}")
+        err.print(escape(f"wrote {write}"))
 
 
 def register(app: typer.Typer) -> None:

@@ -71,7 +71,9 @@ def run_simulation(
 def _routing_rows(r: dict, f) -> list[tuple[str, str]]:
     if not r:
         return []
-    shares = ", ".join(f"{m} {n}" for m, n in r["requests_by_model"].items())
+    from rich.markup import escape
+
+    shares = escape(", ".join(f"{m} {n}" for m, n in r["requests_by_model"].items()))  # rows are printed as markup
     return [
         (f"model selection (quality target {r['min_quality']:g})", shares),
         ("share sent to the large model", f(r["large_model_share"], "{:.1%}")),
@@ -82,6 +84,7 @@ def _routing_rows(r: dict, f) -> list[tuple[str, str]]:
 
 def print_summary(s: dict) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = Console()
@@ -111,7 +114,7 @@ def print_summary(s: dict) -> None:
     for c in ("device", "profile", "energy kJ", "mean W", "min W", "max W", "final limit W", "clock lock"):
         d.add_column(c, justify="right" if c not in ("device", "profile") else "left")
     for dev, v in s["devices"].items():
-        d.add_row(dev, v["profile"], f(v["energy_joules"] / 1000, "{:.1f}"), f(v["mean_power_watts"], "{:.0f}"),
+        d.add_row(escape(dev), escape(v["profile"]), f(v["energy_joules"] / 1000, "{:.1f}"), f(v["mean_power_watts"], "{:.0f}"),
                   f(v["min_interval_power_watts"], "{:.0f}"), f(v["max_interval_power_watts"], "{:.0f}"),
                   f(v["power_limit_watts_final"], "{:.0f}"), str(v["locked_clocks_mhz_final"] or "-"))
     con.print(d)

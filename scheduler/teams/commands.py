@@ -19,6 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from scheduler.cli_text import escape, print_error
+
 err = Console(stderr=True)
 out = Console()
 
@@ -53,13 +55,13 @@ def _registry(config: Optional[Path], state_dir: Optional[str], *, existing: boo
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
     except OSError as exc:
-        err.print(f"[bold red]error:[/] cannot use the state directory: {exc}")
+        print_error(err, f"cannot use the state directory: {exc}")
         raise typer.Exit(2) from None
     return cfg, KeyRegistry(store, {k.id for k in cfg.server.api_keys})
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    print_error(err, exc)
     raise typer.Exit(1)
 
 
@@ -104,7 +106,7 @@ def _show_secret(record: Any, secret: str, as_json: bool, verb: str) -> None:
     if as_json:
         print(json.dumps({**record.public(), "key": secret}))
         return
-    out.print(f"{verb} key [bold]{record.key_id}[/] (role {record.role}, team {record.team or '-'}, "
+    out.print(f"{verb} key [bold]{escape(record.key_id)}[/] (role {escape(record.role)}, team {escape(record.team or '-')}, "
               f"expires {_when(record.expires_unix_s)})")
     out.print("the key, shown once (only its sha256 is stored):")
     print(secret)
@@ -161,7 +163,8 @@ def keys_list(config: ConfigOpt = None, state_dir: StateOpt = None, as_json: Jso
         lim = ", ".join(f"{k}={v}" for k, v in r["limits"].items()) or "-"
         bud = ", ".join(f"{next(f'{k}={v:g}' for k, v in b.items() if k != 'period' and v is not None)}/{b['period']}"
                         for b in r["budgets"]) or "-"
-        table.add_row(r["id"], r["role"], r["team"] or "-", r["status"], r["source"], lim, bud, _when(r["expires_unix_s"]))
+        cells = (r["id"], r["role"], r["team"] or "-", r["status"], r["source"], lim, bud, _when(r["expires_unix_s"]))
+        table.add_row(*map(escape, cells))  # ids and teams are the operator's text, not markup
     out.print(table)
 
 
@@ -175,7 +178,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")],
         record = registry.revoke(key_id)
     except KeyError_ as exc:
         _fail(exc)
-    out.print(f"revoked key [bold]{record.key_id}[/] at {_when(record.revoked_unix_s)}")
+    out.print(f"revoked key [bold]{escape(record.key_id)}[/] at {_when(record.revoked_unix_s)}")
 
 
 def keys_rotate(key_id: Annotated[str, typer.Argument(help="the key's id")],
