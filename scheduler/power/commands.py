@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
+from urllib.parse import quote
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from scheduler.cli_text import escape, print_error
 from scheduler.power.policies import POLICY_NAMES
 
 power_app = typer.Typer(help="Show and change GPU power limits, locked clocks and power policies.", no_args_is_help=True)
@@ -25,7 +28,35 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print the raw JSON")]
 
 
 class CliError(Exception):
-    pass
+    """A request that failed or was refused: exit 1."""
+
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """A mistake in the command line itself, found before any request: exit 2, like the other commands' usage errors."""
+
+    exit_code = 2
+
+
+def _segment(name: str) -> str:
+    """A name from the command line as one URL path segment.
+
+    Percent-encoded whole, so `/`, `?` or `#` in it cannot address another route; `.` and `..` are
+    encoded too, or the URL would resolve them (`power set ..` would be a PUT to /v1/power-limit).
+    """
+    if not name:
+        raise UsageError("the device id is empty; give one as `wattlane power show` lists it, e.g. gpu0")
+    seg = quote(name, safe="")
+    return seg.replace(".", "%2E") if seg in (".", "..") else seg
+
+
+def _check_api_key(api_key: str | None) -> None:
+    # httpx encodes headers as ASCII and raises UnicodeEncodeError from inside the client otherwise
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        bad = next(c for c in api_key if not (c.isascii() and c.isprintable()))
+        raise UsageError(f"--api-key (or WATTLANE_API_KEY) holds {bad!r}, which cannot go in an HTTP header; "
+                         "Wattlane keys are printable ASCII (sk-...): copy the key again")
 
 
 #: tests replace this to route requests through httpx.MockTransport
@@ -35,6 +66,7 @@ def make_client(url: str, api_key: str | None) -> httpx.Client:
 
 
 def _call(url: str, api_key: str | None, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+    _check_api_key(api_key)
     try:
         with make_client(url, api_key) as client:
             resp = client.request(method, path, json=body, params={k: v for k, v in (params or {}).items() if v is not None})
@@ -42,6 +74,9 @@ def _call(url: str, api_key: str | None, method: str, path: str, body: Any = Non
         raise CliError(f"cannot connect to {url} ({exc}); is `wattlane serve` running there? (set --url or WATTLANE_URL)") from None
     except httpx.TimeoutException:
         raise CliError(f"{url} did not answer within 30 s") from None
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        raise UsageError(f"--url {url!r} is not a gateway URL ({exc}); give one like {DEFAULT_URL} "
+                         "(--url or WATTLANE_URL)") from None
     except httpx.HTTPError as exc:
         raise CliError(f"request to {url}{path} failed: {exc}") from None
     if resp.status_code >= 400:
@@ -71,8 +106,8 @@ def _run(fn):
     try:
         return fn()
     except CliError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        print_error(err, exc)
+        raise typer.Exit(exc.exit_code) from None
 
 
 def _fmt(v: Any, unit: str = "", digits: int = 0) -> str:
@@ -107,46 +142,50 @@ def show(url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None, as_json: JsonOpt = F
         for d in (devices or {}).get("data", []):
             rng = "-" if d.get("min_power_limit_watts") is None else (
                 f"{d['min_power_limit_watts']:.0f}-{d['max_power_limit_watts']:.0f} W ({d['default_power_limit_watts']:.0f})")
-            t.add_row(
-                str(d.get("device_id")), str(d.get("node")), str(d.get("kind")),
+            t.add_row(*_cells(
+                d.get("device_id"), d.get("node"), d.get("kind"),
                 _fmt(d.get("power_watts"), "W", 1), _fmt(d.get("power_limit_watts"), "W"), rng,
                 _fmt(d.get("sm_clock_mhz"), "MHz"), _fmt(d.get("locked_clocks_mhz"), "MHz"),
                 _fmt(d.get("utilization_percent"), "%"), _fmt(d.get("running_requests")),
-            )
+            ))
         out.print(t)
         _print_policy(policy)
 
     _run(go)
 
 
+def _cells(*values: Any) -> list[str]:
+    """Table cells that show names, reasons and server messages as they are, never as markup."""
+    return [escape(str(v)) for v in values]
+
+
 def _print_policy(policy: dict | None) -> None:
     if not policy:
         return
     act = policy.get("actuator") or {}
-    out.print(f"power governor mode: [bold]{policy.get('mode')}[/] (requested {act.get('requested_mode', '-')}), "
-              f"every {policy.get('interval_seconds')} s")
+    out.print(f"power governor mode: [bold]{escape(str(policy.get('mode')))}[/] "
+              f"(requested {escape(str(act.get('requested_mode', '-')))}), every {policy.get('interval_seconds')} s")
     if act.get("message"):
-        out.print(f"[yellow]{act['message']}[/]")
+        out.print(f"[yellow]{escape(str(act['message']))}[/]")
     t = Table(title="power policy")
     for col in ("group", "devices", "policy", "options", "state"):
         t.add_column(col, overflow="fold")
     for g in policy.get("groups", []):
-        t.add_row(g["name"], ", ".join(g["devices"]), g["policy"], json.dumps(g.get("options") or {}),
-                  json.dumps(g.get("state") or {}, default=str)[:200])
+        t.add_row(*_cells(g["name"], ", ".join(g["devices"]), g["policy"], json.dumps(g.get("options") or {}),
+                          json.dumps(g.get("state") or {}, default=str)[:200]))
     out.print(t)
 
 
 def _parse_clocks(text: str) -> tuple[float, float]:
     parts = text.replace(",", ":").replace("-", ":").split(":")
     try:
-        if len(parts) == 1:
-            v = float(parts[0])
-            return v, v
-        if len(parts) == 2:
-            return float(parts[0]), float(parts[1])
+        values = [float(p) for p in parts]
     except ValueError:
-        pass
-    raise CliError(f"--clocks takes MHZ or MIN:MAX in MHz (e.g. 1410 or 900:1410), not {text!r}")
+        values = []
+    # nan and inf parse as floats but are no clock, and json.dumps cannot send them
+    if len(values) in (1, 2) and all(math.isfinite(v) for v in values):
+        return values[0], values[-1]
+    raise UsageError(f"--clocks takes MHZ or MIN:MAX in MHz (e.g. 1410 or 900:1410), not {text!r}")
 
 
 @power_app.command("set")
@@ -162,13 +201,16 @@ def set_cmd(
 
     def go():
         if watts is None and clocks is None:
-            raise CliError("give --watts and/or --clocks")
+            raise UsageError("give --watts and/or --clocks")
+        if watts is not None and not math.isfinite(watts):
+            raise UsageError(f"--watts takes a power limit in watts (e.g. 300), not {watts}")
+        seg = _segment(device)
+        lo, hi = _parse_clocks(clocks) if clocks is not None else (None, None)  # refused before any change is made
         if watts is not None:
-            r = _call(url, api_key, "PUT", f"/v1/devices/{device}/power-limit", {"watts": watts, "reason": reason})
+            r = _call(url, api_key, "PUT", f"/v1/devices/{seg}/power-limit", {"watts": watts, "reason": reason})
             _report(r, f"{device}: power limit", "W")
         if clocks is not None:
-            lo, hi = _parse_clocks(clocks)
-            r = _call(url, api_key, "PUT", f"/v1/devices/{device}/locked-clocks", {"min_mhz": lo, "max_mhz": hi, "reason": reason})
+            r = _call(url, api_key, "PUT", f"/v1/devices/{seg}/locked-clocks", {"min_mhz": lo, "max_mhz": hi, "reason": reason})
             _report(r, f"{device}: locked clocks", "MHz")
 
     _run(go)
@@ -177,11 +219,12 @@ def set_cmd(
 def _report(r: Any, what: str, unit: str) -> None:
     if isinstance(r, dict) and "outcome" in r:
         color = "green" if r["outcome"] == "applied" else "yellow"
-        out.print(f"{what} {_fmt(r.get('old_value'), unit)} -> {_fmt(r.get('new_value'), unit)}: [{color}]{r['outcome']}[/]")
+        out.print(f"{escape(what)} {_fmt(r.get('old_value'), unit)} -> {_fmt(r.get('new_value'), unit)}: "
+                  f"[{color}]{escape(str(r['outcome']))}[/]")
         if r["outcome"] == "recommended":
             out.print("[yellow]the governor is recommend-only: nothing was changed on the device (see `wattlane power show`)[/]")
     else:
-        out.print(f"{what}: done")
+        out.print(f"{escape(what)}: done")
 
 
 @power_app.command("reset")
@@ -196,11 +239,12 @@ def reset_cmd(
 
     def go():
         both = not power_limit and not clocks
+        seg = _segment(device)
         if power_limit or both:
-            _report(_call(url, api_key, "DELETE", f"/v1/devices/{device}/power-limit"), f"{device}: power limit", "W")
+            _report(_call(url, api_key, "DELETE", f"/v1/devices/{seg}/power-limit"), f"{device}: power limit", "W")
         if clocks or both:
             try:
-                r = _call(url, api_key, "DELETE", f"/v1/devices/{device}/locked-clocks")
+                r = _call(url, api_key, "DELETE", f"/v1/devices/{seg}/locked-clocks")
             except CliError as exc:
                 if both and "no lockable clocks" in str(exc):
                     return  # a device without clock control: resetting "both" means the limit only
@@ -212,7 +256,7 @@ def reset_cmd(
 
 def _parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
-        raise CliError(f"--option takes KEY=VALUE (VALUE as JSON where it is not a plain word), not {text!r}")
+        raise UsageError(f"--option takes KEY=VALUE (VALUE as JSON where it is not a plain word), not {text!r}")
     k, v = text.split("=", 1)
     try:
         return k.strip(), json.loads(v)
@@ -238,15 +282,15 @@ def policy_cmd(
         body: dict[str, Any] = {}
         if group is not None:
             if policy is None:
-                raise CliError("name the policy too: wattlane power policy GROUP POLICY [-o KEY=VALUE ...]")
+                raise UsageError("name the policy too: wattlane power policy GROUP POLICY [-o KEY=VALUE ...]")
             opts: dict[str, Any] = {}
             if options_json:
                 try:
                     opts = json.loads(options_json)
                 except ValueError as exc:
-                    raise CliError(f"--options is not valid JSON: {exc}") from None
+                    raise UsageError(f"--options is not valid JSON: {exc}") from None
                 if not isinstance(opts, dict):
-                    raise CliError("--options must be a JSON object")
+                    raise UsageError("--options must be a JSON object")
             for o in option or []:
                 k, v = _parse_option(o)
                 opts[k] = v
@@ -287,8 +331,8 @@ def audit_cmd(
             t.add_column(col, overflow="fold")
         for r in data:
             outcome = r["outcome"] + (f": {r['error']}" if r.get("error") else "")
-            t.add_row(_ts(r["time_s"]), r["actor"], r["device_id"], r["action"], json.dumps(r["old_value"]),
-                      json.dumps(r["new_value"]), outcome, r.get("reason") or "")
+            t.add_row(*_cells(_ts(r["time_s"]), r["actor"], r["device_id"], r["action"], json.dumps(r["old_value"]),
+                              json.dumps(r["new_value"]), outcome, r.get("reason") or ""))
         out.print(t)
 
     _run(go)

@@ -140,3 +140,55 @@ def test_service_stop_restores_every_device(tmp_path):
     assert gpus["gpu0"].limit_watts == 700 and gpus["gpu1"].lock is None
     assert result["failed"] == [] and result["pending"] == []
     assert svc.stop()["restored"] == []  # idempotent
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The requests the CLI sends, each answered as an applied change."""
+    seen: list[httpx.Request] = []
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(200, json={"outcome": "applied", "old_value": 700.0, "new_value": 100.0})
+
+    transport = httpx.MockTransport(handle)
+    monkeypatch.setattr(commands, "make_client", lambda url, key: httpx.Client(base_url=url, transport=transport))
+    monkeypatch.setenv("COLUMNS", "200")
+    return seen
+
+
+@pytest.mark.parametrize("device, segment", [
+    ("gpu0/../../v1/keys", "gpu0%2F..%2F..%2Fv1%2Fkeys"),  # was PUT /v1/v1/keys/power-limit
+    ("gpu 0?x=1#", "gpu%200%3Fx%3D1%23"),                  # was PUT /v1/devices/gpu%200, the rest a query
+    ("..", "%2E%2E"),                                       # a dot segment the URL would resolve away
+    ("[/x]", "%5B%2Fx%5D"),                                 # and printed back as it is, not as markup
+])
+def test_cli_sends_a_device_id_as_one_path_segment(recorded, device, segment):
+    r = cli("set", device, "--watts", "100", "--clocks", "900")
+    assert r.exit_code == 0, r.output
+    assert f"{device}: power limit 700 W -> 100 W: applied" in r.output
+    r = cli("reset", device)
+    assert r.exit_code == 0, r.output
+    assert [(q.method, q.url.raw_path.decode()) for q in recorded] == [
+        ("PUT", f"/v1/devices/{segment}/power-limit"), ("PUT", f"/v1/devices/{segment}/locked-clocks"),
+        ("DELETE", f"/v1/devices/{segment}/power-limit"), ("DELETE", f"/v1/devices/{segment}/locked-clocks"),
+    ]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--watts", "nan"], "--watts"), (["--watts", "inf"], "--watts"), (["--clocks", "nan"], "--clocks"),
+    (["--clocks", "900:inf"], "--clocks"), (["--watts", "300", "--clocks", "nan"], "--clocks"),
+])
+def test_cli_refuses_a_value_that_is_not_finite_before_any_request(recorded, args, option):
+    r = cli("set", "gpu0", *args)
+    assert r.exit_code == 2 and f"error: {option} takes" in r.output and r.output.count("\n") == 1, r.output
+    assert not recorded  # not even the power limit of `--watts 300 --clocks nan`
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--api-key", "é", "--api-key (or WATTLANE_API_KEY) holds 'é'"),  # was UnicodeEncodeError from httpx's headers
+    ("--url", "http://[::1", "--url 'http://[::1' is not a gateway URL"),  # was httpx.InvalidURL
+])
+def test_cli_refuses_a_key_or_url_httpx_cannot_use(option, value, message):
+    r = cli("show", option, value)  # the real make_client: httpx raised these, as tracebacks
+    assert r.exit_code == 2 and f"error: {message}" in r.output, (r.exception, r.output)
