@@ -423,9 +423,13 @@ class RoutingConfig(_Section):
 # --- server --------------------------------------------------------------------------------------
 
 
+#: the TCP ports server.port and the commands' --port take
+PORT_RANGE = (1, 65535)
+
+
 class ServerConfig(_Section):
     host: str | None = None  # None: 127.0.0.1 without keys, 0.0.0.0 with keys
-    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    port: Annotated[int, Field(ge=PORT_RANGE[0], le=PORT_RANGE[1])] = 8000
     state_dir: str | None = None
     max_body_bytes: Annotated[int, Field(gt=0)] = 1_048_576
     #: inference requests one gateway replica holds at once; past it, 503 + Retry-After before the body

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from scheduler.config import (
     NVML_DEVICE_ID,
+    PORT_RANGE,
     ConfigError,
     WattlaneConfig,
     check_devices_present,
@@ -43,6 +45,18 @@ def load_or_exit(config: Optional[Path]) -> WattlaneConfig:
     except ConfigError as exc:
         fail_config(exc)
         raise  # unreachable
+
+
+def set_port(cfg: WattlaneConfig, port: int | None) -> None:
+    """--port over server.port, held to server.port's own rule: a bad one is a configuration error naming --port,
+    not the ValidationError pydantic raises from the assignment."""
+    if port is None:
+        return
+    try:
+        cfg.server.port = port
+    except ValidationError:
+        fail_config(ConfigError(f"port {port} is not a TCP port", file="--port",
+                                fix=f"give a port from {PORT_RANGE[0]} to {PORT_RANGE[1]}, or omit --port for server.port"))
 
 
 def bind_host(cfg: WattlaneConfig, host: str | None) -> str:
@@ -95,8 +109,7 @@ def serve_cmd(
 ) -> None:
     """Start the gateway and the configured models on Ray Serve; Ctrl-C stops everything."""
     cfg = load_or_exit(config)
-    if port is not None:
-        cfg.server.port = port
+    set_port(cfg, port)
     listen_host = bind_host(cfg, host)
     if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
         err.print("[yellow]warning:[/] binding to a non-loopback address without API keys: anyone who can reach "
@@ -199,6 +212,7 @@ def deploy_config(
 ) -> None:
     """Write a Ray Serve config file that `serve deploy` accepts: Wattlane on a Ray cluster you run."""
     cfg = load_or_exit(config)
+    set_port(cfg, port)
     if proxy_location not in ("HeadOnly", "EveryNode"):
         fail_config(ConfigError(f"unknown proxy location '{proxy_location}'", file="--proxy-location",
                                 fix="HeadOnly (one HTTP entry point on the head) or EveryNode"))
@@ -209,7 +223,7 @@ def deploy_config(
     listen_host = host or cfg.server.host or "0.0.0.0"
     if listen_host not in ("127.0.0.1", "localhost", "::1") and not cfg.server.api_keys:
         err.print("[yellow]warning:[/] the gateway will listen on a non-loopback address without API keys")
-    data = serve_config(cfg, os.path.expanduser(sdir), listen_host, port or cfg.server.port, proxy_location)
+    data = serve_config(cfg, os.path.expanduser(sdir), listen_host, cfg.server.port, proxy_location)
     import yaml
 
     text = SERVE_CONFIG_HEADER.format(source=config or "<embedded local.yaml>", out=out_path or "serve.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 from typer.testing import CliRunner
@@ -40,6 +41,19 @@ def test_relative_state_dir_and_unknown_proxy_location_are_refused(tmp_path):
     assert r.exit_code == 2 and "relative" in r.output and "every node" in r.output
     r = runner.invoke(app, ["deploy-config", "--config", sim, "--state-dir", "/s", "--proxy-location", "Nowhere"])
     assert r.exit_code == 2 and "HeadOnly" in r.output
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "65536", "99999"])
+@pytest.mark.parametrize("command", ["deploy-config", "serve"])
+def test_a_port_outside_1_to_65535_is_a_configuration_error(tmp_path, command, port):
+    # serve's check comes before anything starts (it was pydantic's ValidationError from the assignment);
+    # deploy-config wrote a Serve config with the port (and took 0 for the config's port)
+    out = tmp_path / "serve.yaml"
+    args = ["--state-dir", "/var/lib/wattlane", "--out", str(out)] if command == "deploy-config" else []
+    r = runner.invoke(app, [command, f"--port={port}", *args])
+    assert r.exit_code == 2, (r.exception, r.output)
+    assert f"configuration error: --port: port {port} is not a TCP port" in r.output and "from 1 to 65535" in r.output
+    assert not out.exists()
 
 
 def test_builder_refuses_args_without_a_config():
