@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from scheduler.routing.features import N_FEATURES, featurize
 ARTEFACT_DIR = Path(__file__).resolve().parent / "artefacts"
 DEFAULT_ARTEFACT = ARTEFACT_DIR / "adequacy.npz"
 FORMAT_VERSION = 2
+#: the arrays `python -m scheduler.routing.train` writes into the artefact
+_ARTEFACT_KEYS = ("metadata", "weights_strong", "intercept_strong", "weights_weak", "intercept_weak")
 #: the smallest gain adequacy reads; keeps adequacy below 1 (min_quality 1.0 = always the largest model)
 GAIN_FLOOR = 1e-4
 
@@ -47,7 +50,7 @@ class AdequacyPredictor:
         for name, w in (("strong", weights_strong), ("weak", weights_weak)):
             if w.shape != (N_FEATURES,):
                 raise PredictorError(
-                    f"artefact's {name}-model head has {w.shape[0]} weights but the features have {N_FEATURES}; "
+                    f"artefact's {name}-model head has {w.size} weights but the features have {N_FEATURES}; "
                     "rebuild it with `python -m scheduler.routing.train`"
                 )
         # one (N_FEATURES, 2) matrix: a prompt's columns are gathered once for both heads
@@ -62,12 +65,36 @@ class AdequacyPredictor:
         p = Path(path) if path else DEFAULT_ARTEFACT
         if not p.is_file():
             raise PredictorError(f"adequacy artefact not found: {p}; build it with `python -m scheduler.routing.train`")
-        with np.load(p, allow_pickle=False) as z:
-            meta = json.loads(str(z["metadata"]))
-            if meta.get("format_version") != FORMAT_VERSION:
-                raise PredictorError(f"{p}: format {meta.get('format_version')} != {FORMAT_VERSION}; rebuild it")
-            return cls(np.asarray(z["weights_strong"]), float(z["intercept_strong"]),
-                       np.asarray(z["weights_weak"]), float(z["intercept_weak"]), meta)
+
+        def not_an_artefact(what: str) -> PredictorError:
+            return PredictorError(f"{p} is not an adequacy predictor artefact ({what}); pass the .npz that "
+                                  "`python -m scheduler.routing.train` writes")
+
+        try:
+            z = np.load(p, allow_pickle=False)
+        except ValueError:  # numpy's words for "no .npy/.npz magic" are about unpickling, which misleads here
+            raise not_an_artefact("not a NumPy .npz archive") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise not_an_artefact(f"unreadable as an .npz archive: {exc}") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise not_an_artefact("a single .npy array, not an .npz archive")
+        with z:
+            missing = [k for k in _ARTEFACT_KEYS if k not in z.files]
+            if missing:
+                raise not_an_artefact(f"it has no {', '.join(missing)}")
+            try:
+                meta = json.loads(str(z["metadata"]))
+                version = meta.get("format_version")
+            except (ValueError, AttributeError):
+                raise not_an_artefact("its metadata is not a JSON object") from None
+            if version != FORMAT_VERSION:
+                raise PredictorError(f"{p}: format {version} != {FORMAT_VERSION}; rebuild it")
+            try:
+                heads = (np.asarray(z["weights_strong"], dtype=np.float64), float(z["intercept_strong"]),
+                         np.asarray(z["weights_weak"], dtype=np.float64), float(z["intercept_weak"]))
+            except (ValueError, TypeError) as exc:
+                raise not_an_artefact(f"its weights are not numbers: {exc}") from None
+            return cls(*heads, meta)
 
     def correct_probabilities(self, prompt: str) -> tuple[float, float]:
         """(P(strong model correct), P(weak model correct)) for this prompt."""

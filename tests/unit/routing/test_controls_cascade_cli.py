@@ -122,3 +122,44 @@ def test_serve_router_ranks_by_energy_without_ray_running():
     assert placement_hint(Pending()).prompt_tokens == 100
     silent = [Replica("a", {}), Replica("b", None)]
     assert rank_running_replicas(silent, Pending()) == [silent]
+
+
+def _not_artefacts(tmp_path):
+    """Files an --artefact can name that are not a predictor artefact, and what the error says of each."""
+    import numpy as np
+
+    from scheduler.routing.adequacy import DEFAULT_ARTEFACT
+
+    csv_file = tmp_path / "rows.csv"  # numpy read this as a pickle: "This file contains pickled (object) data"
+    csv_file.write_text("prompt,weak_correct,strong_correct\nhi,1,1\n")
+    no_meta = tmp_path / "no-meta.npz"  # was KeyError: 'metadata is not a file in the archive'
+    with np.load(DEFAULT_ARTEFACT) as z:
+        np.savez(no_meta, **{k: z[k] for k in z.files if k != "metadata"})
+    bad_meta = tmp_path / "bad-meta.npz"
+    np.savez(bad_meta, metadata=np.array("[1, 2]"), weights_strong=np.zeros(2), intercept_strong=0.0,
+             weights_weak=np.zeros(2), intercept_weak=0.0)
+    array = tmp_path / "array.npy"
+    np.save(array, np.zeros(3))
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(DEFAULT_ARTEFACT.read_bytes()[:100])
+    return [(csv_file, "not a NumPy .npz archive"), (no_meta, "it has no metadata"),
+            (bad_meta, "its metadata is not a JSON object"), (array, "a single .npy array"),
+            (broken, "unreadable as an .npz archive")]
+
+
+def test_a_file_that_is_not_an_artefact_is_a_predictor_error_naming_it(tmp_path):
+    from scheduler.routing.adequacy import AdequacyPredictor, PredictorError
+
+    for path, what in _not_artefacts(tmp_path):
+        with pytest.raises(PredictorError) as exc:
+            AdequacyPredictor.load(path)
+        assert str(exc.value).startswith(f"{path} is not an adequacy predictor artefact ({what}")
+        assert "python -m scheduler.routing.train" in str(exc.value)
+
+
+@pytest.mark.parametrize("command", [["route-eval", "--no-baseline"], ["route-calibrate", "--strong-share", "0.3"]])
+def test_route_commands_refuse_an_artefact_that_is_not_one_with_exit_2(app, small_csv, tmp_path, command):
+    for path, what in _not_artefacts(tmp_path):
+        res = CliRunner().invoke(app, [*command, "--data", str(small_csv), "--artefact", str(path)])
+        assert res.exit_code == 2, (path, res.exception, res.output)
+        assert f"{path.name} is not an adequacy predictor artefact ({what}" in res.output
