@@ -44,15 +44,15 @@ def _registry(config: Optional[Path], state_dir: Optional[str], *, existing: boo
     cfg = load_or_exit(config)
     where = resolve_state_dir(cfg, state_dir)
     if (existing or read_only) and not where.is_dir():
-        err.print(f"[bold red]error:[/] there is no Wattlane state at {where} (no such folder); pass the --state-dir "
-                  "that `wattlane serve` used")
+        print_error(err, f"there is no Wattlane state at {where} (no such folder); pass the --state-dir "
+                         "that `wattlane serve` used")
         raise typer.Exit(2)
     try:
         store = TeamsStore(where, create=not read_only)
     except NoTeamsStoreError:
         return cfg, None
     except NotATeamsStoreError as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        print_error(err, exc)
         raise typer.Exit(2) from None
     except OSError as exc:
         print_error(err, f"cannot use the state directory: {exc}")
