@@ -17,6 +17,7 @@ replicas (round-robin cycles per model). auto_selection="placement-only" is the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, get_args
@@ -34,7 +35,7 @@ from scheduler.sim.fleet_result import FleetResult
 from scheduler.sim.hooks import GovernorHook, Placement, RoundRobin
 from scheduler.sim.metered import MeteredGpu
 from scheduler.sim.profiles import ProfileError
-from scheduler.sim.trace import Trace
+from scheduler.sim.trace import Trace, TraceError
 
 AUTO_SELECTIONS = ("route", "placement-only")
 #: what route() is told of each output length in route mode (FleetSimulator output_lengths)
@@ -43,6 +44,15 @@ OUTPUT_LENGTHS = ("known", "running-mean")
 MODEL_CHOICES: tuple[str, ...] = get_args(RoutingConfig.model_fields["model_choice"].annotation)
 #: the running-mean estimate before any request has arrived
 FIRST_OUTPUT_ESTIMATE = 256
+#: timeline samples plus governor steps one replay may take. They recur at a fixed virtual interval whatever the
+#: traffic, until the arrivals end and the fleet has drained, so their count is that span over the interval: a tiny
+#: speedup (1e-300 stretches an hour to 1e303 s) or interval would never finish. 100,000 samples take about a
+#: second and keep about 100 MB of timeline; the packaged hour at the defaults needs about 3,700 events.
+MAX_PERIODIC_EVENTS = 100_000
+
+
+class ReplayTooLongError(ValueError):
+    """The replay would schedule more than MAX_PERIODIC_EVENTS timeline samples and governor steps."""
 
 
 class SimReplica(CoreListener):
@@ -141,7 +151,7 @@ class FleetSimulator:
         placement: Placement | None = None,
         governor_factory: Callable[[WattlaneConfig, dict[str, SimulatedGpu], Callable[[], float]], GovernorHook | None] | None = None,
         seed: int = 0,
-        model: str = "auto",
+        model: str | None = None,
         slo_ttft_seconds: float | None = None,
         slo_tpot_seconds: float | None = None,
         timeline_interval_seconds: float = 60.0,
@@ -160,7 +170,9 @@ class FleetSimulator:
         pools: bool = False,
         output_lengths: str = "known",
     ):
-        """auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
+        """model: every request's model id, or "auto" (model selection); either wins over a trace's Model column.
+            None: the trace's Model column where it has one, else "auto".
+        auto_selection: "route" (model selection + placement by scheduler.routing.select.route) or
         "placement-only" (the placement hook chooses among all replicas; no model selection).
         min_quality: quality target for route mode (default: config.routing.default_min_quality).
         predictor: adequacy predictor (default: the shipped one, or config.routing.predictor_path).
@@ -200,10 +212,14 @@ class FleetSimulator:
             raise ValueError(f"oracle_model_choice must be one of {', '.join(MODEL_CHOICES)}, got {oracle_model_choice!r}")
         if pools and auto_selection != "route":
             raise ValueError("pools need auto_selection='route'")
-        if model != "auto" and model not in {m.id for m in config.models}:
+        if model not in (None, "auto") and model not in {m.id for m in config.models}:
             # every request would be rejected, and the replay would report a fleet that served nothing
             raise ValueError(f"model {model!r} is not one of the config's models "
                              f"({', '.join(m.id for m in config.models)}) or 'auto'")
+        for name, seconds in (("slo_ttft_seconds", slo_ttft_seconds), ("slo_tpot_seconds", slo_tpot_seconds),
+                              ("timeline_interval_seconds", timeline_interval_seconds)):
+            if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"{name} must be a positive finite number of seconds, got {seconds!r}")
         if output_lengths not in OUTPUT_LENGTHS:
             raise ValueError(f"output_lengths must be one of {', '.join(OUTPUT_LENGTHS)}, got {output_lengths!r}")
         self.output_lengths = output_lengths
@@ -285,8 +301,33 @@ class FleetSimulator:
         for g in rep.core.gpus:
             g.reset_locked_clocks()
 
+    def _check_trace(self, trace: Trace) -> Trace:
+        """The trace as replayed (an explicit model drops its Model column); refuses one that names models the fleet lacks
+        or that would take too many periodic events to replay."""
+        if self.model is not None and trace.model is not None:
+            trace = Trace(trace.arrival_s, trace.prompt_tokens, trace.output_tokens, None, trace.source)
+        if trace.model is not None:
+            known = [m.id for m in self.config.models]
+            unknown = sorted(set(trace.model) - set(known) - {"auto"})
+            if unknown:
+                # each such request would be rejected, and the replay would report it as the fleet's refusal
+                raise TraceError(f"{trace.source or 'trace'}: its Model column names {', '.join(map(repr, unknown))}, not a model "
+                                 f"of {self.config.source_path or 'the config'} ({', '.join(known)}); use those ids or 'auto', "
+                                 "or give every request one model (wattlane simulate --model)")
+        span = float(trace.arrival_s[-1]) if len(trace) else 0.0
+        events = span / self.timeline_interval
+        where = f"{events:.3g} timeline samples at {self.timeline_interval:g} s"
+        if self.governor is not None:
+            events += span / self.config.power.interval_seconds
+            where += f" and {span / self.config.power.interval_seconds:.3g} governor steps at {self.config.power.interval_seconds:g} s"
+        if not events <= MAX_PERIODIC_EVENTS:
+            raise ReplayTooLongError(f"the trace's arrivals span {span:.3g} virtual seconds: {where}, "
+                                     f"more than the {MAX_PERIODIC_EVENTS:,} a replay may take")
+        return trace
+
     def run(self, trace: Trace) -> FleetResult:
         wall0 = time.perf_counter()
+        trace = self._check_trace(trace)
         n = len(trace)
         arrivals, prompts, outputs = trace.arrival_s, trace.prompt_tokens, trace.output_tokens
         models = trace.model
@@ -300,7 +341,7 @@ class FleetSimulator:
 
         def arrive(i: int) -> None:
             now = self.clock.now
-            target = models[i] if models is not None else self.model
+            target = models[i] if models is not None else self.model or "auto"
             cands = list(range(len(self.replicas))) if target == "auto" else by_model.get(target, [])
             p, o = int(prompts[i]), int(outputs[i])
             cands = [c for c in cands if p + o <= ctx_limit[self.replicas[c].model_id]]
@@ -340,6 +381,15 @@ class FleetSimulator:
         last_arrival = float(arrivals[-1]) if n else 0.0
 
         steps = [0]
+        periodic = [0]
+
+        def count_periodic() -> None:
+            # the arrival span was checked up front; this catches a drain that outlasts the cap
+            periodic[0] += 1
+            if periodic[0] > MAX_PERIODIC_EVENTS:
+                raise ReplayTooLongError(f"the fleet was still draining at {self.clock.now:.3g} virtual seconds after "
+                                         f"{MAX_PERIODIC_EVENTS:,} timeline samples and governor steps, the most a replay may take")
+
         if self.governor is not None:
             interval = self.config.power.interval_seconds
 
@@ -353,6 +403,7 @@ class FleetSimulator:
                         stats_by_device[g.device_id].append(s)
                 self.governor.step(self.clock.now, stats_by_device)
                 steps[0] += 1
+                count_periodic()
                 if self.clock.now < last_arrival or any(not r.core.idle for r in self.replicas):
                     self.loop.at(self.clock.now + interval, govern)
 
@@ -371,6 +422,7 @@ class FleetSimulator:
                 tl["power_limit_watts"].append(g.power_limit_watts())
                 tl["sm_clock_mhz"].append(g.sm_clock_mhz())
                 last_energy[d] = e
+            count_periodic()
             if now < last_arrival or any(not r.core.idle for r in self.replicas):
                 self.loop.at(now + self.timeline_interval, sample)
 
@@ -409,7 +461,8 @@ class FleetSimulator:
             ttft_seconds=ttft, tpot_seconds=tpot, slo_ok=slo_ok, slo={"ttft_seconds": self.slo_ttft, "tpot_seconds": self.slo_tpot},
             devices=devices, timeline=timeline, replicas=replicas,
             preemptions=sum(r.core.preemptions for r in self.replicas), governor_steps=steps[0],
-            settings={"seed": self.seed, "model": self.model, "auto_selection": self.auto_selection,
+            settings={"seed": self.seed, "model": self.model or ("trace Model column" if models is not None else "auto"),
+                      "auto_selection": self.auto_selection,
                       "park_idle_seconds": self.park_idle_seconds, "oracle": self.oracle,
                       "oracle_model_choice": self.oracle_model_choice if self.oracle else None,
                       "slo_batching": self.slo_batching,
@@ -507,7 +560,7 @@ class _RoutedArrivals:
 
         sim = self.sim
         now = sim.clock.now
-        target = self.trace.model[i] if self.trace.model is not None else sim.model
+        target = self.trace.model[i] if self.trace.model is not None else sim.model or "auto"
         p, o = int(self.trace.prompt_tokens[i]), int(self.trace.output_tokens[i])
         if sim.output_lengths == "running-mean":
             estimate = round(self._outputs_seen / self._arrived) if self._arrived else FIRST_OUTPUT_ESTIMATE

@@ -70,7 +70,11 @@ def resolve_placement(name: str | None, *, seed: int = 0) -> Placement:
         return RoundRobin(start=seed)
     target = _import(PLACEMENT_ALIASES.get(name, name))
     if isinstance(target, type):
-        return target()
+        target = target()
+    # checked here, not at the first arrival: a module or a constant would otherwise fail mid-replay with a TypeError
+    if not callable(target):
+        raise HookError(f"'{name}' is a {type(target).__name__}, not a place(request, replicas) callable "
+                        "or a class that makes one; give round-robin, energy or module:attribute naming one")
     return target
 
 
@@ -83,9 +87,15 @@ def resolve_governor(config, devices: Mapping[str, Any], clock: Callable[[], flo
     factory: 'module:attribute' called as factory(config, devices, clock) replaces the built-in governor.
     """
     from scheduler.config import PowerConfig, PowerGroupConfig
+    from scheduler.power.options import PolicyOptionsError
+    from scheduler.power.policies import validate_options
 
     power = config.power
     if policy is not None:
+        try:  # the group below would report these as a pydantic traceback
+            validate_options(policy, dict(options or {}), where="--power-option")
+        except PolicyOptionsError as exc:
+            raise HookError(f"--power-policy {policy}: {exc}") from None
         if policy == "none":
             return None
         power = PowerConfig(mode="enforce", interval_seconds=power.interval_seconds,

@@ -6,6 +6,7 @@ raises TraceError naming the file, the line and the fix.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def load_trace(path: str | Path) -> Trace:
         df = pd.read_csv(p)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise TraceError(f"{p}: not a readable CSV ({str(exc).strip()}); expected columns {', '.join(REQUIRED)}") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        # pandas picks gzip by the .gz name: a plain or truncated file under that name fails here (BadGzipFile is an OSError)
+        raise TraceError(f"{p}: cannot read the trace ({type(exc).__name__}: {str(exc).strip()}); "
+                         "pass a CSV, or a gzip-compressed CSV named .gz") from None
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise TraceError(f"{p}: missing column(s) {', '.join(missing)}; the Azure trace format has {', '.join(REQUIRED)}")

@@ -3,16 +3,17 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from scheduler.config import load_config
 from scheduler.devices.base import Device
-from scheduler.sim.fleet import FleetSimulator
+from scheduler.sim.fleet import FleetSimulator, ReplayTooLongError
 from scheduler.sim.physics import idle_power_watts
 from scheduler.sim.profiles import gpu_profile
 from scheduler.datafiles import sim_fleet_config
-from scheduler.sim.trace import TraceError, load_trace
+from scheduler.sim.trace import Trace, TraceError, load_trace
 
 CONFIG = sim_fleet_config()
 
@@ -168,3 +169,97 @@ def test_a_simulated_governor_leaves_no_state_directory_behind(tmp_path):
     assert summary["completed"] == 20 and len(made) == 1 and made[0].name.startswith("wattlane-sim-power-")
     gc.collect()
     assert not made[0].exists()
+
+
+def _simulate(tmp_path, *args):
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    return CliRunner().invoke(app, ["simulate", "--trace", str(_trace(tmp_path, n=6, seconds=3.0)), "--config", str(CONFIG), *args])
+
+
+@pytest.mark.parametrize("args, option", [
+    # 0, negative and nan used to hang (speedup 0, timeline -5), divide by zero (timeline 0), replay nothing
+    # (minutes 0 / -1), the whole trace (minutes nan), or turn every figure nan (speedup -1 / nan), all with exit 0
+    (["--speedup", "0"], "--speedup"), (["--speedup", "-1"], "--speedup"), (["--speedup", "nan"], "--speedup"),
+    (["--speedup", "inf"], "--speedup"), (["--minutes", "0"], "--minutes"), (["--minutes", "-1"], "--minutes"),
+    (["--minutes", "nan"], "--minutes"), (["--timeline-interval", "0"], "--timeline-interval"),
+    (["--timeline-interval", "-5"], "--timeline-interval"), (["--timeline-interval", "nan"], "--timeline-interval"),
+    # 0 used to mean "the config's SLO"; -5 and nan were a RequestControlError traceback
+    (["--slo-ttft-ms", "0"], "--slo-ttft-ms"), (["--slo-ttft-ms", "-5"], "--slo-ttft-ms"), (["--slo-tpot-ms", "nan"], "--slo-tpot-ms"),
+    (["--seed", "-1"], "--seed"),
+])
+def test_run_values_that_are_not_positive_and_finite_are_usage_errors(tmp_path, args, option):
+    r = _simulate(tmp_path, *args)
+    assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_replay_that_would_never_end_is_refused(tmp_path):
+    # speedup 1e-300 stretched the arrivals past 1e290 s: timeline samples forever
+    r = _simulate(tmp_path, "--speedup", "1e-300")
+    assert r.exit_code == 2 and "timeline samples" in r.output and "raise --speedup" in r.output, r.output
+    r = _simulate(tmp_path, "--timeline-interval", "1e-9")
+    assert r.exit_code == 2 and "2.5e+09 timeline samples" in r.output, r.output
+    # one arrival spans nothing, but sampling runs on while the fleet drains
+    one = Trace(np.zeros(1), np.array([500]), np.array([200]))
+    with pytest.raises(ReplayTooLongError, match="still draining"):
+        FleetSimulator(load_config(CONFIG), timeline_interval_seconds=1e-6, auto_selection="placement-only").run(one)
+    with pytest.raises(ValueError, match="slo_ttft_seconds must be a positive finite"):
+        FleetSimulator(load_config(CONFIG), slo_ttft_seconds=0.0)
+    with pytest.raises(ValueError, match="timeline_interval_seconds must be a positive finite"):
+        FleetSimulator(load_config(CONFIG), timeline_interval_seconds=float("nan"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--power-policy", "nosuch"], "unknown policy 'nosuch'; choose one of none, static"),
+    (["--power-policy", "budget", "--power-option", "budget_watts=-5"], "budget_watts: Input should be greater than 0"),
+    (["--power-policy", "static", "--power-option", "foo=1"], "unknown option for policy 'static'"),
+    (["--placement", "os:path"], "'os:path' is a module, not a place(request, replicas) callable"),
+])
+def test_hooks_and_power_policies_that_do_not_resolve_are_clear_errors(tmp_path, args, message):
+    r = _simulate(tmp_path, *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_trace_named_gz_that_is_not_gzip_is_a_trace_error(tmp_path):
+    p = tmp_path / "t.csv.gz"
+    p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n0,10,10\n")
+    with pytest.raises(TraceError, match=rf"{p}: cannot read the trace \(BadGzipFile"):
+        load_trace(p)
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_the_replay(tmp_path, monkeypatch):
+    import scheduler.sim.commands as commands
+
+    monkeypatch.setattr(commands, "run_simulation", lambda *a, **k: pytest.fail("replayed before checking --json"))
+    for path in (tmp_path, tmp_path / "trace.csv" / "r.json"):
+        r = _simulate(tmp_path, "--json", str(path))
+        assert r.exit_code == 2 and f"error: --json {path}" in r.output and "Traceback" not in r.output, r.output
+
+
+def _model_trace(tmp_path: Path, models: list[str]) -> Path:
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens,Model"] + [f"{i * 0.5},{300 + i},{20 + i},{m}" for i, m in enumerate(models)]
+    p = tmp_path / "models.csv"
+    p.write_text("\n".join(lines))
+    return p
+
+
+def test_an_explicit_model_wins_over_the_trace_model_column(tmp_path):
+    trace = load_trace(_model_trace(tmp_path, ["llama-3.1-70b"] * 4))
+    from_trace = FleetSimulator(load_config(CONFIG)).run(trace).summary()
+    assert from_trace["routing"]["requests_by_model"] == {"llama-3.1-8b": 0, "llama-3.1-70b": 4}
+    given = FleetSimulator(load_config(CONFIG), model="llama-3.1-8b").run(trace).summary()
+    assert given["completed"] == 4 and given["routing"]["requests_by_model"] == {"llama-3.1-8b": 4, "llama-3.1-70b": 0}
+
+
+def test_a_trace_model_the_fleet_lacks_is_refused_unless_model_overrides_it(tmp_path):
+    """Such a request used to be rejected silently: completed / rejected 0 / 1, exit 0."""
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    path = _model_trace(tmp_path, ["llama-3.1-8b", "gpt-4", "auto", "nope"])
+    r = CliRunner().invoke(app, ["simulate", "--trace", str(path), "--config", str(CONFIG)])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "'gpt-4', 'nope'" in r.output and "llama-3.1-8b, llama-3.1-70b" in r.output
+    ok = CliRunner().invoke(app, ["simulate", "--trace", str(path), "--config", str(CONFIG), "--model", "auto"])
+    assert ok.exit_code == 0 and "4 / 0" in ok.output, ok.output
