@@ -330,8 +330,10 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
         raise BenchError("the policy sets must include 'baseline' (every comparison is against it)")
     if not loads or any(x <= 0 or not math.isfinite(x) for x in loads):
         raise BenchError(f"loads must be positive numbers, got {loads}")
-    if minutes <= 0:
-        raise BenchError(f"minutes must be positive, got {minutes:g}")
+    if not (minutes > 0 and math.isfinite(minutes)):  # nan passes a `<= 0` check
+        raise BenchError(f"minutes must be a positive finite number, got {minutes:g}")
+    if seed < 0:  # numpy seeds only with non-negative integers
+        raise BenchError(f"seed must be 0 or more, got {seed}")
     if clock_switch_seconds is not None and not (clock_switch_seconds >= 0 and math.isfinite(clock_switch_seconds)):
         raise BenchError(f"clock switch seconds must be >= 0, got {clock_switch_seconds:g}")
     if min_quality is not None and not 0.0 <= min_quality <= 1.0:
@@ -351,6 +353,14 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
     return sorted(jobs, key=lambda j: -(j.load * (2.0 if POLICIES[j.policy].governor else 1.0)))
 
 
+def energy_change(r: dict[str, Any], ref: dict[str, Any]) -> float | None:
+    """r's energy per request against ref's, -1 to inf; None when either completed nothing (its 'per request'
+    figure is then the fleet's idle energy, and a window too short for any arrival has none at all)."""
+    if r.get("completed") == 0 or ref.get("completed") == 0 or not ref["energy_per_request_joules"]:
+        return None
+    return r["energy_per_request_joules"] / ref["energy_per_request_joules"] - 1.0
+
+
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (workload, load): every policy against the baseline and the oracle."""
     cells: dict[str, dict[str, Any]] = {}
@@ -366,12 +376,13 @@ def compare(results: list[dict[str, Any]]) -> dict[str, Any]:
         for name, r in pol.items():
             c: dict[str, Any] = {}
             if base is not None:
-                c["energy_vs_baseline"] = r["energy_per_request_joules"] / base["energy_per_request_joules"] - 1.0
+                c["energy_vs_baseline"] = energy_change(r, base)
                 ba = base["label_accuracy"]
                 c["quality_retained"] = (r["label_accuracy"] / ba) if (ba and r["label_accuracy"] is not None) else None
-                c["slo_points_vs_baseline"] = 100.0 * (r["slo_attainment"] - base["slo_attainment"])
+                c["slo_points_vs_baseline"] = (None if r["slo_attainment"] is None or base["slo_attainment"] is None
+                                               else 100.0 * (r["slo_attainment"] - base["slo_attainment"]))
             if oracle is not None:
-                c["energy_vs_oracle"] = r["energy_per_request_joules"] / oracle["energy_per_request_joules"] - 1.0
+                c["energy_vs_oracle"] = energy_change(r, oracle)
             r["comparison"] = c
     return cells
 
@@ -395,7 +406,7 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
         entry = out.setdefault(w, {"load": load, "constants": SENSITIVITY_BAND, "policies": {}}).setdefault("policies", {}).setdefault(p, {})
         entry[end] = {"energy_per_request_joules": r["energy_per_request_joules"],
                       "baseline_energy_per_request_joules": base["energy_per_request_joules"],
-                      "energy_vs_baseline": r["energy_per_request_joules"] / base["energy_per_request_joules"] - 1.0,
+                      "energy_vs_baseline": energy_change(r, base),
                       "slo_attainment": r["slo_attainment"]}
         if p in central and "baseline" in central:
             entry["central"] = {"energy_per_request_joules": central[p]["energy_per_request_joules"],
@@ -403,8 +414,8 @@ def band_summary(results: list[dict[str, Any]], cells: dict[str, Any]) -> dict[s
                                 "slo_attainment": central[p]["slo_attainment"]}
     for w in out.values():
         for p, e in w["policies"].items():
-            vals = [v["energy_vs_baseline"] for v in e.values() if isinstance(v, dict) and "energy_vs_baseline" in v]
-            e["range"] = [min(vals), max(vals)]
+            vals = [v["energy_vs_baseline"] for v in e.values() if isinstance(v, dict) and v.get("energy_vs_baseline") is not None]
+            e["range"] = [min(vals), max(vals)] if vals else [None, None]
     return out
 
 
@@ -497,7 +508,7 @@ def register(app) -> None:
         loads: str = typer.Option(",".join(f"{x:g}" for x in DEFAULT_LOADS), "--loads", help="comma-separated multiples of the recorded rate"),
         policies: str = typer.Option(",".join(POLICIES), "--policies", help=f"comma-separated policy sets: {', '.join(POLICIES)}"),
         workloads: str = typer.Option(",".join(WORKLOADS), "--workloads", help=f"comma-separated: {', '.join(WORKLOADS)}"),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(0, "--seed", min=0),
         band: bool = typer.Option(True, "--band/--no-band", help="rerun baseline, Wattlane and the oracle at load 1 with the unfitted GPU constants at each end of their band"),
         workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1, help="processes replaying in parallel"),
         clock_switch_seconds: float = typer.Option(None, "--clock-switch-seconds",
@@ -532,6 +543,12 @@ def register(app) -> None:
         except BenchError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        # both are written after every replay: a bad one found then would throw the whole run away
+        if out.exists() and not out.is_dir():
+            typer.echo(f"error: --out {out} is a file; give a folder (new or existing) for the results", err=True)
+            raise typer.Exit(2)
+        if docs is not None:
+            _check_page(docs)
         con = Console(stderr=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=con) as prog:
             task = prog.add_task("fleet bench", total=n)
@@ -560,10 +577,18 @@ def register(app) -> None:
         check: bool = typer.Option(False, "--check", help="change nothing; exit 1 if a block differs from the results"),
     ) -> None:
         """Rewrite the tables of docs/benchmarks.md that quote a fleet bench's results (ablations, every cell, the band)."""
+        from scheduler.sim.bench_report import ResultsError, check_results
+
         try:
             doc = json.loads(results.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             typer.echo(f"error: cannot read {results}: {exc}", err=True)
+            raise typer.Exit(2) from None
+        try:
+            check_results(doc)
+        except ResultsError as exc:
+            typer.echo(f"error: {results} is not a fleet bench's results: it {exc}; give a fleet-bench.json that "
+                       "`wattlane bench fleet` wrote", err=True)
             raise typer.Exit(2) from None
         if check:
             stale = _stale_doc_blocks(doc, docs)
@@ -580,6 +605,17 @@ def register(app) -> None:
             return page.read_text(encoding="utf-8")
         except OSError as exc:
             typer.echo(f"error: cannot read {page}: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    def _check_page(page: Path) -> None:
+        from scheduler.sim.bench_report import DOC_BLOCKS, DocBlockError, doc_block
+
+        text = _read_page(page)
+        try:
+            for name in DOC_BLOCKS:
+                doc_block(text, name)
+        except DocBlockError as exc:
+            typer.echo(f"error: {page}: {exc}", err=True)
             raise typer.Exit(2) from None
 
     def _stale_doc_blocks(doc: dict[str, Any], page: Path) -> list[str]:

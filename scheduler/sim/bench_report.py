@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from scheduler.sim.bench import energy_change
+
 #: docs/benchmarks.md's blocks rendered from a results file, each between "<!-- fleet-bench:NAME -->" and
 #: "<!-- /fleet-bench:NAME -->": tables copied by hand drift from the results they quote (a unit test checks them)
 DOC_BLOCKS = ("ablations", "cells", "band")
@@ -20,10 +22,33 @@ class DocBlockError(ValueError):
     """A document lacks a block's markers, or has them out of order."""
 
 
+class ResultsError(ValueError):
+    """A results document lacks what the blocks are rendered from; the message says what."""
+
+
+def check_results(doc: Any) -> None:
+    """Raise ResultsError unless `doc` has the shape of a fleet bench's fleet-bench.json (what render_doc_blocks reads)."""
+    if not isinstance(doc, dict):
+        raise ResultsError(f"holds a JSON {type(doc).__name__}, not the object `wattlane bench fleet` writes")
+    cells = doc.get("cells")
+    if not isinstance(cells, dict):
+        raise ResultsError("has no 'cells' object (one entry per workload and load)")
+    for key, cell in cells.items():
+        if not isinstance(cell, dict) or not {"workload", "load", "policies"} <= set(cell) or not isinstance(cell["policies"], dict):
+            raise ResultsError(f"cell {key!r} is not an object with 'workload', 'load' and 'policies'")
+    settings = doc.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("policies"), list) or not isinstance(settings.get("loads"), list):
+        raise ResultsError("has no 'settings' object with 'policies' and 'loads' lists")
+
+
 def _pct(x: float | None, digits: int = 1, signed: bool = False) -> str:
     if x is None:
         return "-"
     return f"{100 * x:+.{digits}f}%" if signed else f"{100 * x:.{digits}f}%"
+
+
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
 
 
 def _ms(x: float | None) -> str:
@@ -171,8 +196,8 @@ def render_ablations(doc: dict[str, Any]) -> str:
                     parts.append("-")
                     slos.append("-")
                     continue
-                parts.append(_pct(r["energy_per_request_joules"] / ref["energy_per_request_joules"] - 1, signed=True))
-                slos.append(f"{100 * r['slo_attainment']:.2f} vs {100 * ref['slo_attainment']:.2f}")
+                parts.append(_pct(energy_change(r, ref), signed=True))
+                slos.append(f"{_points(r['slo_attainment'])} vs {_points(ref['slo_attainment'])}")
             energy.append(" / ".join(parts))
             slo.append(f"{w}: " + " / ".join(slos))
         lines.append(f"| {name} | " + " | ".join(energy) + " | " + "; ".join(slo) + " |")
@@ -251,7 +276,7 @@ def render_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
                 xs, ys = [], []
                 for x in loads:
                     r = doc["cells"].get(f"{w}@{x:g}", {}).get("policies", {}).get(p)
-                    if r is not None:
+                    if r is not None and r[metric] is not None:  # a window with no request has no SLO attainment
                         xs.append(x)
                         ys.append(r[metric] * scale)
                 ax.plot(xs, ys, marker="o", label=p, linestyle="--" if p == "oracle" else "-")

@@ -165,3 +165,59 @@ def test_wattlanes_rule_with_a_perfect_predictor_routes_as_the_oracle(doc):
         assert perfect["energy_per_request_joules"] == pytest.approx(oracle["energy_per_request_joules"], rel=1e-9)
         large = "llama-3.1-70b"
         assert pol["wattlane-all"]["share_by_model"][large] > 2 * oracle["share_by_model"][large]
+
+
+def test_minutes_that_are_not_finite_and_negative_seeds_are_refused_before_any_replay():
+    # nan passed `minutes <= 0` and crashed in compare after every replay; a negative seed failed in numpy
+    with pytest.raises(bench.BenchError, match="minutes must be a positive finite number, got nan"):
+        bench.plan(["prompt-heavy"], [1.0], ["baseline"], float("nan"), 0, False)
+    with pytest.raises(bench.BenchError, match="seed must be 0 or more"):
+        bench.plan(["prompt-heavy"], [1.0], ["baseline"], 1.0, -1, False)
+
+
+def test_a_cell_whose_baseline_completed_nothing_has_no_comparison():
+    """A window too short for any request (0.0001 minutes) divided by the baseline's zero energy per request."""
+    doc = bench.run_bench(workloads=["prompt-heavy"], loads=[1.0], policies=["baseline", "oracle"], minutes=0.0001, seed=0)
+    pol = doc["cells"]["prompt-heavy@1"]["policies"]
+    assert pol["baseline"]["completed"] == 0
+    assert pol["oracle"]["comparison"] == {"energy_vs_baseline": None, "quality_retained": None,
+                                           "slo_points_vs_baseline": None, "energy_vs_oracle": None}
+    from scheduler.sim.bench_report import render_doc_blocks, render_markdown
+
+    assert "| oracle |" in render_markdown({**doc, "command": "x"}) and render_doc_blocks(doc)["cells"]
+
+
+def _bench(*args):
+    from scheduler.cli import _register_all, app
+
+    _register_all()
+    return CliRunner().invoke(app, ["bench", *args])
+
+
+def test_fleet_out_and_docs_are_checked_before_any_replay(tmp_path, monkeypatch):
+    """An existing file as --out, or a --docs page without the blocks, used to fail only after the whole bench."""
+    monkeypatch.setattr(bench, "run_bench", lambda **k: pytest.fail("replayed before checking --out and --docs"))
+    short = ["--minutes", "0.1", "--loads", "1", "--policies", "baseline", "--no-band"]
+    a_file = tmp_path / "results"
+    a_file.write_text("")
+    r = _bench("fleet", "--out", str(a_file), *short)
+    assert r.exit_code == 2 and f"error: --out {a_file} is a file" in r.output, r.output
+    r = _bench("fleet", "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "missing.md"), *short)
+    assert r.exit_code == 2 and "cannot read" in r.output and "missing.md" in r.output, r.output
+    page = tmp_path / "page.md"
+    page.write_text("# no blocks here\n")
+    r = _bench("fleet", "--out", str(tmp_path / "out"), "--docs", str(page), *short)
+    assert r.exit_code == 2 and "no block 'ablations'" in r.output and not (tmp_path / "out").exists(), r.output
+
+
+@pytest.mark.parametrize("content, missing", [("{}", "no 'cells' object"), ("[1, 2]", "holds a JSON list"),
+                                              ('{"cells": {"a": 1}}', "cell 'a' is not an object"),
+                                              ('{"cells": {}}', "no 'settings' object")])
+def test_bench_docs_names_the_results_file_and_what_it_lacks(tmp_path, content, missing):
+    results = tmp_path / "r.json"
+    results.write_text(content)
+    page = tmp_path / "page.md"
+    page.write_text("untouched\n")
+    r = _bench("docs", "--results", str(results), "--docs", str(page))
+    assert r.exit_code == 2 and str(results) in r.output and missing in r.output and "Traceback" not in r.output, r.output
+    assert page.read_text() == "untouched\n"
