@@ -226,8 +226,11 @@ class Ledger:
         self._closed = False
         self._close_lock = threading.Lock()
         if self.path.is_file():  # another program's requests table is refused before anything is written to the file
-            with contextlib.closing(self._connect_ro()) as conn:
-                have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+            try:
+                with contextlib.closing(self._connect_ro()) as conn:
+                    have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+            except sqlite3.DatabaseError as exc:  # not SQLite at all: the gateway's start says which file, and why
+                raise NotALedgerError(f"{self.path} is not a Wattlane ledger: {exc}; move it away") from None
             if have:
                 _check_requests_columns(self.path, have)
         conn = self._connect()

@@ -90,6 +90,17 @@ def test_another_programs_requests_table_is_refused_and_left_as_it_was(tmp_path:
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite3"]
 
 
+@pytest.mark.parametrize("open_ledger", [Ledger.for_reading, Ledger], ids=["report", "gateway"])
+def test_a_file_that_is_not_sqlite_is_refused_naming_it(tmp_path: Path, open_ledger):
+    """The gateway's start raised sqlite3.DatabaseError ("file is not a database") without saying which file."""
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"not a database at all, " * 100)
+    before = path.read_bytes()
+    with pytest.raises(NotALedgerError, match=r"ledger.sqlite3 is not a Wattlane ledger: file is not a database"):
+        open_ledger(path)
+    assert path.read_bytes() == before
+
+
 def test_every_column_a_migration_adds_is_nullable():
     """What makes an old ledger migratable: all it may lack can be added to a table that has rows."""
     assert FIRST_COLUMNS < set(COLUMNS) and set(V1_TABLE.split("(", 1)[1].replace(",", " ").split()) >= FIRST_COLUMNS
