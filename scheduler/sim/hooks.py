@@ -91,6 +91,9 @@ def resolve_governor(config, devices: Mapping[str, Any], clock: Callable[[], flo
     from scheduler.power.policies import validate_options
 
     power = config.power
+    if policy is None and options:  # they would apply to nothing: the config's groups keep their own options
+        raise HookError("--power-option needs --power-policy (the options are that policy's); "
+                        "to change the config's groups' options, edit its power section")
     if policy is not None:
         try:  # the group below would report these as a pydantic traceback
             validate_options(policy, dict(options or {}), where="--power-option")

@@ -215,6 +215,8 @@ def test_a_replay_that_would_never_end_is_refused(tmp_path):
     (["--power-policy", "budget", "--power-option", "budget_watts=-5"], "budget_watts: Input should be greater than 0"),
     (["--power-policy", "static", "--power-option", "foo=1"], "unknown option for policy 'static'"),
     (["--placement", "os:path"], "'os:path' is a module, not a place(request, replicas) callable"),
+    # options without a policy applied to nothing, silently
+    (["--power-option", "budget_watts=500"], "--power-option needs --power-policy"),
 ])
 def test_hooks_and_power_policies_that_do_not_resolve_are_clear_errors(tmp_path, args, message):
     r = _simulate(tmp_path, *args)
