@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from scheduler.sim.bench_report import energy_change
+
 LARGE, SMALL = "llama-3.1-70b", "llama-3.1-8b"
 FLEETS = {"large": "sim-fleet-70b.yaml", "mixed": "sim-fleet.yaml"}
 WORKLOADS = ("conversation", "prompt-heavy")
@@ -351,14 +353,6 @@ def plan(workloads: list[str], loads: list[float], policies: list[str], minutes:
             raise BenchError(f"load {j.load:g} x {j.minutes:g} minutes needs more than the one-hour conversation trace; lower --minutes")
     # the longest jobs first, so the pool's last worker does not finish alone
     return sorted(jobs, key=lambda j: -(j.load * (2.0 if POLICIES[j.policy].governor else 1.0)))
-
-
-def energy_change(r: dict[str, Any], ref: dict[str, Any]) -> float | None:
-    """r's energy per request against ref's, -1 to inf; None when either completed nothing (its 'per request'
-    figure is then the fleet's idle energy, and a window too short for any arrival has none at all)."""
-    if r.get("completed") == 0 or ref.get("completed") == 0 or not ref["energy_per_request_joules"]:
-        return None
-    return r["energy_per_request_joules"] / ref["energy_per_request_joules"] - 1.0
 
 
 def compare(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from scheduler.sim.bench import energy_change
+def energy_change(r: dict[str, Any], ref: dict[str, Any]) -> float | None:
+    """r's energy per request against ref's, -1 to inf; None when either completed nothing (its 'per request'
+    figure is then the fleet's idle energy, and a window too short for any arrival has none at all)."""
+    if r.get("completed") == 0 or ref.get("completed") == 0 or not ref["energy_per_request_joules"]:
+        return None
+    return r["energy_per_request_joules"] / ref["energy_per_request_joules"] - 1.0
+
 
 #: docs/benchmarks.md's blocks rendered from a results file, each between "<!-- fleet-bench:NAME -->" and
 #: "<!-- /fleet-bench:NAME -->": tables copied by hand drift from the results they quote (a unit test checks them)
