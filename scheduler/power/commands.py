@@ -56,7 +56,8 @@ def _check_api_key(api_key: str | None) -> None:
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         bad = next(c for c in api_key if not (c.isascii() and c.isprintable()))
         raise UsageError(f"--api-key (or WATTLANE_API_KEY) holds {bad!r}, which cannot go in an HTTP header; "
-                         "Wattlane keys are printable ASCII (sk-...): copy the key again")
+                         "Wattlane keys are printable ASCII (a key made by `wattlane keys create` starts with wl-): "
+                         "copy the key again")
 
 
 #: tests replace this to route requests through httpx.MockTransport
