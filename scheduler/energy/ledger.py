@@ -225,12 +225,8 @@ class Ledger:
         self._queue: queue.SimpleQueue[tuple[LedgerRow, concurrent.futures.Future[None]] | None] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
-        if self.path.is_file():  # another program's requests table is refused before anything is written to the file
-            try:
-                with contextlib.closing(self._connect_ro()) as conn:
-                    have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
-            except sqlite3.DatabaseError as exc:  # not SQLite at all: the gateway's start says which file, and why
-                raise NotALedgerError(f"{self.path} is not a Wattlane ledger: {exc}; move it away") from None
+        if self.path.is_file():  # another program's file is refused before anything is written to it
+            _, have = self._schema()
             if have:
                 _check_requests_columns(self.path, have)
         conn = self._connect()
@@ -274,12 +270,7 @@ class Ledger:
         reader._closed = True  # a reader: record() refuses, close() has nothing to stop
         reader._close_lock = threading.Lock()
         reader._writer = None
-        try:
-            with reader._read() as conn:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-                have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
-        except sqlite3.DatabaseError as exc:
-            raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: {exc}") from None
+        tables, have = reader._schema()
         if "requests" not in tables:
             raise NotALedgerError(f"{reader.path} is not a Wattlane ledger: it has no requests table of ours "
                                   f"(tables: {', '.join(sorted(tables)) or 'none'})")
@@ -409,6 +400,17 @@ class Ledger:
         self.close()
 
     # --- reading ----------------------------------------------------------------------------
+
+    def _schema(self) -> tuple[set[str], set[str]]:
+        """(tables, columns of the requests table) of the existing file, read-only; NotALedgerError naming the
+        file when it is not SQLite at all."""
+        try:
+            with self._read() as conn:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                have = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+        except sqlite3.DatabaseError as exc:
+            raise NotALedgerError(f"{self.path} is not a Wattlane ledger: {exc}") from None
+        return tables, have
 
     def _connect_ro(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)

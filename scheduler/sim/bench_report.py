@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+
 def energy_change(r: dict[str, Any], ref: dict[str, Any]) -> float | None:
     """r's energy per request against ref's, -1 to inf; None when either completed nothing (its 'per request'
     figure is then the fleet's idle energy, and a window too short for any arrival has none at all)."""

@@ -103,7 +103,7 @@ def run_simulation(
 def _routing_rows(r: dict, f) -> list[tuple[str, str]]:
     if not r:
         return []
-    from rich.markup import escape
+    from scheduler.cli_text import escape
 
     shares = escape(", ".join(f"{m} {n}" for m, n in r["requests_by_model"].items()))  # rows are printed as markup
     return [
@@ -116,7 +116,7 @@ def _routing_rows(r: dict, f) -> list[tuple[str, str]]:
 
 def print_summary(s: dict) -> None:
     from rich.console import Console
-    from rich.markup import escape
+    from scheduler.cli_text import escape
     from rich.table import Table
 
     con = Console()
